@@ -1,0 +1,26 @@
+"""Models for MeZO: OPT and RoBERTa in plain PyTorch, Hugging Face checkpoint I/O, tokenizers, LoRA and prefix.
+
+    model = load_model("facebook/opt-13b", dtype=torch.bfloat16)   # a directory or a hub name in the HF cache
+    logits = model(input_ids, attention_mask)                      # [B, T, V]
+    new_tokens = model.generate(input_ids, attention_mask, max_new_tokens=50, eos_token_ids=[50118])
+    tok = load_tokenizer("facebook/opt-13b")
+    save_model(model, "out/final")                                 # transformers can load it
+
+Knows nothing of zeroth-order optimisation or FSDP. transformers is never imported here.
+"""
+from pathlib import Path
+
+
+class ModelError(ValueError):
+    """A user mistake about a model or tokenizer; the message reads `<what> (<file>)`."""
+
+
+from .checkpoint import load_model, save_model  # noqa: E402  (they raise ModelError)
+from .peft import adapter_state_dict, apply_lora, apply_prefix, load_adapter  # noqa: E402
+from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+
+TINY_OPT = str(Path(__file__).parent / "tiny" / "opt")  # written by `python -m models.make_tiny`
+TINY_ROBERTA = str(Path(__file__).parent / "tiny" / "roberta")
+
+__all__ = ["ModelError", "load_model", "save_model", "load_tokenizer", "Tokenizer", "apply_lora",
+           "apply_prefix", "adapter_state_dict", "load_adapter", "TINY_OPT", "TINY_ROBERTA"]

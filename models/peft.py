@@ -1,0 +1,133 @@
+"""Parameter-efficient fine-tuning used with MeZO (paper section 3, mezo_original.md 5): LoRA and prefix tuning.
+
+Both work on OPT and RoBERTa through two class attributes of their attention modules:
+`lora_targets` (q/v projection names) and `kv_projections` (k/v projection names). Both freeze every
+other parameter, so zo/ perturbs only the adapter (it walks the parameters with requires_grad).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ModelError
+
+ADAPTER_NAMES = ("lora_A", "lora_B", "prefix_keys", "prefix_values")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + b + (x A^T B^T) * alpha/r (Hu et al. 2021), never merged: MeZO's `LoRALinear`
+    with merge_weights=False (a merged forward silently stops training, mezo_original.md 10.14).
+
+    Owns W, b, A and B directly, so a perturbation hook on this module sees all four.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, generator=None):
+        super().__init__()
+        self.weight = base.weight  # the same Parameter objects: no copy
+        self.bias = base.bias
+        self.scaling = alpha / r
+        out_features, in_features = base.weight.shape
+        like = dict(dtype=base.weight.dtype, device=base.weight.device)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **like))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # U(-1/sqrt(in), 1/sqrt(in))
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha/r) B A, for saving a plain checkpoint."""
+        return self.weight + (self.lora_B @ self.lora_A) * self.scaling
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    attns = [m for m in model.modules() if hasattr(m, "lora_targets")]
+    if not attns:
+        raise ModelError(f"no attention modules to adapt ({type(model).__name__})")
+    return attns
+
+
+def _is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ADAPTER_NAMES
+
+
+def _freeze_all_but_adapters(model: nn.Module) -> None:
+    # The original freezes by name ("lora" / "prefix" not in name), mezo_original.md 5. Unlike its
+    # RoBERTa path (10.13) nothing else stays trainable.
+    for name, p in model.named_parameters():
+        p.requires_grad_(_is_adapter(name))
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, generator=None) -> nn.Module:
+    """Replace the q and v projections of every attention by LoRALinear (in place) and freeze the rest."""
+    for attn in _attention_modules(model):
+        for name in attn.lora_targets:
+            base = getattr(attn, name)
+            if not isinstance(base, LoRALinear):
+                setattr(attn, name, LoRALinear(base, r, alpha, generator))
+    _freeze_all_but_adapters(model)
+    return model
+
+
+@torch.no_grad()
+def apply_prefix(model: nn.Module, num_prefix: int = 5, init_by_real_act: bool = True, generator=None) -> nn.Module:
+    """Give every attention `prefix_keys` / `prefix_values` [num_prefix, hidden] and freeze the rest.
+
+    init_by_real_act (the paper's setting): run the model once on num_prefix random tokens (no BOS,
+    as `prefix.py` does) and take each layer's raw key / value projections of them. Otherwise N(0, 1).
+    No MLP reparameterisation (`--no_reparam`).
+    """
+    attns = _attention_modules(model)
+    if init_by_real_act:
+        device = next(model.parameters()).device
+        tokens = torch.randint(0, model.config.vocab_size, (1, num_prefix), generator=generator).to(device)
+        captured = {}
+
+        def keep(key):
+            def hook(module, args, out):
+                captured[key] = out[0].clone()  # [num_prefix, hidden] of the single sequence
+            return hook
+
+        hooks = [getattr(attn, proj).register_forward_hook(keep((i, j)))
+                 for i, attn in enumerate(attns) for j, proj in enumerate(attn.kv_projections)]
+        was_training = model.training
+        try:
+            model.eval()
+            model(tokens)
+        finally:
+            model.train(was_training)
+            for h in hooks:
+                h.remove()
+    for i, attn in enumerate(attns):
+        weight = getattr(attn, attn.kv_projections[0]).weight
+        for j, name in enumerate(("prefix_keys", "prefix_values")):
+            init = (captured[i, j] if init_by_real_act else
+                    torch.randn(num_prefix, weight.shape[0], generator=generator).to(weight.device))
+            setattr(attn, name, nn.Parameter(init.to(weight.dtype)))
+    _freeze_all_but_adapters(model)
+    return model
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA / prefix tensors by parameter name (detached copies), for saving an adapter."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if _is_adapter(name)}
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy adapter tensors into a model already prepared with the same apply_lora / apply_prefix."""
+    own = {name: p for name, p in model.named_parameters() if _is_adapter(name)}
+    missing, unknown = own.keys() - state.keys(), state.keys() - own.keys()
+    if missing or unknown:
+        raise ModelError(f"adapter does not match the model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unknown)[:3]} (adapter state)")
+    for name, p in own.items():
+        if p.shape != state[name].shape:
+            raise ModelError(f"adapter tensor {name} has shape {tuple(state[name].shape)}, "
+                             f"expected {tuple(p.shape)} (adapter state)")
+        p.copy_(state[name])
+    return model
+

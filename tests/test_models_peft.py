@@ -1,0 +1,134 @@
+"""LoRA and prefix tuning: direct formulas, transformers fed explicit prefix key/values, generation."""
+import pytest
+import torch
+
+from models import ModelError, adapter_state_dict, apply_lora, apply_prefix, load_adapter, load_model
+from tests.helpers_models import hf_opt, hf_roberta, padded_batch
+
+KINDS = ["opt125", "opt350", "roberta"]
+
+
+def _oracle(kind):
+    return hf_roberta() if kind == "roberta" else hf_opt(kind)
+
+
+def _batch(kind):
+    return padded_batch([7, 3, 5], "right" if kind == "roberta" else "left")
+
+
+def _trainable(model):
+    return sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("kind", ["opt125", "roberta"])
+@torch.no_grad()
+def test_lora_starts_as_the_base_model_and_trains_only_lora(kind):
+    path, _ = _oracle(kind)
+    ids, mask = _batch(kind)
+    base = load_model(path)(ids, mask)
+    model = apply_lora(load_model(path), r=8, alpha=16)
+    assert torch.equal(model(ids, mask), base)  # B = 0
+    targets = ("q_proj", "v_proj") if kind != "roberta" else ("query", "value")
+    expected = sorted(f"{attn}.{t}.{ab}" for attn, m in model.named_modules() if hasattr(m, "lora_targets")
+                      for t in targets for ab in ("lora_A", "lora_B"))
+    assert _trainable(model) == expected and len(expected) == 2 * 2 * 2
+    a = model.get_submodule(expected[0].rpartition(".")[0]).lora_A
+    assert a.shape == (8, 64) and a.abs().max() <= 64 ** -0.5  # kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(in))
+    assert a.abs().max() > 0.8 * 64 ** -0.5
+
+
+@torch.no_grad()
+def test_lora_forward_equals_merged_weight_formula():
+    path, _ = hf_opt()
+    ids, mask = _batch("opt125")
+    model = apply_lora(load_model(path), r=8, alpha=16)
+    merged = load_model(path)
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_B"):
+            module.lora_B.normal_()
+            w = module.weight + (16 / 8) * module.lora_B @ module.lora_A  # (W + (alpha/r) B A) x + b
+            merged.get_submodule(name).weight.copy_(w)
+            x = torch.randn(3, 64)
+            assert torch.allclose(module(x), x @ w.T + module.bias, atol=1e-5)
+    assert (model(ids, mask) - merged(ids, mask)).abs()[mask.bool()].max() <= 1e-4
+    assert not torch.equal(model(ids, mask), load_model(path)(ids, mask))
+
+
+def _transformers_with_prefix(hf, model, ids, mask, kind):
+    """transformers' logits with our prefix fed as past key/values, real-token positions given explicitly."""
+    from transformers import DynamicCache
+    B, P, H = ids.shape[0], 5, 4
+    cache = DynamicCache(config=hf.config)
+    for i, attn in enumerate(m for m in model.modules() if hasattr(m, "prefix_keys")):
+        k, v = (t.detach().view(1, P, H, -1).transpose(1, 2).expand(B, -1, -1, -1)
+                for t in (attn.prefix_keys, attn.prefix_values))
+        cache.update(k, v, i)
+    if kind == "roberta":
+        real = (ids != 1).long()
+        positions = real.cumsum(1) * real + 1
+    else:
+        positions = mask.cumsum(1) * mask - 1
+    full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], 1)
+    return hf(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@torch.no_grad()
+def test_prefix_matches_transformers_fed_the_prefix_as_past_key_values(kind):
+    path, hf = _oracle(kind)
+    ids, mask = _batch(kind)
+    model = apply_prefix(load_model(path), num_prefix=5, generator=torch.Generator().manual_seed(0))
+    assert all(n.endswith(("prefix_keys", "prefix_values")) for n in _trainable(model))
+    assert len(_trainable(model)) == 2 * 2
+    ours = model(ids, mask)
+    ref = _transformers_with_prefix(hf, model, ids, mask, kind)
+    assert (ours - ref).abs()[mask.bool()].max() <= 1e-4
+    assert torch.isfinite(ours).all()
+
+
+@pytest.mark.parametrize("kind", ["opt350", "roberta"])
+@torch.no_grad()
+def test_prefix_init_is_the_key_value_projection_of_random_tokens(kind):
+    path, hf = _oracle(kind)
+    model = apply_prefix(load_model(path), num_prefix=5, generator=torch.Generator().manual_seed(7))
+    tokens = torch.randint(0, hf.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(7))
+    names = ("key", "value") if kind == "roberta" else ("k_proj", "v_proj")
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+             for n, m in hf.named_modules() if n.endswith(names)]
+    hf(input_ids=tokens)  # no BOS, as MeZO's prefix.py does
+    for h in hooks:
+        h.remove()
+    ours = [t for m in model.modules() if hasattr(m, "prefix_keys") for t in (m.prefix_keys, m.prefix_values)]
+    assert len(ours) == len(seen) == 4
+    for a, b in zip(ours, seen):
+        assert a.shape == (5, 64) and torch.allclose(a, b, atol=1e-5)
+
+
+@torch.no_grad()
+def test_prefix_generation_with_cache_equals_recomputing_without_cache():
+    """Cached decoding with a prefix must not shift positions by num_prefix (the original's bug, 10.6)."""
+    path, _ = hf_opt()
+    model = apply_prefix(load_model(path), num_prefix=5, generator=torch.Generator().manual_seed(0))
+    ids, mask = padded_batch([6, 2, 4], "left", seed=3)
+    seq, full = ids, mask
+    for _ in range(8):  # reference: the whole sequence again at every step, positions from the mask
+        nxt = model(seq, full)[:, -1].argmax(-1, keepdim=True)
+        seq, full = torch.cat([seq, nxt], 1), torch.cat([full, torch.ones_like(nxt)], 1)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=8, eos_token_ids=()), seq[:, ids.shape[1]:])
+
+
+@torch.no_grad()
+def test_adapter_state_dict_round_trip():
+    path, _ = hf_opt()
+    ids, mask = _batch("opt125")
+    trained = apply_prefix(apply_lora(load_model(path)), generator=torch.Generator().manual_seed(0))
+    for p in trained.parameters():
+        if p.requires_grad:
+            p.add_(torch.randn_like(p))
+    state = adapter_state_dict(trained)
+    assert len(state) == 2 * (4 + 2)
+    fresh = apply_prefix(apply_lora(load_model(path)), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(load_adapter(fresh, state)(ids, mask), trained(ids, mask))
+    with pytest.raises(ModelError, match="adapter"):
+        load_adapter(apply_lora(load_model(path)), state)
