@@ -1,0 +1,432 @@
+"""Paper-style tables from run folders: OPT (Table 1), RoBERTa (Table 18), memory (Table 22).
+
+Every cell reads "ours (paper)". A run folder (CONTRACTS.md) holds `config.json` (the resolved
+flags plus family/kind), `results.json` (dev and test metrics, peak memory) once it has finished,
+and `metrics.jsonl` (the training curve). Runs that fall into one cell (a grid) are reduced as the
+original does:
+- OPT: the run with the lowest dev loss (HF `load_best_model_at_end`'s default metric), test
+  score of that run; a run's `select_by` ("loss" | "accuracy") overrides the rule.
+- RoBERTa: per data seed the run with the highest dev accuracy, then mean (std) of the test
+  accuracy over seeds (`medium_models/tools/gather_result.py`; numpy's population std).
+Ties go to the first run in path order, as in gather_result.py.
+
+    python eval.py report RUN_DIR... [--out DIR] [--plot]
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from data import DataError, paper
+from data.presets import canonical_task, method_id
+
+_SELECT_BY = {"opt": "loss", "roberta": "accuracy"}
+_OPT_SIZES = {"125m": 125e6, "350m": 350e6, "1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
+              "13b": 13e9, "30b": 30e9, "66b": 66e9}
+_METHOD_ORDER = list(paper.METHOD_LABELS)
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict
+    results: dict | None  # None while the run is unfinished
+
+    @property
+    def family(self):
+        return self.config["family"]
+
+    @property
+    def task(self):
+        return canonical_task(self.config["task"])
+
+    @property
+    def method(self):
+        return method_id(self.config)
+
+    @property
+    def size(self):
+        """'13b' / 'large' when the model is one the paper used, else None."""
+        name = str(self.config.get("model", "")).lower()
+        found = re.search(r"opt-(\d+(?:\.\d+)?[mb])\b|roberta-(base|large)\b", name)
+        if found:
+            return found.group(1) or found.group(2)
+        num_params = (self.results or {}).get("num_params")
+        if self.family == "opt" and num_params:  # a local checkpoint folder: judge by its size
+            size, nominal = min(_OPT_SIZES.items(), key=lambda kv: abs(math.log(num_params / kv[1])))
+            return size if abs(num_params / nominal - 1) < 0.1 else None
+        return None
+
+    @property
+    def model(self):
+        """The row/block label: 'OPT-13B', 'RoBERTa-large', or the checkpoint folder's name."""
+        if self.size:
+            return f"OPT-{self.size.upper()}" if self.family == "opt" else f"RoBERTa-{self.size}"
+        return Path(str(self.config.get("model", "?"))).name
+
+
+# --- loading --------------------------------------------------------------------------------
+def _read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"bad JSON: {err.msg} ({path}:{err.lineno})") from None
+
+
+def _run_folders(folder):
+    """A folder with config.json is a run; otherwise look for runs below it (not inside runs)."""
+    if (folder / "config.json").is_file():
+        return [folder]
+    return [run for sub in sorted(p for p in folder.iterdir() if p.is_dir()) for run in _run_folders(sub)]
+
+
+def load_runs(run_dirs):
+    """Run folders (or folders of run folders) -> [Run], sorted by path, each loaded once."""
+    folders = []
+    for folder in map(Path, run_dirs):
+        if not folder.is_dir():
+            raise DataError(f"no such run folder ({folder})")
+        found = _run_folders(folder)
+        if not found:
+            raise DataError(f"missing config.json ({folder})")
+        folders += found
+    runs = []
+    for folder in sorted(set(folders), key=str):
+        config = _read_json(folder / "config.json")
+        for key in ("family", "task"):
+            if key not in config:
+                raise DataError(f"config.json without '{key}' ({folder / 'config.json'})")
+        if config["family"] not in _SELECT_BY:
+            raise DataError(f"unknown family {config['family']!r}, expected opt or roberta ({folder / 'config.json'})")
+        results = _read_json(folder / "results.json") if (folder / "results.json").is_file() else None
+        runs.append(Run(folder, config, results))
+    return runs
+
+
+def read_metrics(run):
+    """metrics.jsonl as a list of dicts; a last line still being written (no newline) is skipped."""
+    path = run.path / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    rows = []
+    for number, line in enumerate(text.splitlines(keepends=True), 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if line.endswith("\n"):
+                raise DataError(f"bad JSON line ({path}:{number})") from None
+    return rows
+
+
+# --- selection ------------------------------------------------------------------------------
+def _score(metrics):
+    """The headline metric of a results block: F1 (SQuAD, DROP), else accuracy, else EM."""
+    for key in ("f1", "accuracy", "em"):
+        if metrics.get(key) is not None:
+            return metrics[key]
+    return None
+
+
+def _dev_value(run, select_by):
+    dev = run.results.get("dev") or {}
+    return dev.get("loss") if select_by == "loss" else _score(dev)
+
+
+def select_best(runs, select_by, notes):
+    """The run the original keeps: lowest dev loss or highest dev metric; ties -> first path."""
+    runs = sorted(runs, key=lambda r: str(r.path))
+    missing = [r for r in runs if _dev_value(r, select_by) is None]
+    if len(runs) > 1 and missing:
+        notes.append(f"{len(missing)} of {len(runs)} runs without a dev {select_by} ranked last: "
+                     + ", ".join(str(r.path) for r in missing))
+
+    def goodness(run):
+        value = _dev_value(run, select_by)
+        return -math.inf if value is None else (-value if select_by == "loss" else value)
+    return max(runs, key=goodness)
+
+
+def _test_percent(run):
+    value = _score(run.results.get("test") or {})
+    if value is None:
+        raise DataError(f"results.json without a test metric ({run.path / 'results.json'})")
+    return 100.0 * value
+
+
+def _cells(runs, key):
+    groups = defaultdict(list)
+    for run in runs:
+        groups[key(run)].append(run)
+    return groups
+
+
+def _select_by(runs):
+    first = min(runs, key=lambda r: str(r.path))
+    return first.config.get("select_by") or _SELECT_BY[first.family]
+
+
+# --- the three tables as records (one per cell; also the CSV rows) --------------------------
+def opt_records(runs, notes):
+    records = []
+    for (model, task, method), cell in _cells(runs, lambda r: (r.model, r.task, r.method)).items():
+        select_by = _select_by(cell)
+        best = select_best(cell, select_by, notes)
+        records.append(dict(
+            model=model, size=best.size, task=task, method=method, ours=_test_percent(best),
+            paper=paper.opt_test(best.size, method, task), select_by=select_by,
+            dev=_dev_value(best, select_by), n_runs=len(cell), selected=str(best.path)))
+    return records
+
+
+def _paper_roberta(size, k, method, task):
+    return paper.roberta_test(k, method, task) if size == "large" else (None, None)
+
+
+def roberta_records(runs, notes):
+    records = []
+    for (model, k, task, method), cell in _cells(
+            runs, lambda r: (r.model, r.config.get("k"), r.task, r.method)).items():
+        select_by = _select_by(cell)
+        per_seed = _cells(cell, lambda r: r.config.get("train_set_seed"))
+        best = [select_best(per_seed[seed], select_by, notes) for seed in sorted(per_seed, key=str)]
+        scores = [_test_percent(run) for run in best]
+        paper_mean, paper_std = _paper_roberta(cell[0].size, k, method, task)
+        records.append(dict(
+            model=model, size=cell[0].size, k=k, task=task, method=method,
+            ours_mean=statistics.fmean(scores), ours_std=statistics.pstdev(scores), n_seeds=len(scores),
+            paper_mean=paper_mean, paper_std=paper_std, n_runs=len(cell)))
+    return records
+
+
+def memory_records(runs):
+    records = []
+    cells = _cells([r for r in runs if r.results.get("peak_memory_bytes")], lambda r: (r.model, r.method))
+    for (model, method), cell in cells.items():
+        gpus, gb = paper.memory(cell[0].size, method)
+        records.append(dict(
+            model=model, size=cell[0].size, method=method,
+            ours_gb=max(r.results["peak_memory_bytes"] for r in cell) / 2**30, paper_gb=gb, paper_gpus=gpus,
+            device=", ".join(sorted({str(r.results.get("device")) for r in cell})), n_runs=len(cell)))
+    return records
+
+
+# --- Markdown -------------------------------------------------------------------------------
+def _order(values, canonical):
+    return sorted(set(values), key=lambda v: (canonical.index(v) if v in canonical else len(canonical), str(v)))
+
+
+def _label(key):
+    """The paper's spelling of a method or task key."""
+    return paper.METHOD_LABELS.get(key) or paper.TASK_LABELS.get(key, key)
+
+
+def _pct(value, std=None):
+    if value is None:
+        return None
+    return f"{value:.1f}" if std is None else f"{value:.1f}±{std:.1f}"
+
+
+def _cell(ours, theirs):
+    """'ours (paper)'; a dash where we have no run, nothing where neither has a number."""
+    return f"{ours or '–'} ({theirs})" if theirs else (ours or "")
+
+
+def _grid_table(records, row_key, col_key, cell, row_order, col_order, col_label, corner="Method"):
+    """A Markdown table over the rows/columns that have runs; cell(record or None, row, col)."""
+    rows = _order([r[row_key] for r in records], row_order)
+    cols = _order([r[col_key] for r in records], col_order)
+    by_cell = {(r[row_key], r[col_key]): r for r in records}
+    header = [corner] + [col_label(c) for c in cols]
+    body = [[_label(row)] + [cell(by_cell.get((row, col)), row, col) for col in cols] for row in rows]
+    return ["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header)] + body]
+
+
+_OPT_MODELS = [f"OPT-{size.upper()}" for size in _OPT_SIZES]
+
+
+def _opt_markdown(records):
+    out = []
+    for model in _order([r["model"] for r in records], _OPT_MODELS):
+        recs = [r for r in records if r["model"] == model]
+        size = recs[0]["size"]
+        source = {"13b": "Table 1", "30b": "Table 20", "66b": "Table 20"}.get(size)
+        out += [f"## {model}: test accuracy / F1 (%), ours ({'paper ' + source if source else 'no paper figure'})", ""]
+
+        def cell(r, method, task, size=size):
+            return _cell(r and _pct(r["ours"]), _pct(paper.opt_test(size, method, task)))
+        out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.OPT_TASKS), _label)
+        rules = sorted({r["select_by"] for r in recs if r["n_runs"] > 1})
+        if rules:
+            out += ["", "Grid cells: the run with the " + " / ".join(
+                "lowest dev loss" if rule == "loss" else "highest dev accuracy (F1)" for rule in rules) + "."]
+        out.append("")
+    return out
+
+
+def _roberta_markdown(records):
+    out = []
+    for model, k in _order([(r["model"], r["k"]) for r in records], []):
+        recs = [r for r in records if (r["model"], r["k"]) == (model, k)]
+
+        def cell(r, method, task, size=recs[0]["size"], k=k):
+            seeds = "" if not r or r["n_seeds"] == 5 else f" n={r['n_seeds']}"
+            ours = r and _pct(r["ours_mean"], r["ours_std"]) + seeds
+            return _cell(ours, _pct(*_paper_roberta(size, k, method, task)))
+        out += [f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper Table 18)", ""]
+        out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.ROBERTA_TASKS), _label)
+        out += ["", "Per data seed the grid point with the best dev accuracy; std over seeds as numpy's "
+                "(population); n=N: cells with other than the paper's 5 seeds.", ""]
+    return out
+
+
+def _memory_markdown(records):
+    sizes = {r["model"]: r["size"] for r in records}
+
+    def cell(r, model, method):
+        gpus, gb = paper.memory(sizes[model], method)
+        theirs = gpus and ", ".join(([f"{gb:g}"] if gb else []) + ([f"{gpus} GPUs"] if gpus > 1 else []))
+        return _cell(r and f"{r['ours_gb']:.1f}", theirs)
+    out = ["## Peak memory (GB), ours (paper Table 22)", ""]
+    out += _grid_table(records, "model", "method", cell, _OPT_MODELS, _METHOD_ORDER, _label, corner="Model")
+    devices = ", ".join(sorted({r["device"] for r in records}))
+    out += ["", f"GB = 2^30 bytes of `peak_memory_bytes` (device: {devices})."
+            " The paper measured MultiRC (about 400 tokens, batch 1 per GPU) with nvidia-smi on A100-80GB.", ""]
+    return out
+
+
+def _csv(records):
+    if not records:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(records[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
+
+
+def build(runs):
+    """-> (markdown, {csv file name: text}) for loaded runs."""
+    notes = []
+    finished = [r for r in runs if r.results is not None]
+    opt = opt_records([r for r in finished if r.family == "opt"], notes)
+    roberta = roberta_records([r for r in finished if r.family == "roberta"], notes)
+    memory = memory_records(finished)
+    md = ["# MeZO reproduction report", "",
+          f"{len(runs)} runs, {len(finished)} finished. Each cell: ours (paper).", ""]
+    md += _opt_markdown(opt) + _roberta_markdown(roberta) + (_memory_markdown(memory) if memory else [])
+    unfinished = [r for r in runs if r.results is None]
+    if unfinished or notes:
+        md += ["## Notes", ""] + [f"- unfinished (no results.json): {r.path}" for r in unfinished]
+        md += [f"- {note}" for note in notes] + [""]
+    files = {"report_opt.csv": _csv(opt), "report_roberta.csv": _csv(roberta),
+             "report_memory.csv": _csv(memory)}
+    return "\n".join(md), files
+
+
+def _save(out_dir, texts, figures=None):
+    """Write {name: text} and {name: Figure} (as PNG) into out_dir, each via a temporary file."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    items = {**texts, **(figures or {})}
+    for name, content in items.items():
+        tmp = out / f".{name}.tmp"
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            content.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, out / name)
+    return [out / name for name in items]
+
+
+def render(run_dirs, out_dir=None):
+    """Markdown report of the run folders; with out_dir also report.md and report_*.csv there."""
+    markdown, files = build(load_runs(run_dirs))
+    if out_dir is not None:
+        _save(out_dir, {"report.md": markdown, **files})
+    return markdown
+
+
+# --- plots ----------------------------------------------------------------------------------
+def _figure_class():
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    except ImportError:
+        raise DataError("plotting needs matplotlib: pip install .[plot] (report --plot)") from None
+    return Figure
+
+
+def _figures(figure_class, runs):
+    """{png name: Figure}: loss curves per family and task (dev loss as markers), memory bars."""
+    curves = {run.path: read_metrics(run) for run in runs}  # every file checked before drawing
+    figures = {}
+    for (family, task), cell in _cells(runs, lambda r: (r.family, r.task)).items():
+        fig = figure_class(figsize=(8, 5))
+        ax = fig.add_subplot()
+        for run in cell:
+            points = {kind: [(m["step"], m[kind]) for m in curves[run.path]
+                             if None not in (m.get("step"), m.get(kind))] for kind in ("loss", "dev_loss")}
+            if points["loss"] or points["dev_loss"]:
+                label = run.path.name + ("" if run.results is not None else " (unfinished)")
+                steps, losses = zip(*points["loss"]) if points["loss"] else ((), ())
+                line, = ax.plot(steps, losses, label=label)
+                if points["dev_loss"]:
+                    ax.plot(*zip(*points["dev_loss"]), "o", color=line.get_color(), markersize=5)
+        if ax.lines:
+            ax.set(xlabel="step", ylabel="loss (markers: dev loss)", title=f"{family} {_label(task)}")
+            ax.legend(fontsize="small")
+            figures[f"loss_{family}_{task}.png"] = fig
+    memory = memory_records([r for r in runs if r.results is not None])
+    if memory:
+        fig = figure_class(figsize=(8, 1 + 0.5 * len(memory)))
+        ax = fig.add_subplot()
+        rows = range(len(memory))
+        ax.barh([i + 0.2 for i in rows], [r["ours_gb"] for r in memory], 0.4, label="ours")
+        ax.barh([i - 0.2 for i in rows], [r["paper_gb"] or 0 for r in memory], 0.4, label="paper (Table 22)")
+        ax.set_yticks(rows, [f"{r['model']} {_label(r['method'])}" for r in memory])
+        ax.set(xlabel="peak memory (GB)")
+        ax.legend()
+        fig.tight_layout()
+        figures["memory.png"] = fig
+    return figures
+
+
+def plot(run_dirs, out_dir):
+    """Write the PNG loss curves and memory bars into out_dir; returns the paths written."""
+    return _save(out_dir, {}, _figures(_figure_class(), load_runs(run_dirs)))
+
+
+# --- command line ---------------------------------------------------------------------------
+def report_main(argv=None):
+    """`eval.py report` (argv: what follows `report`): print the Markdown report; exit status."""
+    parser = argparse.ArgumentParser(prog="eval.py report", description=__doc__.split("\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or folders of runs")
+    parser.add_argument("--out", help="write report.md and report_*.csv (and the plots) here")
+    parser.add_argument("--plot", action="store_true", help="also write PNG loss curves and memory bars")
+    args = parser.parse_args(argv)
+    try:
+        if args.plot and args.out is None:
+            raise DataError("--plot needs --out DIR (command line)")
+        figure_class = _figure_class() if args.plot else None
+        runs = load_runs(args.run_dirs)
+        markdown, files = build(runs)  # everything is read and checked before anything is written
+        figures = _figures(figure_class, runs) if args.plot else {}
+        written = _save(args.out, {"report.md": markdown, **files}, figures) if args.out is not None else []
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {err.strerror} ({err.filename})", file=sys.stderr)
+        return 2
+    print(markdown)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
