@@ -16,11 +16,13 @@ class ModelError(ValueError):
 
 
 from .checkpoint import load_model, save_model  # noqa: E402  (they raise ModelError)
-from .peft import adapter_state_dict, apply_lora, apply_prefix, load_adapter  # noqa: E402
+from .checkpoint import resolve as resolve_model_path  # noqa: E402
+from .peft import adapter_state_dict, apply_lora, apply_prefix, load_adapter, read_adapter, save_adapter  # noqa: E402
 from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 
 TINY_OPT = str(Path(__file__).parent / "tiny" / "opt")  # written by `python -m models.make_tiny`
 TINY_ROBERTA = str(Path(__file__).parent / "tiny" / "roberta")
 
 __all__ = ["ModelError", "load_model", "save_model", "load_tokenizer", "Tokenizer", "apply_lora",
-           "apply_prefix", "adapter_state_dict", "load_adapter", "TINY_OPT", "TINY_ROBERTA"]
+           "apply_prefix", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter", "resolve_model_path",
+           "TINY_OPT", "TINY_ROBERTA"]

@@ -7,6 +7,7 @@ other parameter, so zo/ perturbs only the adapter (it walks the parameters with 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -131,3 +132,27 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
         p.copy_(state[name])
     return model
 
+
+
+def save_adapter(model: nn.Module, path, meta: dict[str, str]) -> None:
+    """One safetensors file: the adapter tensors plus `meta` (mode, lora_r, lora_alpha, num_prefix,
+    base model) as string metadata, so `read_adapter` can rebuild the same PEFT model. Atomic."""
+    from safetensors.torch import save_file
+
+    tmp = f"{path}.tmp"
+    save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, tmp,
+              metadata={k: str(v) for k, v in meta.items()})
+    os.replace(tmp, path)
+
+
+def read_adapter(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """-> (metadata, tensors) of a file written by save_adapter."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise ModelError(f"missing adapter file ({path})")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ModelError(f"unreadable adapter file: {e} ({path})") from None
