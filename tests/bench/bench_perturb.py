@@ -1,0 +1,130 @@
+"""Benchmark: one perturbation pass over n fp32 elements (DESIGN.md section 5).
+
+Rows, timed in the same run so that the ratios are side by side:
+- fused in place: zo.kernels perturb_ (p += s*z, z from the hash, one compiled pass);
+- fused out of place: perturbed (the transient copy the forward hooks build);
+- original: `torch.manual_seed(s); z = torch.normal(...); p = p + scaling * z * eps` (trainer.py);
+- randn + add_: `torch.manual_seed(s); torch.randn(n, out=buf); p.add_(buf, alpha=eps)`;
+- add_: `p.add_(eps)`, the memory-bandwidth floor of an in-place pass.
+Time is the median of several runs after a warm-up. Extra memory is the peak RSS (VmHWM, reset by
+writing 5 to /proc/self/clear_refs, torch_facts.md section 7) above the RSS before the call; on a
+GPU it is max_memory_allocated above the allocated memory before the call. With CUDA the same rows
+run on the GPU, plus a device-to-device copy (`q.copy_(p)`): the bandwidth target of the fused pass.
+
+    python tests/bench/bench_perturb.py [n]      # prints a table; run(n) returns the rows
+"""
+import statistics
+import sys
+import time
+
+import torch
+
+from zo.kernels import flat, get_kernels
+
+EPS = 1e-3
+
+
+def _vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _extra_mib_cpu(fn) -> float:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _vm_kib("VmRSS")
+    fn()
+    return (_vm_kib("VmHWM") - before) / 1024
+
+
+def _extra_mib_cuda(fn) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _median_ms(fn, device, repeats) -> float:
+    fn()  # warm-up (and compile)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _variants(n: int, device: str) -> dict:
+    kernels = get_kernels("normal")
+    p = torch.zeros(n, device=device)
+    q = torch.empty_like(p)
+    state = {"p": p}
+    scalar = lambda v, dtype=torch.int64: torch.full((), v, dtype=dtype, device=device)
+    seed, key, offset, scale = scalar(123456789), scalar(987654321), scalar(0), scalar(EPS, torch.float32)
+
+    def original():  # large_models/trainer.py zo_perturb_parameters, scaling_factor=1
+        torch.manual_seed(123456789)
+        z = torch.normal(mean=0, std=1, size=state["p"].size(), device=device, dtype=torch.float32)
+        state["p"] = state["p"] + 1 * z * EPS
+
+    def randn_add():
+        torch.manual_seed(123456789)
+        buf = torch.empty_like(p)
+        torch.randn(n, out=buf)
+        p.add_(buf, alpha=EPS)
+
+    rows = {
+        "fused in place": lambda: kernels.perturb_(flat(p), seed, key, offset, scale),
+        "fused out of place": lambda: kernels.perturbed(flat(p), seed, key, offset, scale),
+        "original (manual_seed+normal+add)": original,
+        "randn into buffer + add_": randn_add,
+        "add_ (bandwidth floor)": lambda: p.add_(EPS),
+    }
+    if device == "cuda":
+        rows["copy_ device to device"] = lambda: q.copy_(p)
+    return rows
+
+
+def run(n: int = 50_000_000, repeats: int = 7) -> list[dict]:
+    rows = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        variants = _variants(n, device)
+        extra = _extra_mib_cuda if device == "cuda" else _extra_mib_cpu
+        timed = {}
+        for name, fn in variants.items():
+            timed[name] = _median_ms(fn, device, repeats), extra(fn)
+        fused_ms = timed["fused in place"][0]
+        for name, (ms, mib) in timed.items():
+            rows.append({
+                "device": device if device == "cpu" else torch.cuda.get_device_name(),
+                "variant": name, "n": n, "ms": round(ms, 2), "x_fused": round(ms / fused_ms, 2),
+                "GB_s": round(8 * n / ms / 1e6, 1),  # an in-place pass reads and writes 4 bytes
+                "extra_MiB": round(mib, 1),
+                "threads": torch.get_num_threads(),
+            })
+    return rows
+
+
+def main() -> None:
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000_000
+    rows = run(n)
+    print(f"one perturbation pass over {n:,} fp32 elements ({n * 4 / 2**20:.0f} MiB), median ms; "
+          "x_fused = time / fused in-place time")
+    print(f"{'device':<10} {'variant':<36} {'ms':>9} {'x_fused':>8} {'GB/s':>7} {'extra MiB':>10}")
+    for r in rows:
+        print(f"{r['device'][:10]:<10} {r['variant']:<36} {r['ms']:>9.2f} {r['x_fused']:>8.2f} "
+              f"{r['GB_s']:>7.1f} {r['extra_MiB']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

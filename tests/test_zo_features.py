@@ -1,0 +1,239 @@
+"""Everything on the same step: gradient accumulation, n-SPSA, schedules, momentum/Adam, the
+variance-modified variants, non-differentiable objectives, the FO baseline, sync-freedom, resume."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from helpers_zo import dense_z, least_squares, lm_batch, lm_loss, params, tiny_lm
+from zo import FO, FOConfig, MeZO, MeZOConfig, learning_rate, num_samples
+
+
+def estimate(mezo, model, loss_fn, seed):
+    """One two-sided estimate at a given seed, through the public step functions."""
+    mezo.zo_random_seed = seed
+    mezo.zo_perturb_parameters(scaling_factor=1)
+    loss1 = mezo.zo_forward(model, loss_fn)
+    mezo.zo_perturb_parameters(scaling_factor=-2)
+    loss2 = mezo.zo_forward(model, loss_fn)
+    mezo.zo_perturb_parameters(scaling_factor=1)
+    return (loss1 - loss2) / (2 * mezo.cfg.eps)
+
+
+def test_gradient_accumulation_equals_one_batch():
+    model, ids = tiny_lm(), lm_batch(n=4)
+    one, acc = MeZO(model, MeZOConfig(eps=1e-2, seed=3)), MeZO(model, MeZOConfig(eps=1e-2, seed=3))
+    loss, g = one.zo_step(model, lm_loss(ids))
+    loss_acc, g_acc = acc.zo_step(model, [lm_loss(ids[:2]), lm_loss(ids[2:])])  # equal-size micro-batches
+    assert one.zo_random_seed == acc.zo_random_seed
+    assert torch.allclose(loss_acc, loss, rtol=1e-6)
+    assert torch.allclose(g_acc, g, rtol=1e-4)
+
+
+def test_n_spsa_averages_estimates_and_decays_once():
+    model, ids = tiny_lm(), lm_batch()
+    lr, wd = 1e-2, 0.1
+    mezo = MeZO(model, MeZOConfig(lr=lr, eps=1e-2, weight_decay=wd, n_spsa=3, seed=5))
+    before = params(model)
+    mezo.zo_step(model, lm_loss(ids))
+    seeds = [s for s, _ in mezo.estimates]
+    assert len(set(seeds)) == 3
+    single = MeZO(model, MeZOConfig(eps=1e-2))
+    for seed, g in mezo.estimates:
+        assert torch.allclose(3 * g, estimate(single, model, lm_loss(ids), seed), rtol=1e-6)
+    mezo.zo_update(model)
+    for slot in mezo.slots:
+        p0 = before[slot.name]
+        step = sum(g * dense_z(slot, seed) for seed, g in mezo.estimates) + (wd if slot.decay else 0.0) * p0
+        assert (slot.param.detach() - (p0 - lr * step)).abs().max() <= 1e-6 * p0.abs().max(), slot.name
+
+
+def test_linear_sample_schedule():
+    # medium_models trainer.py get_num_samples: max(1, int(global_step / max_steps * zero_order_sample))
+    assert [num_samples(s, 4, "linear", 10) for s in range(10)] == [max(1, int(s / 10 * 4)) for s in range(10)]
+    assert num_samples(7, 4, "constant", 10) == 4
+    model, ids = tiny_lm(), lm_batch()
+    mezo = MeZO(model, MeZOConfig(n_spsa=4, n_spsa_schedule="linear", max_steps=10))
+    counts = []
+    for _ in range(6):
+        mezo.step(model, lm_loss(ids))
+        counts.append(len(mezo.estimates))
+    assert counts == [1, 1, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_lr_schedules_match_hugging_face(schedule):
+    transformers = pytest.importorskip("transformers")
+    make = {"constant": lambda o, w, t: transformers.get_constant_schedule_with_warmup(o, w),
+            "linear": transformers.get_linear_schedule_with_warmup}[schedule]
+    for warmup in (0, 3):
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=3e-4)
+        sched = make(opt, warmup, 12)
+        for step in range(14):
+            assert learning_rate(step, 3e-4, schedule, 12, warmup) == sched.get_last_lr()[0]
+            opt.step()
+            sched.step()
+
+
+@pytest.mark.parametrize("optimizer,lr", [("momentum", 2e-3), ("adam", 2e-2)])
+def test_momentum_and_adam_reduce_loss(optimizer, lr):
+    model, loss_fn = least_squares()
+    start = loss_fn(model).item()
+    mezo = MeZO(model, MeZOConfig(optimizer=optimizer, lr=lr, eps=1e-3, weight_decay=1e-4, seed=0))
+    for _ in range(200):
+        mezo.step(model, loss_fn)
+    assert mezo.optimizer.state  # the torch optimizer really ran
+    assert all(p.grad is None for p in model.parameters())  # the dense g*z is freed after the update
+    assert loss_fn(model).item() < start / 5
+
+
+def test_param_norm_variant_scales_perturbation_and_update():
+    model, ids = tiny_lm(), lm_batch()
+    eps, seed, lr = 1e-2, 99, 1e-2
+    mezo = MeZO(model, MeZOConfig(eps=eps, lr=lr, zo_variant="param_norm"))
+    mezo.initialize_c(model, lm_loss(ids))
+    layer0 = [p for n, p in model.named_parameters() if n.startswith("layers.0.")]
+    assert torch.allclose(mezo.cs["layers.0."], torch.sqrt(sum((p.detach() ** 2).sum() for p in layer0)))
+    assert set(mezo.cs) == {"embed", "layers.0.", "layers.1."}  # final_layer_norm: no group, plain z
+    c_of = lambda slot: mezo.cs[slot.group].item() if slot.group else 1.0
+
+    # the perturbed forward sees theta + eps * z / c
+    mezo.zo_random_seed = seed
+    mezo.zo_perturb_parameters(scaling_factor=1)
+    hooked = mezo.zo_forward(model, lm_loss(ids))
+    mezo.zo_perturb_parameters(scaling_factor=-1)
+    dense = copy.deepcopy(model)
+    for slot, p in zip(mezo.slots, (p for p in dense.parameters() if p.requires_grad)):
+        p.data = p.data + eps * dense_z(slot, seed) / c_of(slot)
+    assert torch.allclose(hooked, mezo.zo_forward(dense, lm_loss(ids)), rtol=1e-6, atol=1e-6)
+
+    # the update uses z * c (variance-modified), or plain z with change_grad_estimate
+    g = torch.tensor(2.0)
+    for change, factor in ((False, c_of), (True, lambda slot: 1.0)):
+        mezo.cfg.change_grad_estimate = change
+        before = params(model)
+        mezo.apply_update([(seed, g)], lr)
+        for slot in mezo.slots:
+            expected = before[slot.name] - lr * g * factor(slot) * dense_z(slot, seed)
+            assert torch.allclose(slot.param.detach(), expected, rtol=1e-5, atol=1e-6), slot.name
+
+
+def test_grad_norm_variants():
+    model, ids = tiny_lm(), lm_batch()
+    loss = lm_loss(ids)(model.eval())  # the original computes c in eval mode (dropout off)
+    names, tensors = zip(*model.named_parameters())
+    grads = dict(zip(names, torch.autograd.grad(loss, tensors)))
+    mezo = MeZO(model, MeZOConfig(zo_variant="grad_norm", lr=1e-3, eps=1e-2))
+    mezo.step(model, lm_loss(ids))  # initialises c by backprop at the first step
+    expected = torch.sqrt(sum((g**2).sum() for n, g in grads.items() if n.startswith("layers.1.")))
+    assert torch.allclose(mezo.cs["layers.1."], expected, rtol=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+
+    zo_est = MeZO(model, MeZOConfig(zo_variant="grad_norm", use_zo_grad_est=True, lr=1e-3, eps=1e-2))
+    for _ in range(2):
+        assert torch.isfinite(zo_est.step(model, lm_loss(ids)))
+    assert set(zo_est.cs) == {"embed", "layers.0.", "layers.1."}
+    assert all(c > 0 and torch.isfinite(c) for c in zo_est.cs.values())
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_non_differentiable_objective(as_tensor):
+    """Any scalar objective works, e.g. minus the accuracy of argmax predictions (`--optimize_acc`)."""
+    model, ids = tiny_lm(), lm_batch()
+
+    def neg_accuracy(m):
+        acc = (m(ids[:, :-1]).argmax(-1) == ids[:, 1:]).float().mean().item()
+        return torch.tensor(-acc) if as_tensor else -acc
+
+    mezo = MeZO(model, MeZOConfig(lr=1e-3, eps=0.5))
+    losses = [mezo.zo_step(model, neg_accuracy)[0] for _ in range(3)]
+    assert all(loss.dim() == 0 and loss.device == mezo.device and -1 <= loss.item() <= 0 for loss in losses)
+    assert torch.isfinite(mezo.projected_grad) and mezo.projected_grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("optimizer,lr", [("adam", 5e-2), ("sgd", 5e-2)])
+def test_fo_baseline_reduces_loss(optimizer, lr):
+    model, loss_fn = least_squares()
+    start = loss_fn(model).item()
+    fo = FO(model, FOConfig(optimizer=optimizer, lr=lr, lr_scheduler="constant"))
+    for _ in range(100):
+        fo.step(model, loss_fn)
+    assert model.training and fo.global_step == 100
+    assert loss_fn(model).item() < start / 10
+
+
+def test_fo_gradient_accumulation_equals_one_batch():
+    ids = lm_batch(n=4)
+    a, b = tiny_lm(), tiny_lm()
+    for m in (a, b):
+        for module in m.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    cfg = FOConfig(lr=1e-2, max_steps=5, clip_grad_norm=None)
+    FO(a, cfg).step(a, lm_loss(ids))
+    FO(b, cfg).step(b, [lm_loss(ids[:2]), lm_loss(ids[2:])])
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), n
+
+
+def test_step_returns_device_tensors_without_host_sync(monkeypatch):
+    model, ids = tiny_lm(), lm_batch()
+    mezo = MeZO(model, MeZOConfig(lr=1e-3, weight_decay=0.1, n_spsa=2, lr_scheduler="linear", max_steps=9))
+    mezo.step(model, lm_loss(ids))  # warm: kernels built
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync inside a step")
+    for name in ("item", "tolist", "numpy", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    loss, g = mezo.zo_step(model, [lm_loss(ids[:2]), lm_loss(ids[2:])])
+    mezo.zo_update(model)
+    monkeypatch.undo()
+    for t in (loss, g):
+        assert isinstance(t, torch.Tensor) and t.dim() == 0 and t.device == mezo.device
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_step_runs_under_sync_debug_error():
+    model, ids = tiny_lm().cuda(), lm_batch().cuda()
+    mezo = MeZO(model, MeZOConfig(lr=1e-3, weight_decay=0.1, lr_scheduler="linear", max_steps=9))
+    mezo.step(model, lm_loss(ids))  # compile outside the checked region
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, g = mezo.zo_step(model, lm_loss(ids))
+        mezo.zo_update(model)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert loss.is_cuda and g.is_cuda
+
+
+@pytest.mark.parametrize("cfg", [dict(optimizer="adam", lr=1e-3), dict(seed_source="numpy_global", lr=1e-2)])
+def test_resume_continues_bitwise(cfg):
+    ids = lm_batch()
+    model = tiny_lm()
+    mezo = MeZO(model, MeZOConfig(weight_decay=0.1, **cfg))
+    for _ in range(2):
+        mezo.step(model, lm_loss(ids))
+    state, weights = copy.deepcopy(mezo.state_dict()), copy.deepcopy(model.state_dict())
+    for _ in range(2):
+        mezo.step(model, lm_loss(ids))
+    resumed = tiny_lm()
+    resumed.load_state_dict(weights)
+    again = MeZO(resumed, MeZOConfig(weight_decay=0.1, **cfg))
+    again.load_state_dict(state)
+    for _ in range(2):
+        again.step(resumed, lm_loss(ids))
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_bad_configuration_raises_value_error():
+    for bad in (dict(optimizer="lion"), dict(lr_scheduler="linear"), dict(perturbation="dense"),
+                dict(n_spsa=0), dict(zo_variant="norm"), dict(clip_grad_norm=1.0)):
+        with pytest.raises(ValueError):
+            MeZOConfig(**bad)
+    with pytest.raises(ValueError):
+        FOConfig(optimizer="lion")
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        MeZO(frozen)

@@ -1,0 +1,145 @@
+"""z(seed, key, index): statistics, independence, shard invariance, eager vs compiled, recompiles."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.utils import counters
+
+from zo import MeZO, MeZOConfig, name_key
+from zo.kernels import flat, get_kernels
+from zo.rng import normal, rademacher
+
+K = get_kernels("normal")  # compiled; shared by every zo test in the process
+N = 1 << 20  # >= 1M samples for the statistics
+
+
+def T(v, dtype=torch.int64):
+    return torch.full((), v, dtype=dtype)
+
+
+def z_compiled(seed, key, n=N, offset=0, kernels=K):
+    """z exactly as the kernels add it: 0 + 1 * z."""
+    return kernels.perturbed(torch.zeros(n), T(seed), T(key), T(offset), T(1.0, torch.float32))
+
+
+def normal_cdf(x):
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def ks_statistic(samples: torch.Tensor) -> float:
+    """Kolmogorov-Smirnov distance between the empirical CDF and Phi."""
+    xs = samples.double().sort().values.tolist()
+    n = len(xs)
+    return max(max((i + 1) / n - normal_cdf(x), normal_cdf(x) - i / n) for i, x in enumerate(xs))
+
+
+def corr(a, b):
+    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@pytest.fixture(scope="module")
+def z():
+    return z_compiled(seed=123456789, key=name_key("decoder.layers.0.fc1.weight"))
+
+
+def test_name_key_is_fnv1a_of_the_name():
+    # Published FNV-1a 64 test vectors (offset basis for "", 0xaf63dc4c8601ec8c for "a"); top bit dropped.
+    assert name_key("") == 0xCBF29CE484222325 >> 1
+    assert name_key("a") == 0xAF63DC4C8601EC8C >> 1
+
+
+def test_moments_and_ks(z):
+    n = z.numel()
+    zd = z.double()
+    mean, var = zd.mean().item(), zd.var().item()
+    skew = (((zd - mean) ** 3).mean() / var**1.5).item()
+    kurt = (((zd - mean) ** 4).mean() / var**2).item()
+    # 5-sigma bounds: sd(mean)=1/sqrt(n), sd(var)=sqrt(2/n), sd(skew)=sqrt(6/n), sd(kurt)=sqrt(24/n)
+    assert abs(mean) < 5 / math.sqrt(n)
+    assert abs(var - 1) < 5 * math.sqrt(2 / n)
+    assert abs(skew) < 5 * math.sqrt(6 / n)
+    assert abs(kurt - 3) < 5 * math.sqrt(24 / n)
+    # KS critical value at alpha = 0.001 is 1.95 / sqrt(n)
+    assert ks_statistic(z) < 1.95 / math.sqrt(n)
+    # tails: P(|z| > 3) = 0.0026998
+    p3 = (z.abs() > 3).double().mean().item()
+    assert abs(p3 - 0.0026998) < 5 * math.sqrt(0.0027 / n)
+
+
+def test_no_correlation_across_seeds_keys_and_neighbours(z):
+    bound = 5 / math.sqrt(N)
+    key = name_key("decoder.layers.0.fc1.weight")
+    assert abs(corr(z, z_compiled(123456790, key))) < bound  # next seed
+    assert abs(corr(z, z_compiled(123456789, key ^ 1))) < bound  # key one bit apart
+    assert abs(corr(z, z_compiled(123456789, name_key("decoder.layers.0.fc2.weight")))) < bound
+    assert abs(corr(z[:-1], z[1:])) < bound  # neighbouring indices
+    assert abs(corr(z[:-64], z[64:])) < bound
+    assert abs(corr(z[: N // 2], z[N // 2:])) < bound
+
+
+def test_shard_equals_slice_of_whole_bitwise():
+    n, seed, key = 100_003, 99, name_key("w")
+    whole = z_compiled(seed, key, n)
+    # torch.chunk-style uneven splits (FSDP2), odd boundaries that hit the vector tails, a 2-D row shard
+    for bounds in ([0, 33_335, 66_670, n], [0, 7, 17, 50_001, n]):
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            assert torch.equal(z_compiled(seed, key, hi - lo, offset=lo), whole[lo:hi])
+    rows = whole.view(-1, 1)[: 13 * 7_000].view(13, 7_000)
+    assert torch.equal(z_compiled(seed, key, 6 * 7_000, offset=7 * 7_000).view(6, 7_000), rows[7:])
+
+
+def test_eager_matches_compiled():
+    n = 100_000
+    args = (T(5), T(name_key("x")), T(1000))
+    eager = normal(*args, n, "cpu")
+    compiled = z_compiled(5, name_key("x"), n, offset=1000)
+    assert (eager - compiled).abs().max().item() <= 1e-6  # log/cos may differ by an ulp; the hash is
+    # exact, see test_rademacher_values_and_balance (a function of the hash alone)
+
+
+def test_rademacher_values_and_balance():
+    n = 200_000
+    z = rademacher(T(3), T(name_key("x")), T(0), n, "cpu")
+    assert set(z.unique().tolist()) == {-1.0, 1.0}
+    assert abs(z.mean().item()) < 5 / math.sqrt(n)
+    assert abs(corr(z[:-1], z[1:])) < 5 / math.sqrt(n)
+    compiled = z_compiled(3, name_key("x"), 1000, kernels=get_kernels("rademacher"))
+    assert torch.equal(compiled, z[:1000])  # the integer hash is bitwise the same eager and compiled
+
+
+def test_new_seed_scale_offset_lr_never_recompile():
+    p = torch.randn(1000)
+    K.perturbed(flat(p), T(1), T(2), T(0), T(0.1, torch.float32))
+    K.update_(flat(p), T(1), T(2), T(0), T(0.1, torch.float32), T(1.0, torch.float32), T(0.0, torch.float32))
+    before = dict(counters["stats"])
+    for i in range(5):
+        q = torch.randn(1000 + 17 * i)
+        K.perturbed(flat(q), T(10**9 - i), T(name_key(f"p{i}")), T(i * 12345), T(1e-3 * (i + 1), torch.float32))
+        lr, g, wd = (T(v, torch.float32) for v in (1e-4 * i, -3.0 * i, 0.1 * i))
+        K.update_(flat(q), T(i), T(i), T(i), lr, g, wd)
+    assert dict(counters["stats"]) == before
+
+
+class ManyShapes(nn.Module):
+    """Ten parameter shapes: with dynamic=False this would hit the recompile limit (8)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4 + i, 5 + i) for i in range(10))
+
+    def forward(self, x):
+        return sum(layer(x[:, : 4 + i]).sum() for i, layer in enumerate(self.layers))
+
+
+def test_many_shapes_one_graph():
+    model, x = ManyShapes(), torch.randn(3, 20)
+    mezo = MeZO(model, MeZOConfig(lr=1e-3, lr_scheduler="linear", max_steps=10))
+    graphs = counters["stats"]["unique_graphs"]
+    mezo.step(model, lambda m: m(x))  # 20 tensors, 20 shapes
+    assert counters["stats"]["unique_graphs"] - graphs <= 2  # fp32 perturbed + update_, if not built yet
+    before = dict(counters["stats"])
+    for _ in range(3):  # new seeds and learning rates
+        mezo.step(model, lambda m: m(x))
+    assert dict(counters["stats"]) == before

@@ -1,0 +1,58 @@
+"""Zeroth-order optimisation: MeZO (Malladi et al. 2023) in pure PyTorch.
+
+zo/ sees nn.Modules, named parameters and loss closures; it knows nothing of OPT or RoBERTa.
+
+    rng.py         z(seed, key(name), global index): counter-based hash + Box-Muller / Rademacher
+    kernels.py     fused compiled kernels: p + s*z, p += s*z, p -= lr*(g*z + wd*p)
+    perturb.py     parameter slots (tied = one slot, owners, LocalView) and the exact-restore hooks
+    reference.py   the original's torch.manual_seed + torch.normal operations (perturbation="reference")
+    mezo.py        MeZOConfig, MeZO: zo_step / zo_perturb_parameters / zo_forward / zo_update
+    variants.py    control variates of the variance-modified variants (medium_models)
+    optim.py       lr and n-SPSA schedules, weight-decay groups, torch optimizers
+    fo.py          FOConfig, FO: the backprop baseline with the same interface
+    trajectory.py  Trajectory (JSONL of step, seed, projected_grad, lr), read_trajectory, replay
+
+Training loop (train.py); everything returned is a device tensor and nothing syncs with the host:
+
+    cfg = MeZOConfig(lr=1e-6, eps=1e-3, lr_scheduler="constant", max_steps=20000)
+    trajectory = Trajectory(out / "trajectory.jsonl", keep_before_step=start_step)  # 0: fresh log
+    mezo = MeZO(model, cfg, trajectory=trajectory)          # after freezing (LoRA / prefix)
+    mezo.load_state_dict(state)                             # on resume: step, seed RNG, optimizer, c
+    for batch in batches:
+        loss_fn = lambda m: task_loss(m(batch["input_ids"], batch["attention_mask"]), batch)
+        loss, projected_grad = mezo.zo_step(model, loss_fn)  # L(theta + eps z), (L+ - L-) / (2 eps)
+        mezo.zo_update(model)                                 # lr = schedule(global_step), then step += 1
+        if mezo.global_step % 100 == 0:
+            trajectory.flush()                                # the one device->host transfer
+    state = mezo.state_dict()                                 # next to the weights in a checkpoint
+
+`trainer.step(model, loss_fn) -> loss` (zo_step + zo_update) is the interface MeZO and FO share, with
+`global_step`, `learning_rate()`, `state_dict()` and `load_state_dict()`. Gradient accumulation: pass
+a list of micro-batch closures as loss_fn (one z, losses averaged, one update). Variants: c is
+initialised at the first step; with cfg.recompute_norms the loop calls mezo.initialize_c(model,
+loss_fn) at each epoch start. Replay: replay(base_model, read_trajectory(path), cfg) rebuilds the
+trained weights bitwise (same device and perturbation mode).
+
+Distributed wrappers plug in through MeZO(model, config, local_view=..., reduce_losses=...):
+- reduce_losses(t) gets the stacked [loss1, loss2] once per z and returns it reduced (e.g. one
+  all_reduce(AVG)): the only communication of a replicated step.
+- local_view(t) -> (local tensor, global flat offset of its first element) for a stored parameter or
+  its gradient: with FSDP2, (t.to_local(), offset from compute_local_shape_and_global_offset), so the
+  update writes the local shard with the z of its global indices. The forward hooks need nothing:
+  they perturb the transient all-gathered tensor at offset 0 inside FSDP's unshard/reshard.
+
+Errors: bad configuration raises ValueError; a failing torch.compile raises RuntimeError naming
+perturbation="eager" (the uncompiled debugging path).
+"""
+from .fo import FO, FOConfig
+from .kernels import flat, get_kernels
+from .mezo import MeZO, MeZOConfig
+from .optim import learning_rate, num_samples
+from .perturb import LocalView, ParamSlot, collect_slots, whole
+from .rng import name_key
+from .trajectory import Trajectory, read_trajectory, replay
+
+__all__ = [
+    "FO", "FOConfig", "LocalView", "MeZO", "MeZOConfig", "ParamSlot", "Trajectory", "collect_slots", "flat",
+    "get_kernels", "learning_rate", "name_key", "num_samples", "read_trajectory", "replay", "whole",
+]

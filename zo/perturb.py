@@ -1,0 +1,142 @@
+"""Trainable parameters as slots, and the exact-restore perturbation through forward hooks.
+
+The original perturbs the stored weights in place (+eps z, -2 eps z, +eps z; `zo_perturb_parameters`
+in large_models/trainer.py), which does not restore them bitwise: each step leaves a rounding residue,
+a random walk that is behind its fp16 collapses (mezo_original.md 10.1). Here the stored parameters
+are never written by a perturbed forward (DESIGN.md 3.3, exact restore):
+
+- a forward-pre-hook on every module that directly owns a trainable parameter swaps
+  `module._parameters[name]` for a transient tensor `p + s*z` (one fused kernel), and
+- a forward hook puts back exactly the object that was there.
+
+So at most one module's perturbed weights exist at a time, and the forward's own code (which reads
+`self.weight` at call time) sees theta + s*z. Under FSDP2 the hooks run inside the block's
+unshard/reshard hooks (pre-hooks appended, post-hooks prepended), so they perturb the transient
+all-gathered full tensor at global offset 0 and hand the unsharded parameter back before FSDP
+reshards it.
+
+The contract this needs (CONTRACTS.md, models/): a parameter is read only inside the forward of a
+module that owns it, as `self.weight` at call time. One read elsewhere (nn.MultiheadAttention reads
+`out_proj.weight` without calling out_proj) cannot be shown perturbed; MeZO warns at its first step.
+Wrapping the whole model in torch.compile is not supported with these hooks (they are added and
+removed at every perturbation, which would re-trace the model).
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .kernels import Kernels, flat
+from .optim import decays
+from .rng import MAX_NUMEL, name_key
+
+# (local tensor, global flat offset of its first element) for a stored parameter or its gradient.
+# The default is the whole tensor at offset 0; a sharded wrapper passes e.g.
+# `lambda t: (t.to_local(), global_offset_of(t))` so updates touch only the local shard.
+LocalView = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def whole(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return t.detach(), 0
+
+
+_LAYER = re.compile(r"layers?\.\d+\.")
+
+
+def cv_group(name: str) -> str | None:
+    """Control-variate group of the variants (medium_models trainer.py `retrieve_c`): the first of
+    'embed', 'lm_head', 'layer.{i}.' / 'layers.{i}.' found in the name; None means plain z."""
+    for group in ("embed", "lm_head"):
+        if group in name:
+            return group
+    m = _LAYER.search(name)
+    return m.group(0) if m else None
+
+
+@dataclass(eq=False)
+class ParamSlot:
+    """One trainable parameter: its canonical name, the Parameter object, and who owns it."""
+
+    name: str  # first name in model.named_parameters() (tied copies are deduplicated there)
+    param: nn.Parameter
+    key: int  # name_key(name): selects the z stream
+    decay: bool  # weight decay applies (name not exempt)
+    group: str | None  # control-variate group
+    owners: list[tuple[nn.Module, str]] = field(default_factory=list)  # (module, attribute) holding it
+    key_t: torch.Tensor | None = None  # 0-d int64 copy of `key` on the parameter's device
+
+
+def collect_slots(model: nn.Module, wd_exempt: tuple[str, ...]) -> list[ParamSlot]:
+    """Trainable parameters in named_parameters() order, each with every module that owns it.
+
+    Tied parameters are one slot (identity of the Parameter object now): one key, so every module
+    that owns it sees the same z, and the update touches the one stored tensor once.
+    """
+    slots, by_id = [], {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            if p.numel() > MAX_NUMEL:
+                raise ValueError(f"a parameter has more than 2^32 elements ({name}: {p.numel()})")
+            slot = ParamSlot(name, p, name_key(name), decays(name, wd_exempt), cv_group(name))
+            slot.key_t = torch.full((), slot.key, dtype=torch.int64, device=p.device)
+            slots.append(slot)
+            by_id[id(p)] = slot
+    if not slots:
+        raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None and id(p) in by_id:
+                by_id[id(p)].owners.append((module, attr))
+    devices = {s.param.device for s in slots}
+    if len(devices) > 1:
+        raise ValueError(f"trainable parameters on several devices ({sorted(map(str, devices))})")
+    return slots
+
+
+class PerturbHooks:
+    """While active, each owning module sees theta + scale*z in its forward; storage is untouched."""
+
+    def __init__(self, slots: list[ParamSlot], kernels: Kernels):
+        self.kernels = kernels
+        self.owned: dict[nn.Module, list[tuple[str, ParamSlot]]] = {}
+        for slot in slots:
+            for module, attr in slot.owners:
+                self.owned.setdefault(module, []).append((attr, slot))
+        self.zero = torch.zeros((), dtype=torch.int64, device=slots[0].param.device)
+        self.handles: list = []
+        self.seen: set[ParamSlot] = set()  # slots some forward has perturbed (see MeZO._warn_unseen)
+        self.saved: dict[nn.Module, list] = {}
+        self.seed, self.scales = None, {}
+
+    def activate(self, seed: torch.Tensor, scales: dict[ParamSlot, torch.Tensor]) -> None:
+        """Perturb slot s by scales[s] * z(seed); slots missing from `scales` stay as they are."""
+        self.seed, self.scales = seed, scales
+        if not self.handles:
+            for module in self.owned:
+                self.handles.append(module.register_forward_pre_hook(self._swap_in))
+                self.handles.append(module.register_forward_hook(self._swap_out, prepend=True, always_call=True))
+
+    def deactivate(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles, self.saved, self.seed, self.scales = [], {}, None, {}
+
+    def _swap_in(self, module, args):
+        saved = []  # registered first, so a failing kernel still leaves a consistent restore list
+        self.saved.setdefault(module, []).append(saved)
+        for attr, slot in self.owned[module]:
+            scale = self.scales.get(slot)
+            if scale is None:
+                continue
+            current = module._parameters[attr]  # the Parameter, or FSDP2's unsharded copy of it
+            saved.append((attr, current))
+            self.seen.add(slot)
+            z_added = self.kernels.perturbed(flat(current), self.seed, slot.key_t, self.zero, scale)
+            module._parameters[attr] = z_added.view(current.shape)
+
+    def _swap_out(self, module, args, output):
+        stack = self.saved.get(module)
+        for attr, current in stack.pop() if stack else ():
+            module._parameters[attr] = current

@@ -1,0 +1,85 @@
+"""Counter-based random numbers for the perturbation z (DESIGN.md 3.2).
+
+MeZO needs the *same* z four times per step (perturb +, perturb -, restore, update). The original
+(`large_models/trainer.py`, `zo_perturb_parameters`) gets it by `torch.manual_seed(seed)` and one
+`torch.normal` per parameter in `named_parameters()` order, which ties z to the visiting order, the
+device's generator and the whole-tensor shape. Here z is a pure function of
+
+    (seed of the step, key of the parameter, global flat index of the element)
+
+computed with integer ops that every torch backend runs identically, so the same value comes out
+eagerly, under `torch.compile` on CPU or GPU, and on any shard of a tensor (a chunk at global
+offset o gets exactly the slice o: of the whole). Nothing is ever materialised beyond one element.
+
+Hash: an integer finaliser in the style of `lowbias32` (Wellons, hash-prospector), with the
+constants [16 0x21f0aaad 15 0x735a2d97 15]; 32-bit values are held in int64 and every multiplier is
+< 2^31, so no product reaches 2^63 (no signed overflow on any backend). Per element i:
+
+    a = mix(((i ^ k1) * m) mod 2^32)        k1 = f(seed), m = odd f(seed, key) < 2^31 (scalars)
+    b = mix(a ^ C)                          (second uniform for Box-Muller)
+
+The key enters through the odd multiplier m, a bijection of the 32-bit index space per parameter.
+XOR-ing a key into the index instead would make two parameters' streams shifted copies of each
+other (element i of A == element i^d of B for whole blocks of i); a multiplier scatters the
+coincidences like random ones. Each element has 32 bits of state per step, so a model of more than
+2^32 elements sees repeated z values, at random positions (harmless for an SPSA estimate), and a
+single parameter may have at most 2^32 elements. The two-round version (mix(mix(i ^ k1) ^ k2),
+torch_facts.md section 5) is ~16% slower at equal statistics.
+
+Normal z: Box-Muller on two 24-bit uniforms, u1 in (0, 1] from a and u2 in [0, 1) from b, so |z| is
+at most sqrt(-2 ln 2^-24) ~= 5.77. Eager and compiled agree to about 1 ulp (log/cos differ), while
+the compiled kernel is bitwise chunk-invariant (torch_facts.md section 5).
+"""
+import math
+
+import torch
+
+M32 = 0xFFFFFFFF
+MAX_NUMEL = 1 << 32  # global indices are 32-bit
+
+
+def name_key(name: str) -> int:
+    """Stable key of a parameter's canonical name: 64-bit FNV-1a of its UTF-8 bytes, top bit cleared.
+
+    Keys come from names, not from the order in which parameters are visited, so adding, freezing or
+    re-ordering parameters never changes another parameter's z. 63 bits make a permanent collision
+    of two names (two parameters sharing one stream at every step) practically impossible.
+    """
+    h = 0xCBF29CE484222325
+    for byte in name.encode("utf-8"):
+        h = ((h ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """One bijective mixing round on 32-bit values held in int64 (see module docstring)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & M32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & M32
+    return x ^ (x >> 15)
+
+
+def hash32(seed: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, n: int, device) -> torch.Tensor:
+    """32-bit hashes of global indices offset .. offset+n-1 (< 2^32); seed, key, offset: 0-d int64."""
+    k1 = _mix32(_mix32((seed & M32) ^ 0x9E3779B9) ^ ((seed >> 32) & M32))  # per step
+    m = (_mix32(_mix32(k1 ^ (key & M32) ^ 0x85EBCA6B) ^ (key >> 32)) >> 1) | 1  # per step and parameter
+    i = torch.arange(n, dtype=torch.int64, device=device) + offset
+    return _mix32(((i ^ k1) * m) & M32)
+
+
+def normal(seed, key, offset, n, device) -> torch.Tensor:
+    """float32 z ~ N(0, 1) for global indices offset .. offset+n-1 (Box-Muller)."""
+    a = hash32(seed, key, offset, n, device)
+    b = _mix32(a ^ 0x68E31DA4)
+    u1 = ((a >> 8) + 1).to(torch.float32) * 2.0**-24  # (0, 1]: log(u1) is finite
+    u2 = (b >> 8).to(torch.float32) * 2.0**-24  # [0, 1)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+
+
+def rademacher(seed, key, offset, n, device) -> torch.Tensor:
+    """float32 z in {-1, +1} with equal probability (top bit of the first hash)."""
+    return ((hash32(seed, key, offset, n, device) >> 31) * 2 - 1).to(torch.float32)
+
+
+DISTRIBUTIONS = {"normal": normal, "rademacher": rademacher}
