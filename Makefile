@@ -26,3 +26,13 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results.json
+
+# The paper's grid for one cell, e.g. `make grid TASK=SST2 MODE=ft MODEL=facebook/opt-13b`;
+# finished points are skipped, the best by the original's rule is printed. EXTRA adds flags.
+FAMILY ?= opt
+TASK   ?= SST2
+MODE   ?= ft
+MODEL  ?= facebook/opt-13b
+OUT    ?= runs/grid
+grid: $(STAMP)
+	$(PY) train.py --preset $(FAMILY)-mezo-$(MODE) --grid --task $(TASK) --model $(MODEL) --output_dir $(OUT) $(EXTRA)

@@ -297,52 +297,61 @@ def train(run):
                                       "loop": state}, write=dist.is_main)
         dist.barrier()
 
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):  # save on interrupt (the original's --save_on_interrupt)
+    stop = []  # set by SIGINT / SIGTERM (the original's --save_on_interrupt)
+    for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda s, f: stop.append(s))
     window = [torch.tensor(x) for x in state.get("window", [])]
-    t0, start_step = time.time(), trainer.global_step
-    while trainer.global_step < a.max_steps and not stop:
+    t0, start_step, interrupted = time.time(), trainer.global_step, False
+    while trainer.global_step < a.max_steps and not interrupted:
         step = trainer.global_step
         loss = trainer.step(model, run.loss_fns(run.batch(step)))  # zo_step + zo_update (or backprop)
         window.append(loss)
-        if (step + 1) % a.logging_steps == 0 or step + 1 == a.max_steps:
-            # the one host sync per logging window: HF logs mean(loss1) over the window
-            losses = torch.stack(window).float().cpu()
-            finite = torch.isfinite(losses)
-            state["nonfinite"] += int((~finite).sum())
-            state["nonfinite_run"] = 0 if finite[-1] else state["nonfinite_run"] + int((~finite).sum())
-            speed = (trainer.global_step - start_step) / (time.time() - t0)
-            record = {"step": step + 1, "loss": float(losses[finite].mean()) if finite.any() else float("nan"),
-                      "lr": trainer.learning_rate(), "steps_per_s": speed, "nonfinite": state["nonfinite"],
-                      "peak_memory_bytes": peak_memory(dist.device)}
-            log(record)
-            if dist.is_main:
-                eta = (a.max_steps - step - 1) / max(speed, 1e-9)
-                end = "\r" if sys.stderr.isatty() else "\n"
-                print(f"step {step + 1}/{a.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                      f"{speed:.2f} steps/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", end=end, file=sys.stderr)
+        last = step + 1 == a.max_steps
+        if (step + 1) % a.logging_steps == 0 or last:
+            log(logging_record(run, trainer, state, window, step, t0, start_step))
             window = []
-            if state["nonfinite_run"] >= a.max_nonfinite:
-                raise FloatingPointError(f"{state['nonfinite_run']} non-finite losses in a row at step {step + 1}; "
-                                         f"lower --learning_rate or use --dtype fp32 (training)")
-        if (step + 1) % a.eval_steps == 0 or step + 1 == a.max_steps:
+            # ranks agree on stopping here (one scalar per logging window), a lone process at once
+            interrupted = dist.any(bool(stop))
+        elif stop and not dist.grouped:
+            interrupted = True
+        if (step + 1) % a.eval_steps == 0 or last:
             dev = run.evaluate_dev(with_metric=a.select_by == "accuracy")
             log({"step": step + 1, **{f"dev_{k}": v for k, v in dev.items()}})
             score = -dev["loss"] if a.select_by == "loss" else next(v for k, v in dev.items() if k != "loss")
-            if state["best"] is None or score > state["best"]:
+            if state["best"] is None or score > state["best"]:  # load_best_model_at_end
                 state["best"], state["best_step"] = score, step + 1
                 save_trainable(model, os.path.join(out, "best.safetensors"), write=dist.is_main)
-        if (step + 1) % a.save_steps == 0 or stop:
+        if (step + 1) % a.save_steps == 0 or interrupted:
             checkpoint()
-    if stop:
-        checkpoint()
+    if interrupted:
         print(f"\ninterrupted at step {trainer.global_step}: checkpoint saved, continue with --resume", file=sys.stderr)
         return 130
     if trajectory:
         trajectory.flush()
     finish(run, state, (time.time() - t0) / max(trainer.global_step - start_step, 1))
     return 0
+
+
+def logging_record(run, trainer, state, window, step, t0, start_step):
+    """HF logs mean(loss1) over the window; here the one host sync of the window. Non-finite losses
+    (their updates were skipped) are counted, and a run of them stops training."""
+    losses = torch.stack(window).float().cpu()
+    for finite in torch.isfinite(losses).tolist():
+        state["nonfinite_run"] = 0 if finite else state["nonfinite_run"] + 1
+        state["nonfinite"] += not finite
+    finite = torch.isfinite(losses)
+    speed = (trainer.global_step - start_step) / (time.time() - t0)
+    record = {"step": step + 1, "loss": float(losses[finite].mean()) if finite.any() else float("nan"),
+              "lr": trainer.learning_rate(), "steps_per_s": speed, "nonfinite": state["nonfinite"],
+              "peak_memory_bytes": peak_memory(run.dist.device)}
+    if run.dist.is_main:  # a live line: in place on a terminal, one line per window in a log file
+        eta = time.strftime("%H:%M:%S", time.gmtime((run.args.max_steps - step - 1) / max(speed, 1e-9)))
+        print(f"step {step + 1}/{run.args.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+              f"{speed:.2f} steps/s | ETA {eta}", end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr)
+    if state["nonfinite_run"] >= run.args.max_nonfinite:
+        raise FloatingPointError(f"{state['nonfinite_run']} non-finite losses in a row at step {step + 1}; "
+                                 f"lower --learning_rate or use --dtype fp32 (training)")
+    return record
 
 
 def finish(run, state, time_per_step):
@@ -495,7 +504,11 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     with dist.guard():  # a lost rank ends the others with one error line, not a hang
-        code = train(run)
+        try:
+            code = train(run)
+        except FloatingPointError as e:  # a diverged run: one line, not a traceback
+            print(f"\nerror: {e}", file=sys.stderr)
+            code = 1
     dist.shutdown()
     return code
 

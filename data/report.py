@@ -182,13 +182,13 @@ def opt_records(runs, notes):
         best = select_best(cell, select_by, notes)
         records.append(dict(
             model=model, size=best.size, task=task, method=method, ours=_test_percent(best),
-            paper=paper.opt_test(best.size, method, task), select_by=select_by,
+            paper=paper.opt_test(best.size or "13b", method, task), select_by=select_by,
             dev=_dev_value(best, select_by), n_runs=len(cell), selected=str(best.path)))
     return records
 
 
 def _paper_roberta(size, k, method, task):
-    return paper.roberta_test(k, method, task) if size == "large" else (None, None)
+    return paper.roberta_test(k, method, task)  # RoBERTa-large, the paper's only medium model
 
 
 def roberta_records(runs, notes):
@@ -257,9 +257,10 @@ def _opt_markdown(records):
     out = []
     for model in _order([r["model"] for r in records], _OPT_MODELS):
         recs = [r for r in records if r["model"] == model]
-        size = recs[0]["size"]
-        source = {"13b": "Table 1", "30b": "Table 20", "66b": "Table 20"}.get(size)
-        out += [f"## {model}: test accuracy / F1 (%), ours ({'paper ' + source if source else 'no paper figure'})", ""]
+        # a model of no size the paper reports is shown beside the paper's headline model, OPT-13B
+        size = recs[0]["size"] if recs[0]["size"] in ("13b", "30b", "66b") else "13b"
+        source = {"13b": "Table 1", "30b": "Table 20", "66b": "Table 20"}[size]
+        out += [f"## {model}: test accuracy / F1 (%), ours (paper OPT-{size.upper()}, {source})", ""]
 
         def cell(r, method, task, size=size):
             return _cell(r and _pct(r["ours"]), _pct(paper.opt_test(size, method, task)))
@@ -281,7 +282,8 @@ def _roberta_markdown(records):
             seeds = "" if not r or r["n_seeds"] == 5 else f" n={r['n_seeds']}"
             ours = r and _pct(r["ours_mean"], r["ours_std"]) + seeds
             return _cell(ours, _pct(*_paper_roberta(size, k, method, task)))
-        out += [f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper Table 18)", ""]
+        out += [f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper RoBERTa-large, "
+                "Table 18)", ""]
         out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.ROBERTA_TASKS), _label)
         out += ["", "Per data seed the grid point with the best dev accuracy; std over seeds as numpy's "
                 "(population); n=N: cells with other than the paper's 5 seeds.", ""]

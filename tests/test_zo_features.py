@@ -237,3 +237,16 @@ def test_bad_configuration_raises_value_error():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         MeZO(frozen)
+
+
+def test_a_non_finite_loss_skips_the_update_without_touching_the_weights():
+    model, ids = tiny_lm(), lm_batch()
+    before = params(model)
+    mezo = MeZO(model, MeZOConfig(lr=1e-2, eps=1e-3, weight_decay=0.1))
+    loss, g = mezo.zo_step(model, lambda m: lm_loss(ids)(m) * float("nan"))
+    mezo.zo_update(model)
+    assert torch.isnan(g) and mezo.global_step == 1
+    assert all(torch.equal(p, before[n]) for n, p in params(model).items())
+    mezo.zo_step(model, lm_loss(ids))  # finite again: the update happens
+    mezo.zo_update(model)
+    assert not all(torch.equal(p, before[n]) for n, p in params(model).items())

@@ -94,6 +94,15 @@ class Dist:
             dist.all_reduce(losses, op=dist.ReduceOp.SUM)
         return losses
 
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any rank: one scalar all-reduce, so that ranks
+        agree on when to stop (a signal reaches them at different steps)."""
+        if not self.grouped:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     @contextlib.contextmanager
     def guard(self):
         """End this rank with `error: rank R lost contact with the group (...): <detail> (torch.distributed)`

@@ -60,10 +60,11 @@ class FO:
             loss = fn(model)
             (loss / len(fns)).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        if self.cfg.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
-        set_lr(self.optimizer, self.learning_rate())
-        self.optimizer.step()
+        if torch.isfinite(total):  # a non-finite loss skips the update (a host sync; backprop is not sync-free)
+            if self.cfg.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
+            set_lr(self.optimizer, self.learning_rate())
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         return total / len(fns)

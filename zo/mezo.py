@@ -215,11 +215,19 @@ class MeZO:
     # ------------------------------------------------------------------ updates (also used by replay)
     def apply_update(self, estimates: list[tuple[int, torch.Tensor]], lr: float) -> None:
         """theta <- theta - lr * (sum_k g_k z_k + wd theta) (ZO-SGD), or p.grad = sum_k g_k z_k followed
-        by the torch optimizer's step (momentum, Adam)."""
+        by the torch optimizer's step (momentum, Adam).
+
+        A non-finite estimate (a NaN/inf loss) skips the update without a host sync: its g becomes 0
+        and the SGD pass runs with lr 0 (momentum/Adam still step on their state; the reference mode
+        applies it, as the original)."""
+        finite = None
+        if not self.reference:
+            finite = torch.stack([g.isfinite() for _, g in estimates]).all()
+            estimates = [(seed, torch.where(finite, g, 0.0)) for seed, g in estimates]
         for k, (seed, g) in enumerate(estimates):
             grads = {s: self._grad_scale(s, g) for s in self.slots}
             if self.optimizer is None:
-                self._sgd_pass(seed, lr, grads, self.cfg.weight_decay if k == 0 else 0.0)  # decay once
+                self._sgd_pass(seed, lr, grads, self.cfg.weight_decay if k == 0 else 0.0, finite)  # decay once
             else:
                 self._accumulate_grad(seed, grads)
         if self.optimizer is not None:
@@ -231,12 +239,14 @@ class MeZO:
             for p in params:
                 p.grad = None  # the dense g*z lives only inside the update
 
-    def _sgd_pass(self, seed: int, lr: float, grads: dict, wd: float) -> None:
+    def _sgd_pass(self, seed: int, lr: float, grads: dict, wd: float, finite=None) -> None:
         """One fused pass per parameter (its local shard, at its global offset)."""
         if self.reference:
             reference.update(self.slots, seed, lr, grads, wd)
             return
         seed_t, lr_t = self._tensor(seed, torch.int64), self._tensor(lr)
+        if finite is not None:
+            lr_t = lr_t * finite
         for s in self.slots:
             local, offset = self.local_view(s.param)
             if local.numel():

@@ -24,7 +24,7 @@ other (element i of A == element i^d of B for whole blocks of i); a multiplier s
 coincidences like random ones. Each element has 32 bits of state per step, so a model of more than
 2^32 elements sees repeated z values, at random positions (harmless for an SPSA estimate), and a
 single parameter may have at most 2^32 elements. The two-round version (mix(mix(i ^ k1) ^ k2),
-torch_facts.md section 5) is ~16% slower at equal statistics.
+torch_facts.md section 5) was about 20% slower here at equal statistics.
 
 Normal z: Box-Muller on two 24-bit uniforms, u1 in (0, 1] from a and u2 in [0, 1) from b, so |z| is
 at most sqrt(-2 ln 2^-24) ~= 5.77. Eager and compiled agree to about 1 ulp (log/cos differ), while

@@ -1,0 +1,246 @@
+"""Benchmarks at OPT shapes (DESIGN.md section 5): our forward vs transformers', a MeZO step vs two
+forwards, and the peak memory of MeZO training vs inference vs backprop + AdamW.
+
+Method. Time: the variants of one comparison run interleaved (A B C, then C B A, ...) after one
+warm-up call each (which also compiles the fused kernels), so drift on this shared machine hits all
+of them alike; a ratio is the median over repetitions of the per-repetition ratio, reported with
+its min-max spread. On CUDA every timed call is bracketed by synchronize().
+Memory: each (mode, shape, batch) runs in a fresh subprocess (`python bench_model.py memory ...`):
+build the model and note the RSS, run the mode once (warm-up: compiles, creates the Adam state),
+reset the high-water mark (`echo 5 > /proc/self/clear_refs` resets VmHWM, torch_facts.md 7), run
+it again and read VmHWM: the step's peak. Reported as the absolute peak and its increase over the
+post-build RSS. On CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats.
+The loss everywhere is the mean next-token cross-entropy of a random batch (all tokens attended).
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import models  # noqa: E402
+from models.opt import OPT, OPTConfig  # noqa: E402
+from zo import FO, FOConfig, MeZO, MeZOConfig, flat  # noqa: E402
+
+# OPT shapes (hidden, layers, heads, ffn); vocabulary 50272 and 2048 positions as every OPT size.
+SHAPES = {
+    "tiny": (64, 2, 4, 256),
+    "small": (256, 4, 4, 1024),
+    "125m": (768, 12, 12, 3072),
+    "1.3b": (2048, 24, 32, 8192),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def config_kwargs(shape: str, vocab: int) -> dict:
+    hidden, layers, heads, ffn = SHAPES[shape]
+    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                ffn_dim=ffn, max_position_embeddings=2048)
+
+
+def build(shape: str, vocab: int, device: str = "cpu", dtype: str = "fp32") -> OPT:
+    """Our OPT at `shape`, weights N(0, 0.02) as OPT's init_std, in eval mode."""
+    with torch.device(device):
+        model = OPT(OPTConfig(**config_kwargs(shape, vocab)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.to(DTYPES[dtype]).eval()
+
+
+def batch(size: int, seq: int, vocab: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (size, seq), generator=g)
+    return ids.to(device), torch.ones_like(ids)
+
+
+def lm_loss(ids, mask):
+    """loss_fn(model): mean next-token cross-entropy (fp32 logits)."""
+    def loss_fn(model):
+        logits = model(ids, mask)[:, :-1].float()
+        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    return loss_fn
+
+
+# ---------------------------------------------------------------- timing
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, repeats: int, device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds per call of each fn, the order reversed every other repetition, after a warm-up."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            _sync(device)
+            t0 = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(times: dict, a: str, b: str) -> dict:
+    """Median and spread of the per-repetition ratio a / b."""
+    rs = [x / y for x, y in zip(times[a], times[b])]
+    return {"median": statistics.median(rs), "min": min(rs), "max": max(rs)}
+
+
+def medians_ms(times: dict) -> dict:
+    return {name: round(1e3 * statistics.median(ts), 2) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------- row 2: forward vs transformers
+
+def forward_vs_transformers(shape: str, vocab: int, size: int, seq: int, repeats: int, tmp: Path) -> dict:
+    """OPTForCausalLM random-init, save_pretrained, loaded by models.load_model: no_grad, eval, CPU fp32."""
+    import transformers
+
+    hf = transformers.OPTForCausalLM(transformers.OPTConfig(**config_kwargs(shape, vocab))).eval()
+    hf.save_pretrained(tmp)
+    ours = models.load_model(tmp)
+    ids, mask = batch(size, seq, vocab)
+    with torch.no_grad():
+        max_diff = (ours(ids, mask) - hf(input_ids=ids, attention_mask=mask).logits).abs().max().item()
+
+    @torch.no_grad()
+    def run_ours():
+        ours(ids, mask)
+
+    @torch.no_grad()
+    def run_hf():
+        hf(input_ids=ids, attention_mask=mask)
+
+    times = interleaved({"ours": run_ours, "transformers": run_hf}, repeats)
+    return {"shape": shape, "batch": [size, seq], "repeats": repeats, "ms": medians_ms(times),
+            "ratio": ratio(times, "ours", "transformers"), "max_abs_logit_diff": max_diff,
+            "attn_implementation": hf.config._attn_implementation, "transformers": transformers.__version__}
+
+
+# ---------------------------------------------------------------- row 3: a MeZO step vs two forwards
+
+def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, device: str = "cpu",
+                     dtype: str = "fp32", reference: bool = True) -> dict:
+    """One ZO-SGD step (fused, and the original's operations) against two no_grad forwards, plus
+    one fused out-of-place pass over every parameter (what each perturbed forward adds)."""
+    model = build(shape, vocab, device, dtype)
+    ids, mask = batch(size, seq, vocab, device)
+    loss_fn = lm_loss(ids, mask)
+    fused = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3))
+    k, slots = fused.kernels, fused.slots
+    seed, zero, scale = (torch.full((), v, device=device) for v in (12345, 0, 1e-3))
+
+    @torch.no_grad()
+    def two_forwards():
+        loss_fn(model)
+        loss_fn(model)
+
+    fns = {
+        "two forwards": two_forwards,
+        "MeZO step (fused)": lambda: fused.step(model, loss_fn),
+        "perturbed pass over all params": lambda: [k.perturbed(flat(s.param), seed, s.key_t, zero, scale)
+                                                   for s in slots],
+    }
+    if reference:
+        original = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3, perturbation="reference"))
+        fns["MeZO step (reference)"] = lambda: original.step(model, loss_fn)
+    times = interleaved(fns, repeats, device)
+    out = {"shape": shape, "device": device, "dtype": dtype, "batch": [size, seq], "repeats": repeats,
+           "params": sum(s.param.numel() for s in slots), "ms": medians_ms(times),
+           "fused": ratio(times, "MeZO step (fused)", "two forwards"),
+           "perturbed_pass": ratio(times, "perturbed pass over all params", "two forwards")}
+    if reference:
+        out["reference"] = ratio(times, "MeZO step (reference)", "two forwards")
+    return out
+
+
+# ---------------------------------------------------------------- row 4: peak memory, one process per mode
+
+MODES = ("inference", "mezo", "backprop_adamw")
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+
+def measure_memory(mode: str, shape: str, vocab: int, size: int, seq: int, device: str, dtype: str) -> dict:
+    """In this (fresh) process: the peak of one `mode` step after a warm-up, in MiB."""
+    cuda = device.startswith("cuda")
+    model = build(shape, vocab, device, dtype)
+    ids, mask = batch(size, seq, vocab, device)
+    loss_fn = lm_loss(ids, mask)
+    _sync(device)
+    post_build = torch.cuda.memory_allocated() / 2**20 if cuda else _status_mib("VmRSS")
+    if mode == "inference":
+        def run():
+            with torch.no_grad():
+                loss_fn(model.eval()).item()
+    else:
+        trainer = (MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3)) if mode == "mezo"
+                   else FO(model, FOConfig(lr=1e-5, optimizer="adam", lr_scheduler="constant")))
+        run = lambda: trainer.step(model, loss_fn).item()  # noqa: E731
+    run()  # warm-up: compiles the kernels, allocates the Adam state
+    _sync(device)
+    pre_step = torch.cuda.memory_allocated() / 2**20 if cuda else _status_mib("VmRSS")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    start = time.perf_counter()
+    run()
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mib("VmHWM")
+    return {"mode": mode, "shape": shape, "batch": [size, seq], "device": device, "dtype": dtype,
+            "post_build_MiB": round(post_build, 1), "pre_step_MiB": round(pre_step, 1), "peak_MiB": round(peak, 1),
+            "increase_MiB": round(peak - post_build, 1), "step_s": round(seconds, 3)}
+
+
+def memory_in_subprocess(mode: str, shape: str, vocab: int, size: int, seq: int, device: str = "cpu",
+                         dtype: str = "fp32") -> dict:
+    cmd = [sys.executable, __file__, "memory", mode, shape, str(vocab), str(size), str(seq), device, dtype]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory benchmark failed ({' '.join(cmd[2:])}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_table(shape: str, vocab: int, size: int, seq: int, device: str = "cpu", dtype: str = "fp32") -> dict:
+    """The three modes at one shape and batch, each in a fresh process; ratios to inference."""
+    runs = {mode: memory_in_subprocess(mode, shape, vocab, size, seq, device, dtype) for mode in MODES}
+    inference = runs["inference"]
+    return {"shape": shape, "batch": [size, seq], "device": device, "dtype": dtype, "runs": runs,
+            "mezo_over_inference": runs["mezo"]["peak_MiB"] / inference["peak_MiB"],
+            "adamw_over_inference": runs["backprop_adamw"]["peak_MiB"] / inference["peak_MiB"],
+            "mezo_increase_over_inference_increase":
+                runs["mezo"]["increase_MiB"] / max(inference["increase_MiB"], 1e-9)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="one memory measurement (run by memory_in_subprocess)")
+    ap.add_argument("what", choices=["memory"])
+    ap.add_argument("mode", choices=MODES)
+    ap.add_argument("shape", choices=list(SHAPES))
+    ap.add_argument("vocab", type=int)
+    ap.add_argument("size", type=int)
+    ap.add_argument("seq", type=int)
+    ap.add_argument("device")
+    ap.add_argument("dtype", choices=list(DTYPES))
+    a = ap.parse_args()
+    print(json.dumps(measure_memory(a.mode, a.shape, a.vocab, a.size, a.seq, a.device, a.dtype)))
+
+
+if __name__ == "__main__":
+    main()
