@@ -1,0 +1,82 @@
+"""`torchrun --nproc 2 train.py` (gloo, CPU) against one process, replicated and --fsdp, and resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# 23 examples in batches of 5: the last batch of an epoch has 3 rows, split 2/1 across the ranks
+ARGS = ["--num_train", "23", "--num_dev", "8", "--num_eval", "8", "--batch_size", "5", "--logging_steps", "1",
+        "--learning_rate", "1e-3", "--eval_batch_size", "16"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def launch(out, *extra, nproc=None, wait=True):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *ARGS, "--output_dir", str(out), *extra]
+    if nproc:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    if not wait:
+        return proc
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    return proc
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+
+
+def weights(out):
+    return load_file(os.path.join(out, "model", "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_two_ranks_replicated_and_sharded_match_one_process(tmp_path):
+    steps = ["--max_steps", "8", "--eval_steps", "4"]
+    launch(tmp_path / "one", *steps)
+    launch(tmp_path / "replicated", *steps, nproc=2)
+    launch(tmp_path / "sharded", *steps, "--fsdp", nproc=2)
+    one, rep, shard = (losses(tmp_path / d) for d in ("one", "replicated", "sharded"))
+    assert len(one) == 8
+    # Tolerance from the order of the loss reduction only: each rank sums its rows, then the two
+    # terms are added, vs one sum over all rows: a few fp32 ulps of the loss (rtol 2e-6).
+    assert one == pytest.approx(rep, rel=2e-6, abs=0)
+    # Replicated and sharded compute the same per-rank terms and the same update: bitwise.
+    assert rep == shard
+    w1, w2, w3 = (weights(tmp_path / d) for d in ("one", "replicated", "sharded"))
+    assert w2.keys() == w1.keys() == w3.keys()
+    for k in w1:
+        assert torch.equal(w2[k], w3[k]), k
+        # A loss difference of d changes g by d/(2 eps); over 8 steps at lr 1e-3 with |z| <= 6 the
+        # weights can move apart by at most 8 * lr * 6 * |dg|, with |dg| ~ 1e-3 here.
+        assert torch.allclose(w1[k], w2[k], rtol=0, atol=1e-4), k
+
+
+@pytest.mark.slow
+def test_sharded_resume_after_sigint_continues_identically(tmp_path):
+    steps = ["--max_steps", "30", "--eval_steps", "10", "--save_steps", "10", "--fsdp"]
+    launch(tmp_path / "whole", *steps, nproc=2)
+    proc = launch(tmp_path / "parts", *steps, nproc=2, wait=False)
+    metrics = tmp_path / "parts" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: every rank gets it, at slightly different steps
+    _, stderr = proc.communicate(timeout=120)
+    assert "checkpoint saved" in stderr, stderr[-3000:]
+    stopped = len(losses(tmp_path / "parts"))
+    assert 3 <= stopped < 30 and not (tmp_path / "parts" / "results.json").exists()
+    launch(tmp_path / "parts", *steps, "--resume", nproc=2)
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with open(tmp_path / "whole" / "trajectory.jsonl") as f, open(tmp_path / "parts" / "trajectory.jsonl") as g:
+        assert f.read() == g.read()
