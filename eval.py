@@ -5,6 +5,7 @@
     python eval.py --task SST2 --model runs/x/model                        # a saved fine-tuned model
     python eval.py --task SST2 --model facebook/opt-13b --adapter runs/x/adapter.safetensors
     python eval.py report runs/* --plot --out report/                      # Tables 1, 18, 22
+    python eval.py compare runs/demo-zo runs/demo-fo                       # runs side by side
 
 Scoring is the original's (`run.py` `Framework.one_step_pred`, mezo_original.md §4), batched:
 classification = argmax over candidates of the mean option-token log-prob (or the SFC-calibrated
@@ -107,6 +108,25 @@ def load(model_path, adapter=None, dtype="fp32", device="cpu"):
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def compare(run_dirs):
+    """`eval.py compare RUN_DIR...`: runs side by side (the `make demo` table): dev loss at the
+    first evaluation and of the selected model, test metric, peak memory, time per step."""
+    print("| run | trainer | dev loss, first eval | dev loss, selected | test | peak memory (MiB) | ms/step |\n"
+          "|---|---|---|---|---|---|---|")
+    for d in run_dirs:
+        try:
+            config, res = (json.load(open(os.path.join(d, f))) for f in ("config.json", "results.json"))
+        except (OSError, ValueError) as e:
+            print(f"error: not a finished run: {e} ({d})", file=sys.stderr)
+            return 2
+        dev = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if "dev_loss" in line]
+        test = ", ".join(f"{k} {v:.3f}" for k, v in res["test"].items())
+        print(f"| {d} | {config['trainer']} | {dev[0]['dev_loss']:.3f} (step {dev[0]['step']}) | "
+              f"{res['dev']['loss']:.3f} (step {res['best_step']}) | {test} | {res['peak_memory_bytes'] / 2**20:.0f} | "
+              f"{1000 * res['time_per_step_s']:.1f} |")
+    return 0
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Zero-shot / ICL / saved-model evaluation (run.py --trainer none).")
     p.add_argument("--task", default="SST2")
@@ -133,6 +153,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         return report.report_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        return compare(argv[1:])
     args = parse_args(argv)
     try:
         model, tok = load(args.model, args.adapter, args.dtype, args.device)

@@ -51,7 +51,6 @@ def build_parser():
     a("--replay", metavar="RUN_DIR", help="rebuild RUN_DIR's selected model from its base model and trajectory")
     a("--fsdp", action="store_true", help="shard parameters with FSDP2 (torchrun)")
     a("--dist_timeout", type=float, default=600.0, help="seconds before a rank gives up on a lost peer")
-    a("--demo", action="store_true", help="the `make demo` run: MeZO vs backprop on the embedded tiny OPT")
     # hyperparameters, with the original's defaults (mezo.sh, run.py, HF TrainingArguments)
     a("--batch_size", type=int, default=16, help="global batch"), a("--learning_rate", type=float, default=1e-5)
     a("--zo_eps", type=float, default=1e-3), a("--max_steps", type=int, default=20000)
@@ -68,7 +67,7 @@ def build_parser():
     a("--seed_source", choices=("generator", "numpy_global"), default="generator")
     a("--n_spsa", type=int, default=1), a("--n_spsa_schedule", choices=("constant", "linear"), default="constant")
     a("--zo_variant", choices=("param_norm", "grad_norm")), a("--change_grad_estimate", **BOOL)
-    a("--recompute_norms", **BOOL), a("--gradient_accumulation_steps", type=int, default=1)
+    a("--recompute_norms", **BOOL), a("--use_zo_grad_est", **BOOL), a("--gradient_accumulation_steps", type=int, default=1)
     a("--select_by", choices=("loss", "accuracy")), a("--non_diff", **BOOL), a("--train_as_classification", **BOOL)
     a("--no_bos_override", **BOOL), a("--max_length", type=int, default=2048), a("--max_grad_norm", type=float, default=1.0)
     a("--max_nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
@@ -238,7 +237,7 @@ class Run:
             distribution=a.distribution, seed=a.seed, seed_source=a.seed_source, n_spsa=a.n_spsa,
             n_spsa_schedule=a.n_spsa_schedule, optimizer=optimizer, momentum=a.momentum or 0.9,
             zo_variant=a.zo_variant, change_grad_estimate=bool(a.change_grad_estimate),
-            recompute_norms=bool(a.recompute_norms))
+            recompute_norms=bool(a.recompute_norms), use_zo_grad_est=bool(a.use_zo_grad_est))
 
 
 def peak_memory(device):
@@ -279,8 +278,8 @@ def train(run):
     metrics = open(os.path.join(out, "metrics.jsonl"), "a") if dist.is_main else None
     if metrics and a.resume:  # drop lines written after the checkpoint
         metrics.close()
-        keep = open(os.path.join(out, "metrics.jsonl")).readlines()[:state["metrics_lines"]]
-        write_lines(os.path.join(out, "metrics.jsonl"), keep)
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            write_lines(os.path.join(out, "metrics.jsonl"), f.readlines()[:state["metrics_lines"]])
         metrics = open(os.path.join(out, "metrics.jsonl"), "a")
 
     def log(record):
@@ -304,8 +303,15 @@ def train(run):
     t0, start_step, interrupted = time.time(), trainer.global_step, False
     while trainer.global_step < a.max_steps and not interrupted:
         step = trainer.global_step
-        loss = trainer.step(model, run.loss_fns(run.batch(step)))  # zo_step + zo_update (or backprop)
-        window.append(loss)
+        loss_fns = run.loss_fns(run.batch(step))
+        if a.trainer == "zo":
+            if a.recompute_norms and step > 0 and step % run.batches_per_epoch == 0:
+                trainer.initialize_c(model, loss_fns[0])  # medium_models: control variates per epoch
+            tr_loss_step, _ = trainer.zo_step(model, loss_fns)  # MeZO added: estimate gradient
+            trainer.zo_update(model)  # MeZO added: update model with the estimated gradient
+        else:
+            tr_loss_step = trainer.step(model, loss_fns)  # training_step + optimizer.step
+        window.append(tr_loss_step)
         last = step + 1 == a.max_steps
         if (step + 1) % a.logging_steps == 0 or last:
             log(logging_record(run, trainer, state, window, step, t0, start_step))
@@ -409,60 +415,24 @@ def replay(args, dist):
 
 def grid(args, explicit):
     """`--preset P --grid`: every grid point of P (Tables 15/16) in its own folder under
-    --output_dir, finished ones skipped; `--slurm DIR` writes one sbatch script per point instead.
-    Flags given on the command line (e.g. --model, --max_steps) apply to every point."""
-    import subprocess
+    --output_dir, finished ones skipped, then the report and the best point by the original's rule;
+    `--slurm DIR` writes one sbatch script per point instead. Flags given on the command line (e.g.
+    --model, --max_steps) apply to every point."""
     root = args.output_dir or os.path.join("runs", "grid")
     k = args.k if args.preset.startswith("roberta") else None
     points = [{**p, **explicit} for p in presets.grid_points(args.preset, args.task, k)]
-    dirs = []
-    for point in points:
-        out = os.path.join(root, presets.run_name(point))
-        dirs.append(out)
-        if args.slurm:
+    if args.slurm:
+        for point in points:
             os.makedirs(args.slurm, exist_ok=True)
+            out = os.path.join(root, presets.run_name(point))
             write_lines(os.path.join(args.slurm, presets.run_name(point) + ".sbatch"),
                         [presets.slurm_script({**point, "output_dir": out}, nproc=args.nproc, runs_dir=root)])
-            continue
-        if os.path.exists(os.path.join(out, "results.json")):
-            print(f"skip (finished): {out}", file=sys.stderr)
-            continue
-        resume = ["--resume"] if find_checkpoint(os.path.join(out, "checkpoint")) else ["--overwrite_output_dir"]
-        cmd = [sys.executable, os.path.abspath(__file__), *presets.train_argv({**point, "output_dir": out}), *resume]
-        print(" ".join(cmd), file=sys.stderr)
-        if subprocess.run(cmd).returncode != 0:
-            raise RuntimeError(f"grid point failed ({out})")
-    if args.slurm:
-        print(f"wrote {len(points)} sbatch scripts to {args.slurm}; submit with: for f in {args.slurm}/*.sbatch; do sbatch $f; done")
+        print(f"wrote {len(points)} sbatch scripts to {args.slurm}; submit: for f in {args.slurm}/*.sbatch; do sbatch $f; done")
         return 0
-    notes = []
-    best = report.select_best(report.load_runs(dirs), args.select_by or ("loss" if "opt" in args.preset else "accuracy"), notes)
+    dirs = presets.run_grid(points, root, [sys.executable, os.path.abspath(__file__)])
+    best = report.select_best(report.load_runs(dirs), points[0].get("select_by") or "loss", [])
     print(report.render(dirs))
-    print(f"best grid point by dev {args.select_by or 'the original rule'}: {best.path}")
-    return 0
-
-
-def demo():
-    """`make demo`: MeZO and backprop on the embedded tiny OPT and the bundled SST-2 sample."""
-    common = ["--task", "SST2", "--batch_size", "16",
-              "--logging_steps", "50", "--overwrite_output_dir"]
-    runs = {"MeZO (zo)": ["--trainer", "zo", "--learning_rate", "1e-3", "--max_steps", "1000", "--eval_steps", "200",
-                          "--output_dir", "runs/demo-zo"],
-            "backprop + AdamW (fo)": ["--trainer", "fo", "--learning_rate", "1e-3", "--max_steps", "100",
-                                      "--eval_steps", "20", "--output_dir", "runs/demo-fo"]}
-    rows = []
-    for name, flags in runs.items():
-        print(f"--- {name}: python train.py {' '.join(common + flags)}", file=sys.stderr)
-        if main(common + flags) != 0:
-            return 1
-        out = flags[flags.index("--output_dir") + 1]
-        dev = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl")) if "dev_loss" in line]
-        res = read_json(os.path.join(out, "results.json"))
-        rows.append((name, dev[0]["dev_loss"], res["dev"]["loss"], res["test"]["accuracy"],
-                     res["peak_memory_bytes"] / 2**20, res["time_per_step_s"]))
-    print("\n| trainer | dev loss (first eval) | dev loss (selected) | test acc | peak RSS MiB | s/step |\n|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r[0]} | {r[1]:.4f} | {r[2]:.4f} | {r[3]:.3f} | {r[4]:.0f} | {r[5]:.4f} |")
+    print(f"best grid point by the original's rule (dev {points[0].get('select_by') or 'loss'}): {best.path}")
     return 0
 
 
@@ -471,15 +441,13 @@ def explicit_flags(argv):
     p = build_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
-    control = {"grid", "slurm", "preset", "output_dir", "nproc", "task", "k", "list_presets", "dry_run", "demo"}
+    control = {"grid", "slurm", "preset", "output_dir", "nproc", "task", "k", "list_presets", "dry_run"}
     return {k: v for k, v in vars(p.parse_args(argv)).items() if k not in control}
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
-        if args.demo:
-            return demo()
         if args.list_presets:
             print("\n".join(f"{n}: {presets.describe(n)}" for n in presets.list_presets()))
             return 0

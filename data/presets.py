@@ -22,7 +22,10 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shlex
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 from data import DataError
@@ -294,13 +297,11 @@ def run_name(point):
 
 
 def train_argv(point):
-    """The point as train.py arguments, in CONTRACTS order; booleans are spelled true/false and
-    floats exactly (repr), e.g. ['--task', 'opt/SST2', ..., '--learning_rate', '1e-06']."""
-    unknown = sorted(set(point) - set(TRAIN_FLAGS))
-    if unknown:
-        raise DataError(f"unknown train.py flag '{unknown[0]}' (point for {run_name(point)})")
+    """The point as train.py arguments, in CONTRACTS order (other flags given by the user after
+    them, sorted); booleans are spelled true/false and floats exactly (repr),
+    e.g. ['--task', 'opt/SST2', ..., '--learning_rate', '1e-06']."""
     argv = []
-    for flag in TRAIN_FLAGS:
+    for flag in (*TRAIN_FLAGS, *sorted(set(point) - set(TRAIN_FLAGS))):
         value = point.get(flag)
         if value is not None:
             argv += [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -329,3 +330,22 @@ def slurm_script(point, nproc=1, *, time="24:00:00", runs_dir="runs", partition=
     flags = [f"    {shlex.join(argv[i:i + 2])}" for i in range(0, len(argv), 2)]
     command = [f"torchrun --standalone --nproc_per_node {nproc} train.py"] + flags
     return "\n".join(header + ["set -euo pipefail", " \\\n".join(command), ""])
+
+
+def run_grid(points, root, train_cmd):
+    """Run each point with `train_cmd + train_argv(point)` in `root/run_name(point)`, one process
+    after another; a finished point (results.json) is skipped, an interrupted one resumed.
+    -> the run folders, in point order."""
+    dirs = []
+    for point in points:
+        out = os.path.join(root, run_name(point))
+        dirs.append(out)
+        if os.path.exists(os.path.join(out, "results.json")):
+            print(f"skip (finished): {out}", file=sys.stderr)
+            continue
+        again = os.path.exists(os.path.join(out, "checkpoint", "state.pt"))
+        cmd = [*train_cmd, *train_argv({**point, "output_dir": out}), "--resume" if again else "--overwrite_output_dir"]
+        print(" ".join(shlex.quote(c) for c in cmd), file=sys.stderr)
+        if subprocess.run(cmd).returncode != 0:
+            raise DataError(f"grid point failed, rerun to resume it ({out})")
+    return dirs

@@ -192,3 +192,22 @@ def test_presets_dry_run_and_list(capsys):
     assert json.loads(capsys.readouterr().out)["learning_rate"] == 1e-7  # the command line wins
     assert train.main(["--list-presets"]) == 0
     assert "opt-mezo-lora" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags", [
+    ["--n_spsa", "2", "--n_spsa_schedule", "constant"],
+    ["--optimizer", "adam", "--learning_rate", "1e-4"],
+    ["--momentum", "0.9"],
+    ["--zo_variant", "param_norm", "--recompute_norms"],
+    ["--zo_variant", "grad_norm", "--use_zo_grad_est"],
+    ["--gradient_accumulation_steps", "2"],
+    ["--perturbation", "reference"],
+    ["--distribution", "rademacher", "--lr_scheduler_type", "linear", "--weight_decay", "0.1"],
+])
+def test_variants_of_the_step_run_end_to_end(tmp_path, flags):
+    out = str(tmp_path / "run")
+    run(OPT + ["--max_steps", "14", "--eval_steps", "7", "--learning_rate", "1e-3", "--output_dir", out] + flags)
+    records = [json.loads(line) for line in trajectory(out).splitlines()]
+    n = 2 if "--n_spsa" in flags else 1
+    assert [r["step"] for r in records] == [s for s in range(14) for _ in range(n)]
+    assert len({r["seed"] for r in records}) == len(records)  # a fresh z for every estimate
