@@ -398,8 +398,10 @@ def replay(args, dist):
     config, results = (read_json(os.path.join(src, f)) for f in ("config.json", "results.json"))
     if config.get("trainer") != "zo":
         raise ValueError(f"only ZO runs have a trajectory to replay ({src}/config.json)")
+    # --fsdp as given now: the update is elementwise at global indices, so one process replays a
+    # sharded run bitwise, and a sharded replay a single-process run
     run_args = argparse.Namespace(**{**config, "output_dir": args.output_dir or src + "-replay",
-                                     "device": args.device, "resume": False})
+                                     "device": args.device, "resume": False, "fsdp": args.fsdp})
     if os.path.exists(os.path.join(run_args.output_dir, "config.json")) and not args.overwrite_output_dir:
         raise ValueError(f"output folder belongs to another run; pass --overwrite_output_dir ({run_args.output_dir})")
     run = Run(run_args, dist)

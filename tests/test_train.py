@@ -211,3 +211,29 @@ def test_variants_of_the_step_run_end_to_end(tmp_path, flags):
     n = 2 if "--n_spsa" in flags else 1
     assert [r["step"] for r in records] == [s for s in range(14) for _ in range(n)]
     assert len({r["seed"] for r in records}) == len(records)  # a fresh z for every estimate
+
+
+def test_a_malformed_data_row_is_one_error_line_naming_file_and_line(tmp_path):
+    data_dir = tmp_path / "data"
+    (data_dir / "RTE").mkdir(parents=True)
+    good = '{"premise": "A cat sat.", "hypothesis": "A cat.", "label": "entailment", "idx": 0}\n'
+    (data_dir / "RTE" / "train.jsonl").write_text(good * 3 + '{"premise": "no hypothesis", "label": "entailment"}\n')
+    (data_dir / "RTE" / "val.jsonl").write_text(good)
+    out = tmp_path / "out"
+    result = cli("--task", "RTE", "--data_dir", str(data_dir), "--output_dir", str(out), "--max_steps", "1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "train.jsonl:4" in lines[0], result.stderr
+    assert not out.exists()
+
+
+def test_eval_cli_names_a_truncated_weight_file(tmp_path):
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(models.TINY_OPT, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), "--model", str(model)],
+                            capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and str(weights) in lines[0], result.stderr

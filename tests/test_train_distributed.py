@@ -51,7 +51,10 @@ def test_two_ranks_replicated_and_sharded_match_one_process(tmp_path):
     assert one == pytest.approx(rep, rel=2e-6, abs=0)
     # Replicated and sharded compute the same per-rank terms and the same update: bitwise.
     assert rep == shard
+    launch(tmp_path / "replayed", "--replay", str(tmp_path / "sharded"))  # one process replays a sharded run
     w1, w2, w3 = (weights(tmp_path / d) for d in ("one", "replicated", "sharded"))
+    w4 = weights(tmp_path / "replayed")
+    assert all(torch.equal(w3[k], w4[k]) for k in w3)
     assert w2.keys() == w1.keys() == w3.keys()
     for k in w1:
         assert torch.equal(w2[k], w3[k]), k

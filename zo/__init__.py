@@ -11,6 +11,8 @@ zo/ sees nn.Modules, named parameters and loss closures; it knows nothing of OPT
     optim.py       lr and n-SPSA schedules, weight-decay groups, torch optimizers
     fo.py          FOConfig, FO: the backprop baseline with the same interface
     trajectory.py  Trajectory (JSONL of step, seed, projected_grad, lr), read_trajectory, replay
+    checkpoint.py  atomic run files; trainable tensors + loop state for exact resume
+    distributed.py torchrun setup, replicated (two-scalar all-reduce) and FSDP2 sharded MeZO
 
 Training loop (train.py); everything returned is a device tensor and nothing syncs with the host:
 
