@@ -1,0 +1,45 @@
+"""Smoke test of the benchmark suite (`make bench`): `tests/bench/run.py --quick` runs every row at
+tiny sizes and must produce all of them, so the bench cannot rot unnoticed. Its timings mean
+nothing; what is checked is the shape of the result, plus the facts that do not depend on timing:
+the communication counts (replicated: one 8-byte all-reduce per step; sharded: the all-gathers the
+model implies), and our forward's logits equal to transformers' on the same weights.
+"""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN = Path(__file__).parent / "bench" / "run.py"
+ROWS = {  # the rows of DESIGN.md section 5 on a machine without CUDA
+    "perturb.vs_original", "perturb.vs_randn", "perturb.extra_memory", "perturb.vs_add",
+    "forward.vs_transformers", "step.fused", "step.reference", "memory.tiny.sst2",
+    "comm.replicated", "comm.sharded",
+}
+
+
+@pytest.mark.slow
+def test_quick_bench_produces_every_row(tmp_path):
+    out = tmp_path / "bench-results.json"
+    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out)], capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["id"]: r for r in result["rows"] if r["device"] != "cuda"}
+    assert set(rows) == ROWS
+    for r in rows.values():
+        assert math.isfinite(r["measured"]) and r["measured"] >= 0, r
+        assert r["verdict"] in ("meets", "info") or r["verdict"].startswith("misses"), r
+        assert f"] {r['row']} |" in proc.stdout  # printed in the one table
+    assert rows["comm.replicated"]["measured"] == 8 and rows["comm.replicated"]["verdict"] == "meets"
+    assert rows["comm.sharded"]["verdict"] == "meets"
+    assert result["raw"]["comm"]["sharded"]["per_step"]["all_gather_single"]["calls"] == 2 * 3  # 2 blocks + root
+    assert result["raw"]["forward"]["max_abs_logit_diff"] < 1e-4
+    memory = result["raw"]["memory"][0]["runs"]
+    assert set(memory) == {"inference", "mezo", "backprop_adamw"}
+    assert all(m["peak_MiB"] >= m["pre_step_MiB"] > 0 for m in memory.values())
+    hardware = result["hardware"]
+    assert hardware["cpu_model"] and hardware["cores"] >= 1 and hardware["torch"] and "cuda_device" in hardware
+    assert result["command"].endswith("--quick --out " + str(out)) and result["quick"] is True
