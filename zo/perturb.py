@@ -98,11 +98,13 @@ def collect_slots(model: nn.Module, wd_exempt: tuple[str, ...]) -> list[ParamSlo
 class PerturbHooks:
     """While active, each owning module sees theta + scale*z in its forward; storage is untouched.
 
-    The transient copies are built in reused buffers (copy, then the in-place kernel): a fresh CPU
-    allocation of a large tensor page-faults on first touch, and Inductor's out-of-place kernel
-    writes through a temporary, so `perturbed` took 2.3x the in-place pass, copy + `perturb_` 1.3x.
-    A tied parameter's copy (OPT's embedding and LM head) is made once per activation and shared by
-    its owners: the peak is at the LM head, where that copy is alive anyway.
+    The transient copies are built in buffers reused within a step (copy, then the in-place kernel):
+    a fresh CPU allocation of a large tensor page-faults on first touch, and Inductor's out-of-place
+    kernel writes through a temporary, so `perturbed` took 2.3x the in-place pass, copy + `perturb_`
+    1.3x. A tied parameter's copy (OPT's embedding and LM head) is made once per perturbation and
+    shared by its owners. The pool holds about one buffer per parameter size (the largest is the
+    embedding's, alive at the LM head, the forward's peak, in any case); `deactivate` at the end of
+    zo_step drops it, so nothing is held between steps.
     """
 
     def __init__(self, slots: list[ParamSlot], kernels: Kernels):
@@ -131,8 +133,7 @@ class PerturbHooks:
     def deactivate(self) -> None:
         for h in self.handles:
             h.remove()
-        self._release_shared()
-        self.handles, self.saved, self.seed, self.scales = [], {}, None, {}
+        self.handles, self.saved, self.seed, self.scales, self.shared, self.pool = [], {}, None, {}, {}, {}
 
     def _swap_in(self, module, args):
         saved = []  # registered first, so a failing kernel still leaves a consistent restore list

@@ -12,7 +12,9 @@ it again and read VmHWM: the step's peak. Reported as the absolute peak, its inc
 post-build RSS, and the RSS before the measured step (what the warm-up left: the torch.compile
 runtime and kernels for MeZO, the AdamW state for backprop). On CUDA: torch.cuda.max_memory_allocated
 after reset_peak_memory_stats (tensors only, no code).
-The loss everywhere is the mean next-token cross-entropy of a random batch (all tokens attended).
+The loss everywhere is the one MeZO trains with (data/losses.py `option_lm_loss`): next-token
+cross-entropy on the last 4 tokens of each row of a random batch (all tokens attended). A loss over
+every position would add two logits-sized temporaries to every mode and measure the loss, not MeZO.
 """
 import argparse
 import json
@@ -23,10 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import models  # noqa: E402
+from data.losses import option_lm_loss  # noqa: E402
 from models.opt import OPT, OPTConfig  # noqa: E402
 from zo import FO, FOConfig, MeZO, MeZOConfig, flat  # noqa: E402
 
@@ -62,12 +64,12 @@ def batch(size: int, seq: int, vocab: int, device: str = "cpu") -> tuple[torch.T
     return ids.to(device), torch.ones_like(ids)
 
 
-def lm_loss(ids, mask):
-    """loss_fn(model): mean next-token cross-entropy (fp32 logits)."""
-    def loss_fn(model):
-        logits = model(ids, mask)[:, :-1].float()
-        return F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
-    return loss_fn
+def lm_loss(ids, mask, answer_tokens=4):
+    """loss_fn(model): the loss MeZO trains with (data/losses.py `option_lm_loss`, the original's
+    `forward_wrap_with_option_len`): next-token cross-entropy on the last `answer_tokens` tokens
+    of each row (the answer), log-softmax over that window only."""
+    batch = {"input_ids": ids, "option_mask": torch.ones(ids.shape[0], answer_tokens, dtype=torch.bool, device=ids.device)}
+    return lambda model: option_lm_loss(model(ids, mask), batch)
 
 
 # ---------------------------------------------------------------- timing
