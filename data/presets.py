@@ -40,6 +40,10 @@ TRAIN_FLAGS = (
     "train_set_seed", "k", "num_train", "num_dev", "num_eval", "dtype", "weight_decay",
     "lr_scheduler_type", "optimizer", "momentum", "num_prefix", "lora_r", "lora_alpha",
     "perturbation", "n_spsa", "select_by", "non_diff", "max_length", "train_as_classification",
+    # the rest of train.py's run flags (tests/test_train.py checks the two lists stay equal)
+    "distribution", "seed_source", "n_spsa_schedule", "zo_variant", "change_grad_estimate",
+    "recompute_norms", "use_zo_grad_est", "gradient_accumulation_steps", "no_bos_override",
+    "max_grad_norm", "max_nonfinite", "eval_batch_size", "device", "fsdp", "dist_timeout",
 )
 ROBERTA_SEEDS = (13, 21, 42, 87, 100)  # LM-BFF k-shot splits (tools/generate_k_shot_data.py)
 ROBERTA_K = (16, 512)
@@ -297,14 +301,17 @@ def run_name(point):
 
 
 def train_argv(point):
-    """The point as train.py arguments, in CONTRACTS order (other flags given by the user after
-    them, sorted); booleans are spelled true/false and floats exactly (repr),
-    e.g. ['--task', 'opt/SST2', ..., '--learning_rate', '1e-06']."""
+    """The point as train.py arguments, in CONTRACTS order; booleans are spelled true/false and
+    floats exactly (repr), e.g. ['--task', 'opt/SST2', ..., '--learning_rate', '1e-06']."""
+    unknown = sorted(set(point) - set(TRAIN_FLAGS))
+    if unknown:
+        raise DataError(f"unknown train.py flag '{unknown[0]}' (point for {run_name(point)})")
     argv = []
-    for flag in (*TRAIN_FLAGS, *sorted(set(point) - set(TRAIN_FLAGS))):
+    for flag in TRAIN_FLAGS:
         value = point.get(flag)
-        if value is not None:
-            argv += [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]
+        if value is None or value is False and flag == "fsdp":
+            continue
+        argv += [f"--{flag}"] if flag == "fsdp" else [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]
     return argv
 
 

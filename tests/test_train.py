@@ -237,3 +237,12 @@ def test_eval_cli_names_a_truncated_weight_file(tmp_path):
                             capture_output=True, text=True)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and str(weights) in lines[0], result.stderr
+
+
+def test_presets_know_every_run_flag_of_train_py():
+    """data/presets.py writes train.py command lines (grid, SLURM): its flag list must not drift."""
+    from data import presets
+    control = {"help", "preset", "list_presets", "dry_run", "grid", "slurm", "nproc", "resume",
+               "overwrite_output_dir", "replay"}
+    dests = {a.dest for a in train.build_parser()._actions} - control
+    assert dests == set(presets.TRAIN_FLAGS)
