@@ -159,7 +159,9 @@ def main(argv=None):
     try:
         model, tok = load(args.model, args.adapter, args.dtype, args.device)
         task = data.get_task(args.task, family=model.config.model_type)
-        if task.family == "roberta":
+        if task.family == "roberta":  # LM-BFF prompt-based scoring, no demonstrations (few_shot_type=prompt)
+            if args.num_train:
+                raise data.DataError(f"in-context demonstrations are for OPT tasks, not {task.name} (--num_train)")
             test, demo_sets = task.load(args.data_dir, k=args.k, seed=args.train_set_seed)["test"], None
         else:
             test, demo_sets = data.icl_splits(task.load(args.data_dir), args.num_train, args.num_eval)

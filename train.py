@@ -258,6 +258,12 @@ def prepare_output_dir(args, dist):
             shutil.rmtree(args.output_dir)
     if args.resume and not find_checkpoint(os.path.join(args.output_dir, "checkpoint")):
         raise ValueError(f"nothing to resume: no checkpoint ({args.output_dir}/checkpoint)")
+    if args.resume:  # the same run, or the checkpoint would continue under other hyperparameters
+        saved = read_json(config)
+        free = {"resume", "overwrite_output_dir", "device", "dist_timeout", "max_steps", "eval_batch_size", "kind"}
+        changed = sorted(k for k in saved if k not in free and saved[k] != vars(args).get(k, saved[k]))
+        if changed:
+            raise ValueError(f"--resume with other settings than the run's: {', '.join(changed)} ({config})")
 
 
 def train(run):

@@ -86,6 +86,8 @@ def test_resume_after_interrupt_is_bitwise_identical(tmp_path, monkeypatch):
     assert train.main(argv + ["--output_dir", parts]) == 130
     assert json.load(open(os.path.join(parts, "config.json")))["max_steps"] == 10
     assert not os.path.exists(os.path.join(parts, "results.json"))
+    result = cli(*argv, "--output_dir", parts, "--resume", "--learning_rate", "1e-2")
+    assert result.returncode == 2 and "other settings than the run's: learning_rate" in result.stderr
     run(argv + ["--output_dir", parts, "--resume"])
     assert trajectory(parts) == trajectory(whole)
     a, b = tensors(os.path.join(whole, "model", "model.safetensors")), tensors(os.path.join(parts, "model", "model.safetensors"))
