@@ -187,7 +187,7 @@ def opt_records(runs, notes):
     return records
 
 
-def _paper_roberta(size, k, method, task):
+def _paper_roberta(k, method, task):
     return paper.roberta_test(k, method, task)  # RoBERTa-large, the paper's only medium model
 
 
@@ -199,7 +199,7 @@ def roberta_records(runs, notes):
         per_seed = _cells(cell, lambda r: r.config.get("train_set_seed"))
         best = [select_best(per_seed[seed], select_by, notes) for seed in sorted(per_seed, key=str)]
         scores = [_test_percent(run) for run in best]
-        paper_mean, paper_std = _paper_roberta(cell[0].size, k, method, task)
+        paper_mean, paper_std = _paper_roberta(k, method, task)
         records.append(dict(
             model=model, size=cell[0].size, k=k, task=task, method=method,
             ours_mean=statistics.fmean(scores), ours_std=statistics.pstdev(scores), n_seeds=len(scores),
@@ -278,10 +278,10 @@ def _roberta_markdown(records):
     for model, k in _order([(r["model"], r["k"]) for r in records], []):
         recs = [r for r in records if (r["model"], r["k"]) == (model, k)]
 
-        def cell(r, method, task, size=recs[0]["size"], k=k):
+        def cell(r, method, task, k=k):
             seeds = "" if not r or r["n_seeds"] == 5 else f" n={r['n_seeds']}"
             ours = r and _pct(r["ours_mean"], r["ours_std"]) + seeds
-            return _cell(ours, _pct(*_paper_roberta(size, k, method, task)))
+            return _cell(ours, _pct(*_paper_roberta(k, method, task)))
         out += [f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper RoBERTa-large, "
                 "Table 18)", ""]
         out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.ROBERTA_TASKS), _label)
