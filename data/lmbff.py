@@ -1,4 +1,4 @@
-"""RoBERTa tasks with LM-BFF prompts (mezo_original.md §7.3-7.4; `medium_models/src/dataset.py`).
+"""RoBERTa tasks with LM-BFF prompts (the original's `medium_models/src/dataset.py` and `processors.py`).
 
 A template is LM-BFF's `*`-separated string from `run_fewshot.sh`. Its parts:
   cls / mask / sep / sep+   the special tokens <s>, <mask>, </s>

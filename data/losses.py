@@ -1,6 +1,6 @@
 """Losses and scores as functions of the model's logits [N, T, V] and a batch (data/collate.py).
 
-OPT (the original's `forward_wrap_with_option_len`, mezo_original.md §3.4): logits at position t
+OPT (the original's `forward_wrap_with_option_len`, large_models/trainer.py): logits at position t
 predict token t+1; only the last option_len targets of each row count. Because batches are padded
 on the left, those targets all lie in the last L = option_mask.shape[1] positions, so we take the
 log-softmax of that window only (the original takes it over the whole sequence: same numbers,

@@ -1,4 +1,4 @@
-"""Metrics (the original's `large_models/metrics.py`, mezo_original.md §4).
+"""Metrics (the original's `large_models/metrics.py`).
 
 SQuAD-style answer normalisation (lower case, no punctuation, no articles a/an/the, single spaces),
 exact match and token F1 taking the best gold, as the official SQuAD v1.1 evaluation. One addition

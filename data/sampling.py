@@ -1,4 +1,4 @@
-"""Which examples an OPT run uses (mezo_original.md §2.2; `tasks.py::sample_subset`, `run.py::main`).
+"""Which examples an OPT run uses (the original's `large_models/tasks.py::sample_subset` and `run.py::main`).
 
 The original draws under `temp_seed(seed)`: save numpy's global state, `np.random.seed(seed)`, draw,
 restore. `np.random.RandomState(seed)` produces the same numbers (both are the legacy MT19937 seeded

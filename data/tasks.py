@@ -1,4 +1,4 @@
-"""OPT tasks of the paper (mezo_original.md §2.1, the original's `large_models/tasks.py`).
+"""OPT tasks of the paper (the original's `large_models/tasks.py`).
 
 A task turns rows with Hugging Face field names (data/sources.py reads them from the official
 files or an HF export) into `Sample`s: the fields its template reads, the candidates and the

@@ -1,4 +1,4 @@
-"""OPT prompt templates, as the original's `large_models/templates.py` (mezo_original.md §3.1).
+"""OPT prompt templates, as the original's `large_models/templates.py`.
 
 A template is split into the prompt (the original's `encode`: the input without the answer) and
 the option (what `verbalize` appends for one candidate), so `verbalize = prompt + option` holds

@@ -26,7 +26,7 @@ SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # ids 0..4, the order of
 VOCAB_SIZE = 1500
 SEED = 0
 
-# Label words of the paper (mezo_original.md 3.1 and 7.3) that must each be one token after a space.
+# Label words of the paper (large_models/templates.py and LM-BFF's label words) that must each be one token after a space.
 LABEL_WORDS = ["great", "terrible", "bad", "okay", "good", "Yes", "No", "Maybe", "Description", "Entity",
                "Expression", "Human", "Location", "Number", "so", "because"]
 SENTENCES = [
@@ -47,7 +47,7 @@ SENTENCES = [
     "The ground was wet, so the game was delayed.",
     "The game was delayed because the ground was wet.",
     "The bridge was closed, so we took the ferry because it was faster.",
-    # the wording of the OPT prompt templates (mezo_original.md 3.1)
+    # the wording of the OPT prompt templates (large_models/templates.py)
     "Suppose the river flooded the valley. Can we infer that the farmers lost their harvest? Yes, no, or maybe?",
     "Passage: Glaciers carve wide valleys over thousands of years. Question: do glaciers shape valleys? Answer: Yes",
     "Does the word \"bank\" have the same meaning in these two sentences? Yes, No?",

@@ -1,6 +1,6 @@
 """Collation and losses against direct computations written independently: loops over rows and
 tokens with math.log / exp on small random logits, and a transcription of the original's
-`forward_wrap_with_option_len` (mezo_original.md §3.4)."""
+`forward_wrap_with_option_len` (large_models/trainer.py)."""
 import math
 
 import pytest

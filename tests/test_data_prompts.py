@@ -1,5 +1,5 @@
 """Prompts of every task, byte for byte. Expected strings are written by hand from the reference
-(mezo_original.md §3.1-3.2 for OPT, §7.3 for RoBERTa), not produced by the code under test."""
+(large_models/templates.py for OPT, LM-BFF's templates for RoBERTa), not produced by the code under test."""
 import pytest
 
 import data

@@ -1,4 +1,4 @@
-"""Sampling rules (mezo_original.md §2.2, §7.4) against transcriptions of the original code, which
+"""Sampling rules (large_models/tasks.py and run.py; LM-BFF's generate_k_shot_data.py) against transcriptions of the original code, which
 uses numpy's global generator under temp_seed / np.random.seed."""
 import contextlib
 import filecmp

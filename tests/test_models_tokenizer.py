@@ -80,7 +80,7 @@ def test_roberta_vocab_merges_defaults_match_roberta_base(tmp_path):
 
 def test_bos_token_id_is_settable():
     tok = load_tokenizer(_hf_saved("opt"))
-    tok.bos_token_id = 0  # MeZO's OPT runs force <s> (mezo_original.md 10.5)
+    tok.bos_token_id = 0  # MeZO's OPT runs force <s> (large_models/run.py: `tokenizer.bos_token_id = 0`, the HF tokenizer bug fix)
     assert tok.encode("Hello")[0] == 0 and tok.encode("Hello", add_special_tokens=False)[0] != 0
 
 
