@@ -18,7 +18,7 @@ class Block(nn.Module):
 
 
 class TiedHead(nn.Module):
-    """Owns the embedding's Parameter object and reads it as self.weight (CONTRACTS: models/)."""
+    """Owns the embedding's Parameter object and reads it as self.weight (the hooks' contract, zo/perturb.py)."""
 
     def __init__(self, weight):
         super().__init__()
@@ -83,3 +83,11 @@ def dense_z(slot, seed) -> torch.Tensor:
     """z of a whole parameter from the eager (uncompiled) formula: the dense oracle of the kernels."""
     t = lambda v: torch.full((), v, dtype=torch.int64)
     return normal(t(seed), slot.key_t, t(0), slot.param.numel(), "cpu").view(slot.param.shape)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Number of float32 values between a and b (0 for equal values, +0 and -0 included)."""
+    def ordered(x):
+        i = x.view(torch.int32).long()
+        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
+    return (ordered(a) - ordered(b)).abs()

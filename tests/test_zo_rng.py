@@ -7,8 +7,9 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from zo import MeZO, MeZOConfig, name_key
-from zo.kernels import flat, get_kernels
+from zo.kernels import get_kernels
 from zo.rng import normal, rademacher
+from helpers_zo import ulp_distance
 
 K = get_kernels("normal")  # compiled; shared by every zo test in the process
 N = 1 << 20  # >= 1M samples for the statistics
@@ -20,7 +21,9 @@ def T(v, dtype=torch.int64):
 
 def z_compiled(seed, key, n=N, offset=0, kernels=K):
     """z exactly as the kernels add it: 0 + 1 * z."""
-    return kernels.perturbed(torch.zeros(n), T(seed), T(key), T(offset), T(1.0, torch.float32))
+    z = torch.zeros(n)
+    kernels.perturb_(z, seed=T(seed), key=T(key), offset=T(offset), scale=T(1.0, torch.float32))
+    return z
 
 
 def normal_cdf(x):
@@ -90,13 +93,21 @@ def test_shard_equals_slice_of_whole_bitwise():
     assert torch.equal(z_compiled(seed, key, 6 * 7_000, offset=7 * 7_000).view(6, 7_000), rows[7:])
 
 
-def test_eager_matches_compiled():
-    n = 100_000
-    args = (T(5), T(name_key("x")), T(1000))
-    eager = normal(*args, n, "cpu")
-    compiled = z_compiled(5, name_key("x"), n, offset=1000)
-    assert (eager - compiled).abs().max().item() <= 1e-6  # log/cos may differ by an ulp; the hash is
-    # exact, see test_rademacher_values_and_balance (a function of the hash alone)
+def test_eager_and_compiled_normal_agree_within_the_measured_bound():
+    """zo/rng.py states the measured agreement: at most 4 ulp and 2^-20 absolute, on about 34% of the
+    elements. Here over 2 seeds x 2^19 elements (the 1-ulp claim zo/rng.py used to make fails on
+    these: 3- and 4-ulp differences occur)."""
+    diffs, ulps = [], []
+    for seed in (0, 999_999_999):
+        args = (T(seed), T(name_key("decoder.layers.0.fc1.weight")), T(12345))
+        eager = normal(*args, N // 2, "cpu")
+        compiled = z_compiled(seed, name_key("decoder.layers.0.fc1.weight"), N // 2, offset=12345)
+        diffs.append((eager - compiled).abs())
+        ulps.append(ulp_distance(eager, compiled))
+    diff, ulp = torch.cat(diffs), torch.cat(ulps)
+    assert diff.max().item() <= 2.0**-20
+    assert ulp.max().item() <= 4
+    assert 0.30 < (diff > 0).double().mean().item() < 0.40  # they do differ: the bound is not vacuous
 
 
 def test_rademacher_values_and_balance():
@@ -111,14 +122,16 @@ def test_rademacher_values_and_balance():
 
 def test_new_seed_scale_offset_lr_never_recompile():
     p = torch.randn(1000)
-    K.perturbed(flat(p), T(1), T(2), T(0), T(0.1, torch.float32))
-    K.update_(flat(p), T(1), T(2), T(0), T(0.1, torch.float32), T(1.0, torch.float32), T(0.0, torch.float32))
+    K.perturb_(p, seed=T(1), key=T(2), offset=T(0), scale=T(0.1, torch.float32))
+    K.update_(p, seed=T(1), key=T(2), offset=T(0), lr=T(0.1, torch.float32), grad=T(1.0, torch.float32),
+              wd=T(0.0, torch.float32))
     before = dict(counters["stats"])
     for i in range(5):
         q = torch.randn(1000 + 17 * i)
-        K.perturbed(flat(q), T(10**9 - i), T(name_key(f"p{i}")), T(i * 12345), T(1e-3 * (i + 1), torch.float32))
+        K.perturb_(q, seed=T(10**9 - i), key=T(name_key(f"p{i}")), offset=T(i * 12345),
+                   scale=T(1e-3 * (i + 1), torch.float32))
         lr, g, wd = (T(v, torch.float32) for v in (1e-4 * i, -3.0 * i, 0.1 * i))
-        K.update_(flat(q), T(i), T(i), T(i), lr, g, wd)
+        K.update_(q, seed=T(i), key=T(i), offset=T(i), lr=lr, grad=g, wd=wd)
     assert dict(counters["stats"]) == before
 
 

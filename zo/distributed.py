@@ -12,7 +12,7 @@
     plain = full_model(model)                   # rank 0: a plain CPU model for models.save_model; else None
     d.shutdown()
 
-The loss contract (DESIGN.md 3.4: --batch_size is the global batch and 1, 2 or N ranks agree).
+The loss contract (--batch_size is the global batch, and 1, 2 or N ranks give the same step).
 MeZO only needs the two losses L(theta + eps z), L(theta - eps z) of the global batch. Rank r computes
 its TERM of that loss from its slice `split(n, r, world)` of the global batch, pre-weighted by its
 share of the global normaliser, and `Dist.reduce_losses` SUMs the terms across ranks:
@@ -28,7 +28,7 @@ The sum equals the single-process loss up to floating-point summation order, the
 between world sizes: z is a function of (seed, parameter key, global element index) (zo/rng.py), so the
 perturbation and the update are the same numbers on any number of ranks.
 
-Communication per z (CommCounter measures it): replicated, one all-reduce of two fp32 scalars (8 bytes);
+Communication per z (tests/bench/comm_counter.py measures it): replicated, one all-reduce of two fp32 scalars (8 bytes);
 sharded, in each of the two forwards one all-gather per FSDP unit (each block, then the root's own
 parameters), plus the same 8-byte all-reduce. No reduce-scatter (no gradients) and no restore pass:
 the perturbation is applied by zo/perturb.py's hooks to the transient all-gathered copy, and the
@@ -42,6 +42,7 @@ import contextlib
 import copy
 import math
 import os
+import re
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -50,8 +51,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     set_model_state_dict)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Shard
@@ -105,20 +105,45 @@ class Dist:
 
     @contextlib.contextmanager
     def guard(self):
-        """End this rank with `error: rank R lost contact with the group (...): <detail> (torch.distributed)`
-        on stderr and exit status 1 when a collective fails (a peer died) or times out (a peer hangs:
-        timeout_s), instead of a traceback or a hang; torchrun then stops the other ranks. SystemExit,
-        so the caller's `finally` blocks (log flushes) still run."""
+        """End this rank with exit status 1 when a collective fails (a peer died: its connection was
+        reset or closed) or times out (a peer hangs: timeout_s), instead of a traceback or a hang;
+        torchrun then stops the other ranks. The first rank to notice prints the one line of the job,
+        `error: rank R lost contact with the group (<cause>): <detail> (torch.distributed)`.
+        SystemExit, so the caller's `finally` blocks (log flushes) still run."""
         try:
             yield
         except RuntimeError as e:
             # NCCL raises DistError subclasses; gloo plain RuntimeErrors whose message names its source
             if not (isinstance(e, dist.DistError) or "gloo" in str(e)):
                 raise
-            detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            print(f"error: rank {self.rank} lost contact with the group (collective timeout "
-                  f"{self.timeout_s:g} s): {detail} (torch.distributed)", file=sys.stderr, flush=True)
+            if _first_to_report():
+                print(lost_rank_line(self.rank, self.timeout_s, str(e)), file=sys.stderr, flush=True)
             raise SystemExit(1) from None
+
+
+def lost_rank_line(rank: int, timeout_s: float, message: str) -> str:
+    """The error line for a failed collective, naming the cause the message shows."""
+    detail = (message.strip().splitlines() or ["no message"])[0]
+    detail = re.sub(r"^\[[^\]]*\] ", "", detail).split(". This is typically")[0]  # gloo's source location, advice
+    lowered = detail.lower()
+    if "reset by peer" in lowered or "closed by peer" in lowered or "broken pipe" in lowered:
+        cause = "a peer's connection dropped: that rank died or was killed"
+    elif "timed out" in lowered or "timeout" in lowered:
+        cause = f"collective timeout {timeout_s:g} s"  # a peer hangs, or died without closing
+    else:
+        cause = "a collective failed"
+    return f"error: rank {rank} lost contact with the group ({cause}): {detail} (torch.distributed)"
+
+
+def _first_to_report() -> bool:
+    """One line per job: the ranks count their reports in the job's store (held by rank 0's agent);
+    when it is unreachable, every rank reports."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=5))
+        return store.add("lost_contact_reports", 1) == 1
+    except Exception:  # noqa: BLE001 (any failure of the store: report rather than stay silent)
+        return True
 
 
 def setup(timeout_s: float = 600.0, device: str | None = None) -> Dist:
@@ -164,7 +189,7 @@ def shard_model(model: nn.Module, d: Dist, mixed_precision: bool | None = None,
     Units: every child of every nn.ModuleList (the transformer blocks), innermost first, then the
     root (embeddings, final norm, tied head: one unit, so a tied Parameter stays one sharded tensor).
     reshard_after_forward=True on every unit: FSDP2 otherwise keeps the root unsharded after a no-grad
-    forward, and an update written then is silently dropped at the next reshard (torch_facts.md 4).
+    forward, and an update written then is silently dropped at the next reshard (measured, torch 2.13).
     mixed_precision (default: on CUDA): fp32 master shards, bf16 all-gather and compute, fp32 reduce.
     forward_methods: methods other than forward that call submodules directly (OPT.generate), made
     to all-gather like forward does.
@@ -214,12 +239,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load a full state dict held by rank 0 (the others pass {}) into a sharded model: rank 0
-    broadcasts each tensor and every rank keeps its shard (resume)."""
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-
-
 def full_model(model: nn.Module) -> nn.Module | None:
     """On rank 0, a plain model to hand to models.save_model (a Hugging Face checkpoint); None on the
     other ranks. Sharded: a CPU copy holding the gathered weights, tied parameters still tied
@@ -252,69 +271,3 @@ def _meta_copy(model: nn.Module) -> nn.Module:
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
     return copy.deepcopy(model, memo)
-
-
-# ---------------------------------------------------------------- communication accounting
-
-class CommCounter:
-    """Counts the collectives issued through torch.distributed while active (FSDP2's all-gathers
-    and reduce-scatters go through these functions too), per operation:
-
-        with CommCounter() as comm:
-            mezo.step(model, loss_fn)
-        comm.calls == {"all_gather_single": 6, "all_reduce": 1}; comm.bytes[...]; comm.total_bytes
-
-    Bytes are the payload: the size of the collective's largest buffer (all-reduce / broadcast: the
-    tensor; all-gather: the gathered output; reduce-scatter: the input). A collective called from
-    inside another (deprecated aliases) counts once, as the outer one. Functional collectives (DTensor
-    redistribution, e.g. inside full_state_dict) are not counted.
-    """
-
-    OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-           "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "all_to_all",
-           "all_to_all_single")
-
-    def __init__(self):
-        self.calls: dict[str, int] = {}
-        self.bytes: dict[str, int] = {}
-        self._saved: list = []
-        self._depth = 0
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes.values())
-
-    def __enter__(self) -> "CommCounter":
-        from torch.distributed import distributed_c10d  # holds the functions; torch.distributed re-exports them
-
-        for module in (dist, distributed_c10d):
-            for op in self.OPS:
-                if hasattr(module, op):
-                    self._saved.append((module, op, getattr(module, op)))
-                    setattr(module, op, self._counting(op, getattr(module, op)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for module, op, fn in reversed(self._saved):
-            setattr(module, op, fn)
-        self._saved = []
-
-    def _counting(self, op: str, fn):
-        def counted(*args, **kwargs):
-            if self._depth == 0:
-                self.calls[op] = self.calls.get(op, 0) + 1
-                self.bytes[op] = self.bytes.get(op, 0) + max(map(_nbytes, [*args, *kwargs.values()]), default=0)
-            self._depth += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self._depth -= 1
-        return counted
-
-
-def _nbytes(arg) -> int:
-    if isinstance(arg, torch.Tensor):
-        return arg.numel() * arg.element_size()
-    if isinstance(arg, (list, tuple)):
-        return sum(_nbytes(a) for a in arg)
-    return 0

@@ -2,7 +2,8 @@
 
 It mirrors what the original gets from the HF Trainer (large_models/finetune.sh, medium_models
 finetune.sh): dropout on (model.train()), linear decay by default, gradient clipping at 1.0,
-AdamW with weight decay 0 on biases and LayerNorm weights. Same small interface as zo.MeZO, so the
+AdamW with weight decay 0 on biases and LayerNorm weights (the same exemption rule as MeZO:
+zo.optim.decays, `wd_exempt`). Same small interface as zo.MeZO, so the
 training loop can swap trainers: `step(model, loss_fn) -> loss`, `learning_rate()`, `global_step`,
 `state_dict()` / `load_state_dict()`.
 """
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .optim import build_optimizer, check_schedule, learning_rate, set_lr
+from .optim import WD_EXEMPT, build_optimizer, check_schedule, learning_rate, set_lr
 
 
 @dataclass
@@ -19,7 +20,7 @@ class FOConfig:
     lr: float = 1e-5
     optimizer: str = "adam"  # "adam" (AdamW) | "sgd"
     weight_decay: float = 0.0
-    wd_exempt: tuple[str, ...] = ("bias", "layer_norm", "layernorm", "LayerNorm")
+    wd_exempt: tuple[str, ...] = WD_EXEMPT  # names exempt from weight decay (zo.optim.decays); () decays all
     momentum: float = 0.0  # sgd
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8

@@ -1,26 +1,29 @@
-"""Fused perturbation and update kernels (DESIGN.md 3.2, 5; torch_facts.md section 5).
+"""Fused perturbation and update kernels: one compiled pass over a parameter, z never materialised.
 
-Each kernel is one pass over a flat parameter: z is generated inside the loop from (seed, key,
-global index) and never materialised, so a perturbation costs no memory beyond its output. All
-arithmetic is done in fp32 (fp64 for fp64 parameters) and rounded to the parameter dtype once.
+z is generated inside the loop from (seed, key, global index) (zo/rng.py), so a perturbation costs no
+memory beyond the tensor it writes. All arithmetic is done in fp32 (fp64 for fp64 parameters) and
+rounded to the parameter's dtype once.
 
-    perturbed(p, seed, key, offset, scale)        -> p + scale*z            (new tensor)
-    perturb_(p, seed, key, offset, scale)         :  p += scale*z           (in place)
-    update_(p, seed, key, offset, lr, grad, wd)   :  p -= lr*(grad*z + wd*p)  (in place; MeZO's
-                                                     `zo_update` formula, large_models/trainer.py)
+    perturb_(p, seed=, key=, offset=, scale=)             p += scale * z
+    update_(p, seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
+                                                          (the update of large_models/trainer.py zo_update)
 
-Every argument but `p` is a 0-d tensor on p's device, so a new seed, scale or learning rate never
-recompiles, and a step never syncs with the host. Calls take `flat(t)`: a plain 1-D tensor that
-aliases t's memory without being a view, because Dynamo guards on a view's base (its ndim, its
-0/1-sized dims), on nn.Parameter vs Tensor and on inference-mode tensors; with `dynamic=True` and
-flat aliases one graph serves every parameter shape (one more for 1-element tensors) per dtype.
-Kernels always run under `torch.no_grad()` (global grad mode is guarded too).
+`p` is any contiguous tensor (a Parameter, a shard, a buffer); every other argument is a 0-d tensor on
+p's device, so a new seed, scale or learning rate never recompiles and a step never syncs with the host.
 
-`compiled=False` runs the same Python functions eagerly: identical integer hashes, z within ~1 ulp,
-but about 100x slower and with large int64 temporaries. It exists for debugging. When
-`torch.compile` cannot build a kernel (e.g. no C++ compiler on a CPU machine) the call fails with
-a RuntimeError that names this switch, rather than silently falling back to a 100x slower path.
+What the compiler needs stays in this file. Dynamo guards on a view's base (its ndim, its 0/1-sized
+dims), on nn.Parameter vs Tensor and on inference-mode tensors, so each call hands the compiled
+function a plain 1-D alias of p's memory (`_flat`): with `dynamic=True` one graph then serves every
+parameter shape (one more for 1-element tensors) per dtype. Each dtype and the 1-element case add a
+graph per kernel, so the first call of each (dtype, device, size class) raises Dynamo's recompile
+limit above its default of 8, for that call only (the process-wide setting is left alone). Kernels run under `torch.no_grad()` (global grad mode is guarded too).
+
+`compiled=False` runs the same Python functions eagerly: identical integer hashes, normal z within
+the bound measured in zo/rng.py, about 100x slower and with large int64 temporaries; it exists for
+debugging. When torch.compile cannot build a kernel (e.g. no C++ compiler on a CPU machine) the call
+fails with a RuntimeError that names this switch, rather than silently falling back to a 100x slower path.
 """
+import contextlib
 import functools
 from typing import Callable, NamedTuple
 
@@ -28,9 +31,16 @@ import torch
 
 from .rng import DISTRIBUTIONS
 
+# Inductor re-evaluates an unrealized pointwise expression at every use while lowering; the hash
+# uses each intermediate twice per round, so the work grows like 8^rounds and one kernel took ~10 s
+# to compile. Realizing intermediates of more than 8 ops keeps it to ~1 s; they still fuse into
+# one loop as local temporaries (same speed, no extra memory: tests/bench/bench_perturb.py).
+_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
+_RECOMPILE_LIMIT = 32  # per kernel: a graph per dtype, and per dtype one for 1-element tensors
 
-def flat(t: torch.Tensor) -> torch.Tensor:
-    """A plain 1-D tensor over t's memory (not a view, not a Parameter): what the kernels take."""
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A plain 1-D tensor over t's memory (not a view, not a Parameter): what Dynamo guards least on."""
     if not t.is_contiguous():
         raise ValueError(f"ZO kernels need contiguous tensors (shape {tuple(t.shape)}, stride {t.stride()})")
     out = torch.empty((0,), dtype=t.dtype, device=t.device)
@@ -44,42 +54,34 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _build(dist: str):
     z_of = DISTRIBUTIONS[dist]
 
-    def perturbed(p, seed, key, offset, scale):
-        z = z_of(seed, key, offset, p.numel(), p.device)
-        return (p.to(_compute_dtype(p.dtype)) + scale * z).to(p.dtype)
-
     def perturb_(p, seed, key, offset, scale):
-        p.copy_(perturbed(p, seed, key, offset, scale))
+        z = z_of(seed, key, offset, p.numel(), p.device)
+        p.copy_((p.to(_compute_dtype(p.dtype)) + scale * z).to(p.dtype))
 
     def update_(p, seed, key, offset, lr, grad, wd):
         z = z_of(seed, key, offset, p.numel(), p.device)
         pf = p.to(_compute_dtype(p.dtype))
         p.copy_((pf - lr * (grad * z + wd * pf)).to(p.dtype))
 
-    return perturbed, perturb_, update_
+    return perturb_, update_
 
 
 class Kernels(NamedTuple):
-    perturbed: Callable
     perturb_: Callable
     update_: Callable
 
 
-# Inductor re-evaluates an unrealized pointwise expression at every use while lowering; the hash
-# uses each intermediate twice per round, so the work grows like 8^rounds and one kernel took ~10 s
-# to compile. Realizing intermediates of more than 8 ops keeps it to ~1 s; they still fuse into
-# one loop as local temporaries (same speed, no extra memory: tests/bench/bench_perturb.py).
-_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
-
-
 def _wrap(fn: Callable, compiled: bool) -> Callable:
     run = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS) if compiled else fn
+    seen_kinds = set()  # (dtype, device, 1 element): a new kind may compile a new graph
 
     @functools.wraps(fn)
-    def call(p, *args):
-        with torch.no_grad():
+    def call(p: torch.Tensor, **scalars: torch.Tensor) -> None:
+        kind = (p.dtype, p.device, p.numel() == 1)
+        with torch.no_grad(), (contextlib.nullcontext() if kind in seen_kinds else
+                               torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)):
             try:
-                return run(p, *args)
+                run(_flat(p), **scalars)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 inner = getattr(e, "inner_exception", None) or e
                 why = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
@@ -87,16 +89,14 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
                     "torch.compile failed to build a fused ZO kernel; install a C++ compiler (CPU) or Triton "
                     f"(GPU), or use perturbation='eager', about 100x slower ({fn.__name__}: {why})"
                 ) from e
+        seen_kinds.add(kind)
 
     return call
 
 
 @functools.cache
 def get_kernels(dist: str = "normal", compiled: bool = True) -> Kernels:
-    """The three kernels for z ~ `dist` ("normal" or "rademacher"); built once per process."""
+    """The kernels for z ~ `dist` ("normal" or "rademacher"); built once per process."""
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"unknown perturbation distribution (distribution={dist!r})")
-    if compiled:
-        # Each dtype and the 1-element case add a graph per kernel; stay clear of the default 8.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     return Kernels(*(_wrap(fn, compiled) for fn in _build(dist)))

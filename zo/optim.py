@@ -36,10 +36,18 @@ def check_schedule(schedule: str, max_steps: int, warmup_steps: int, what: str =
         raise ValueError(f"warmup_steps must be >= 0 (warmup_steps={warmup_steps})")
 
 
+# The one weight-decay policy of MeZO and FO: a parameter decays unless one of these substrings occurs
+# in its name, compared case-insensitively. This is the list of large_models/trainer.py zo_update
+# (OPT: biases and LayerNorms exempt); case-insensitive, it also exempts RoBERTa's `LayerNorm`
+# names and LLaMA's `*_layernorm`. wd_exempt=() decays every parameter, as medium_models' ZO update
+# and the RoBERTa runs of the original do.
+WD_EXEMPT = ("bias", "layer_norm", "layernorm")
+
+
 def decays(name: str, wd_exempt: tuple[str, ...]) -> bool:
-    """Weight decay applies unless a substring of wd_exempt occurs in the name (large_models
-    trainer.py exempts 'bias', 'layer_norm', 'layernorm'; medium_models' ZO decays everything)."""
-    return not any(s in name for s in wd_exempt)
+    """Weight decay applies to `name` unless a substring of wd_exempt occurs in it (any case)."""
+    name = name.lower()
+    return not any(s.lower() in name for s in wd_exempt)
 
 
 def build_optimizer(kind: str, named_params, lr: float, weight_decay: float, wd_exempt: tuple[str, ...],

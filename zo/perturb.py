@@ -2,8 +2,8 @@
 
 The original perturbs the stored weights in place (+eps z, -2 eps z, +eps z; `zo_perturb_parameters`
 in large_models/trainer.py), which does not restore them bitwise: each step leaves a rounding residue,
-a random walk that is behind its fp16 collapses (mezo_original.md 10.1). Here the stored parameters
-are never written by a perturbed forward (DESIGN.md 3.3, exact restore):
+a random walk behind the original's fp16 runs that diverge. Here the stored parameters are never
+written by a perturbed forward (exact restore, `ExactRestore` below):
 
 - a forward-pre-hook on every module that directly owns a trainable parameter swaps
   `module._parameters[name]` for a transient tensor `p + s*z` (one fused kernel), and
@@ -15,8 +15,8 @@ unshard/reshard hooks (pre-hooks appended, post-hooks prepended), so they pertur
 all-gathered full tensor at global offset 0 and hand the unsharded parameter back before FSDP
 reshards it.
 
-The contract this needs (CONTRACTS.md, models/): a parameter is read only inside the forward of a
-module that owns it, as `self.weight` at call time. One read elsewhere (nn.MultiheadAttention reads
+The contract this needs from a model: a parameter is read only inside the forward of a module that
+owns it, as `self.weight` at call time. One read elsewhere (nn.MultiheadAttention reads
 `out_proj.weight` without calling out_proj) cannot be shown perturbed; MeZO warns at its first step.
 Wrapping the whole model in torch.compile is not supported with these hooks (they are added and
 removed at every perturbation, which would re-trace the model).
@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .kernels import Kernels, flat
+from .kernels import Kernels
 from .optim import decays
 from .rng import MAX_NUMEL, name_key
 
@@ -95,20 +95,44 @@ def collect_slots(model: nn.Module, wd_exempt: tuple[str, ...]) -> list[ParamSlo
     return slots
 
 
+class StepScalar:
+    """A value that changes every step (the seed, the learning rate), kept twice: the Python number,
+    for host code and the reference mode, and a persistent 0-d device tensor written in place.
+
+    Kernels read the tensor, so a new value never recompiles them, and a CUDA graph that captured a
+    step reads each replay's value from the same address. The tensor is written only when the value
+    changes, and writing a new value while a CUDA graph is being captured is an error: it would bake
+    that value into every replay.
+    """
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.tensor = torch.zeros((), dtype=dtype, device=device)
+        self.value = None
+
+    def set(self, value) -> None:
+        if value == self.value:
+            return
+        if self.tensor.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"a per-step value changed inside a CUDA graph capture ({self.value} -> {value})")
+        self.tensor.fill_(value)
+        self.value = value
+
+
 class PerturbHooks:
     """While active, each owning module sees theta + scale*z in its forward; storage is untouched.
 
-    The transient copies are built in buffers reused within a step (copy, then the in-place kernel):
-    a fresh CPU allocation of a large tensor page-faults on first touch, and Inductor's out-of-place
-    kernel writes through a temporary, so `perturbed` took 2.3x the in-place pass, copy + `perturb_`
-    1.3x. A tied parameter's copy (OPT's embedding and LM head) is made once per perturbation and
-    shared by its owners. The pool holds about one buffer per parameter size (the largest is the
-    embedding's, alive at the LM head, the forward's peak, in any case); `deactivate` at the end of
-    zo_step drops it, so nothing is held between steps.
+    The transient copies are built in pooled buffers (copy, then the in-place kernel): a fresh CPU
+    allocation of a large tensor page-faults on first touch, and Inductor's out-of-place kernel writes
+    through a temporary, so an out-of-place kernel took 2.3x the in-place pass, copy + `perturb_` 1.3x.
+    A tied parameter's copy (OPT's embedding and LM head) is made once per perturbation and shared by
+    its owners. The pool holds about one buffer per parameter size (the largest is the embedding's,
+    alive at the LM head, the forward's peak, in any case). `deactivate` at the end of a step drops
+    it, so nothing is held between steps, unless `keep_pool`: a captured CUDA graph keeps reading and
+    writing those addresses at every replay, so they live as long as the graph.
     """
 
-    def __init__(self, slots: list[ParamSlot], kernels: Kernels):
-        self.kernels = kernels
+    def __init__(self, slots: list[ParamSlot], kernels: Kernels, keep_pool: bool = False):
+        self.kernels, self.keep_pool = kernels, keep_pool
         self.owned: dict[nn.Module, list[tuple[str, ParamSlot]]] = {}
         for slot in slots:
             for module, attr in slot.owners:
@@ -117,7 +141,7 @@ class PerturbHooks:
         self.pool: dict[tuple, list[torch.Tensor]] = {}  # free buffers by (numel, dtype, device)
         self.shared: dict[ParamSlot, torch.Tensor] = {}  # copies of tied slots, this activation
         self.handles: list = []
-        self.seen: set[ParamSlot] = set()  # slots some forward has perturbed (see MeZO._warn_unseen)
+        self.seen: set[ParamSlot] = set()  # slots some forward has perturbed (see MeZO.warn_unseen_parameters)
         self.saved: dict[nn.Module, list] = {}
         self.seed, self.scales = None, {}
 
@@ -133,7 +157,10 @@ class PerturbHooks:
     def deactivate(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles, self.saved, self.seed, self.scales, self.shared, self.pool = [], {}, None, {}, {}, {}
+        self._release_shared()
+        self.handles, self.saved, self.seed, self.scales = [], {}, None, {}
+        if not self.keep_pool:
+            self.pool = {}
 
     def _swap_in(self, module, args):
         saved = []  # registered first, so a failing kernel still leaves a consistent restore list
@@ -146,8 +173,8 @@ class PerturbHooks:
             buf = self.shared.get(slot)
             if buf is None:
                 buf = self._buffer(current)
-                flat(buf).copy_(flat(current))
-                self.kernels.perturb_(flat(buf), self.seed, slot.key_t, self.zero, scale)
+                buf.copy_(current.detach().view(-1))
+                self.kernels.perturb_(buf, seed=self.seed, key=slot.key_t, offset=self.zero, scale=scale)
                 if len(slot.owners) > 1:
                     self.shared[slot] = buf
             saved.append((attr, current, None if slot in self.shared else buf))
@@ -172,3 +199,80 @@ class PerturbHooks:
         for buf in self.shared.values():
             self._free(buf)
         self.shared = {}
+
+
+class ExactRestore:
+    """`perturbation="fused"` / `"eager"`: the perturbation is virtual, the update one fused pass.
+
+    `perturb` moves a shift (0 -> +1 -> -1 -> 0 in a step) and, while it is not 0, the hooks show
+    every owning module theta + shift * eps * z in its forward. The stored weights are written only
+    by `update`, so a step with lr = 0 leaves them bitwise unchanged in any dtype. z comes from the
+    persistent seed tensor (StepScalar), so a captured CUDA graph replays each step's own z.
+    """
+
+    def __init__(self, slots: list[ParamSlot], kernels: Kernels, local_view: LocalView):
+        self.slots, self.kernels, self.local_view = slots, kernels, local_view
+        self.hooks = PerturbHooks(slots, kernels)
+        self.shift = 0
+        device = slots[0].param.device
+        self.finite = torch.ones((), dtype=torch.bool, device=device)  # all estimates of this step finite
+        self.lr_applied = torch.zeros((), dtype=torch.float32, device=device)  # lr, or 0 to skip the update
+        self._consts: dict = {}  # 0-d device tensors of values fixed for the run (scales, offsets, wd)
+        self._divided_for, self._divided = None, {}  # cs -> {(shift * eps, group): shift * eps / c}
+
+    def perturb(self, seed: StepScalar, scaling_factor: float, eps: float, cs: dict, slots: list[ParamSlot]):
+        """Forwards now see theta + shift * eps * z (z / c with a variant); the weights are not written."""
+        self.shift += scaling_factor
+        if self.shift == 0:
+            self.hooks.deactivate()
+            return
+        self.hooks.activate(seed.tensor, self._scales(self.shift * eps, cs, slots))
+
+    def reset(self) -> None:
+        """Back at theta (also after a forward that raised): hooks off."""
+        self.shift = 0
+        self.hooks.deactivate()
+
+    def projected_grad(self, loss1: torch.Tensor, loss2: torch.Tensor, eps: float) -> torch.Tensor:
+        return (loss1.float() - loss2.float()) / (2 * eps)
+
+    def skip_non_finite(self, gs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """A NaN/inf estimate (a NaN loss) skips the update, decided on the device (no host sync):
+        every g becomes 0 and the SGD pass runs with lr 0 (momentum/Adam still step on their state)."""
+        self.finite.copy_(torch.stack([g.isfinite() for g in gs]).all())
+        return [torch.where(self.finite, g, self._const(0.0)) for g in gs]
+
+    def update(self, seed: StepScalar, lr: StepScalar, grads: dict, wd: float) -> None:
+        """theta <- theta - lr * (g * z + wd * theta), one fused pass over each local shard."""
+        lr = torch.mul(lr.tensor, self.finite, out=self.lr_applied)
+        for s in self.slots:
+            local, offset = self.local_view(s.param)
+            if local.numel():
+                self.kernels.update_(local, seed=seed.tensor, key=s.key_t, offset=self._const(offset, torch.int64),
+                                     lr=lr, grad=grads[s], wd=self._const(wd if s.decay else 0.0))
+
+    def accumulate_grad(self, seed: StepScalar, grads: dict) -> None:
+        """p.grad += g * z, materialised for a torch optimizer."""
+        for s in self.slots:
+            if s.param.grad is None:
+                s.param.grad = torch.zeros_like(s.param)
+            local, offset = self.local_view(s.param.grad)
+            if local.numel():
+                self.kernels.perturb_(local, seed=seed.tensor, key=s.key_t, offset=self._const(offset, torch.int64),
+                                      scale=grads[s])
+
+    def _scales(self, base: float, cs: dict, slots: list[ParamSlot]) -> dict[ParamSlot, torch.Tensor]:
+        """shift * eps per slot, divided by its group's control variate c (variants), computed once per cs."""
+        if not cs:
+            return {s: self._const(base) for s in slots}
+        if cs is not self._divided_for:
+            self._divided_for, self._divided = cs, {}
+        for group, c in cs.items():
+            if (base, group) not in self._divided:
+                self._divided[(base, group)] = self._const(base) / c
+        return {s: self._divided.get((base, s.group), self._const(base)) for s in slots}
+
+    def _const(self, value, dtype=torch.float32) -> torch.Tensor:
+        if (value, dtype) not in self._consts:
+            self._consts[(value, dtype)] = torch.full((), value, dtype=dtype, device=self.slots[0].param.device)
+        return self._consts[(value, dtype)]

@@ -1,8 +1,8 @@
-"""Benchmark: bytes communicated per MeZO step, counted from the collectives (DESIGN.md 3.4, 5).
+"""Benchmark: bytes communicated per MeZO step, counted from the collectives (README, "Multi-GPU and multi-node").
 
 Launches `python -m torch.distributed.run --standalone --nproc_per_node 2 comm_worker.py` (gloo on
 CPU, one thread per rank), which runs a few MeZO steps on the tiny OPT in replicated and in sharded
-(FSDP2) mode under zo.distributed.CommCounter. Per mode, the result holds what every step of every
+(FSDP2) mode under CommCounter (comm_counter.py). Per mode, the result holds what every step of every
 rank issued (calls and payload bytes per op; they must agree across steps and ranks) next to what
 the design predicts from the model alone:
 - replicated: one all-reduce of the two fp32 losses, 8 bytes;

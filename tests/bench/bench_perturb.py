@@ -1,13 +1,13 @@
-"""Benchmark: one perturbation pass over n fp32 elements (DESIGN.md section 5).
+"""Benchmark: one perturbation pass over n fp32 elements (README, "Performance").
 
 Rows, timed in the same run so that the ratios are side by side:
 - fused in place: zo.kernels perturb_ (p += s*z, z from the hash, one compiled pass);
-- fused out of place: perturbed (the transient copy the forward hooks build);
+- fused copy: a new buffer, copy_, then perturb_ (the transient copy the forward hooks build);
 - original: `torch.manual_seed(s); z = torch.normal(...); p = p + scaling * z * eps` (trainer.py);
 - randn + add_: `torch.manual_seed(s); torch.randn(n, out=buf); p.add_(buf, alpha=eps)`;
 - add_: `p.add_(eps)`, the memory-bandwidth floor of an in-place pass.
 Time is the median of several runs after a warm-up. Extra memory is the peak RSS (VmHWM, reset by
-writing 5 to /proc/self/clear_refs, torch_facts.md section 7) above the RSS before the call; on a
+writing 5 to /proc/self/clear_refs, which also resets ru_maxrss) above the RSS before the call; on a
 GPU it is max_memory_allocated above the allocated memory before the call. With CUDA the same rows
 run on the GPU, plus a device-to-device copy (`q.copy_(p)`): the bandwidth target of the fused pass.
 
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from zo.kernels import flat, get_kernels
+from zo.kernels import get_kernels
 
 EPS = 1e-3
 
@@ -83,9 +83,14 @@ def _variants(n: int, device: str) -> dict:
         torch.randn(n, out=buf)
         p.add_(buf, alpha=EPS)
 
+    def fused_copy():  # zo.perturb.PerturbHooks._swap_in, without the pool
+        buf = torch.empty_like(p)
+        buf.copy_(p)
+        kernels.perturb_(buf, seed=seed, key=key, offset=offset, scale=scale)
+
     rows = {
-        "fused in place": lambda: kernels.perturb_(flat(p), seed, key, offset, scale),
-        "fused out of place": lambda: kernels.perturbed(flat(p), seed, key, offset, scale),
+        "fused in place": lambda: kernels.perturb_(p, seed=seed, key=key, offset=offset, scale=scale),
+        "fused copy": fused_copy,
         "original (manual_seed+normal+add)": original,
         "randn into buffer + add_": randn_add,
         "add_ (bandwidth floor)": lambda: p.add_(EPS),

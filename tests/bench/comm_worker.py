@@ -1,5 +1,5 @@
 """Worker for bench_comm.py: MeZO steps on the tiny OPT under torchrun, replicated then sharded,
-each step inside zo.distributed.CommCounter.
+each step inside CommCounter (comm_counter.py).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/bench/comm_worker.py OUT [--steps N]
 
@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import models  # noqa: E402
 from zo import MeZO, MeZOConfig, whole  # noqa: E402
 from zo import distributed as zd  # noqa: E402
+from comm_counter import CommCounter  # noqa: E402  (this folder is the script's sys.path[0])
 
 ROWS, T = 4, 16  # the global batch: 4 sequences of 16 tokens, split 2/2 over two ranks
 
@@ -62,7 +63,7 @@ def main():
                         local_view=zd.local_view if mode == "sharded" else whole)
             per_step = []
             for ids in batches:
-                with zd.CommCounter() as comm:
+                with CommCounter() as comm:
                     mezo.step(model, loss_closure(ids, d))
                 per_step.append({"calls": comm.calls, "bytes": comm.bytes})
             record[mode] = {**info, "per_step": per_step}
