@@ -1,7 +1,9 @@
 """OPT (Zhang et al. 2022) for causal LM, every public size, in the style of nanoGPT / gpt-fast.
 
 Module and parameter names follow the Hugging Face checkpoints (`decoder.layers.{i}.self_attn.q_proj`
-...) so weights load without a renaming table. Two layouts exist:
+...) so weights load without a renaming table, and modules are registered in transformers' order, so
+named_parameters() lists them as OPTForCausalLM does: the original draws one z per parameter in that
+order (large_models/trainer.py zo_perturb_parameters). Two layouts exist:
   * 125m and 1.3b ... 66b: pre-LayerNorm blocks and a final LayerNorm;
   * 350m: post-LayerNorm blocks, no final LayerNorm, and `project_in` / `project_out` between the
     512-wide embeddings and the 1024-wide blocks (`word_embed_proj_dim != hidden_size`).
@@ -73,7 +75,9 @@ def attend(q, k, v, mask, prefix_keys=None, prefix_values=None, dropout_p=0.0, s
         v = torch.cat([prefix_values.view(1, P, H, hd).transpose(1, 2).expand(B, H, P, hd), v], dim=2)
         if mask is not None:
             mask = F.pad(mask, (P, 0), value=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale)
+    # Grouped-query attention (LLaMA family): fewer key/value heads than query heads.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 class KVCache:
@@ -113,9 +117,11 @@ class OPTAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.head_dim = d // cfg.num_attention_heads
         self.dropout = cfg.attention_dropout
-        self.q_proj = nn.Linear(d, d, bias=bias)
+        # Registration order is transformers' OPTAttention (k, v, q, out): named_parameters() order is
+        # the order the original draws z in (large_models/trainer.py zo_perturb_parameters).
         self.k_proj = nn.Linear(d, d, bias=bias)
         self.v_proj = nn.Linear(d, d, bias=bias)
+        self.q_proj = nn.Linear(d, d, bias=bias)
         self.out_proj = nn.Linear(d, d, bias=bias)
         # Filled by peft.apply_prefix; None means no prefix (and no entry in state_dict()).
         self.register_parameter("prefix_keys", None)
@@ -181,8 +187,9 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim, cfg.pad_token_id)
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
         projected = cfg.word_embed_proj_dim != cfg.hidden_size
-        self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
+        # project_out before project_in, as transformers' OPTDecoder registers them (parameter order).
         self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False) if projected else None
+        self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
         has_final_norm = cfg.do_layer_norm_before and not cfg._remove_final_layer_norm
         self.final_layer_norm = (nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.layer_norm_elementwise_affine)
                                  if has_final_norm else None)
@@ -245,12 +252,14 @@ class OPT(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens).long()], 1)
         eos = torch.as_tensor(list(eos_token_ids or ()), dtype=torch.long, device=input_ids.device)
-        cache = KVCache(len(self.decoder.layers), T + max_new_tokens)
+        cache = KVCache(self.config.num_hidden_layers, T + max_new_tokens)
+        # transformers pads finished rows with the first stop token when the model has no pad token
+        pad = self.config.pad_token_id if self.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens, out = input_ids, []
         for _ in range(max_new_tokens):
             logits = self(tokens, mask[:, :cache.length + tokens.shape[1]], cache, last_only=True)
-            nxt = logits[:, -1].argmax(-1).masked_fill(done, self.config.pad_token_id)
+            nxt = logits[:, -1].argmax(-1).masked_fill(done, pad)
             out.append(nxt)
             done |= torch.isin(nxt, eos)
             if done.all():

