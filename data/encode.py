@@ -1,4 +1,5 @@
-"""Prompt encoding for OPT (the original's `utils.py::encode_prompt`, mezo_original.md §3.2).
+"""Prompt encoding for decoder-only models, OPT and the LLaMA family (large_models/utils.py
+`encode_prompt` of the original).
 
 For one evaluation sample and its demonstrations:
   demos        = "\\n\\n".join(verbalize(d, d.correct).strip() for d in demos).strip()
@@ -12,8 +13,9 @@ SFC calibration (`sfc`) uses the template's SFC prompt and no demonstrations; `i
 
 Sequences are cut on the left (demonstrations matter least) to max_length, minus max_new_tokens for
 generation tasks, keeping the BOS. The original forces BOS id 0 (`<s>`) for OPT
-(`tokenizer.bos_token_id = 0`, "HF tokenizer bug fix", §10.5); that is the default here, and
-`bos_override=False` uses the tokenizer's own BOS (`</s>`=2 for OPT).
+(`tokenizer.bos_token_id = 0`, "HF tokenizer bug fix" in large_models/run.py); that is the default
+for OPT tokenizers here, and `bos_override=False` uses the tokenizer's own BOS (`</s>`=2 for OPT).
+Every other model follows its tokenizer's configuration (`add_bos_token`; SmolLM2 adds none).
 """
 import logging
 from dataclasses import dataclass
@@ -52,9 +54,14 @@ def prompt_texts(task, demos, sample, *, sfc=False, icl_sfc=False, generation_wi
     return [(demo_text + sep + v).lstrip().strip(" ") for v in verbalized], unverbalized, verbalized
 
 
+def overrides_bos(tokenizer, bos_override=True) -> bool:
+    """Whether the original's BOS-id-0 rule applies: asked for, and an OPT tokenizer (`model_type`)."""
+    return bool(bos_override) and getattr(tokenizer, "model_type", None) == "opt"
+
+
 def tokenize(tokenizer, text, bos_override=True):
-    """`tokenizer.encode(text)` as the original sees it: with BOS id 0 when overriding."""
-    if not bos_override:
+    """`tokenizer.encode(text)` as the original sees it: with BOS id 0 when overriding (OPT only)."""
+    if not overrides_bos(tokenizer, bos_override):
         return list(tokenizer.encode(text, add_special_tokens=True))
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     return [OPT_BOS_OVERRIDE] + ids if tokenizer.add_bos_token else ids
@@ -62,7 +69,7 @@ def tokenize(tokenizer, text, bos_override=True):
 
 def encode_prompt(task, demos, sample, tokenizer, max_length=2048, *, sfc=False, icl_sfc=False,
                   generation_with_gold=False, max_new_tokens=50, bos_override=True):
-    """-> Encoded for one sample of an OPT task (see the module docstring).
+    """-> Encoded for one sample of an OPT-side task (see the module docstring).
 
     max_length and max_new_tokens default to run.py's --max_length 2048 and --max_new_tokens 50.
     """

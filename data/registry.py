@@ -4,6 +4,7 @@ OPT tasks keep the original's names (`SST2`, `RTE`, `CB`, `BoolQ`, `WSC`, `WIC`,
 `ReCoRD`, `SQuAD`, `DROP`); RoBERTa tasks keep LM-BFF's (`SST-2`, `sst-5`, `SNLI`, `MNLI`, `RTE`,
 `trec`). Names match case-insensitively. RTE exists on both sides, so a name may carry its family,
 `opt/RTE` or `roberta/RTE`, or the caller passes `family=` (train.py passes the model's type).
+Decoder-only families run the OPT-side tasks: `family="llama"` (or qwen2, mistral) means `opt`.
 When no exact name matches, dashes and underscores are ignored: `get_task("sst5")` is LM-BFF's
 sst-5 and `get_task("sst2", family="roberta")` its SST-2 (while `get_task("sst2")` is OPT's SST2).
 """
@@ -12,6 +13,7 @@ from .lmbff import MLM_TASKS
 from .tasks import OPT_TASKS
 
 FAMILIES = {"opt": OPT_TASKS, "roberta": MLM_TASKS}
+DECODER_FAMILIES = ("llama", "qwen2", "mistral")  # model_type values that take the OPT-side tasks
 TASKS = tuple(f"{family}/{name}" for family, tasks in FAMILIES.items() for name in tasks)
 
 
@@ -23,8 +25,11 @@ def get_task(name, family=None):
     """-> OPTTask or MLMTask. Unknown or ambiguous names raise DataError listing the known ones."""
     if "/" in name:
         family, name = name.split("/", 1)
+    if family is not None and family.lower() in DECODER_FAMILIES:
+        family = "opt"
     if family is not None and family.lower() not in FAMILIES:
-        raise DataError(f"unknown model family {family!r}, expected opt or roberta (task {name!r})")
+        raise DataError(f"unknown model family {family!r}, expected one of "
+                        f"{', '.join([*FAMILIES, *DECODER_FAMILIES])} (task {name!r})")
     families = [family.lower()] if family is not None else list(FAMILIES)
     for match in (str.lower, _squash):  # exact (case-insensitive) first, then ignoring - and _
         found = [t for f in families for n, t in FAMILIES[f].items() if match(n) == match(name)]

@@ -1,4 +1,5 @@
-"""Models for MeZO: OPT and RoBERTa in plain PyTorch, Hugging Face checkpoint I/O, tokenizers, LoRA and prefix.
+"""Models for MeZO: OPT, RoBERTa and the LLaMA family (Llama 2/3, Qwen2, Mistral, SmolLM2, TinyLlama) in
+plain PyTorch, Hugging Face checkpoint I/O, GGUF import (`python -m models.gguf`), tokenizers, LoRA and prefix.
 
     model = load_model("facebook/opt-13b", dtype=torch.bfloat16)   # a directory or a hub name in the HF cache
     logits = model(input_ids, attention_mask)                      # [B, T, V]
@@ -15,7 +16,7 @@ class ModelError(ValueError):
     """A user mistake about a model or tokenizer; the message reads `<what> (<file>)`."""
 
 
-from .checkpoint import load_model, save_model  # noqa: E402  (they raise ModelError)
+from .checkpoint import load_model, max_positions, save_model  # noqa: E402  (they raise ModelError)
 from .checkpoint import resolve as resolve_model_path  # noqa: E402
 from .peft import adapter_state_dict, apply_lora, apply_prefix, load_adapter, read_adapter, save_adapter  # noqa: E402
 from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
@@ -23,6 +24,6 @@ from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 TINY_OPT = str(Path(__file__).parent / "tiny" / "opt")  # written by `python -m models.make_tiny`
 TINY_ROBERTA = str(Path(__file__).parent / "tiny" / "roberta")
 
-__all__ = ["ModelError", "load_model", "save_model", "load_tokenizer", "Tokenizer", "apply_lora",
+__all__ = ["ModelError", "load_model", "max_positions", "save_model", "load_tokenizer", "Tokenizer", "apply_lora",
            "apply_prefix", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter", "resolve_model_path",
            "TINY_OPT", "TINY_ROBERTA"]

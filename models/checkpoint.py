@@ -5,7 +5,8 @@ Reading: config.json + `model.safetensors`, a sharded `model.safetensors.index.j
 meta device and every tensor is loaded straight into place (`load_state_dict(assign=True)`): no
 randomly initialised copy and no second full copy in memory.
 Writing: the layout transformers writes (canonical names, tied weights stored once, shards + index above
-`max_shard_size`), in a temporary directory renamed into place, so a crash never leaves half a checkpoint.
+`max_shard_size`), in a temporary directory swapped into place (data/files.py `atomic_dir`), so a crash
+never leaves half a checkpoint.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,12 +22,16 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data.files import atomic_dir
+
 from . import ModelError
+from .llama import LLaMA, LlamaConfig
 from .opt import ACTIVATIONS, OPT, OPTConfig
 from .peft import LoRALinear
 from .roberta import RobertaConfig, RobertaMLM
 
-ARCHITECTURES = {"opt": (OPTConfig, OPT), "roberta": (RobertaConfig, RobertaMLM)}
+ARCHITECTURES = {"opt": (OPTConfig, OPT), "roberta": (RobertaConfig, RobertaMLM),
+                 "llama": (LlamaConfig, LLaMA), "qwen2": (LlamaConfig, LLaMA), "mistral": (LlamaConfig, LLaMA)}
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
                 "pytorch_model.bin.index.json", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -77,13 +81,46 @@ def read_config(directory: Path):
     if model_type not in ARCHITECTURES:
         raise ModelError(f"unknown model_type {model_type!r}, expected one of {sorted(ARCHITECTURES)} ({file})")
     config_cls = ARCHITECTURES[model_type][0]
-    cfg = config_cls(**{f.name: raw[f.name] for f in dataclasses.fields(config_cls) if f.name in raw})
+    _check_sizes(raw, file)
+    try:
+        cfg = config_cls(**{f.name: raw[f.name] for f in dataclasses.fields(config_cls) if f.name in raw})
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise ModelError(f"bad config value: {e} ({file})") from None
+    heads = cfg.num_attention_heads
+    if getattr(cfg, "head_dim", None) is None and cfg.hidden_size % heads:
+        raise ModelError(f"num_attention_heads {heads} does not divide hidden_size {cfg.hidden_size} ({file})")
+    if heads % getattr(cfg, "num_key_value_heads", heads):
+        raise ModelError(f"num_key_value_heads {cfg.num_key_value_heads} does not divide num_attention_heads "
+                         f"{heads} ({file})")
+    if max_positions(cfg) < 2:
+        raise ModelError(f"max_position_embeddings {cfg.max_position_embeddings} leaves no room for a sequence "
+                         f"({file})")
     act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
     if act not in ACTIVATIONS:
         raise ModelError(f"unsupported activation {act!r} ({file})")
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         raise ModelError(f"unsupported position_embedding_type {cfg.position_embedding_type!r} ({file})")
     return cfg
+
+
+SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "intermediate_size", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings", "word_embed_proj_dim", "type_vocab_size")
+
+
+def _check_sizes(raw: dict, file: Path) -> None:
+    """Every size in config.json a positive integer (null where transformers allows a default)."""
+    for name in SIZES:
+        value = raw.get(name)
+        if value is None and name in ("num_key_value_heads", "head_dim", "word_embed_proj_dim"):
+            continue
+        if name in raw and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ModelError(f"{name} must be a positive integer, got {value!r} ({file})")
+
+
+def max_positions(config) -> int:
+    """The longest sequence the model can encode: RoBERTa's positions start after padding_idx
+    (transformers' create_position_ids_from_input_ids), so it has two fewer."""
+    return config.max_position_embeddings - (2 if config.model_type == "roberta" else 0)
 
 
 # ---------------------------------------------------------------- names in files vs. ours
@@ -105,9 +142,11 @@ def _hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, LoRALinear):
             tensors[f"{name}.weight"] = module.merged_weight().detach()
             del tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
-    if cfg.model_type == "opt":
+    if cfg.model_type != "roberta":  # the LLaMA family's names are transformers' already
         if cfg.tie_word_embeddings:
             del tensors["lm_head.weight"]
+        if cfg.model_type != "opt":
+            return tensors
         return {("model." + k if k.startswith("decoder.") else k): t for k, t in tensors.items()}
     bias = tensors.pop("lm_head.decoder.bias")
     tensors["lm_head.bias"] = bias
@@ -243,8 +282,8 @@ def save_model(model: nn.Module, path, max_shard_size="5GB", tokenizer_dir=None)
     tensors = _hf_tensors(model)
     shards = _shards(tensors, _parse_size(max_shard_size))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
+        tmp = Path(tmp)
         (tmp / "config.json").write_text(json.dumps(_config_json(model, tensors), indent=2, sort_keys=True) + "\n")
         files = ["model.safetensors"] if len(shards) == 1 else [
             f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
@@ -258,33 +297,4 @@ def save_model(model: nn.Module, path, max_shard_size="5GB", tokenizer_dir=None)
         for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
-        _finish(tmp)
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
-
-
-def _finish(directory: Path) -> None:
-    """Give the files the usual modes (mkdtemp and safetensors' temp files are owner-only) and flush
-    them to disk, so that the rename below never publishes files whose data is still in flight."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for file in directory.iterdir():
-        os.chmod(file, 0o666 & ~umask)
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move a finished checkpoint into place. `path` holds the old or the new checkpoint, never a mix
-    (between the two renames it is briefly absent; the old one is then at `.<name>.old-*`)."""
-    if not path.exists():
-        os.rename(tmp, path)
-        return
-    old = tmp.with_name(tmp.name.replace(".tmp-", ".old-"))
-    os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old)

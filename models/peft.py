@@ -1,4 +1,5 @@
-"""Parameter-efficient fine-tuning used with MeZO (paper section 3, mezo_original.md 5): LoRA and prefix tuning.
+"""Parameter-efficient fine-tuning used with MeZO (paper section 3; the original's large_models/lora.py and
+prefix.py): LoRA and prefix tuning.
 
 Both work on OPT and RoBERTa through two class attributes of their attention modules:
 `lora_targets` (q/v projection names) and `kv_projections` (k/v projection names). Both freeze every
@@ -20,9 +21,12 @@ ADAPTER_NAMES = ("lora_A", "lora_B", "prefix_keys", "prefix_values")
 
 class LoRALinear(nn.Module):
     """y = x W^T + b + (x A^T B^T) * alpha/r (Hu et al. 2021), never merged: MeZO's `LoRALinear`
-    with merge_weights=False (a merged forward silently stops training, mezo_original.md 10.14).
+    with merge_weights=False. (loralib's default merge_weights=True, used by medium_models, folds B A into
+    W at model.eval(), after which perturbing A and B no longer changes the forward: training stalls.)
 
-    Owns W, b, A and B directly, so a perturbation hook on this module sees all four.
+    Owns W, b, A and B directly, so a perturbation hook on this module sees all four. They are
+    registered in that order, as in the original's LoRALinear (an nn.Linear that adds lora_A, lora_B),
+    and apply_lora puts it in the replaced projection's slot: named_parameters() order is the original's.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, generator=None):
@@ -56,8 +60,9 @@ def _is_adapter(name: str) -> bool:
 
 
 def _freeze_all_but_adapters(model: nn.Module) -> None:
-    # The original freezes by name ("lora" / "prefix" not in name), mezo_original.md 5. Unlike its
-    # RoBERTa path (10.13) nothing else stays trainable.
+    # The original freezes by name ("lora" / "prefix" not in name: large_models/lora.py, prefix.py).
+    # Unlike its RoBERTa path (medium_models/run.py freezes only `roberta.*`, so lm_head stays
+    # trainable in LoRA mode) nothing else stays trainable.
     for name, p in model.named_parameters():
         p.requires_grad_(_is_adapter(name))
 
@@ -139,20 +144,36 @@ def save_adapter(model: nn.Module, path, meta: dict[str, str]) -> None:
     base model) as string metadata, so `read_adapter` can rebuild the same PEFT model. Atomic."""
     from safetensors.torch import save_file
 
-    tmp = f"{path}.tmp"
-    save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, tmp,
-              metadata={k: str(v) for k, v in meta.items()})
-    os.replace(tmp, path)
+    from data.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, tmp,
+                  metadata={k: str(v) for k, v in meta.items()})
 
 
-def read_adapter(path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """-> (metadata, tensors) of a file written by save_adapter."""
+def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """-> (metadata, tensors) of a file written by save_adapter; the sizes in the metadata as numbers."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise ModelError(f"missing adapter file ({path})")
     try:
         with safe_open(path, framework="pt") as f:
-            return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+            meta, state = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise ModelError(f"unreadable adapter file: {e} ({path})") from None
+    try:
+        if meta.get("mode") == "lora":
+            meta["lora_r"], meta["lora_alpha"] = int(meta["lora_r"]), float(meta["lora_alpha"])
+            if meta["lora_r"] < 1:
+                raise ValueError("lora_r < 1")
+        elif meta.get("mode") == "prefix":
+            meta["num_prefix"] = int(meta["num_prefix"])
+            if meta["num_prefix"] < 1:
+                raise ValueError("num_prefix < 1")
+        else:
+            raise ValueError(f"mode {meta.get('mode')!r}")
+    except (KeyError, ValueError) as e:
+        raise ModelError(f"adapter file without valid metadata (mode, lora_r, lora_alpha / num_prefix: {e}); "
+                         f"train.py writes it ({path})") from None
+    return meta, state

@@ -3,10 +3,11 @@
 Files, in order of preference: `tokenizer.json`; `vocab.json` + `merges.txt` (byte-level BPE, as OPT and
 RoBERTa ship); `tokenizer.model` (sentencepiece). `tokenizer_config.json` and `special_tokens_map.json`
 name the special tokens and whether BOS / EOS are added. Special tokens are added here, not by a
-tokenizer.json post-processor, so a caller may override `bos_token_id` (MeZO's OPT code forces id 0,
-mezo_original.md 10.5; that choice belongs to data/).
+tokenizer.json post-processor, so a caller may override `bos_token_id` (MeZO's OPT code forces id 0 in
+large_models/run.py; that choice belongs to data/, which reads `model_type` to apply it to OPT only).
   OPT:     [</s>] + text              (bos = eos = `</s>`, id 2; `add_bos_token`)
   RoBERTa: [<s>] + text + [</s>]      (`<mask>` swallows the space before it: lstrip=True)
+  LLaMA family: as tokenizer_config.json says (`add_bos_token`; Llama 2 / 3 add BOS, SmolLM2 none)
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def _content(token) -> str | None:
 
 
 class Tokenizer:
-    """encode / decode with the special-token rules of the checkpoint's model type (API in CONTRACTS.md)."""
+    """encode / decode with the special-token rules of the checkpoint's model type (`model_type` names the family)."""
 
     def __init__(self, directory: Path):
         settings = {**_read_json(directory / "tokenizer_config.json"),

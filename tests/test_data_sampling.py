@@ -173,4 +173,4 @@ def test_kshot_loading_from_folder_or_generated(tmp_path):
             assert all(labels.count(lab) <= 16 for lab in task.labels)
         os.remove(tmp_path / "original" / name), os.rmdir(tmp_path / "original")
     assert {k: len(v) for k, v in data.get_task("SST-2", family="roberta").load(seed=13).items()} == \
-        {"train": 32, "dev": 32, "test": 24}
+        {"train": 32, "dev": 32, "test": 120}

@@ -1,4 +1,4 @@
-"""Benchmarks at OPT shapes (DESIGN.md section 5): our forward vs transformers', a MeZO step vs two
+"""Benchmarks at OPT shapes (README, "Tests and benchmarks"): our forward vs transformers', a MeZO step vs two
 forwards, and the peak memory of MeZO training vs inference vs backprop + AdamW.
 
 Method. Time: the variants of one comparison run interleaved (A B C, then C B A, ...) after one
@@ -7,7 +7,7 @@ of them alike; a ratio is the median over repetitions of the per-repetition rati
 its min-max spread. On CUDA every timed call is bracketed by synchronize().
 Memory: each (mode, shape, batch) runs in a fresh subprocess (`python bench_model.py memory ...`):
 build the model and note the RSS, run the mode once (warm-up: compiles, creates the Adam state),
-reset the high-water mark (`echo 5 > /proc/self/clear_refs` resets VmHWM, torch_facts.md 7), run
+reset the high-water mark (`echo 5 > /proc/self/clear_refs` resets VmHWM and ru_maxrss), run
 it again and read VmHWM: the step's peak. Reported as the absolute peak, its increase over the
 post-build RSS, and the RSS before the measured step (what the warm-up left: the torch.compile
 runtime and kernels for MeZO, the AdamW state for backprop). On CUDA: torch.cuda.max_memory_allocated
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import models  # noqa: E402
 from data.losses import option_lm_loss  # noqa: E402
 from models.opt import OPT, OPTConfig  # noqa: E402
-from zo import FO, FOConfig, MeZO, MeZOConfig, flat  # noqa: E402
+from zo import FO, FOConfig, MeZO, MeZOConfig  # noqa: E402
 
 # OPT shapes (hidden, layers, heads, ffn); vocabulary 50272 and 2048 positions as every OPT size.
 SHAPES = {
@@ -135,17 +135,23 @@ def forward_vs_transformers(shape: str, vocab: int, size: int, seq: int, repeats
 # ---------------------------------------------------------------- row 3: a MeZO step vs two forwards
 
 def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, device: str = "cpu",
-                     dtype: str = "fp32", reference_repeats: int = 2) -> dict:
-    """One ZO-SGD step (fused) against two no_grad forwards, with one fused out-of-place pass over
-    every parameter (what each perturbed forward adds) in the same interleaving; then, in a shorter
+                     dtype: str = "fp32", reference_repeats: int = 2, model=None) -> dict:
+    """One ZO-SGD step (fused) against two no_grad forwards, with one perturbed copy of every
+    parameter (copy_ + perturb_: what each perturbed forward adds) in the same interleaving; then, in a shorter
     second interleaving (it is slow), the step with the original's operations (perturbation="reference")."""
-    model = build(shape, vocab, device, dtype)
+    model = build(shape, vocab, device, dtype) if model is None else model  # model: e.g. build_llama's
     ids, mask = batch(size, seq, vocab, device)
     loss_fn = lm_loss(ids, mask)
     fused = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3))
     original = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3, perturbation="reference"))
-    k, slots = fused.kernels, fused.slots
+    k, slots = fused.perturbation.kernels, fused.slots
     seed, zero, scale = (torch.full((), v, device=device) for v in (12345, 0, 1e-3))
+
+    def perturbed_copies():
+        for s in slots:
+            buf = torch.empty_like(s.param)
+            buf.copy_(s.param)
+            k.perturb_(buf, seed=seed, key=s.key_t, offset=zero, scale=scale)
 
     @torch.no_grad()
     def two_forwards():
@@ -155,8 +161,7 @@ def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, 
     times = interleaved({
         "two forwards": two_forwards,
         "MeZO step (fused)": lambda: fused.step(model, loss_fn),
-        "perturbed pass over all params": lambda: [k.perturbed(flat(s.param), seed, s.key_t, zero, scale)
-                                                   for s in slots],
+        "perturbed pass over all params": perturbed_copies,
     }, repeats, device)
     ref_times = interleaved({"two forwards": two_forwards, "MeZO step (reference)": lambda: original.step(model, loss_fn)},
                             reference_repeats, device, warmup=False)  # nothing to compile
@@ -166,6 +171,49 @@ def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, 
             "fused": ratio(times, "MeZO step (fused)", "two forwards"),
             "perturbed_pass": ratio(times, "perturbed pass over all params", "two forwards"),
             "reference": ratio(ref_times, "MeZO step (reference)", "two forwards")}
+
+
+# ---------------------------------------------------------------- LLaMA family: SmolLM2-135M's shape
+
+# (hidden, layers, heads, kv heads, ffn, vocab): SmolLM2-135M, and a tiny one for --quick
+LLAMA_SHAPES = {"smollm2-135m": (576, 30, 9, 3, 1536, 49152), "tiny": (64, 2, 4, 2, 128, 1000)}
+
+
+def llama_config(shape: str) -> dict:
+    hidden, layers, heads, kv_heads, ffn, vocab = LLAMA_SHAPES[shape]
+    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=2048,
+                rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+
+
+def build_llama(shape: str, device: str = "cpu", dtype: str = "fp32"):
+    """Our LLaMA at `shape`, weights N(0, 0.02), in eval mode."""
+    from models.llama import LLaMA, LlamaConfig
+    with torch.device(device):
+        model = LLaMA(LlamaConfig(**llama_config(shape)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    return model.to(DTYPES[dtype]).eval()
+
+
+def llama_forward_vs_transformers(shape: str, size: int, seq: int, repeats: int, tmp: Path) -> dict:
+    """LlamaForCausalLM random-init, save_pretrained, loaded by models.load_model: no_grad, eval, CPU fp32."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**llama_config(shape))).eval()
+    hf.save_pretrained(tmp)
+    ours = models.load_model(tmp)
+    vocab = LLAMA_SHAPES[shape][-1]
+    ids, mask = batch(size, seq, vocab)
+    with torch.no_grad():
+        max_diff = (ours(ids, mask) - hf(input_ids=ids, attention_mask=mask).logits).abs().max().item()
+    times = interleaved({"ours": torch.no_grad()(lambda: ours(ids, mask)),
+                         "transformers": torch.no_grad()(lambda: hf(input_ids=ids, attention_mask=mask))}, repeats)
+    return {"shape": shape, "batch": [size, seq], "repeats": repeats, "ms": medians_ms(times),
+            "ratio": ratio(times, "ours", "transformers"), "max_abs_logit_diff": max_diff,
+            "attn_implementation": hf.config._attn_implementation}
 
 
 # ---------------------------------------------------------------- row 4: peak memory, one process per mode

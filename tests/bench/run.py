@@ -1,4 +1,4 @@
-"""`make bench`: the performance goals of DESIGN.md section 5, measured side by side in one run.
+"""`make bench`: the performance goals (README, "Tests and benchmarks"), measured side by side in one run.
 
     .venv/bin/python tests/bench/run.py [--quick] [--out bench-results.json]
 
@@ -6,7 +6,8 @@ Prints one Markdown table (row | measured | goal | verdict | notes) and writes e
 the hardware and the command to bench-results.json (git-ignored). Rows, each a ratio taken within
 this run so that machine-wide slowdowns cancel (this 2-core machine is shared and noisy):
 1. one perturbation pass over 50M fp32 elements: bench_perturb.run, several rounds, median ratio;
-2. our OPT forward vs transformers' at OPT-125m shape, batch 16 x 64, fp32 (bench_model);
+2. our OPT forward vs transformers' at OPT-125m shape, batch 16 x 64, fp32 (bench_model); the same for
+   our LLaMA at SmolLM2-135M's shape, and a full-parameter MeZO step on it vs two forwards;
 3. one MeZO step (fused; and the original's operations) vs two forwards, same shape and batch;
 4. peak memory of MeZO vs inference vs backprop + AdamW, each in a fresh process, OPT shapes from
    tiny to 125m at the paper's lengths (MultiRC-like 1 x 400 tokens, SST-2-like 16 x 64);
@@ -39,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[2]
 FULL = dict(perturb_n=50_000_000, perturb_rounds=3, perturb_repeats=5, shape="125m", vocab=50272,
             batch=(16, 64), forward_repeats=7, step_repeats=5, reference_repeats=2,
             memory_shapes=("tiny", "small", "125m"), lengths={"multirc": (1, 400), "sst2": (16, 64)},
-            gpu_shape="1.3b", gpu_memory_shapes=("125m", "1.3b"), comm_steps=3)
+            gpu_shape="1.3b", gpu_memory_shapes=("125m", "1.3b"), comm_steps=3, llama_shape="smollm2-135m")
 QUICK = dict(perturb_n=1_000_000, perturb_rounds=1, perturb_repeats=3, shape="tiny", vocab=1000,
              batch=(2, 16), forward_repeats=2, step_repeats=2, reference_repeats=1,
              memory_shapes=("tiny",), lengths={"sst2": (2, 16)},
-             gpu_shape="tiny", gpu_memory_shapes=("tiny",), comm_steps=2)
+             gpu_shape="tiny", gpu_memory_shapes=("tiny",), comm_steps=2, llama_shape="tiny")
 STEP_GOAL = {"cpu": 1.20, "cuda": 1.10}
 
 
@@ -85,7 +86,7 @@ def markdown(rows) -> str:
 # ---------------------------------------------------------------- the five benchmarks
 
 FUSED, FUSED_COPY, ORIGINAL, RANDN, ADD, COPY = (  # bench_perturb's variant names
-    "fused in place", "fused out of place", "original (manual_seed+normal+add)", "randn into buffer + add_",
+    "fused in place", "fused copy", "original (manual_seed+normal+add)", "randn into buffer + add_",
     "add_ (bandwidth floor)", "copy_ device to device")
 
 
@@ -111,7 +112,7 @@ def perturb_rows(plan, raw) -> list[dict]:
                         ">=" if cpu else None, 2.0, ">= 2x" if cpu else "-", f"randn+add_ {ms[RANDN]:.1f} ms", s))
         rows.append(row("perturb.extra_memory", device, f"{what}: extra peak memory of fused in place", mib[FUSED],
                         "MiB", "<=", 1.0, "no extra memory (<= 1 MiB)",
-                        f"original +{mib[ORIGINAL]:.0f} MiB, randn+add_ +{mib[RANDN]:.0f} MiB, fused out of place "
+                        f"original +{mib[ORIGINAL]:.0f} MiB, randn+add_ +{mib[RANDN]:.0f} MiB, fused copy "
                         f"(the forward hooks' transient copy) +{mib[FUSED_COPY]:.0f} MiB"))
         s = over(FUSED, ADD)
         rows.append(row("perturb.vs_add", device, f"{what}: fused / add_ time (bandwidth floor)", s["median"], "x",
@@ -135,6 +136,28 @@ def forward_rows(plan, raw) -> list[dict]:
                 "ours / transformers time", s["median"], "x", "<=", 1.0, "<= 1.0x",
                 f"ours {r['ms']['ours']:.0f} ms, transformers {r['ms']['transformers']:.0f} ms "
                 f"({r['attn_implementation']}); max abs logit diff {r['max_abs_logit_diff']:.1e}", s)]
+
+
+def llama_rows(plan, raw) -> list[dict]:
+    """Our LLaMA forward vs transformers', and a full-parameter MeZO step vs two forwards, CPU fp32."""
+    shape, (size, seq) = plan["llama_shape"], plan["batch"]
+    with tempfile.TemporaryDirectory() as tmp:
+        f = bench_model.llama_forward_vs_transformers(shape, size, seq, plan["forward_repeats"], Path(tmp))
+    vocab = bench_model.LLAMA_SHAPES[shape][-1]
+    st = bench_model.step_vs_forwards(shape, vocab, size, seq, plan["step_repeats"], "cpu", "fp32", 1,
+                                      model=bench_model.build_llama(shape))
+    raw["llama"] = {"forward": f, "step": st}
+    what = f"LLaMA, {shape} shape, {size}x{seq} fp32"
+    return [
+        row("forward.llama.vs_transformers", "cpu", f"forward, {what}, ours / transformers time", f["ratio"]["median"],
+            "x", "<=", 1.0, "<= 1.0x", f"ours {f['ms']['ours']:.0f} ms, transformers {f['ms']['transformers']:.0f} ms "
+            f"({f['attn_implementation']}); max abs logit diff {f['max_abs_logit_diff']:.1e}",
+            f["ratio"] | {"n": f["repeats"]}),
+        row("step.llama.fused", "cpu", f"MeZO step, {what}: fused step / two forwards", st["fused"]["median"], "x",
+            "<=", STEP_GOAL["cpu"], f"<= {STEP_GOAL['cpu']:.2f}x",
+            f"two forwards {st['ms']['two forwards']:.0f} ms, step {st['ms']['MeZO step (fused)']:.0f} ms, "
+            f"{st['params'] / 1e6:.0f}M params", st["fused"] | {"n": st["repeats"]}),
+    ]
 
 
 def step_rows(plan, raw, device) -> list[dict]:
@@ -217,7 +240,8 @@ def main() -> None:
     plan = QUICK if args.quick else FULL
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     start, raw, seconds = time.time(), {}, {}
-    sections = [("perturb", lambda: perturb_rows(plan, raw)), ("forward", lambda: forward_rows(plan, raw))]
+    sections = [("perturb", lambda: perturb_rows(plan, raw)), ("forward", lambda: forward_rows(plan, raw)),
+                ("llama", lambda: llama_rows(plan, raw))]
     for device in devices:
         sections += [(f"step.{device}", lambda d=device: step_rows(plan, raw, d)),
                      (f"memory.{device}", lambda d=device: memory_rows(plan, raw, d))]
