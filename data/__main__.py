@@ -7,10 +7,10 @@ Examples:
 Text only (no tokenizer): OPT prompts as `encode_prompt` builds them before tokenization, one per
 candidate; RoBERTa prompts rendered from the LM-BFF template with <s>, <mask> and </s>.
 """
-import argparse
 import sys
 
 from . import DataError, get_task, icl_demo_sets, prompt_texts
+from .flags import Parser
 
 
 def _show(text, as_repr):
@@ -18,7 +18,7 @@ def _show(text, as_repr):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m data", description="Print the prompts of a task's first examples.")
+    p = Parser(prog="python -m data", description="Print the prompts of a task's first examples.")
     p.add_argument("task", help="task name, e.g. SST2, Copa, SQuAD (OPT) or SST-2, sst-5, trec (RoBERTa)")
     p.add_argument("--family", choices=("opt", "roberta"), help="model family when the name is ambiguous (RTE)")
     p.add_argument("--data_dir", help="where the data lives (default: the bundled samples)")
@@ -31,6 +31,9 @@ def main(argv=None):
     p.add_argument("--repr", action="store_true", help="print Python reprs (shows newlines and spaces)")
     args = p.parse_args(argv)
     try:
+        for name, least in (("show", 1), ("demos", 0), ("k", 1)):
+            if getattr(args, name) < least:
+                raise DataError(f"{name} must be >= {least} (--{name} {getattr(args, name)})")
         task = get_task(args.task, family=args.family)
         if task.family == "roberta":
             split = args.split or "test"

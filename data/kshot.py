@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from . import DataError
+from .files import atomic_path
 from .readers import read_csv, read_lines
 
 
@@ -129,11 +130,9 @@ def write_folder(task, original_folder, out_dir, k, seed):
     names = {**_files(task), **{s: s + (".csv" if task.csv else ".tsv") for s in splits if s.startswith("test")}}
     for split, rows in splits.items():
         path = os.path.join(folder, names[split])
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
             if task.csv:  # pandas to_csv(header=False, index=False): minimal quoting, "\n" lines
                 csv.writer(f, lineterminator="\n").writerows(raw for _, raw in rows)
             else:  # header, then the lines as read (a last line without "\n" gets one)
                 f.writelines(line if line.endswith("\n") else line + "\n" for _, line in headers[split] + rows)
-        os.replace(tmp, path)
     return folder

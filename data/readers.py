@@ -1,11 +1,12 @@
 """Low-level readers of the distribution formats (TSV, CSV, JSONL, JSON), with positions.
 
 Every row comes back with where it came from, `<file>:<line>`, so that a bad row is reported as
-`<what> (<file>:<line>)` (CONTRACTS.md, errors). Nothing is skipped: a malformed row is an error.
+`<what> (<file>:<line>)`, the form of every error of this project. Nothing is skipped: a malformed row is an error.
 For JSON documents (SQuAD, DROP) a record's line is found only when an error needs it
 (`JsonWhere`), so reading a 40 MB file stays a plain `json.load`.
 """
 import bisect
+import contextlib
 import csv
 import functools
 import json
@@ -15,14 +16,34 @@ import json.scanner
 from . import DataError
 
 
+@contextlib.contextmanager
 def _open(path, newline=None):
+    """The file as text; a byte that is not UTF-8 is a DataError naming its line."""
     # utf-8-sig: GLUE files read by HF `DataProcessor._read_tsv` may start with a BOM.
     try:
-        return open(path, encoding="utf-8-sig", newline=newline)
+        f = open(path, encoding="utf-8-sig", newline=newline)
     except FileNotFoundError:
         raise DataError(f"missing file ({path})") from None
+    except IsADirectoryError:
+        raise DataError(f"a directory, expected a file ({path})") from None
     except OSError as e:
         raise DataError(f"cannot read file: {e.strerror} ({path})") from None
+    try:
+        with f:
+            yield f
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+
+
+def _not_utf8(path) -> DataError:
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(f"not UTF-8 text: byte 0x{line[e.start]:02x} at column {e.start + 1} "
+                                 f"({path}:{number})")
+    return DataError(f"not UTF-8 text ({path})")
 
 
 def read_lines(path):

@@ -1,6 +1,6 @@
 """Where each OPT task's data comes from, and how official files become Hugging Face fields.
 
-The original loads everything with `datasets.load_dataset` (mezo_original.md §2.1). We read the
+The original loads everything with `datasets.load_dataset` (large_models/tasks.py). We read the
 official distributions instead and convert each row exactly as the HF builder scripts do
 (`super_glue.py`, `squad.py`, `drop.py`, `glue.py`), so that a JSONL export of the HF dataset
 (`ds[split].to_json(...)`: `train.jsonl` + `validation.jsonl`) and the official files give the same

@@ -6,6 +6,7 @@ import torch
 
 from helpers_zo import lm_batch, lm_loss, tiny_lm
 from zo import MeZO, MeZOConfig, Trajectory, learning_rate, read_trajectory, replay
+from zo.trajectory import records_up_to
 
 CONFIGS = {
     "sgd": MeZOConfig(lr=1e-2, eps=1e-2, weight_decay=0.1, n_spsa=2, lr_scheduler="linear", max_steps=6),
@@ -64,3 +65,41 @@ def test_replay_refuses_what_it_cannot_reproduce(tmp_path):
     for config in (MeZOConfig(perturbation="reference"), MeZOConfig(zo_variant="param_norm")):
         with pytest.raises(ValueError):
             replay(tiny_lm(), [], config)
+
+
+def test_a_garbled_line_in_the_middle_names_file_and_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    train(CONFIGS["sgd"], path, steps=3)
+    lines = path.read_text().splitlines(keepends=True)
+    for bad in ('{"step": 1, "se\n', '{"step": 1, "seed": 5, "projected_grad": 0.1}\n', "[1, 2]\n",
+                '{"step": -1, "seed": 5, "projected_grad": 0.1, "lr": 0.1}\n', b"\xff\n"):
+        if isinstance(bad, bytes):
+            path.write_bytes("".join(lines[:2]).encode() + bad + "".join(lines[3:]).encode())
+        else:
+            path.write_text("".join(lines[:2]) + bad + "".join(lines[3:]))
+        with pytest.raises(ValueError, match="garbled trajectory") as e:
+            read_trajectory(path)
+        assert str(path) in str(e.value) and "\n" not in str(e.value)
+        assert isinstance(bad, bytes) or f"{path}:3)" in str(e.value)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("empty", "ends before step 0"),
+    ("truncated", "ends before step 2"),
+    ("torn last step", "1 lines for step 2, expected 2"),
+    ("duplicated step", "4 lines for step 1, expected 2"),
+    ("step logged twice", "repeats step 1 where step 3 belongs"),
+    ("missing step", "skips to step 2 where step 1 belongs"),
+])
+def test_replay_records_cover_every_step_once(tmp_path, damage, message):
+    config, path = CONFIGS["sgd"], tmp_path / "t.jsonl"
+    train(config, path, steps=4)  # n_spsa=2: two lines per step
+    lines = path.read_text().splitlines(keepends=True)
+    assert [r["step"] for r in records_up_to(path, 3, config)] == [0, 0, 1, 1, 2, 2]
+    damaged = {"empty": [], "truncated": lines[:4], "torn last step": lines[:5],
+               "duplicated step": lines[:4] + lines[2:4] + lines[4:],
+               "step logged twice": lines[:6] + lines[2:4], "missing step": lines[:2] + lines[4:]}[damage]
+    path.write_text("".join(damaged))
+    with pytest.raises(ValueError, match=message) as e:
+        records_up_to(path, 3, config)
+    assert str(path) in str(e.value)

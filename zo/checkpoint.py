@@ -1,38 +1,40 @@
-"""Run files and checkpoints, written atomically (DESIGN.md 3.5: a crash never leaves a half-written
-file). A checkpoint holds what MeZO changes: the trainable tensors, plus the loop's state (step,
-seed stream, optimizer state, RNG), which makes resuming bitwise-identical to not stopping.
+"""Run folders and checkpoints: tensors and JSON only, written atomically (data/files.py).
+
+A checkpoint holds what a run changes: the trainable tensors, plus the loop's state (step, seed
+stream, optimizer state, RNG), which makes resuming bitwise-identical to not stopping. It is a
+directory of three files, swapped in whole (`atomic_dir`):
+    trainable.safetensors   the trainable parameters by name
+    state.safetensors       every tensor of the loop's state (optimizer moments, torch RNG state)
+    state.json              the rest of the state, with {"__tensor__": key} where a tensor was
+Nothing in it is a pickle: reading it runs no code. A folder holds one run: `check_run_folder`
+refuses any other folder, and `prepare_run_folder` only ever removes a run's own files.
 """
 import json
 import os
 import shutil
 
+import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from data.files import atomic_dir, atomic_path, is_temp_of, recover_dir
 
-def write_json(path, obj) -> None:
-    """Temp file + fsync + rename."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+RUN_KINDS = ("train", "replay", "eval")  # config.json's "kind": the folder holds such a run
+RUN_FILES = ("config.json", "metrics.jsonl", "trajectory.jsonl", "results.json", "best.safetensors",
+             "model.adapter.safetensors", "checkpoint", "model")
+STATE_FILES = ("trainable.safetensors", "state.safetensors", "state.json")
 
 
 def read_json(path):
     if not os.path.isfile(path):
         raise ValueError(f"missing file ({path})")
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_lines(path, lines) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt JSON file: {e} ({path})") from None
 
 
 def trainable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -48,16 +50,24 @@ def save_trainable(model: nn.Module, path, write: bool = True) -> None:
     """The trainable tensors as one safetensors file (gathered from shards; `write` on rank 0)."""
     tensors = {n: full(p) for n, p in trainable(model).items()}
     if write:
-        tmp = f"{path}.tmp{os.getpid()}"
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, tmp)
+
+
+def _load_tensors(path) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise ValueError(f"corrupt checkpoint: missing file ({path})")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"corrupt checkpoint: {e} ({path})") from None
 
 
 @torch.no_grad()
 def load_trainable(model: nn.Module, path) -> None:
     """Copy saved trainable tensors back; a sharded parameter takes its own slice of the whole."""
-    saved, own = load_file(path), trainable(model)
-    if saved.keys() != own.keys():
+    saved, own = _load_tensors(path), trainable(model)
+    if saved.keys() != own.keys() or any(saved[n].shape != p.shape for n, p in own.items()):
         raise ValueError(f"checkpoint does not match the model's trainable parameters ({path})")
     for name, p in own.items():
         if hasattr(p, "device_mesh"):  # DTensor: distribute the full tensor the way p is placed
@@ -67,32 +77,198 @@ def load_trainable(model: nn.Module, path) -> None:
             p.copy_(saved[name])
 
 
+# ---------------------------------------------------------------- state as JSON + tensors
+
+def to_json(obj, tensors: dict):
+    """Nested dicts / lists / tuples of scalars and tensors -> JSON, tensors moved into `tensors`.
+    Tags keep what JSON cannot say: non-string keys (a torch optimizer's state is keyed by int) and
+    tuples (its betas)."""
+    if isinstance(obj, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = full(obj).clone()  # clone: safetensors refuses tensors sharing storage
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: to_json(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[to_json(k, tensors), to_json(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [to_json(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [to_json(v, tensors) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"a checkpoint holds tensors and JSON values, not {type(obj).__name__}")
+
+
+def from_json(obj, tensors: dict):
+    """The inverse of to_json; anything it did not write is a ValueError."""
+    if isinstance(obj, list):
+        return [from_json(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if obj.keys() == {"__tensor__"}:
+        if obj["__tensor__"] not in tensors:
+            raise ValueError(f"no tensor {obj['__tensor__']!r}")
+        return tensors[obj["__tensor__"]]
+    if obj.keys() == {"__tuple__"} and isinstance(obj["__tuple__"], list):
+        return tuple(from_json(v, tensors) for v in obj["__tuple__"])
+    if obj.keys() == {"__items__"} and isinstance(obj["__items__"], list):
+        if not all(isinstance(kv, list) and len(kv) == 2 for kv in obj["__items__"]):
+            raise ValueError("malformed __items__")
+        return {from_json(k, tensors): from_json(v, tensors) for k, v in obj["__items__"]}
+    if any(k.startswith("__") for k in obj):
+        raise ValueError(f"unknown tag {next(k for k in obj if k.startswith('__'))!r}")
+    return {k: from_json(v, tensors) for k, v in obj.items()}
+
+
+# ---------------------------------------------------------------- checkpoints
+
 def save_checkpoint(directory, model: nn.Module, state: dict, write: bool = True) -> None:
-    """directory/{trainable.safetensors, state.pt}, swapped in whole: the old checkpoint stays
-    valid until the new one is complete."""
-    tmp = f"{directory}.tmp"
-    if write:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    save_trainable(model, os.path.join(tmp, "trainable.safetensors"), write)
-    if write:
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        old = f"{directory}.old"
-        if os.path.exists(directory):
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+    """directory/{trainable.safetensors, state.safetensors, state.json}, swapped in whole: the old
+    checkpoint stays valid until the new one is complete. Every rank calls (shards are gathered)."""
+    tensors = {}
+    meta = to_json(state, tensors)
+    trained = {n: full(p) for n, p in trainable(model).items()}
+    if not write:
+        return
+    with atomic_dir(directory) as tmp:
+        save_file(trained, os.path.join(tmp, "trainable.safetensors"))
+        save_file(tensors, os.path.join(tmp, "state.safetensors"))
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(meta, f)
 
 
 def find_checkpoint(directory) -> str | None:
-    """The checkpoint to resume from; `.old` is the previous one if a crash hit between the renames."""
-    for d in (directory, f"{directory}.old"):
-        if os.path.isfile(os.path.join(d, "state.pt")):
-            return d
+    """The checkpoint to resume from: `directory`, or `directory.old` when a crash hit between the
+    two renames of a save (prepare_run_folder then puts it back). Reads only."""
+    for candidate in (directory, f"{directory}.old"):
+        if os.path.isfile(os.path.join(candidate, "state.pt")):
+            raise ValueError(f"checkpoint holds a pickle (state.pt) from an older version, which is never "
+                             f"loaded; start the run again with --overwrite_output_dir ({candidate})")
+        if os.path.isdir(candidate):
+            return candidate
     return None
 
 
 def load_checkpoint(directory, model: nn.Module) -> dict:
-    directory = find_checkpoint(directory) or directory
+    """The saved state (after loading the trainable tensors into `model`); ValueError if corrupt."""
     load_trainable(model, os.path.join(directory, "trainable.safetensors"))
-    return torch.load(os.path.join(directory, "state.pt"), weights_only=False)
+    tensors = _load_tensors(os.path.join(directory, "state.safetensors"))
+    meta = read_json(os.path.join(directory, "state.json"))
+    try:
+        return from_json(meta, tensors)
+    except ValueError as e:
+        raise ValueError(f"corrupt checkpoint: {e} ({directory}/state.json)") from None
+
+
+def restore(directory, model: nn.Module, trainer) -> dict:
+    """Load a checkpoint into the model, the trainer and torch's RNG; -> the loop's state.
+    A checkpoint whose contents do not fit is a ValueError naming it, not a traceback."""
+    saved = load_checkpoint(directory, model)
+    try:
+        trainer.load_state_dict(saved["trainer"])
+        torch.set_rng_state(saved["torch_rng"])
+        loop = saved["loop"]
+        if not isinstance(loop, dict) or not isinstance(loop.get("metrics_lines"), int):
+            raise ValueError("bad loop state")
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+        raise ValueError(f"corrupt checkpoint: {type(e).__name__}: {e} ({directory})") from None
+    return loop
+
+
+# ---------------------------------------------------------------- run folders
+
+def run_kind(folder) -> str | None:
+    """The kind of run a folder holds ("train", "replay", "eval"), or None if no run wrote it."""
+    try:
+        config = read_json(os.path.join(folder, "config.json"))
+    except ValueError:
+        return None
+    kind = config.get("kind") if isinstance(config, dict) else None
+    return kind if kind in RUN_KINDS else None
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def _writable(path: str) -> bool:
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def _own_entries(folder: str) -> list[str]:
+    """The run's own files in `folder` and the temporaries a crash left of them."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return [n for n in names if n in RUN_FILES or any(is_temp_of(n, own) for own in RUN_FILES)]
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
+
+
+def check_run_folder(folder, *, resume: bool, overwrite: bool, protected=(), flag="--output_dir") -> str:
+    """Refuse an output folder a run may not use; -> its canonical absolute path. Writes nothing.
+
+    protected: folders the run reads (model, data); the output may neither be, hold, nor be inside one.
+    Without resume or overwrite the folder must not hold a run, nor any file a run would replace.
+    """
+    canonical = os.path.realpath(folder)
+    if os.path.exists(canonical) and not os.path.isdir(canonical):
+        raise ValueError(f"output folder is a file ({flag} {folder})")
+    if not _writable(canonical):
+        raise ValueError(f"output folder is not writable ({flag} {folder})")
+    for what, path in protected:
+        if path and os.path.exists(path):
+            other = os.path.realpath(path)
+            if _within(canonical, other) or _within(other, canonical):
+                raise ValueError(f"output folder overlaps the {what} folder {path}: a run never writes there "
+                                 f"({flag} {folder})")
+    kind = run_kind(canonical)
+    if resume:
+        if kind != "train":
+            raise ValueError(f"nothing to resume: not a training run's folder ({flag} {folder})")
+        if find_checkpoint(os.path.join(canonical, "checkpoint")) is None:
+            raise ValueError(f"nothing to resume: the run saved no checkpoint; start it again with "
+                             f"--overwrite_output_dir ({flag} {folder})")
+        return canonical
+    foreign = os.path.exists(os.path.join(canonical, "config.json")) and kind is None
+    if (kind is not None or foreign) and not overwrite:
+        raise ValueError(f"output folder belongs to another run; pass --resume or --overwrite_output_dir "
+                         f"({flag} {folder})")
+    if foreign:
+        raise ValueError(f"output folder holds a config.json that no run wrote; never overwritten ({flag} {folder})")
+    if kind is None:
+        taken = [n for n in _own_entries(canonical) if n in RUN_FILES]
+        if taken:
+            raise ValueError(f"output folder already holds {taken[0]}, which a run would replace ({flag} {folder})")
+    return canonical
+
+
+def prepare_run_folder(folder: str, *, resume: bool) -> None:
+    """After check_run_folder (rank 0 only): resume: finish an interrupted checkpoint save and drop
+    stale temporaries; otherwise remove the previous run's own files. Nothing else is touched."""
+    if resume:
+        recover_dir(os.path.join(folder, "checkpoint"))
+        recover_dir(os.path.join(folder, "model"))
+        stale = [n for n in _own_entries(folder) if n not in RUN_FILES]
+    else:
+        stale = _own_entries(folder)
+    for name in stale:
+        _remove(os.path.join(folder, name))
+
+
+def resume_conflicts(saved: dict, now: dict, free) -> list[str]:
+    """The settings a resumed run would change, ignoring `free` ones; folders compared by real path."""
+    def same(key):
+        a, b = saved[key], now.get(key, saved[key])
+        if key in ("model", "data_dir") and isinstance(a, str) and isinstance(b, str):
+            return os.path.realpath(a) == os.path.realpath(b)
+        return a == b
+    return sorted(k for k in saved if k not in free and k != "output_dir" and not same(k))

@@ -1,4 +1,4 @@
-"""Trajectory log and replay (DESIGN.md 3.5).
+"""Trajectory log and replay (`train.py --replay`).
 
 A MeZO run is determined by its base weights and, per update, (step, seed, projected_grad, lr):
 z is a function of the seed, so the log is a few bytes per step instead of a checkpoint. Each
@@ -24,7 +24,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from data.files import atomic_write
+
 from .mezo import MeZO, MeZOConfig
+from .optim import num_samples
 from .perturb import LocalView, whole
 
 
@@ -37,10 +40,7 @@ class Trajectory:
         self._pending: list[tuple[int, int, torch.Tensor, float]] = []
         if keep_before_step is not None:
             old = read_trajectory(self.path) if self.path.exists() else []
-            kept = [r for r in old if r["step"] < keep_before_step]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(_line(r) for r in kept))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(_line(r) for r in old if r["step"] < keep_before_step))
 
     def append(self, step: int, seed: int, projected_grad: torch.Tensor, lr: float) -> None:
         self._pending.append((step, seed, projected_grad, lr))
@@ -58,15 +58,53 @@ class Trajectory:
         self._pending.clear()
 
 
+FIELDS = {"step": int, "seed": int, "projected_grad": (float, int), "lr": (float, int)}
+
+
 def _line(record: dict) -> str:
-    return json.dumps({k: record[k] for k in ("step", "seed", "projected_grad", "lr")}) + "\n"
+    return json.dumps({k: record[k] for k in FIELDS}) + "\n"
 
 
 def read_trajectory(path) -> list[dict]:
-    """Records in file order; a torn last line (a crash mid-write) is dropped."""
-    text = Path(path).read_text()
-    lines = text.split("\n")
-    return [json.loads(line) for line in lines[:-1] if line]  # the last piece is "" or torn
+    """Records in file order; a torn last line (a crash mid-write) is dropped. Anything else that is
+    not a record is a ValueError naming the file and line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"missing trajectory ({path})")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"garbled trajectory: not UTF-8 at byte {e.start} ({path})") from None
+    records = []
+    for number, line in enumerate(lines[:-1], start=1):  # the last piece is "" or a torn line
+        try:
+            record = json.loads(line)
+            if not (isinstance(record, dict) and record.keys() == set(FIELDS) and all(
+                    isinstance(record[k], kind) and not isinstance(record[k], bool) for k, kind in FIELDS.items())):
+                raise ValueError(f"expected an object with {', '.join(FIELDS)}")
+            if record["step"] < 0:
+                raise ValueError("negative step")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            raise ValueError(f"garbled trajectory line: {e} ({path}:{number})") from None
+        records.append(record)
+    return records
+
+
+def records_up_to(path, steps: int, config: MeZOConfig) -> list[dict]:
+    """The records of steps 0 .. steps-1, checked before anything is replayed: every step present,
+    once, in order, with as many lines as the run's n-SPSA schedule draws z for it."""
+    records = [r for r in read_trajectory(path) if r["step"] < steps]
+    logged = [(step, len(list(group))) for step, group in groupby(r["step"] for r in records)]
+    for expected, (step, count) in enumerate(logged):
+        if step != expected:
+            what = "repeats" if any(s == step for s, _ in logged[:expected]) else "skips to"
+            raise ValueError(f"trajectory {what} step {step} where step {expected} belongs ({path})")
+        want = num_samples(step, config.n_spsa, config.n_spsa_schedule, config.max_steps)
+        if count != want:
+            raise ValueError(f"trajectory has {count} lines for step {step}, expected {want} ({path})")
+    if len(logged) < steps:
+        raise ValueError(f"trajectory ends before step {len(logged)}; the selected model is at step {steps} "
+                         f"({path})")
+    return records
 
 
 def replay(model: nn.Module, records: list[dict], config: MeZOConfig, local_view: LocalView = whole) -> None:
