@@ -2,16 +2,15 @@
 
 The loop reads side by side with the original's `_inner_training_loop` (large_models/trainer.py,
 search "MeZO added") and `run.py main`: per batch `zo_step` then `zo_update`; the mean L(theta+eps z)
-logged every `logging_steps`; dev loss every `eval_steps`, keeping the best model (lowest dev loss
-for OPT, highest dev accuracy for RoBERTa, as the original; `--select_by` changes it); at the end
-the selected model is evaluated on dev and test. `--trainer fo` swaps in backprop (the FT rows).
+logged every `logging_steps`; dev loss at every multiple of `eval_steps`, keeping the best model
+(lowest dev loss for OPT, highest dev accuracy for RoBERTa, as the original; `--select_by` changes
+it; a run never evaluated, and a --non_diff run, keep the last model); at the end the selected model
+is evaluated on dev and test. `--trainer fo` swaps in backprop (the FT rows).
 """
 import argparse
 import json
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 
@@ -21,111 +20,30 @@ import torch
 import data
 import models
 import zo
-from data import presets, report
+from data import flags
+from data.evaluate import DTYPES, chunks, dev_loss, encode_samples, evaluate, generate_text, to_device
+from data.files import atomic_write, write_json
+from data.paper import grid, presets
 from zo import distributed
-from eval import DTYPES, chunks, encode_samples, evaluate, generate_text, to_device
-from zo.checkpoint import (find_checkpoint, load_checkpoint, read_json, save_checkpoint, save_trainable, load_trainable,
-                           trainable, write_json, write_lines)
+from zo.checkpoint import (check_run_folder, find_checkpoint, load_trainable, prepare_run_folder, read_json, restore,
+                           resume_conflicts, run_kind, save_checkpoint, save_trainable, trainable)
+from zo.optim import WD_EXEMPT
+from zo.progress import logging_record, peak_memory, stop_on_signals
+from zo.trajectory import records_up_to
 
-BOOL = dict(nargs="?", const=True, default=None, type=lambda s: s.lower() in ("1", "true", "yes"))
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (DESIGN.md 3.7), instead of usage + message
-        print(f"error: {message} (command line)", file=sys.stderr)
-        sys.exit(2)
+# what --resume may change: where and how fast it runs, and how long (the checkpoint holds the rest)
+RESUME_FREE = {"resume", "overwrite_output_dir", "device", "dist_timeout", "max_steps", "eval_batch_size", "kind"}
 
 
-def build_parser():
-    p = Parser(description=__doc__.split("\n")[0])
-    a = p.add_argument
-    a("--task", default="SST2"), a("--model", default=models.TINY_OPT, help="checkpoint dir or cached hub name")
-    a("--mode", choices=("ft", "prefix", "lora"), default="ft"), a("--trainer", choices=("zo", "fo"), default="zo")
-    a("--data_dir"), a("--output_dir")
-    a("--preset", help="a configuration of the paper (see --list-presets); flags given here override it")
-    a("--list-presets", dest="list_presets", action="store_true"), a("--dry-run", dest="dry_run", action="store_true")
-    a("--grid", action="store_true", help="run every grid point of --preset under --output_dir, skipping finished ones")
-    a("--slurm", metavar="DIR", help="with --preset: write one sbatch script per grid point into DIR")
-    a("--nproc", type=int, default=1, help="GPUs per job in --slurm scripts")
-    a("--resume", action="store_true"), a("--overwrite_output_dir", action="store_true")
-    a("--replay", metavar="RUN_DIR", help="rebuild RUN_DIR's selected model from its base model and trajectory")
-    a("--fsdp", action="store_true", help="shard parameters with FSDP2 (torchrun)")
-    a("--dist_timeout", type=float, default=600.0, help="seconds before a rank gives up on a lost peer")
-    # hyperparameters, with the original's defaults (mezo.sh, run.py, HF TrainingArguments)
-    a("--batch_size", type=int, default=16, help="global batch"), a("--learning_rate", type=float, default=1e-5)
-    a("--zo_eps", type=float, default=1e-3), a("--max_steps", type=int, default=20000)
-    a("--num_train_epochs", type=float), a("--eval_steps", type=int, default=4000), a("--save_steps", type=int)
-    a("--logging_steps", type=int, default=10), a("--seed", type=int, default=42)
-    a("--train_set_seed", type=int, help="data seed (default 0 for OPT, 42 for RoBERTa)")
-    a("--k", type=int, default=16), a("--num_train", type=int), a("--num_dev", type=int)
-    a("--num_eval", type=int, default=1000), a("--dtype", choices=DTYPES, default="fp32")
-    a("--weight_decay", type=float, default=0.0), a("--lr_scheduler_type", choices=("constant", "linear"))
-    a("--optimizer", choices=("sgd", "adam", "adamw")), a("--momentum", type=float, default=0.0)
-    a("--num_prefix", type=int, default=5), a("--lora_r", type=int, default=8), a("--lora_alpha", type=float, default=16)
-    a("--perturbation", choices=("exact", "reference", "eager"), default="exact")
-    a("--distribution", choices=("normal", "rademacher"), default="normal")
-    a("--seed_source", choices=("generator", "numpy_global"), default="generator")
-    a("--n_spsa", type=int, default=1), a("--n_spsa_schedule", choices=("constant", "linear"), default="constant")
-    a("--zo_variant", choices=("param_norm", "grad_norm")), a("--change_grad_estimate", **BOOL)
-    a("--recompute_norms", **BOOL), a("--use_zo_grad_est", **BOOL), a("--gradient_accumulation_steps", type=int, default=1)
-    a("--select_by", choices=("loss", "accuracy")), a("--non_diff", **BOOL), a("--train_as_classification", **BOOL)
-    a("--no_bos_override", **BOOL), a("--max_length", type=int, default=2048), a("--max_grad_norm", type=float, default=1.0)
-    a("--max_nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
-    a("--eval_batch_size", type=int, default=8), a("--device", default="auto", help="auto: cuda:LOCAL_RANK when CUDA is there, else cpu")
-    return p
-
-
-def parse_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    if args.preset:  # the preset becomes the defaults, so flags given on the command line still win
-        fixed, grid = presets.resolve(args.preset, args.task, args.k if args.preset.startswith("roberta") else None)
-        p.set_defaults(**fixed, **{k: values[0] for k, values in grid.items()})
-        args = p.parse_args(argv)
-        args.grid_axes = grid
-    return args
-
-
-def resolve(args):
-    """Fill the defaults that depend on the model family and trainer; check values (ValueError).
-    The family comes from the model's config.json (a --dry-run without the model: from the task)."""
+def model_type(args):
+    """The family of --model (`model_type` of its config.json); a --dry-run may name a model that
+    is not here (a preset's facebook/opt-13b): then the task decides."""
     try:
-        family = models.checkpoint.read_config(models.resolve_model_path(args.model)).model_type
+        return models.checkpoint.read_config(models.resolve_model_path(args.model)).model_type
     except models.ModelError:
         if not args.dry_run:
             raise
-        family = None
-    task = data.get_task(args.task, family=family)
-    family = task.family
-    args.task, args.family = task.name, family
-    args.train_set_seed = (0 if family == "opt" else 42) if args.train_set_seed is None else args.train_set_seed
-    args.select_by = args.select_by or ("loss" if family == "opt" else "accuracy")
-    args.lr_scheduler_type = args.lr_scheduler_type or ("constant" if args.trainer == "zo" else "linear")
-    args.optimizer = args.optimizer or ("sgd" if args.trainer == "zo" else "adamw")
-    args.save_steps = args.save_steps or args.eval_steps
-    if args.num_train is None:  # the original's 1000 (mezo.sh); the bundled samples hold 80 SST-2 rows
-        args.num_train = 1000 if args.data_dir else 64
-    if args.num_dev is None and not args.data_dir and family == "opt":
-        args.num_dev = min(task.num_dev, 16)
-    if args.zo_eps <= 0:
-        raise ValueError(f"zo_eps must be > 0 (--zo_eps {args.zo_eps})")
-    for name in ("batch_size", "logging_steps", "eval_steps", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"{name} must be >= 1 (--{name} {getattr(args, name)})")
-    if args.non_diff and args.trainer != "zo":
-        raise ValueError("the non-differentiable objective needs --trainer zo (--non_diff)")
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1 and (args.trainer == "fo" or args.zo_variant):
-        raise ValueError("the backprop baseline and the variance-modified variants run on one process "
-                         f"(WORLD_SIZE={world})")
-    if args.fsdp and (args.non_diff or args.perturbation == "reference" or args.trainer == "fo"):
-        raise ValueError("--fsdp runs MeZO with exact perturbations and a differentiable loss "
-                         "(greedy generations differ in length across ranks) (--fsdp)")
-    if args.output_dir is None:
-        name = os.path.basename(os.path.normpath(str(args.model)))
-        args.output_dir = os.path.join("runs", f"{task.name}-{name}-{args.trainer}-{args.mode}-{args.learning_rate}-"
-                                       f"{args.zo_eps}-{args.train_set_seed}")
-    return task
+        return None
 
 
 class Run:
@@ -136,6 +54,7 @@ class Run:
         path = models.resolve_model_path(args.model)
         self.task = data.get_task(args.task, family=args.family)
         self.model = models.load_model(path, dtype=DTYPES[args.dtype], device=dist.device)
+        self.positions = models.max_positions(self.model.config)
         self.tok = models.load_tokenizer(path)
         gen = torch.Generator().manual_seed(args.seed)  # LoRA / prefix init: part of the run, replayable
         if args.mode == "lora":
@@ -150,14 +69,27 @@ class Run:
         a, task = self.args, self.task
         if task.family == "roberta":  # k-shot folders: k per class for train and for dev (LM-BFF)
             parts = task.load(a.data_dir, k=a.k, seed=a.train_set_seed)
-        else:  # one permutation of train -> train + dev tail; test = permuted validation (§2.2)
+        else:  # one permutation of train -> train + dev tail; test = permuted validation (tasks.py sample_train_sets)
             parts = data.opt_splits(task, task.load(a.data_dir), a.num_train, a.num_dev, a.num_eval, a.train_set_seed)
+        if not parts["test"]:  # the run ends by evaluating it: known now, not at its end
+            raise data.DataError(f"no evaluation examples for {task.name} (--num_eval {a.num_eval})")
+        if task.family == "roberta" and task.max_seq_length > self.positions:
+            raise data.DataError(f"{task.name} prompts take {task.max_seq_length} tokens, the model has "
+                                 f"{self.positions} positions (--model {a.model})")
+        if task.family != "roberta":  # config.json records what the run used: a small split is used whole
+            a.num_train, a.num_dev, a.num_eval = (len(parts[s]) for s in ("train", "dev", "test"))
+        a.max_length = min(a.max_length, self.positions)  # the model's positions bound every encoding
         self.samples = parts
+        # run.py: without a dev set the trainer evaluates (and selects) on the evaluation set
+        self.selection_split = "dev" if parts["dev"] else "test"
+        if self.selection_split == "test" and a.select_by:
+            print(f"no dev examples (--num_dev {a.num_dev}): model selection uses the evaluation set, as the "
+                  "original's run.py", file=sys.stderr)
         self.kind = data.batch_kind(task, training=True, train_as_classification=a.train_as_classification,
                                     non_diff=a.non_diff)
         self.encoded = {split: encode_samples(task, parts[split], self.tok, generation_with_gold=True,
                                               max_length=a.max_length, bos_override=not a.no_bos_override)
-                        for split in ("train", "dev")}
+                        for split in ("train", self.selection_split)}
         if not self.encoded["train"]:
             raise data.DataError(f"no training examples for {task.name} (--data_dir {a.data_dir or data.SAMPLES_DIR})")
         self.batches_per_epoch = math.ceil(len(self.encoded["train"]) / a.batch_size)
@@ -190,24 +122,23 @@ class Run:
                 closures.append(lambda m, e=empty: m(e, e).sum() * 0.0)
                 continue
             b = to_device(data.collate(local, self.kind, self.tok.pad_token_id), self.dist.device)
-            if a.non_diff:  # -F1 of greedy generations (zo_forward_nondiff)
-                closures.append(lambda m, b=b, s=share: data.neg_f1(generate_text(m, self.tok, b), b["gold"]) * s)
+            if a.non_diff and self.task.family == "roberta":  # -accuracy (medium_models --optimize_acc)
+                closures.append(lambda m, b=b, s=share: data.neg_accuracy(m(b["input_ids"], b["attention_mask"]), b) * s)
+            elif a.non_diff:  # -F1 of greedy generations (zo_forward_nondiff)
+                closures.append(lambda m, b=b, s=share: data.neg_f1(
+                    generate_text(m, self.tok, b, max_length=a.max_length), b["gold"]) * s)
             else:
                 closures.append(lambda m, b=b, s=share: data.task_loss(m(b["input_ids"], b["attention_mask"]), b) * s)
         return closures
 
-    @torch.no_grad()
     def evaluate_dev(self, with_metric):
-        """Dev loss as HF `evaluate` computes it (training encoding, mean over batches) and, when
-        selection or reporting needs it, the task metric."""
-        self.model.eval()
+        """Dev loss on the training encoding (HF `evaluate`) and, when selection or reporting needs
+        it, the task metric; on the evaluation set when there is no dev set (run.py)."""
         kind = "option_lm" if self.kind == "prompt" else self.kind
-        losses = [data.task_loss(self.model(b["input_ids"], b["attention_mask"]), b).float().item()
-                  for b in (to_device(data.collate(c, kind, self.tok.pad_token_id), self.dist.device)
-                            for c in chunks(self.encoded["dev"], self.args.eval_batch_size))]
-        out = {"loss": float(np.mean(losses))}
+        split = self.selection_split
+        out = {"loss": dev_loss(self.model, self.encoded[split], kind, self.tok.pad_token_id, self.args.eval_batch_size)}
         if with_metric:
-            out.update(self.test_metrics(self.samples["dev"]))
+            out.update(self.test_metrics(self.samples[split]))
         return out
 
     def test_metrics(self, samples):
@@ -220,7 +151,7 @@ class Run:
         if a.trainer == "fo":
             return zo.FO(self.model, zo.FOConfig(
                 lr=a.learning_rate, optimizer="sgd" if a.optimizer == "sgd" else "adam", weight_decay=a.weight_decay,
-                momentum=a.momentum, lr_scheduler=a.lr_scheduler_type, max_steps=a.max_steps, clip_grad_norm=a.max_grad_norm))
+                wd_exempt=self.wd_exempt(), momentum=a.momentum, lr_scheduler=a.lr_scheduler_type, max_steps=a.max_steps, clip_grad_norm=a.max_grad_norm))
         return zo.MeZO(self.model, self.mezo_config(), **self.mezo_kwargs())
 
     def mezo_kwargs(self):
@@ -228,11 +159,16 @@ class Run:
         kwargs = {"reduce_losses": self.dist.reduce_losses} if self.dist.grouped else {}
         return {**kwargs, "local_view": distributed.local_view} if self.args.fsdp else kwargs
 
+    def wd_exempt(self):
+        """large_models' zo_update exempts bias and LayerNorm names; medium_models decays every parameter."""
+        return WD_EXEMPT if self.args.wd_exempt == "bias_norm" else ()
+
     def mezo_config(self):
         a = self.args
         optimizer = "adam" if a.optimizer in ("adam", "adamw") else ("momentum" if a.momentum else "sgd")
         return zo.MeZOConfig(
-            lr=a.learning_rate, eps=a.zo_eps, weight_decay=a.weight_decay, lr_scheduler=a.lr_scheduler_type,
+            lr=a.learning_rate, eps=a.zo_eps, weight_decay=a.weight_decay, wd_exempt=self.wd_exempt(),
+            lr_scheduler=a.lr_scheduler_type,
             max_steps=a.max_steps, perturbation={"exact": "fused"}.get(a.perturbation, a.perturbation),
             distribution=a.distribution, seed=a.seed, seed_source=a.seed_source, n_spsa=a.n_spsa,
             n_spsa_schedule=a.n_spsa_schedule, optimizer=optimizer, momentum=a.momentum or 0.9,
@@ -240,43 +176,30 @@ class Run:
             recompute_norms=bool(a.recompute_norms), use_zo_grad_est=bool(a.use_zo_grad_est))
 
 
-def peak_memory(device):
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:  # VmHWM: the process's resident high-water mark
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+def start(run):
+    """The trainer and the loop's state: restored from the checkpoint on --resume, else fresh, with
+    torch's RNG (dropout) seeded by --seed. Reads only: a corrupt checkpoint fails before any write."""
+    trainer = run.trainer()
+    if run.args.resume:
+        return trainer, restore(find_checkpoint(os.path.join(run.out, "checkpoint")), run.model, trainer)
+    torch.manual_seed(run.args.seed)
+    return trainer, {"best": None, "best_step": None, "nonfinite": 0, "nonfinite_run": 0, "metrics_lines": 0}
 
 
-def prepare_output_dir(args, dist):
-    """A folder holds one run: refuse another run's folder unless --resume or --overwrite_output_dir."""
-    config = os.path.join(args.output_dir, "config.json")
-    if os.path.exists(config) and not args.resume:
-        if not args.overwrite_output_dir:
-            raise ValueError(f"output folder belongs to another run; pass --resume or --overwrite_output_dir "
-                             f"({args.output_dir})")
-        if dist.is_main:
-            shutil.rmtree(args.output_dir)
-    if args.resume and not find_checkpoint(os.path.join(args.output_dir, "checkpoint")):
-        raise ValueError(f"nothing to resume: no checkpoint ({args.output_dir}/checkpoint)")
-    if args.resume:  # the same run, or the checkpoint would continue under other hyperparameters
-        saved = read_json(config)
-        free = {"resume", "overwrite_output_dir", "device", "dist_timeout", "max_steps", "eval_batch_size", "kind"}
-        changed = sorted(k for k in saved if k not in free and saved[k] != vars(args).get(k, saved[k]))
-        if changed:
-            raise ValueError(f"--resume with other settings than the run's: {', '.join(changed)} ({config})")
+def resumed_args(argv, args):
+    """--resume: the run's config.json supplies every flag not given now. -> (args, saved config)."""
+    folder = check_run_folder(args.output_dir, resume=True, overwrite=False)
+    saved = read_json(os.path.join(folder, "config.json"))
+    parser = flags.build_parser()
+    dests = {action.dest for action in parser._actions} - {"resume", "output_dir"}
+    parser.set_defaults(**{k: v for k, v in saved.items() if k in dests})
+    return parser.parse_args(argv), saved
 
 
-def train(run):
+def train(run, trainer, state):
     """The original's _inner_training_loop for MeZO (trainer.py "MeZO added"), and run.py's final evaluation."""
     a, model, dist, out = run.args, run.model, run.dist, run.out
     ckpt = os.path.join(out, "checkpoint")
-    trainer = run.trainer()
-    state = {"best": None, "best_step": None, "nonfinite": 0, "nonfinite_run": 0, "metrics_lines": 0}
-    if a.resume:
-        saved = load_checkpoint(ckpt, model)
-        trainer.load_state_dict(saved["trainer"])
-        torch.set_rng_state(saved["torch_rng"])
-        state = saved["loop"]
     trajectory = None
     if a.trainer == "zo" and dist.is_main:
         trajectory = trainer.trajectory = zo.Trajectory(os.path.join(out, "trajectory.jsonl"),
@@ -285,7 +208,7 @@ def train(run):
     if metrics and a.resume:  # drop lines written after the checkpoint
         metrics.close()
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            write_lines(os.path.join(out, "metrics.jsonl"), f.readlines()[:state["metrics_lines"]])
+            atomic_write(os.path.join(out, "metrics.jsonl"), "".join(f.readlines()[:state["metrics_lines"]]))
         metrics = open(os.path.join(out, "metrics.jsonl"), "a")
 
     def log(record):
@@ -302,39 +225,44 @@ def train(run):
                                       "loop": state}, write=dist.is_main)
         dist.barrier()
 
-    stop = []  # set by SIGINT / SIGTERM (the original's --save_on_interrupt)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda s, f: stop.append(s))
+    graphed = None
+    if a.cuda_graphs:  # the same MeZO step, replayed as a CUDA graph per batch shape (zo/graphs.py)
+        graphed = zo.CudaGraphStep(trainer, model, lambda m, b: data.task_loss(m(b["input_ids"], b["attention_mask"]), b))
     window = [torch.tensor(x) for x in state.get("window", [])]
     t0, start_step, interrupted = time.time(), trainer.global_step, False
-    while trainer.global_step < a.max_steps and not interrupted:
-        step = trainer.global_step
-        loss_fns = run.loss_fns(run.batch(step))
-        if a.trainer == "zo":
-            if a.recompute_norms and step > 0 and step % run.batches_per_epoch == 0:
-                trainer.initialize_c(model, loss_fns[0])  # medium_models: control variates per epoch
-            tr_loss_step, _ = trainer.zo_step(model, loss_fns)  # MeZO added: estimate gradient
-            trainer.zo_update(model)  # MeZO added: update model with the estimated gradient
-        else:
-            tr_loss_step = trainer.step(model, loss_fns)  # training_step + optimizer.step
-        window.append(tr_loss_step)
-        last = step + 1 == a.max_steps
-        if (step + 1) % a.logging_steps == 0 or last:
-            log(logging_record(run, trainer, state, window, step, t0, start_step))
-            window = []
-            # ranks agree on stopping here (one scalar per logging window), a lone process at once
-            interrupted = dist.any(bool(stop))
-        elif stop and not dist.grouped:
-            interrupted = True
-        if (step + 1) % a.eval_steps == 0 or last:
-            dev = run.evaluate_dev(with_metric=a.select_by == "accuracy")
-            log({"step": step + 1, **{f"dev_{k}": v for k, v in dev.items()}})
-            score = -dev["loss"] if a.select_by == "loss" else next(v for k, v in dev.items() if k != "loss")
-            if state["best"] is None or score > state["best"]:  # load_best_model_at_end
-                state["best"], state["best_step"] = score, step + 1
-                save_trainable(model, os.path.join(out, "best.safetensors"), write=dist.is_main)
-        if (step + 1) % a.save_steps == 0 or interrupted:
-            checkpoint()
+    with stop_on_signals() as stop:  # the original's --save_on_interrupt; handlers restored after
+        while trainer.global_step < a.max_steps and not interrupted:
+            step = trainer.global_step
+            loss_fns = run.loss_fns(run.batch(step)) if graphed is None else None
+            if graphed is not None:
+                tr_loss_step = graphed(to_device(data.collate(run.batch(step), run.kind, run.tok.pad_token_id), dist.device))
+            elif a.trainer == "zo":
+                if a.recompute_norms and step > 0 and step % run.batches_per_epoch == 0:
+                    trainer.initialize_c(model, loss_fns[0])  # medium_models: control variates per epoch
+                tr_loss_step, _ = trainer.zo_step(model, loss_fns)  # MeZO added: estimate gradient
+                trainer.zo_update(model)  # MeZO added: update model with the estimated gradient
+            else:
+                tr_loss_step = trainer.step(model, loss_fns)  # training_step + optimizer.step
+            window.append(tr_loss_step)
+            last = step + 1 == a.max_steps
+            if (step + 1) % a.logging_steps == 0 or last:
+                log(logging_record(window, state, step=step + 1, max_steps=a.max_steps, lr=trainer.learning_rate(),
+                                   steps_per_s=(trainer.global_step - start_step) / (time.time() - t0),
+                                   device=dist.device, max_nonfinite=a.max_nonfinite, show=dist.is_main))
+                window = []
+                # ranks agree on stopping here (one scalar per logging window), a lone process at once
+                interrupted = dist.any(bool(stop))
+            elif stop and not dist.grouped:
+                interrupted = True
+            if a.select_by and ((step + 1) % a.eval_steps == 0 or last and a.eval_final_step):
+                dev = run.evaluate_dev(with_metric=a.select_by == "accuracy")
+                log({"step": step + 1, **{f"dev_{k}": v for k, v in dev.items()}})
+                score = -dev["loss"] if a.select_by == "loss" else next(v for k, v in dev.items() if k != "loss")
+                if state["best"] is None or score > state["best"]:  # load_best_model_at_end
+                    state["best"], state["best_step"] = score, step + 1
+                    save_trainable(model, os.path.join(out, "best.safetensors"), write=dist.is_main)
+            if (step + 1) % a.save_steps == 0 or interrupted:
+                checkpoint()
     if interrupted:
         print(f"\ninterrupted at step {trainer.global_step}: checkpoint saved, continue with --resume", file=sys.stderr)
         return 130
@@ -344,41 +272,27 @@ def train(run):
     return 0
 
 
-def logging_record(run, trainer, state, window, step, t0, start_step):
-    """HF logs mean(loss1) over the window; here the one host sync of the window. Non-finite losses
-    (their updates were skipped) are counted, and a run of them stops training."""
-    losses = torch.stack(window).float().cpu()
-    for finite in torch.isfinite(losses).tolist():
-        state["nonfinite_run"] = 0 if finite else state["nonfinite_run"] + 1
-        state["nonfinite"] += not finite
-    finite = torch.isfinite(losses)
-    speed = (trainer.global_step - start_step) / (time.time() - t0)
-    record = {"step": step + 1, "loss": float(losses[finite].mean()) if finite.any() else float("nan"),
-              "lr": trainer.learning_rate(), "steps_per_s": speed, "nonfinite": state["nonfinite"],
-              "peak_memory_bytes": peak_memory(run.dist.device)}
-    if run.dist.is_main:  # a live line: in place on a terminal, one line per window in a log file
-        eta = time.strftime("%H:%M:%S", time.gmtime((run.args.max_steps - step - 1) / max(speed, 1e-9)))
-        print(f"step {step + 1}/{run.args.max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-              f"{speed:.2f} steps/s | ETA {eta}", end="\r" if sys.stderr.isatty() else "\n", file=sys.stderr)
-    if state["nonfinite_run"] >= run.args.max_nonfinite:
-        raise FloatingPointError(f"{state['nonfinite_run']} non-finite losses in a row at step {step + 1}; "
-                                 f"lower --learning_rate or use --dtype fp32 (training)")
-    return record
-
-
 def finish(run, state, time_per_step):
-    """run.py: load the best model, evaluate it on dev and test, write results and the model."""
+    """run.py: load the best model, evaluate it on dev and test, write results and the model. A run
+    never evaluated keeps its last model (HF without an evaluation: the original's non-diff runs)."""
     a, model, out = run.args, run.model, run.out
-    load_trainable(model, os.path.join(out, "best.safetensors"))
-    results = {"dev": run.evaluate_dev(with_metric=True), "test": run.test_metrics(run.samples["test"]),
-               "best_step": state["best_step"], "nonfinite_losses": state["nonfinite"],
+    if state["best_step"] is None:
+        why = ("--non_diff without --select_by" if not a.select_by else
+               f"no step up to --max_steps {a.max_steps} is a multiple of --eval_steps {a.eval_steps}")
+        print(f"\nkeeping the last model: never evaluated during training ({why})", file=sys.stderr)
+    else:
+        load_trainable(model, os.path.join(out, "best.safetensors"))
+    selection = "last" if state["best_step"] is None else run.selection_split.replace("test", "eval")
+    results = {"dev": run.evaluate_dev(with_metric=True) if run.selection_split == "dev" else {},
+               "test": run.test_metrics(run.samples["test"]), "selection": selection,
+               "best_step": state["best_step"] or a.max_steps, "nonfinite_losses": state["nonfinite"],
                "peak_memory_bytes": peak_memory(run.dist.device), "time_per_step_s": time_per_step,
                "device": str(run.dist.device), "num_params": sum(p.numel() for p in model.parameters()),
                "trainable_params": sum(p.numel() for p in trainable(model).values())}
     save_result_model(run, os.path.join(out, "model"))
     if run.dist.is_main:
         write_json(os.path.join(out, "results.json"), results)
-        print(f"\n{json.dumps({'dev': results['dev'], 'test': results['test'], 'best_step': state['best_step']})}")
+        print(f"\n{json.dumps({k: results[k] for k in ('dev', 'test', 'selection', 'best_step')})}")
     return results
 
 
@@ -399,21 +313,25 @@ def save_result_model(run, path):
 
 def replay(args, dist):
     """`--replay RUN_DIR`: the base model + RUN_DIR/trajectory.jsonl up to the selected step gives
-    RUN_DIR's saved model bitwise (DESIGN.md 3.5): a MeZO run is its seeds and projected grads."""
+    RUN_DIR's saved model bitwise: a MeZO run is its seeds and projected grads."""
     src = args.replay
     config, results = (read_json(os.path.join(src, f)) for f in ("config.json", "results.json"))
-    if config.get("trainer") != "zo":
+    if run_kind(src) != "train" or config.get("trainer") != "zo":
         raise ValueError(f"only ZO runs have a trajectory to replay ({src}/config.json)")
+    out = check_run_folder(args.output_dir or os.path.normpath(src) + "-replay", resume=False,
+                           overwrite=args.overwrite_output_dir,
+                           protected=[("replayed run", src), ("model", config.get("model")), ("data", config.get("data_dir"))])
     # --fsdp as given now: the update is elementwise at global indices, so one process replays a
     # sharded run bitwise, and a sharded replay a single-process run
-    run_args = argparse.Namespace(**{**config, "output_dir": args.output_dir or src + "-replay",
-                                     "device": args.device, "resume": False, "fsdp": args.fsdp})
-    if os.path.exists(os.path.join(run_args.output_dir, "config.json")) and not args.overwrite_output_dir:
-        raise ValueError(f"output folder belongs to another run; pass --overwrite_output_dir ({run_args.output_dir})")
+    run_args = argparse.Namespace(**{**config, "output_dir": out, "device": args.device, "resume": False,
+                                     "fsdp": args.fsdp})
     run = Run(run_args, dist)
-    records = [r for r in zo.read_trajectory(os.path.join(src, "trajectory.jsonl")) if r["step"] < results["best_step"]]
+    # every step up to the selected one, each once, checked before anything is written
+    records = records_up_to(os.path.join(src, "trajectory.jsonl"), results["best_step"], run.mezo_config())
     zo.replay(run.model, records, run.mezo_config(), **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"})
-    os.makedirs(run.out, exist_ok=True)
+    if dist.is_main:
+        prepare_run_folder(out, resume=False)
+        os.makedirs(out, exist_ok=True)
     save_result_model(run, os.path.join(run.out, "model"))
     if dist.is_main:
         write_json(os.path.join(run.out, "config.json"), {**vars(run_args), "kind": "replay", "replayed_from": src})
@@ -421,67 +339,50 @@ def replay(args, dist):
     return 0
 
 
-def grid(args, explicit):
-    """`--preset P --grid`: every grid point of P (Tables 15/16) in its own folder under
-    --output_dir, finished ones skipped, then the report and the best point by the original's rule;
-    `--slurm DIR` writes one sbatch script per point instead. Flags given on the command line (e.g.
-    --model, --max_steps) apply to every point."""
-    root = args.output_dir or os.path.join("runs", "grid")
-    k = args.k if args.preset.startswith("roberta") else None
-    points = [{**p, **explicit} for p in presets.grid_points(args.preset, args.task, k)]
-    if args.slurm:
-        for point in points:
-            os.makedirs(args.slurm, exist_ok=True)
-            out = os.path.join(root, presets.run_name(point))
-            write_lines(os.path.join(args.slurm, presets.run_name(point) + ".sbatch"),
-                        [presets.slurm_script({**point, "output_dir": out}, nproc=args.nproc, runs_dir=root)])
-        print(f"wrote {len(points)} sbatch scripts to {args.slurm}; submit: for f in {args.slurm}/*.sbatch; do sbatch $f; done")
-        return 0
-    dirs = presets.run_grid(points, root, [sys.executable, os.path.abspath(__file__)])
-    best = report.select_best(report.load_runs(dirs), points[0].get("select_by") or "loss", [])
-    print(report.render(dirs))
-    print(f"best grid point by the original's rule (dev {points[0].get('select_by') or 'loss'}): {best.path}")
-    return 0
-
-
-def explicit_flags(argv):
-    """The flags given on the command line (for --grid: they override every point)."""
-    p = build_parser()
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    control = {"grid", "slurm", "preset", "output_dir", "nproc", "task", "k", "list_presets", "dry_run"}
-    return {k: v for k, v in vars(p.parse_args(argv)).items() if k not in control}
-
-
 def main(argv=None):
     try:
-        args = parse_args(argv)
+        args = flags.parse_args(argv)
+        args.model = args.model or models.TINY_OPT
         if args.list_presets:
             print("\n".join(f"{n}: {presets.describe(n)}" for n in presets.list_presets()))
             return 0
         if args.grid or args.slurm:
             if not args.preset:
                 raise ValueError("--grid and --slurm need --preset (command line)")
-            return grid(args, explicit_flags(argv))
+            return grid.main(args, flags.explicit_flags(argv), [sys.executable, os.path.abspath(__file__)])
+        flags.check_values(args)
         dist = distributed.setup(args.dist_timeout, device=None if args.device == "auto" else args.device)
         if args.replay:
             return replay(args, dist)
-        resolve(args)
+        if args.resume:
+            args, saved = resumed_args(argv, args)
+        flags.resolve(args, model_type(args))
         if args.dry_run:
             print(json.dumps(vars(args), indent=1))
             return 0
-        prepare_output_dir(args, dist)
-        dist.barrier()  # every rank checked the folder before rank 0 writes into it
+        # everything is checked before anything is written: folder, model, data, checkpoint
+        args.model, args.data_dir = (os.path.realpath(p) if p and os.path.isdir(p) else p
+                                     for p in (args.model, args.data_dir))
+        args.output_dir = check_run_folder(args.output_dir, resume=args.resume, overwrite=args.overwrite_output_dir,
+                                           protected=[("model", str(models.resolve_model_path(args.model))),
+                                                      ("data", args.data_dir or data.SAMPLES_DIR)])
         run = Run(args, dist)
+        changed = resume_conflicts(saved, vars(args), RESUME_FREE) if args.resume else []
+        if changed:
+            raise ValueError(f"--resume with other settings than the run's: {', '.join(changed)} "
+                             f"({args.output_dir}/config.json)")
+        trainer, state = start(run)
         if dist.is_main:
+            prepare_run_folder(args.output_dir, resume=args.resume)
             os.makedirs(args.output_dir, exist_ok=True)
             write_json(os.path.join(args.output_dir, "config.json"), {**vars(args), "kind": "train"})
+        dist.barrier()  # rank 0 prepared the folder before any rank writes into it
     except ValueError as e:  # ModelError, DataError and bad values: one line, exit 2
         print(f"error: {e}", file=sys.stderr)
         return 2
     with dist.guard():  # a lost rank ends the others with one error line, not a hang
         try:
-            code = train(run)
+            code = train(run, trainer, state)
         except FloatingPointError as e:  # a diverged run: one line, not a traceback
             print(f"\nerror: {e}", file=sys.stderr)
             code = 1

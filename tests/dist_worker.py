@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 import models  # noqa: E402
 from zo import MeZO, MeZOConfig, whole  # noqa: E402
 from zo import distributed as zd  # noqa: E402
-from zo.kernels import flat  # noqa: E402
+from comm_counter import CommCounter  # noqa: E402
 
 LR, EPS, WD, SEED, STEPS, RESUME_AT = 1e-3, 1e-3, 0.1, 7, 5, 3
 VOCAB, POSITIONS = 1499, 513  # odd row counts: the tied embedding/head splits 750/749 over 2 ranks
@@ -80,7 +82,7 @@ def run_steps(mezo, model, batches, d, single, steps, record, fail=None):
             if fail[1] == "exit":
                 os._exit(1)
             time.sleep(3600)  # "hang": rank 0 must give up after the collective timeout
-        with zd.CommCounter() as comm:
+        with CommCounter() as comm:
             loss, g = mezo.zo_step(model, loss_closure(*batches[step], d, single))
             mezo.zo_update(model)
         record["loss"].append(loss.item())
@@ -91,13 +93,14 @@ def run_steps(mezo, model, batches, d, single, steps, record, fail=None):
 
 def check_z_slices(mezo) -> list[dict]:
     """Each parameter's local-shard z against the matching slice of the whole tensor's z."""
-    k = mezo.kernels
+    k = mezo.perturbation.kernels
     seed, one = torch.tensor(123456789), torch.tensor(1.0)
     rows = []
     for s in mezo.slots:
         local, offset = zd.local_view(s.param)
-        z_local = k.perturbed(flat(torch.zeros_like(local)), seed, s.key_t, torch.tensor(offset), one)
-        z_full = k.perturbed(torch.zeros(s.param.numel()), seed, s.key_t, torch.tensor(0), one)
+        z_local, z_full = torch.zeros(local.numel()), torch.zeros(s.param.numel())
+        k.perturb_(z_local, seed=seed, key=s.key_t, offset=torch.tensor(offset), scale=one)
+        k.perturb_(z_full, seed=seed, key=s.key_t, offset=torch.tensor(0), scale=one)
         rows.append({"name": s.name, "rows": s.param.shape[0], "local_rows": local.shape[0], "offset": offset,
                      "equal": torch.equal(z_local, z_full[offset:offset + local.numel()])})
     return rows
@@ -124,7 +127,8 @@ def sharded_checks(d, model, mezo, batches, record, out):
 
     # resume: a fresh sharded model (original weights) loads the step-3 state and continues
     resumed = zd.shard_model(tiny_opt(), d)
-    zd.load_full_state_dict(resumed, state)
+    # rank 0's full state dict, broadcast; every rank keeps its shard
+    set_model_state_dict(resumed, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     mezo2 = MeZO(resumed, MeZOConfig(lr=LR, eps=EPS, weight_decay=WD, seed=SEED), local_view=zd.local_view,
                  reduce_losses=d.reduce_losses)
     mezo2.load_state_dict(mezo_state)

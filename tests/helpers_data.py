@@ -1,4 +1,4 @@
-"""A tiny byte-level BPE tokenizer for the data tests (torch_facts.md §3), duck-typed like
+"""A tiny byte-level BPE tokenizer for the data tests (the `tokenizers` library, no download), duck-typed like
 models.load_tokenizer: OPT style (BOS `</s>`=2 prepended, no mask) or RoBERTa style
 (`<s> ... </s>`, mask id 4). Special ids: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, as OPT/RoBERTa."""
 import functools

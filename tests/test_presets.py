@@ -1,7 +1,8 @@
 """Presets against the paper's Tables 15/16 and the original scripts, transcribed here by hand.
 
-Every expected value below is written from mezo_original.md (sections 6 and 7.5) and the
-original shell scripts, not computed from data/presets.py, so a preset cannot drift silently.
+Every expected value below is written from the paper's tables and the original shell scripts
+(large_models/mezo.sh, finetune.sh; medium_models/mezo.sh, finetune.sh, run_fewshot.sh), not
+computed from data/paper/presets.py, so a preset cannot drift silently.
 """
 import itertools
 import json
@@ -11,9 +12,10 @@ import shlex
 
 import pytest
 
-from data import DataError, presets
+from data import DataError
+from data.paper import grid, presets
 
-# train.py's flags as listed in CONTRACTS.md.
+# The flags a preset may set: the original's run.py arguments that train.py keeps.
 CONTRACT_FLAGS = set("""task model mode trainer data_dir output_dir batch_size learning_rate zo_eps
 max_steps num_train_epochs eval_steps save_steps logging_steps seed train_set_seed k num_train num_dev
 num_eval dtype weight_decay lr_scheduler_type optimizer momentum num_prefix lora_r lora_alpha
@@ -23,7 +25,7 @@ OPT_TASKS = ["sst2", "rte", "cb", "boolq", "wsc", "wic", "multirc", "copa", "rec
 ROBERTA_TASKS = ["sst2", "sst5", "snli", "mnli", "rte", "trec"]
 SEEDS = [13, 21, 42, 87, 100]
 
-# --- OPT: Table 16 + large_models/mezo.sh / finetune.sh (reference section 6) ---------------
+# --- OPT: Table 16 + large_models/mezo.sh / finetune.sh ------------------------------
 OPT_MEZO_COMMON = dict(trainer="zo", batch_size=16, weight_decay=0.0, max_steps=20000, eval_steps=4000,
                        save_steps=4000, lr_scheduler_type="constant", logging_steps=10, num_train=1000,
                        num_eval=1000, train_set_seed=0, select_by="loss", dtype="fp16")
@@ -37,7 +39,8 @@ OPT_FT = dict(trainer="fo", mode="ft", batch_size=8, num_train_epochs=5, lr_sche
               weight_decay=0.0, select_by="loss", num_train=1000, num_eval=1000, train_set_seed=0)
 OPT_FT_LRS = [1e-5, 5e-5, 8e-5]
 # One epoch of finetune.sh = its eval/save period: 1000/8 = 125 steps; CB trains on 250-100 = 150
-# examples, Copa on 400-100 = 300, WSC on 554-500 = 54 (reference section 2.2).
+# examples, Copa on 400-100 = 300, WSC on 554-500 = 54 (large_models/run.py keeps the last
+# num_dev examples of the train split for dev).
 OPT_FT_STEPS_PER_EPOCH = {"sst2": 125, "squad": 125, "cb": 19, "copa": 38, "wsc": 7}
 OPT_NUM_DEV = {"cb": 100, "copa": 100}  # others 500
 OPT_LM_LOSS_TASKS = {"copa", "record", "squad", "drop"}  # train_as_classification False
@@ -50,7 +53,7 @@ OPT_NONDIFF = {
 OPT_README = {"opt-mezo-ft-readme": ("ft", 1e-7, 1e-3), "opt-mezo-prefix-readme": ("prefix", 1e-3, 1e-1),
               "opt-mezo-lora-readme": ("lora", 5e-5, 1e-2), "opt-mezo-prefix-nondiff-readme": ("prefix", 1e-2, 1e-1)}
 
-# --- RoBERTa-large: Table 15 + medium_models scripts (reference sections 7.1 and 7.5) -------
+# --- RoBERTa-large: Table 15 + medium_models scripts -------------------------------------
 ROBERTA_MEZO_COMMON = dict(trainer="zo", max_steps=100000, eval_steps=10000, lr_scheduler_type="constant",
                            select_by="accuracy", logging_steps=10)
 ROBERTA_FT_COMMON = dict(trainer="fo", max_steps=1000, eval_steps=100, lr_scheduler_type="linear",
@@ -130,7 +133,7 @@ def test_opt_nondiff_squad_only(name):
     assert_subset({**flags, "non_diff": True, "train_as_classification": False, "max_steps": 20000}, fixed)
     assert grid == {"learning_rate": lrs}
     # README: --evaluation_strategy no --save_strategy no, so the last model is kept
-    assert fixed["eval_steps"] == fixed["max_steps"]
+    assert fixed["eval_steps"] == fixed["max_steps"] and fixed["select_by"] is None
     with pytest.raises(ValueError, match="unknown task 'sst2'"):
         presets.resolve(name, "sst2")
 
@@ -196,7 +199,7 @@ def test_errors():
 
 def test_errors_are_the_package_error():
     for call in (lambda: presets.resolve("nope", "sst2"), lambda: presets.resolve("opt-ft", "nope"),
-                 lambda: presets.resolve("opt-mezo-ft-nondiff", "drop"), lambda: presets.train_argv({"lr": 1})):
+                 lambda: presets.resolve("opt-mezo-ft-nondiff", "drop"), lambda: grid.train_argv({"lr": 1})):
         with pytest.raises(DataError):
             call()
 
@@ -239,7 +242,7 @@ def test_run_name_stable_and_unique():
 
 def test_slurm_script_runs_torchrun_with_every_flag():
     point = presets.grid_points("roberta-mezo-lora", "mnli", 512)[5]  # LR 5e-5, seed 13
-    script = presets.slurm_script(point, 4, time="12:00:00", runs_dir="out")
+    script = grid.slurm_script(point, 4, time="12:00:00", runs_dir="out")
     name = presets.run_name(point)
     for line in (f"#SBATCH --job-name={name}", "#SBATCH --gpus-per-node=4", "#SBATCH --time=12:00:00",
                  f"#SBATCH --output=out/{name}.slurm-%j.out"):
@@ -251,5 +254,17 @@ def test_slurm_script_runs_torchrun_with_every_flag():
                 for k, v in {**point, "output_dir": f"out/{name}"}.items()}
     assert args == expected
     assert args["--learning_rate"] == "5e-05" and args["--weight_decay"] == "0.1" and args["--k"] == "512"
-    assert presets.train_argv({"learning_rate": 1.2345678e-5})[1] == "1.2345678e-05"  # exact, not rounded
-    assert presets.train_argv({"non_diff": True}) == ["--non_diff", "true"]
+    assert grid.train_argv({"learning_rate": 1.2345678e-5})[1] == "1.2345678e-05"  # exact, not rounded
+    assert grid.train_argv({"non_diff": True}) == ["--non_diff", "true"]
+
+
+def test_train_argv_round_trips_through_train_py_parser():
+    """TRAIN_FLAGS come from data.flags.build_parser(): a point spelled by train_argv parses back to itself."""
+    from data.flags import build_parser
+    point = {"task": "opt/SST2", "fsdp": True, "wd_exempt": "none", "eval_final_step": True, "learning_rate": 1e-6,
+             "non_diff": False, "select_by": None}
+    argv = grid.train_argv(point)
+    assert argv[:2] == ["--task", "opt/SST2"] and "--fsdp" in argv and "--select_by" not in argv
+    parsed = vars(build_parser().parse_args(argv))
+    assert all(parsed[k] == v for k, v in point.items())
+    assert {"resume", "grid", "preset"}.isdisjoint(presets.TRAIN_FLAGS) and "eval_final_step" in presets.TRAIN_FLAGS

@@ -1,7 +1,7 @@
-"""The report on fake run folders written in the CONTRACTS.md format.
+"""The report on fake run folders in the format train.py and eval.py write (README "Usage").
 
 Expected cells are worked out by hand from the fake results and the paper's tables
-(mezo_original.md section 8); RoBERTa mean/std use numpy, as tools/gather_result.py does.
+(Tables 1, 18, 22 of the paper); RoBERTa mean/std use numpy, as tools/gather_result.py does.
 """
 import csv
 import json
@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from data import report
+import eval as evaluation
+from data.paper import report
 
 GB = 2**30
 
@@ -153,7 +154,7 @@ def test_unfinished_and_nested_folders(runs):
 
 
 def test_report_main_and_plots(runs, tmp_path, capsys):
-    assert report.report_main([str(runs), "--out", str(tmp_path), "--plot"]) == 0
+    assert evaluation.report_main([str(runs), "--out", str(tmp_path), "--plot"]) == 0
     assert "| MeZO |" in capsys.readouterr().out
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
     assert pngs == ["loss_opt_boolq.png", "loss_opt_sst2.png", "memory.png"]
@@ -165,18 +166,18 @@ def test_report_main_and_plots(runs, tmp_path, capsys):
 
 def test_bad_input_is_one_error_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    assert report.report_main([str(tmp_path / "empty")]) == 2
+    assert evaluation.report_main([str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: missing config.json ({tmp_path / 'empty'})\n"
     make_run(tmp_path, "broken", {"family": "opt"}, finished=False)
-    assert report.report_main([str(tmp_path / "broken")]) == 2
+    assert evaluation.report_main([str(tmp_path / "broken")]) == 2
     assert capsys.readouterr().err.startswith("error: config.json without 'task' (")
 
 
 def test_plot_without_matplotlib_says_how_to_install(runs, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)  # import fails
     out = tmp_path / "out"
-    assert report.report_main([str(runs), "--out", str(out), "--plot"]) == 2
+    assert evaluation.report_main([str(runs), "--out", str(out), "--plot"]) == 2
     assert "pip install .[plot]" in capsys.readouterr().err
     assert not out.exists()  # nothing half-written
 

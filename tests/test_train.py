@@ -9,9 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import data
+import data.evaluate
 import eval as evaluation
 import models
 import train
+from data import flags
+from data.evaluate import DTYPES, chunks, dev_loss
+from zo import distributed
+from zo.optim import WD_EXEMPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPT = ["--task", "SST2", "--num_train", "24", "--num_dev", "8", "--num_eval", "8", "--batch_size", "4"]
@@ -114,21 +120,36 @@ def test_zero_learning_rate_leaves_the_model_bitwise_unchanged(tmp_path, dtype):
     out = str(tmp_path / "run")
     run(OPT + ["--max_steps", "3", "--eval_steps", "3", "--learning_rate", "0", "--dtype", dtype, "--output_dir", out])
     saved = tensors(os.path.join(out, "model", "model.safetensors"))
-    base = models.load_model(models.TINY_OPT, dtype=evaluation.DTYPES[dtype])
+    base = models.load_model(models.TINY_OPT, dtype=DTYPES[dtype])
     ours = {k: v for k, v in base.state_dict().items() if k != "lm_head.weight"}
     assert len(saved) == len(ours)
     for k, v in ours.items():
         assert torch.equal(saved["model." + k], v), k
 
 
-def test_squad_non_differentiable_run_trains_on_negative_f1(tmp_path):
-    out = str(tmp_path / "run")
-    run(["--task", "SQuAD", "--non_diff", "--num_train", "8", "--num_dev", "4", "--num_eval", "4", "--batch_size", "4",
-         "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--output_dir", out])
+def test_squad_non_differentiable_run_trains_on_negative_f1(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(generate):
+        def wrapped(model, tok, batch, max_new_tokens=50, max_length=2048):
+            seen.append(max_length)
+            return generate(model, tok, batch, max_new_tokens, max_length)
+        return wrapped
+    monkeypatch.setattr(train, "generate_text", spy(train.generate_text))  # the -F1 closures
+    monkeypatch.setattr(data.evaluate, "generate_text", spy(data.evaluate.generate_text))  # evaluation
+    out, selected = str(tmp_path / "run"), str(tmp_path / "selected")
+    argv = ["--task", "SQuAD", "--non_diff", "--num_train", "8", "--num_dev", "4", "--num_eval", "4", "--batch_size",
+            "4", "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--max_length", "500"]
+    run(argv + ["--output_dir", out])
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
     assert len(losses) == 2 and all(-1.0 <= x <= 0.0 for x in losses)  # -F1 of greedy answers
     results = json.load(open(os.path.join(out, "results.json")))
     assert set(results["test"]) == {"f1", "em"}
+    assert len(seen) >= 4 and set(seen) == {500}  # --max_length reaches every generation
+    # the original's non-diff runs do not evaluate during training: the last model, unless --select_by
+    assert dev_steps(out) == [] and results["selection"] == "last"
+    run(argv + ["--select_by", "loss", "--output_dir", selected])
+    assert dev_steps(selected) == [2] and results_of(selected)["selection"] == "dev"
 
 
 @pytest.mark.parametrize("task", ["SST2", "SQuAD"])
@@ -144,13 +165,13 @@ def test_eval_zero_shot_and_icl(tmp_path, task, demos, capsys):
 
 
 def test_icl_prompts_hold_one_demonstration_set_per_example(monkeypatch):
-    seen, encode_prompt = [], evaluation.data.encode_prompt
+    seen, encode_prompt = [], data.evaluate.encode_prompt
 
     def spy(task, demos, sample, *args, **kwargs):
         seen.append(tuple(d.data["sentence"] for d in demos))
         return encode_prompt(task, demos, sample, *args, **kwargs)
 
-    monkeypatch.setattr(evaluation.data, "encode_prompt", spy)
+    monkeypatch.setattr(data.evaluate, "encode_prompt", spy)
     assert evaluation.main(["--task", "SST2", "--num_train", "3", "--num_eval", "2"]) == 0
     assert len(seen) == 2 and all(len(d) == 3 for d in seen) and seen[0] != seen[1]
 
@@ -241,10 +262,110 @@ def test_eval_cli_names_a_truncated_weight_file(tmp_path):
     assert result.returncode == 2 and len(lines) == 1 and str(weights) in lines[0], result.stderr
 
 
-def test_presets_know_every_run_flag_of_train_py():
-    """data/presets.py writes train.py command lines (grid, SLURM): its flag list must not drift."""
-    from data import presets
-    control = {"help", "preset", "list_presets", "dry_run", "grid", "slurm", "nproc", "resume",
-               "overwrite_output_dir", "replay"}
-    dests = {a.dest for a in train.build_parser()._actions} - control
-    assert dests == set(presets.TRAIN_FLAGS)
+# --- the original, run for run: evaluation schedule, selection, objectives, weight decay -----------------
+def results_of(out):
+    return json.load(open(os.path.join(out, "results.json")))
+
+
+def dev_steps(out):
+    return [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl")) if "dev_loss" in line]
+
+
+def make_run(argv):
+    """A train.Run built as main() builds it (model, data, trainer config), without training."""
+    args = flags.parse_args(argv)
+    args.model = args.model or models.TINY_OPT
+    flags.resolve(args, train.model_type(args))
+    return train.Run(args, distributed.setup(device="cpu"))
+
+
+def test_dev_loss_weights_each_batch_by_its_rows_as_the_hf_evaluation_loop():
+    run = make_run(OPT)
+    model, tok, encoded = run.model, run.tok, run.encoded["train"][:20]
+    # HF Trainer.evaluation_loop, transcribed: each batch's mean loss repeated find_batch_size(inputs)
+    # times (the rows of input_ids: candidates for the classification loss), then the mean.
+    repeated = []
+    for group in chunks(encoded, 8):  # 20 examples: batches of 8, 8, 4
+        batch = data.collate(group, run.kind, tok.pad_token_id)
+        with torch.no_grad():
+            loss = data.task_loss(model(batch["input_ids"], batch["attention_mask"]), batch)
+        repeated.append(loss.repeat(batch["input_ids"].shape[0]))
+    expected = torch.cat(repeated).mean().item()
+    ours = dev_loss(model, encoded, run.kind, tok.pad_token_id, 8)
+    assert ours == pytest.approx(expected, rel=1e-6)
+    unweighted = torch.stack([r[0] for r in repeated]).mean().item()  # the mean over batches
+    assert abs(unweighted - expected) > 1e-5  # the test tells the two apart
+
+
+def test_evaluation_only_at_multiples_of_eval_steps_and_a_never_evaluated_run_keeps_its_last_model(tmp_path, capfd):
+    base = OPT + ["--learning_rate", "1e-3", "--logging_steps", "1"]
+    every, final = str(tmp_path / "every"), str(tmp_path / "final")
+    run(base + ["--max_steps", "5", "--eval_steps", "2", "--output_dir", every])
+    assert dev_steps(every) == [2, 4] and results_of(every)["best_step"] in (2, 4)  # not step 5 (HF)
+    run(base + ["--max_steps", "5", "--eval_steps", "2", "--eval_final_step", "--output_dir", final])
+    assert dev_steps(final) == [2, 4, 5]
+    last, evaluated = str(tmp_path / "last"), str(tmp_path / "evaluated")
+    capfd.readouterr()
+    run(base + ["--max_steps", "3", "--eval_steps", "4", "--output_dir", last])
+    assert "keeping the last model: never evaluated during training" in capfd.readouterr().err
+    assert dev_steps(last) == [] and results_of(last)["selection"] == "last" and results_of(last)["best_step"] == 3
+    run(base + ["--max_steps", "3", "--eval_steps", "4", "--eval_final_step", "--output_dir", evaluated])
+    assert results_of(evaluated)["selection"] == "dev" and results_of(evaluated)["best_step"] == 3
+    a, b = (tensors(os.path.join(d, "model", "model.safetensors")) for d in (last, evaluated))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the last model is the step-3 model
+
+
+def test_num_dev_0_selects_on_the_evaluation_set_as_run_py(tmp_path, capfd):
+    out = str(tmp_path / "run")
+    run(["--task", "SST2", "--num_train", "24", "--num_dev", "0", "--num_eval", "8", "--batch_size", "4",
+         "--max_steps", "2", "--eval_steps", "2", "--learning_rate", "1e-3", "--output_dir", out])
+    err = capfd.readouterr().err
+    assert "model selection uses the evaluation set" in err and "Traceback" not in err
+    results = results_of(out)
+    assert results["selection"] == "eval" and results["dev"] == {} and dev_steps(out) == [2]
+
+
+def test_non_differentiable_roberta_run_trains_on_minus_accuracy(tmp_path):
+    out = str(tmp_path / "run")
+    run(ROBERTA + ["--non_diff", "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1",
+                   "--learning_rate", "1e-3", "--output_dir", out])
+    losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+    assert len(losses) == 2 and all(-1.0 <= x <= 0.0 and (x * 8) == round(x * 8) for x in losses)  # -k/8
+    assert dev_steps(out) == [] and results_of(out)["selection"] == "last"  # no --select_by: the last model
+
+
+@pytest.mark.parametrize("family, flag, expected", [
+    ("opt", [], WD_EXEMPT), ("roberta", [], ()),  # large_models zo_update; medium_models decays everything
+    ("opt", ["--wd_exempt", "none"], ()), ("roberta", ["--wd_exempt", "bias_norm"], WD_EXEMPT),
+])
+def test_weight_decay_exemptions_per_family_and_the_flag(family, flag, expected):
+    argv = (OPT if family == "opt" else ROBERTA) + ["--weight_decay", "0.1"] + flag
+    run_ = make_run(argv)
+    assert run_.mezo_config().wd_exempt == expected
+    run_.args.trainer = "fo"
+    assert run_.trainer().cfg.wd_exempt == expected
+
+
+@pytest.mark.parametrize("flag, check", [
+    (["--perturbation", "reference"], lambda r: r.mezo_config().perturbation == "reference"),
+    (["--seed_source", "numpy_global"], lambda r: r.mezo_config().seed_source == "numpy_global"),
+    (["--no_bos_override"], lambda r: r.encoded["train"][0].input_ids[0][0] == 2),  # OPT's own </s>
+    ([], lambda r: r.encoded["train"][0].input_ids[0][0] == 0),  # the original's <s>
+    (["--dtype", "fp16"], lambda r: next(r.model.parameters()).dtype == torch.float16),
+    (["--select_by", "accuracy"], lambda r: r.args.select_by == "accuracy"),
+])
+def test_each_flag_of_the_differences_table_reaches_the_run(flag, check):
+    assert check(make_run(OPT + flag))
+
+
+def test_signal_handlers_are_restored_when_train_returns_or_raises(tmp_path, monkeypatch):
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    run(OPT + ["--max_steps", "1", "--eval_steps", "1", "--output_dir", str(tmp_path / "a")])
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+
+    def fail(self, examples):
+        raise RuntimeError("injected")
+    monkeypatch.setattr(train.Run, "loss_fns", fail)
+    with pytest.raises(RuntimeError, match="injected"):
+        train.main(OPT + ["--max_steps", "1", "--output_dir", str(tmp_path / "b")])
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before

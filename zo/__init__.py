@@ -3,16 +3,19 @@
 zo/ sees nn.Modules, named parameters and loss closures; it knows nothing of OPT or RoBERTa.
 
     rng.py         z(seed, key(name), global index): counter-based hash + Box-Muller / Rademacher
-    kernels.py     fused compiled kernels: p + s*z, p += s*z, p -= lr*(g*z + wd*p)
-    perturb.py     parameter slots (tied = one slot, owners, LocalView) and the exact-restore hooks
-    reference.py   the original's torch.manual_seed + torch.normal operations (perturbation="reference")
+    kernels.py     fused compiled kernels: p += s*z, p -= lr*(g*z + wd*p)
+    perturb.py     parameter slots (tied = one slot, owners, LocalView), the exact-restore hooks and
+                   ExactRestore, the default perturbation; StepScalar (per-step values on the device)
+    reference.py   InPlace: the original's torch.manual_seed + torch.normal operations ("reference")
     mezo.py        MeZOConfig, MeZO: zo_step / zo_perturb_parameters / zo_forward / zo_update
+    graphs.py      CudaGraphStep: the step captured as CUDA graphs, replayed per batch shape
     variants.py    control variates of the variance-modified variants (medium_models)
-    optim.py       lr and n-SPSA schedules, weight-decay groups, torch optimizers
+    optim.py       lr and n-SPSA schedules, the weight-decay rule (MeZO and FO), torch optimizers
     fo.py          FOConfig, FO: the backprop baseline with the same interface
     trajectory.py  Trajectory (JSONL of step, seed, projected_grad, lr), read_trajectory, replay
     checkpoint.py  atomic run files; trainable tensors + loop state for exact resume
     distributed.py torchrun setup, replicated (two-scalar all-reduce) and FSDP2 sharded MeZO
+    progress.py    the loop's bookkeeping: logged loss windows, non-finite counts, peak memory, signals
 
 Training loop (train.py); everything returned is a device tensor and nothing syncs with the host:
 
@@ -35,6 +38,9 @@ initialised at the first step; with cfg.recompute_norms the loop calls mezo.init
 loss_fn) at each epoch start. Replay: replay(base_model, read_trajectory(path), cfg) rebuilds the
 trained weights bitwise (same device and perturbation mode).
 
+CUDA graphs (one process, ZO-SGD): `graphed = CudaGraphStep(mezo, model, loss_of_batch)`, then
+`loss = graphed(batch)` per step is zo_step + zo_update, replayed as one CUDA graph per batch shape.
+
 Distributed wrappers plug in through MeZO(model, config, local_view=..., reduce_losses=...):
 - reduce_losses(t) gets the stacked [loss1, loss2] once per z and returns it reduced (e.g. one
   all_reduce(AVG)): the only communication of a replicated step.
@@ -47,14 +53,15 @@ Errors: bad configuration raises ValueError; a failing torch.compile raises Runt
 perturbation="eager" (the uncompiled debugging path).
 """
 from .fo import FO, FOConfig
-from .kernels import flat, get_kernels
+from .kernels import get_kernels
 from .mezo import MeZO, MeZOConfig
 from .optim import learning_rate, num_samples
 from .perturb import LocalView, ParamSlot, collect_slots, whole
 from .rng import name_key
 from .trajectory import Trajectory, read_trajectory, replay
+from .graphs import CudaGraphStep
 
 __all__ = [
-    "FO", "FOConfig", "LocalView", "MeZO", "MeZOConfig", "ParamSlot", "Trajectory", "collect_slots", "flat",
+    "CudaGraphStep", "FO", "FOConfig", "LocalView", "MeZO", "MeZOConfig", "ParamSlot", "Trajectory", "collect_slots",
     "get_kernels", "learning_rate", "name_key", "num_samples", "read_trajectory", "replay", "whole",
 ]

@@ -1,7 +1,7 @@
 """The MeZO paper's numbers as data (Malladi et al. 2023, arXiv 2305.17333 v3).
 
-Transcribed by hand from the paper's tables (see mezo_original.md section 8); the report
-(`data/report.py`) prints them beside our results. Scores are percentages (accuracy, or F1 for
+Transcribed by hand from the paper's tables; the report (`data/paper/report.py`) prints them beside
+our results. Scores are percentages (accuracy, or F1 for
 SQuAD/DROP), memory is in GB, wall-clock in seconds per step. `None` marks a cell the paper
 leaves without a number.
 
@@ -87,7 +87,6 @@ TABLE18 = {
         "ft-prefix":   ((93.7, 0.3), (54.6, 0.7), (88.3, 0.7), (83.3, 0.5), (82.5, 0.8), (97.4, 0.2)),
     }),
 }
-TABLE18_DAGGERS = {(16, "mezo-adam", "mnli"), (16, "mezo-adam", "rte")}  # cells printed with a dagger
 
 # Table 3: non-differentiable objectives. OPT-13B SQuAD, MeZO (prefix) maximising F1;
 # RoBERTa-large k=512, full-parameter MeZO maximising accuracy (single numbers, no std).
@@ -98,7 +97,6 @@ TABLE3_ROBERTA_512 = {"mezo-nondiff": {"sst2": 92.7, "sst5": 48.9, "snli": 82.7,
 # TABLE22[size][method] = (number of A100-80GB GPUs, total GB); GB is None where the paper gives
 # only the GPU count.
 MEMORY_METHODS = ("zero-shot/mezo", "icl", "prefix-ft", "ft")
-MEMORY_LABELS = {"zero-shot/mezo": "Zero-shot / MeZO", "icl": "ICL", "prefix-ft": "Prefix FT", "ft": "Full FT"}
 TABLE22 = _rows(MEMORY_METHODS, {  # rows: OPT size
     "1.3b": ((1, 4), (1, 6), (1, 19), (1, 27)),
     "2.7b": ((1, 7), (1, 8), (1, 29), (1, 55)),
@@ -106,14 +104,6 @@ TABLE22 = _rows(MEMORY_METHODS, {  # rows: OPT size
     "13b":  ((1, 26), (1, 29), (2, 158), (4, 316)),
     "30b":  ((1, 58), (1, 62), (4, 315), (8, 633)),
     "66b":  ((2, 128), (2, 134), (8, None), (16, None)),
-})
-
-# Table 23: wall-clock on MultiRC (A100 80GB, NVLink/IB), as (seconds per step, number of GPUs).
-WALLCLOCK_SIZES = ("1.3b", "2.7b", "13b", "30b", "66b")
-TABLE23 = _rows(WALLCLOCK_SIZES, {
-    "mezo-bs16":    ((0.815, 1), (1.400, 1), (2.702, 1), (5.896, 1), (12.438, 4)),
-    "mezo-bs8":     ((0.450, 1), (0.788, 1), (1.927, 1), (4.267, 1), (7.580, 2)),
-    "ft-bs8-fsdp":  ((0.784, 1), (1.326, 1), (13.638, 4), (45.608, 8), (84.098, 20)),
 })
 
 # --- lookups for the report: the paper's figure for one cell, None where it has none ---------

@@ -1,6 +1,6 @@
 """Paper-style tables from run folders: OPT (Table 1), RoBERTa (Table 18), memory (Table 22).
 
-Every cell reads "ours (paper)". A run folder (CONTRACTS.md) holds `config.json` (the resolved
+Every cell reads "ours (paper)". A run folder (README "Usage") holds `config.json` (the resolved
 flags plus family/kind), `results.json` (dev and test metrics, peak memory) once it has finished,
 and `metrics.jsonl` (the training curve). Runs that fall into one cell (a grid) are reduced as the
 original does:
@@ -10,23 +10,22 @@ original does:
   accuracy over seeds (`medium_models/tools/gather_result.py`; numpy's population std).
 Ties go to the first run in path order, as in gather_result.py.
 
-    python eval.py report RUN_DIR... [--out DIR] [--plot]
+    python eval.py report RUN_DIR... [--out DIR] [--plot]     (plots: data/paper/plots.py)
 """
-import argparse
 import csv
 import io
 import json
 import math
-import os
 import re
 import statistics
-import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from data import DataError, paper
-from data.presets import canonical_task, method_id
+from data import DataError
+from data.files import atomic_path, atomic_write
+from data.paper import numbers as paper
+from data.paper.presets import canonical_task, method_id
 
 _SELECT_BY = {"opt": "loss", "roberta": "accuracy"}
 _OPT_SIZES = {"125m": 125e6, "350m": 350e6, "1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
@@ -162,7 +161,7 @@ def _test_percent(run):
     return 100.0 * value
 
 
-def _cells(runs, key):
+def group_by(runs, key):
     groups = defaultdict(list)
     for run in runs:
         groups[key(run)].append(run)
@@ -177,7 +176,7 @@ def _select_by(runs):
 # --- the three tables as records (one per cell; also the CSV rows) --------------------------
 def opt_records(runs, notes):
     records = []
-    for (model, task, method), cell in _cells(runs, lambda r: (r.model, r.task, r.method)).items():
+    for (model, task, method), cell in group_by(runs, lambda r: (r.model, r.task, r.method)).items():
         select_by = _select_by(cell)
         best = select_best(cell, select_by, notes)
         records.append(dict(
@@ -187,19 +186,15 @@ def opt_records(runs, notes):
     return records
 
 
-def _paper_roberta(k, method, task):
-    return paper.roberta_test(k, method, task)  # RoBERTa-large, the paper's only medium model
-
-
 def roberta_records(runs, notes):
     records = []
-    for (model, k, task, method), cell in _cells(
+    for (model, k, task, method), cell in group_by(
             runs, lambda r: (r.model, r.config.get("k"), r.task, r.method)).items():
         select_by = _select_by(cell)
-        per_seed = _cells(cell, lambda r: r.config.get("train_set_seed"))
+        per_seed = group_by(cell, lambda r: r.config.get("train_set_seed"))
         best = [select_best(per_seed[seed], select_by, notes) for seed in sorted(per_seed, key=str)]
         scores = [_test_percent(run) for run in best]
-        paper_mean, paper_std = _paper_roberta(k, method, task)
+        paper_mean, paper_std = paper.roberta_test(k, method, task)
         records.append(dict(
             model=model, size=cell[0].size, k=k, task=task, method=method,
             ours_mean=statistics.fmean(scores), ours_std=statistics.pstdev(scores), n_seeds=len(scores),
@@ -209,7 +204,7 @@ def roberta_records(runs, notes):
 
 def memory_records(runs):
     records = []
-    cells = _cells([r for r in runs if r.results.get("peak_memory_bytes")], lambda r: (r.model, r.method))
+    cells = group_by([r for r in runs if r.results.get("peak_memory_bytes")], lambda r: (r.model, r.method))
     for (model, method), cell in cells.items():
         gpus, gb = paper.memory(cell[0].size, method)
         records.append(dict(
@@ -224,7 +219,7 @@ def _order(values, canonical):
     return sorted(set(values), key=lambda v: (canonical.index(v) if v in canonical else len(canonical), str(v)))
 
 
-def _label(key):
+def label(key):
     """The paper's spelling of a method or task key."""
     return paper.METHOD_LABELS.get(key) or paper.TASK_LABELS.get(key, key)
 
@@ -246,7 +241,7 @@ def _grid_table(records, row_key, col_key, cell, row_order, col_order, col_label
     cols = _order([r[col_key] for r in records], col_order)
     by_cell = {(r[row_key], r[col_key]): r for r in records}
     header = [corner] + [col_label(c) for c in cols]
-    body = [[_label(row)] + [cell(by_cell.get((row, col)), row, col) for col in cols] for row in rows]
+    body = [[label(row)] + [cell(by_cell.get((row, col)), row, col) for col in cols] for row in rows]
     return ["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header)] + body]
 
 
@@ -264,7 +259,7 @@ def _opt_markdown(records):
 
         def cell(r, method, task, size=size):
             return _cell(r and _pct(r["ours"]), _pct(paper.opt_test(size, method, task)))
-        out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.OPT_TASKS), _label)
+        out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.OPT_TASKS), label)
         rules = sorted({r["select_by"] for r in recs if r["n_runs"] > 1})
         if rules:
             out += ["", "Grid cells: the run with the " + " / ".join(
@@ -281,10 +276,10 @@ def _roberta_markdown(records):
         def cell(r, method, task, k=k):
             seeds = "" if not r or r["n_seeds"] == 5 else f" n={r['n_seeds']}"
             ours = r and _pct(r["ours_mean"], r["ours_std"]) + seeds
-            return _cell(ours, _pct(*_paper_roberta(k, method, task)))
+            return _cell(ours, _pct(*paper.roberta_test(k, method, task)))
         out += [f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper RoBERTa-large, "
                 "Table 18)", ""]
-        out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.ROBERTA_TASKS), _label)
+        out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.ROBERTA_TASKS), label)
         out += ["", "Per data seed the grid point with the best dev accuracy; std over seeds as numpy's "
                 "(population); n=N: cells with other than the paper's 5 seeds.", ""]
     return out
@@ -298,7 +293,7 @@ def _memory_markdown(records):
         theirs = gpus and ", ".join(([f"{gb:g}"] if gb else []) + ([f"{gpus} GPUs"] if gpus > 1 else []))
         return _cell(r and f"{r['ours_gb']:.1f}", theirs)
     out = ["## Peak memory (GB), ours (paper Table 22)", ""]
-    out += _grid_table(records, "model", "method", cell, _OPT_MODELS, _METHOD_ORDER, _label, corner="Model")
+    out += _grid_table(records, "model", "method", cell, _OPT_MODELS, _METHOD_ORDER, label, corner="Model")
     devices = ", ".join(sorted({r["device"] for r in records}))
     out += ["", f"GB = 2^30 bytes of `peak_memory_bytes` (device: {devices})."
             " The paper measured MultiRC (about 400 tokens, batch 1 per GPU) with nvidia-smi on A100-80GB.", ""]
@@ -334,101 +329,21 @@ def build(runs):
     return "\n".join(md), files
 
 
-def _save(out_dir, texts, figures=None):
-    """Write {name: text} and {name: Figure} (as PNG) into out_dir, each via a temporary file."""
+def save(out_dir, texts, figures=None):
+    """Write {name: text} and {name: Figure} (as PNG) into out_dir, each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    items = {**texts, **(figures or {})}
-    for name, content in items.items():
-        tmp = out / f".{name}.tmp"
-        if isinstance(content, str):
-            tmp.write_text(content)
-        else:
-            content.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, out / name)
-    return [out / name for name in items]
+    for name, content in texts.items():
+        atomic_write(out / name, content)
+    for name, figure in (figures or {}).items():
+        with atomic_path(out / name) as tmp:
+            figure.savefig(tmp, format="png", dpi=100)
+    return [out / name for name in {**texts, **(figures or {})}]
 
 
 def render(run_dirs, out_dir=None):
     """Markdown report of the run folders; with out_dir also report.md and report_*.csv there."""
     markdown, files = build(load_runs(run_dirs))
     if out_dir is not None:
-        _save(out_dir, {"report.md": markdown, **files})
+        save(out_dir, {"report.md": markdown, **files})
     return markdown
-
-
-# --- plots ----------------------------------------------------------------------------------
-def _figure_class():
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
-    except ImportError:
-        raise DataError("plotting needs matplotlib: pip install .[plot] (report --plot)") from None
-    return Figure
-
-
-def _figures(figure_class, runs):
-    """{png name: Figure}: loss curves per family and task (dev loss as markers), memory bars."""
-    curves = {run.path: read_metrics(run) for run in runs}  # every file checked before drawing
-    figures = {}
-    for (family, task), cell in _cells(runs, lambda r: (r.family, r.task)).items():
-        fig = figure_class(figsize=(8, 5))
-        ax = fig.add_subplot()
-        for run in cell:
-            points = {kind: [(m["step"], m[kind]) for m in curves[run.path]
-                             if None not in (m.get("step"), m.get(kind))] for kind in ("loss", "dev_loss")}
-            if points["loss"] or points["dev_loss"]:
-                label = run.path.name + ("" if run.results is not None else " (unfinished)")
-                steps, losses = zip(*points["loss"]) if points["loss"] else ((), ())
-                line, = ax.plot(steps, losses, label=label)
-                if points["dev_loss"]:
-                    ax.plot(*zip(*points["dev_loss"]), "o", color=line.get_color(), markersize=5)
-        if ax.lines:
-            ax.set(xlabel="step", ylabel="loss (markers: dev loss)", title=f"{family} {_label(task)}")
-            ax.legend(fontsize="small")
-            figures[f"loss_{family}_{task}.png"] = fig
-    memory = memory_records([r for r in runs if r.results is not None])
-    if memory:
-        fig = figure_class(figsize=(8, 1 + 0.5 * len(memory)))
-        ax = fig.add_subplot()
-        rows = range(len(memory))
-        ax.barh([i + 0.2 for i in rows], [r["ours_gb"] for r in memory], 0.4, label="ours")
-        ax.barh([i - 0.2 for i in rows], [r["paper_gb"] or 0 for r in memory], 0.4, label="paper (Table 22)")
-        ax.set_yticks(rows, [f"{r['model']} {_label(r['method'])}" for r in memory])
-        ax.set(xlabel="peak memory (GB)")
-        ax.legend()
-        fig.tight_layout()
-        figures["memory.png"] = fig
-    return figures
-
-
-def plot(run_dirs, out_dir):
-    """Write the PNG loss curves and memory bars into out_dir; returns the paths written."""
-    return _save(out_dir, {}, _figures(_figure_class(), load_runs(run_dirs)))
-
-
-# --- command line ---------------------------------------------------------------------------
-def report_main(argv=None):
-    """`eval.py report` (argv: what follows `report`): print the Markdown report; exit status."""
-    parser = argparse.ArgumentParser(prog="eval.py report", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or folders of runs")
-    parser.add_argument("--out", help="write report.md and report_*.csv (and the plots) here")
-    parser.add_argument("--plot", action="store_true", help="also write PNG loss curves and memory bars")
-    args = parser.parse_args(argv)
-    try:
-        if args.plot and args.out is None:
-            raise DataError("--plot needs --out DIR (command line)")
-        figure_class = _figure_class() if args.plot else None
-        runs = load_runs(args.run_dirs)
-        markdown, files = build(runs)  # everything is read and checked before anything is written
-        figures = _figures(figure_class, runs) if args.plot else {}
-        written = _save(args.out, {"report.md": markdown, **files}, figures) if args.out is not None else []
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        print(f"error: {err.strerror} ({err.filename})", file=sys.stderr)
-        return 2
-    print(markdown)
-    for path in written:
-        print(f"wrote {path}", file=sys.stderr)
-    return 0

@@ -2,10 +2,10 @@
 
 A preset resolves, for one task (and for RoBERTa one k), to the train.py flags it fixes plus a grid
 (flag -> list of values). `grid_points` expands the grid into one full flag dict per run, `run_name`
-names a run's folder, and `slurm_script` writes an sbatch file for one point:
+names a run's folder; data/paper/grid.py runs the points or writes SLURM scripts for them:
 
     for point in grid_points("opt-mezo-ft", "sst2"):
-        print(run_name(point), train_argv(point))
+        print(run_name(point), point)
 
 Rules the grids share, from the original scripts:
 - OPT (large_models/mezo.sh, finetune.sh): 1000 train / 500 dev / 1000 test examples drawn with
@@ -22,34 +22,20 @@ import hashlib
 import itertools
 import json
 import math
-import os
-import shlex
-import subprocess
-import sys
 from dataclasses import dataclass, field
 
 from data import DataError
-from data.paper import GENERATION_TASKS
+from data.flags import CONTROL_FLAGS, build_parser
+from data.paper.numbers import GENERATION_TASKS
 from data.registry import get_task
 
-
-# train.py's flags (CONTRACTS.md); a preset sets nothing else.
-TRAIN_FLAGS = (
-    "task", "model", "mode", "trainer", "data_dir", "output_dir", "batch_size", "learning_rate",
-    "zo_eps", "max_steps", "num_train_epochs", "eval_steps", "save_steps", "logging_steps", "seed",
-    "train_set_seed", "k", "num_train", "num_dev", "num_eval", "dtype", "weight_decay",
-    "lr_scheduler_type", "optimizer", "momentum", "num_prefix", "lora_r", "lora_alpha",
-    "perturbation", "n_spsa", "select_by", "non_diff", "max_length", "train_as_classification",
-    # the rest of train.py's run flags (tests/test_train.py checks the two lists stay equal)
-    "distribution", "seed_source", "n_spsa_schedule", "zo_variant", "change_grad_estimate",
-    "recompute_norms", "use_zo_grad_est", "gradient_accumulation_steps", "no_bos_override",
-    "max_grad_norm", "max_nonfinite", "eval_batch_size", "device", "fsdp", "dist_timeout",
-)
+# train.py's run flags, in the parser's order; a preset or a grid point sets nothing else.
+TRAIN_FLAGS = tuple(a.dest for a in build_parser()._actions if a.dest not in CONTROL_FLAGS)
 ROBERTA_SEEDS = (13, 21, 42, 87, 100)  # LM-BFF k-shot splits (tools/generate_k_shot_data.py)
 ROBERTA_K = (16, 512)
 
-# Train splits smaller than num_train + num_dev (reference section 2.2): the original keeps the
-# last num_dev examples for dev and trains on the rest (CB 150, Copa 300, WSC only 54).
+# Train splits smaller than num_train + num_dev: the original (large_models/run.py) keeps the last
+# num_dev examples for dev and trains on the rest (CB 150, Copa 300, WSC only 54).
 _OPT_SMALL_TRAIN_SPLITS = {"cb": 250, "copa": 400, "wsc": 554}
 
 
@@ -79,8 +65,9 @@ _OPT_MEZO = dict(_OPT, trainer="zo", mode="ft", dtype="fp16", batch_size=16, max
 # warmup), evaluation per epoch. The original trains fp32 weights under fp16 autocast (--fp16).
 _OPT_FT = dict(_OPT, trainer="fo", mode="ft", dtype="fp32", batch_size=8, num_train_epochs=5,
                lr_scheduler_type="linear", optimizer="adamw")
-# README non-diff example: --evaluation_strategy no --save_strategy no, i.e. the last model.
-_NONDIFF = dict(non_diff=True, eval_steps=20_000, save_steps=20_000, select_by="accuracy")
+# README non-diff example: --evaluation_strategy no --save_strategy no, i.e. the last model (train.py
+# keeps the last model of a --non_diff run without --select_by).
+_NONDIFF = dict(non_diff=True, eval_steps=20_000, save_steps=20_000, select_by=None)
 
 # medium_models/mezo.sh + Table 15: BS 64, 100K steps, constant LR, dev check every 10K steps.
 _ROBERTA = dict(model="roberta-large", dtype="fp32", logging_steps=10, weight_decay=0.0,
@@ -298,61 +285,3 @@ def run_name(point):
         if point.get(flag) is not None and not (flag == "zo_eps" and point.get("trainer") == "fo"):
             parts.append(short + _fmt(point[flag]))
     return "-".join(parts + [digest])
-
-
-def train_argv(point):
-    """The point as train.py arguments, in CONTRACTS order; booleans are spelled true/false and
-    floats exactly (repr), e.g. ['--task', 'opt/SST2', ..., '--learning_rate', '1e-06']."""
-    unknown = sorted(set(point) - set(TRAIN_FLAGS))
-    if unknown:
-        raise DataError(f"unknown train.py flag '{unknown[0]}' (point for {run_name(point)})")
-    argv = []
-    for flag in TRAIN_FLAGS:
-        value = point.get(flag)
-        if value is None or value is False and flag == "fsdp":
-            continue
-        argv += [f"--{flag}"] if flag == "fsdp" else [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]
-    return argv
-
-
-def slurm_script(point, nproc=1, *, time="24:00:00", runs_dir="runs", partition=None, cpus_per_gpu=8):
-    """An sbatch script that runs one point with `torchrun --nproc_per_node nproc train.py ...`.
-
-    The run writes to `point['output_dir']`, or `runs_dir/run_name(point)`; Slurm's own log goes
-    to `runs_dir/<name>.slurm-<jobid>.out` (sbatch needs `runs_dir` to exist at submission).
-    """
-    name = run_name(point)
-    point = dict(point, output_dir=point.get("output_dir") or f"{runs_dir}/{name}")
-    header = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={name}",
-        "#SBATCH --nodes=1",
-        "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --gpus-per-node={nproc}",
-        f"#SBATCH --cpus-per-task={cpus_per_gpu * nproc}",
-        f"#SBATCH --time={time}",
-        f"#SBATCH --output={runs_dir}/{name}.slurm-%j.out",
-    ] + ([f"#SBATCH --partition={partition}"] if partition else [])
-    argv = train_argv(point)
-    flags = [f"    {shlex.join(argv[i:i + 2])}" for i in range(0, len(argv), 2)]
-    command = [f"torchrun --standalone --nproc_per_node {nproc} train.py"] + flags
-    return "\n".join(header + ["set -euo pipefail", " \\\n".join(command), ""])
-
-
-def run_grid(points, root, train_cmd):
-    """Run each point with `train_cmd + train_argv(point)` in `root/run_name(point)`, one process
-    after another; a finished point (results.json) is skipped, an interrupted one resumed.
-    -> the run folders, in point order."""
-    dirs = []
-    for point in points:
-        out = os.path.join(root, run_name(point))
-        dirs.append(out)
-        if os.path.exists(os.path.join(out, "results.json")):
-            print(f"skip (finished): {out}", file=sys.stderr)
-            continue
-        again = os.path.exists(os.path.join(out, "checkpoint", "state.pt"))
-        cmd = [*train_cmd, *train_argv({**point, "output_dir": out}), "--resume" if again else "--overwrite_output_dir"]
-        print(" ".join(shlex.quote(c) for c in cmd), file=sys.stderr)
-        if subprocess.run(cmd).returncode != 0:
-            raise DataError(f"grid point failed, rerun to resume it ({out})")
-    return dirs

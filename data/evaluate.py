@@ -1,0 +1,98 @@
+"""Evaluation shared by train.py and eval.py: encoding, greedy generation, test metrics, dev loss.
+
+A model is any callable `model(input_ids, attention_mask) -> logits` with `.parameters()`, and, for
+generation tasks, `model.generate(input_ids, attention_mask, max_new_tokens=, eos_token_ids=)`.
+Scoring is the original's (run.py `Framework.one_step_pred`), batched: classification = argmax over
+candidates of the mean option-token log-prob (or the SFC-calibrated sum difference with --sfc);
+SQuAD/DROP = greedy generation up to 50 new tokens or "\\n", scored by SQuAD F1 / EM; RoBERTa =
+argmax over the label words' logits at <mask>.
+"""
+import torch
+
+from data.collate import batch_kind, collate
+from data.encode import encode_prompt
+from data.losses import predictions, sfc_scores, task_loss
+from data.metrics import accuracy, calculate_metric
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def encode_samples(task, samples, tok, *, demo_sets=None, generation_with_gold=False, sfc=False,
+                   icl_sfc=False, max_length=2048, max_new_tokens=50, bos_override=True):
+    """Encode each sample (with its own demonstrations, if any) for the task's model family."""
+    if task.family == "roberta":
+        return [task.encode(s, tok) for s in samples]
+    demo_sets = demo_sets or [()] * len(samples)
+    return [encode_prompt(task, demos, s, tok, max_length, sfc=sfc, icl_sfc=icl_sfc,
+                          generation_with_gold=generation_with_gold, max_new_tokens=max_new_tokens,
+                          bos_override=bos_override)
+            for s, demos in zip(samples, demo_sets)]
+
+
+def chunks(items, size):
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def to_device(batch, device):
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def stop_ids(tok):
+    """The original stops generation at "\\n" or </s> (`eos_token="\\n"` in run.py)."""
+    return [tok.encode("\n", add_special_tokens=False)[-1], tok.eos_token_id]
+
+
+def generate_text(model, tok, batch, max_new_tokens=50, max_length=2048):
+    """Greedy continuations as stripped strings (run.py: `max_new_tokens=min(50, max_length - len)`)."""
+    budget = min(max_new_tokens, max_length - batch["input_ids"].shape[1])
+    new = model.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=max(budget, 1),
+                         eos_token_ids=stop_ids(tok))
+    return [tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in new]
+
+
+@torch.no_grad()
+def evaluate(model, tok, task, samples, *, demo_sets=None, batch_size=8, sfc=False, icl_sfc=False,
+             max_length=2048, max_new_tokens=50, bos_override=True):
+    """Test metrics of `model` on `samples`: {"accuracy": ..} or {"f1": .., "em": ..}."""
+    model.eval()
+    device = next(model.parameters()).device
+    kind = batch_kind(task, training=False)
+    opts = dict(max_length=max_length, max_new_tokens=max_new_tokens, bos_override=bos_override)
+    encoded = encode_samples(task, samples, tok, demo_sets=demo_sets, **opts)
+    if sfc or icl_sfc:
+        calib = encode_samples(task, samples, tok, demo_sets=demo_sets, sfc=sfc, icl_sfc=icl_sfc, **opts)
+    predicted, correct = [], []
+    for i, group in enumerate(chunks(encoded, batch_size)):
+        batch = to_device(collate(group, kind, tok.pad_token_id), device)
+        if kind == "prompt":
+            predicted += generate_text(model, tok, batch, max_new_tokens, max_length)
+            correct += batch["gold"]
+            continue
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        if sfc or icl_sfc:
+            sfc_batch = to_device(collate(calib[i * batch_size:(i + 1) * batch_size], kind, tok.pad_token_id), device)
+            scores = sfc_scores(logits, batch, model(sfc_batch["input_ids"], sfc_batch["attention_mask"]), sfc_batch)
+            predicted += scores.argmax(-1).tolist()
+        else:
+            predicted += predictions(logits, batch).tolist()
+        correct += [e.label for e in group] if task.family == "roberta" else [e.correct for e in group]
+    if kind == "prompt":
+        return {m: calculate_metric(m, predicted, correct) for m in ("f1", "em")}
+    return {"accuracy": accuracy(predicted, correct)}
+
+
+@torch.no_grad()
+def dev_loss(model, encoded, kind, pad_token_id, batch_size):
+    """The dev loss as HF's evaluation loop computes it (Trainer.evaluation_loop): each batch's mean
+    loss repeated `find_batch_size(inputs)` times, i.e. weighted by the rows of input_ids (one per
+    example, or one per candidate for the classification loss, whose collator flattens the
+    candidates: large_models/utils.py DataCollatorWithPaddingAndNesting), then averaged."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, rows = 0.0, 0
+    for group in chunks(encoded, batch_size):
+        batch = to_device(collate(group, kind, pad_token_id), device)
+        n = batch["input_ids"].shape[0]
+        total += task_loss(model(batch["input_ids"], batch["attention_mask"]), batch).float().item() * n
+        rows += n
+    return total / rows
