@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import ModelError
-from .opt import ACTIVATIONS, OPT, KVCache, attend, causal_padding_mask
+from .opt import ACTIVATIONS, CausalLM, KVCache, attend, causal_padding_mask
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -209,7 +209,9 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class LLaMA(nn.Module):
+class LLaMA(CausalLM):
+    body = "model"
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.config = cfg
@@ -220,19 +222,3 @@ class LLaMA(nn.Module):
     @property
     def hf_architecture(self) -> str:
         return HF_ARCHITECTURES[self.config.model_type]
-
-    def tie_weights(self):
-        """The head's weight IS the embedding Parameter (used by both modules' forwards)."""
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, last_only=False):
-        """Logits [B, T, V] (or [B, 1, V] with last_only). With a cache, input_ids are the new
-        tokens and attention_mask covers cached + new tokens (left padding, as in transformers)."""
-        if attention_mask is None:
-            past = cache.length if cache is not None else 0
-            attention_mask = input_ids.new_ones(input_ids.shape[0], past + input_ids.shape[1])
-        h = self.model(input_ids, attention_mask.long(), cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
-
-    generate = OPT.generate  # greedy decoding with a KV cache; the loop is the same for both families

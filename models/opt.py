@@ -216,20 +216,16 @@ class OPTDecoder(nn.Module):
         return x
 
 
-class OPT(nn.Module):
-    hf_architecture = "OPTForCausalLM"
-
-    def __init__(self, cfg: OPTConfig):
-        super().__init__()
-        self.config = cfg
-        self.decoder = OPTDecoder(cfg)
-        self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
-        self.tie_weights()
+class CausalLM(nn.Module):
+    """A decoder body under an LM head: the head, its tying, the forward and greedy generation,
+    shared by OPT and the LLaMA family. `body` names the decoder attribute (Hugging Face's name:
+    `decoder` for OPT, `model` for LLaMA), so checkpoints load without a renaming table."""
+    body = "decoder"
 
     def tie_weights(self):
         """The head's weight IS the embedding Parameter (used by both modules' forwards)."""
         if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.decoder.embed_tokens.weight
+            self.lm_head.weight = getattr(self, self.body).embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, last_only=False):
         """Logits [B, T, V] (or [B, 1, V] with last_only). With a cache, input_ids are the new
@@ -237,7 +233,7 @@ class OPT(nn.Module):
         if attention_mask is None:
             past = cache.length if cache is not None else 0
             attention_mask = input_ids.new_ones(input_ids.shape[0], past + input_ids.shape[1])
-        h = self.decoder(input_ids, attention_mask.long(), cache)
+        h = getattr(self, self.body)(input_ids, attention_mask.long(), cache)
         return self.lm_head(h[:, -1:] if last_only else h)
 
     @torch.no_grad()
@@ -266,3 +262,14 @@ class OPT(nn.Module):
                 break
             tokens = nxt[:, None]
         return torch.stack(out, 1) if out else input_ids.new_zeros(B, 0)
+
+
+class OPT(CausalLM):
+    hf_architecture = "OPTForCausalLM"
+
+    def __init__(self, cfg: OPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.decoder = OPTDecoder(cfg)
+        self.lm_head = nn.Linear(cfg.word_embed_proj_dim, cfg.vocab_size, bias=False)
+        self.tie_weights()
