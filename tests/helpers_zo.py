@@ -1,4 +1,6 @@
 """Shared fixtures of the zo tests: a tiny LM with biases, LayerNorms, dropout and a tied head."""
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -85,9 +87,21 @@ def dense_z(slot, seed) -> torch.Tensor:
     return normal(t(seed), slot.key_t, t(0), slot.param.numel(), "cpu").view(slot.param.shape)
 
 
-def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Number of float32 values between a and b (0 for equal values, +0 and -0 included)."""
-    def ordered(x):
-        i = x.view(torch.int32).long()
-        return torch.where(i < 0, -(i & 0x7FFFFFFF), i)
-    return (ordered(a) - ordered(b)).abs()
+Z_MAX = math.sqrt(-2 * math.log(2.0**-24))  # |z| of Box-Muller on 24-bit uniforms (zo/rng.py): 5.768
+
+
+def normal_z_error(log_ulp=1.0, cos_ulp=1.0, sqrt_ulp=0.5) -> float:
+    """Largest |z_computed - z_exact| of zo/rng.py's normal z = sqrt(-2 log u1) * cos(2 pi u2), for a
+    log, cos and sqrt accurate to the given ulps. u1, u2 are exact 24-bit fractions and 2 pi u2 is one
+    fp32 product of the same fp32 constant on every backend, so every backend feeds cos the same value.
+    With u = 2^-24 (fp32 unit roundoff, so one ulp of a value is at most 2u times it):
+      r = sqrt(-2 log u1): relative error log_ulp*2u/2 (sqrt halves it) + sqrt_ulp*2u;  |cos| <= 1;
+      cos(theta): absolute error cos_ulp*u (|cos| < 1 has ulp <= u; cos(0) = 1 is exact);  r <= Z_MAX;
+      r * cos: relative error u;  so |error| <= Z_MAX * u * (log_ulp + 2 sqrt_ulp + cos_ulp + 1)."""
+    return Z_MAX * 2.0**-24 * (log_ulp + 2 * sqrt_ulp + cos_ulp + 1)
+
+
+# Eager (ATen) vs compiled (Inductor) normal z on a CPU: both call SLEEF's u10 functions (<= 1 ulp) or the
+# C library's logf/cosf (< 1 ulp) depending on ATEN_CPU_CAPABILITY, and a correctly rounded sqrt: each is
+# within normal_z_error() of the exact value, so they are within twice that of each other (2.75e-6).
+NORMAL_Z_IMPL_BOUND = 2 * normal_z_error()

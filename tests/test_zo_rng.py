@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from zo import MeZO, MeZOConfig, name_key
 from zo.kernels import get_kernels
 from zo.rng import normal, rademacher
-from helpers_zo import ulp_distance
+from helpers_zo import NORMAL_Z_IMPL_BOUND
 
 K = get_kernels("normal")  # compiled; shared by every zo test in the process
 N = 1 << 20  # >= 1M samples for the statistics
@@ -93,21 +93,19 @@ def test_shard_equals_slice_of_whole_bitwise():
     assert torch.equal(z_compiled(seed, key, 6 * 7_000, offset=7 * 7_000).view(6, 7_000), rows[7:])
 
 
-def test_eager_and_compiled_normal_agree_within_the_measured_bound():
-    """zo/rng.py states the measured agreement: at most 4 ulp and 2^-20 absolute, on about 34% of the
-    elements. Here over 2 seeds x 2^19 elements (the 1-ulp claim zo/rng.py used to make fails on
-    these: 3- and 4-ulp differences occur)."""
-    diffs, ulps = [], []
+def test_eager_and_compiled_normal_agree_within_the_derived_bound():
+    """ATen's and Inductor's log/cos differ in the last bits (which ones depends on the CPU's vector
+    instructions), so eager and compiled z may differ, but never by more than NORMAL_Z_IMPL_BOUND
+    (derived in helpers_zo.py). Negative controls: an off-by-one offset, another key and a bf16 round
+    trip (a precision regression) each break that same bound."""
+    key = name_key("decoder.layers.0.fc1.weight")
     for seed in (0, 999_999_999):
-        args = (T(seed), T(name_key("decoder.layers.0.fc1.weight")), T(12345))
-        eager = normal(*args, N // 2, "cpu")
-        compiled = z_compiled(seed, name_key("decoder.layers.0.fc1.weight"), N // 2, offset=12345)
-        diffs.append((eager - compiled).abs())
-        ulps.append(ulp_distance(eager, compiled))
-    diff, ulp = torch.cat(diffs), torch.cat(ulps)
-    assert diff.max().item() <= 2.0**-20
-    assert ulp.max().item() <= 4
-    assert 0.30 < (diff > 0).double().mean().item() < 0.40  # they do differ: the bound is not vacuous
+        eager = normal(T(seed), T(key), T(12345), N // 2, "cpu")
+        compiled = z_compiled(seed, key, N // 2, offset=12345)
+        assert (eager - compiled).abs().max().item() <= NORMAL_Z_IMPL_BOUND
+        for wrong in (z_compiled(seed, key, N // 2, offset=12346), z_compiled(seed, key ^ 1, N // 2, offset=12345),
+                      compiled.bfloat16().float()):
+            assert (eager - wrong).abs().max().item() > NORMAL_Z_IMPL_BOUND
 
 
 def test_rademacher_values_and_balance():

@@ -189,7 +189,8 @@ def shard_model(model: nn.Module, d: Dist, mixed_precision: bool | None = None,
     Units: every child of every nn.ModuleList (the transformer blocks), innermost first, then the
     root (embeddings, final norm, tied head: one unit, so a tied Parameter stays one sharded tensor).
     reshard_after_forward=True on every unit: FSDP2 otherwise keeps the root unsharded after a no-grad
-    forward, and an update written then is silently dropped at the next reshard (measured, torch 2.13).
+    forward, and an update written then is silently dropped at the next reshard (seen with torch 2.13;
+    tests/test_distributed.py compares sharded updates with one process).
     mixed_precision (default: on CUDA): fp32 master shards, bf16 all-gather and compute, fp32 reduce.
     forward_methods: methods other than forward that call submodules directly (OPT.generate), made
     to all-gather like forward does.

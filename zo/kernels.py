@@ -19,9 +19,9 @@ graph per kernel, so the first call of each (dtype, device, size class) raises D
 limit above its default of 8, for that call only (the process-wide setting is left alone). Kernels run under `torch.no_grad()` (global grad mode is guarded too).
 
 `compiled=False` runs the same Python functions eagerly: identical integer hashes, normal z within
-the bound measured in zo/rng.py, about 100x slower and with large int64 temporaries; it exists for
-debugging. When torch.compile cannot build a kernel (e.g. no C++ compiler on a CPU machine) the call
-fails with a RuntimeError that names this switch, rather than silently falling back to a 100x slower path.
+the bound zo/rng.py states, much slower and with large int64 temporaries; it exists for debugging.
+When torch.compile cannot build a kernel (e.g. no C++ compiler on a CPU machine) the call fails with a
+RuntimeError that names this switch, rather than silently falling back to a much slower path.
 """
 import contextlib
 import functools

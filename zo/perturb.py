@@ -123,7 +123,7 @@ class PerturbHooks:
 
     The transient copies are built in pooled buffers (copy, then the in-place kernel): a fresh CPU
     allocation of a large tensor page-faults on first touch, and Inductor's out-of-place kernel writes
-    through a temporary, so an out-of-place kernel took 2.3x the in-place pass, copy + `perturb_` 1.3x.
+    through a temporary (BENCHMARKS.md, "Measurements behind design choices", has the timings).
     A tied parameter's copy (OPT's embedding and LM head) is made once per perturbation and shared by
     its owners. The pool holds about one buffer per parameter size (the largest is the embedding's,
     alive at the LM head, the forward's peak, in any case). `deactivate` at the end of a step drops

@@ -24,16 +24,17 @@ other (element i of A == element i^d of B for whole blocks of i); a multiplier s
 coincidences like random ones. Each element has 32 bits of state per step, so a model of more than
 2^32 elements sees repeated z values, at random positions (harmless for an SPSA estimate), and a
 single parameter may have at most 2^32 elements. A two-round version (mix(mix(i ^ k1) ^ k2)) was
-about 20% slower here at equal statistics.
+slower at equal statistics (BENCHMARKS.md, "Measurements behind design choices").
 
 Normal z: Box-Muller on two 24-bit uniforms, u1 in (0, 1] from a and u2 in [0, 1) from b, so |z| is
 at most sqrt(-2 ln 2^-24) ~= 5.77. The hash, and so Rademacher z, is bitwise the same eager and
-compiled. Normal z is not: ATen's and Inductor's log, sqrt and cos differ in the last bits. Measured
-on CPU (torch 2.13, 6 seeds x 2 keys x 2^21 elements): 34.3-34.5% of elements differ, by at most
-4 ulp and at most 9.54e-7 (2^-20) in absolute value; tests/test_zo_rng.py asserts that bound. Through
-1/(2 eps) such a difference moves projected_grad (by ~1.5e-4 at eps = 1e-3 on an OPT loss), so a run,
-its resume and its replay must use one kernel mode. The compiled kernel itself is bitwise invariant
-to chunking (a shard's z is exactly the slice of the whole tensor's z).
+compiled. Normal z is not: ATen's and Inductor's log and cos differ in the last bits, and where they
+differ depends on the CPU's vector instructions (ATEN_CPU_CAPABILITY). Each is within a few units of
+fp32 rounding of the exact Box-Muller value, so the two differ by at most 2.75e-6 (derived in
+tests/helpers_zo.py `normal_z_error`; tests/test_zo_rng.py checks it at every dispatch level the
+machine offers). Through 1/(2 eps) such a difference moves projected_grad, so a run, its resume and
+its replay must use one kernel mode. The compiled kernel itself is bitwise invariant to chunking (a
+shard's z is exactly the slice of the whole tensor's z).
 """
 import math
 
