@@ -40,14 +40,14 @@ test: $(STAMP) $(SMOLLM2)/config.json
 # 5 minutes on 2 idle CPU cores. "Before" is a train.py run of one step at learning rate 0 (it leaves
 # every weight bitwise unchanged, so it evaluates the base model on dev and test with the run's own
 # code); "after" is MeZO, whose selected adapter train.py evaluates on dev and test at its end.
-# Then the table and runs/demo/mezo/loss_curves.png.
+# Then the table and runs/demo/mezo/curves.png (eval.py compare).
 DEMO := --task SST2 --model $(SMOLLM2) --max_length 64 --num_train 200 --num_dev 100 --mode lora --batch_size 8 \
 	--overwrite_output_dir
 demo: $(STAMP) $(SMOLLM2)/config.json
 	$(PY) train.py $(DEMO) --learning_rate 0 --max_steps 1 --eval_steps 1 --output_dir runs/demo/zero-shot
 	$(PY) train.py $(DEMO) --learning_rate 3e-3 --zo_eps 1e-2 --max_steps 80 --eval_steps 20 --logging_steps 10 \
 		--output_dir runs/demo/mezo
-	$(PY) -m data.curves runs/demo/mezo --before runs/demo/zero-shot
+	$(PY) eval.py compare runs/demo/zero-shot runs/demo/mezo --plot runs/demo/mezo/curves.png
 
 bench: $(STAMP)
 	$(PY) tests/bench/run.py

@@ -5,7 +5,7 @@
     python eval.py --task SST2 --model runs/x/model                        # a saved fine-tuned model
     python eval.py --task SST2 --model facebook/opt-13b --adapter runs/x/model.adapter.safetensors
     python eval.py report runs/* --plot --out report/                      # Tables 1, 18, 22
-    python eval.py compare runs/demo-zo runs/demo-fo                       # runs side by side
+    python eval.py compare runs/demo/zero-shot runs/demo/mezo --plot c.png # runs side by side
 
 Scoring is the original's (run.py `Framework.one_step_pred`, batched; data/evaluate.py). ICL draws
 one demonstration set per test example, as the original does with no train_set_seed.
@@ -23,7 +23,8 @@ from data import flags
 from data.evaluate import DTYPES, evaluate
 from data.files import write_json
 from data.paper import plots, report
-from zo.checkpoint import check_run_folder, run_kind
+from zo.checkpoint import check_run_folder
+from zo.progress import peak_memory
 
 # eval.py's flags and their ranges (data/flags.py), checked before the model is read
 RULES = {"num_train": flags.at_least(0), **{name: flags.RULES[name] for name in (
@@ -44,30 +45,31 @@ def load(model_path, adapter=None, dtype="fp32", device="cpu"):
     return model, tok
 
 
-def compare(run_dirs):
-    """`eval.py compare RUN_DIR...`: runs side by side (the `make demo` table): dev loss at the
-    first evaluation and of the selected model, test metric, peak memory, time per step."""
-    rows = []
-    for d in run_dirs:  # every folder is read before anything is printed
-        try:
-            if run_kind(d) != "train":
-                raise ValueError("no config.json written by train.py")
-            config, res = (json.load(open(os.path.join(d, f))) for f in ("config.json", "results.json"))
-            dev = [json.loads(line) for line in open(os.path.join(d, "metrics.jsonl")) if "dev_loss" in line]
-            test = ", ".join(f"{k} {v:.3f}" for k, v in res["test"].items())
-            first = f"{dev[0]['dev_loss']:.3f} (step {dev[0]['step']})" if dev else "–"  # never evaluated
-            selected = f"{res['dev']['loss']:.3f}" if res["dev"] else "–"  # no dev set
-            rows.append(f"| {d} | {config['trainer']} | {first} | {selected} (step {res['best_step']}, "
-                        f"{res.get('selection', 'dev')}) | {test} | {res['peak_memory_bytes'] / 2**20:.0f} | "
-                        f"{1000 * res['time_per_step_s']:.1f} |")
-        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            print(f"error: not a finished training run: {e} ({d})", file=sys.stderr)
-            return 2
-    if not rows:
-        print("error: compare needs run folders (command line)", file=sys.stderr)
+def compare_main(argv):
+    """`eval.py compare RUN_DIR... [--plot PNG]`: finished runs side by side (data/paper/report.py),
+    the test gain from the first to the last in binomial standard errors; --plot draws the last run's
+    curves with the first run's levels as lines (data/paper/plots.py)."""
+    parser = flags.Parser(prog="eval.py compare", description=compare_main.__doc__.split("\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders, baseline first")
+    parser.add_argument("--plot", metavar="PNG", help="write the last run's curves here")
+    parser.add_argument("--title", help="the figure's title (default: model, method, task and data folder)")
+    args = parser.parse_args(argv)
+    try:
+        figure = plots.figure_class() if args.plot else None
+        runs = report.load_finished(args.run_dirs)
+        table = report.compare_markdown(runs)  # everything is read and checked before anything is written
+        if args.plot:
+            fig = plots.run_curves(figure, runs[-1], runs[0] if len(runs) > 1 else None, args.title)
+            report.save(os.path.dirname(os.path.abspath(args.plot)), {}, {os.path.basename(args.plot): fig})
+    except data.DataError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    print("| run | trainer | dev loss, first eval | dev loss, selected | test | peak memory (MiB) | ms/step |\n"
-          "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+    except OSError as err:
+        print(f"error: {err.strerror} ({err.filename})", file=sys.stderr)
+        return 2
+    print(table)
+    if args.plot:
+        print(f"curves: {args.plot}")
     return 0
 
 
@@ -125,7 +127,7 @@ def main(argv=None):
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
     if argv[:1] == ["compare"]:
-        return compare(argv[1:])
+        return compare_main(argv[1:])
     args = parse_args(argv)
     try:
         flags.check_values(args, RULES)
@@ -155,7 +157,8 @@ def main(argv=None):
     print(json.dumps({"task": task.name, "num_train": args.num_train, "test": metrics}))
     if args.output_dir:
         config = {**vars(args), "kind": "eval", "family": task.family, "trainer": "none", "mode": None}
-        results = {"test": metrics, "dev": {}, "time_s": time.time() - start, "device": args.device,
+        results = {"test": metrics, "num_test": len(test), "dev": {}, "time_s": time.time() - start,
+                   "peak_memory_bytes": peak_memory(args.device), "device": args.device,
                    "num_params": sum(p.numel() for p in model.parameters())}
         os.makedirs(args.output_dir, exist_ok=True)
         for name, obj in (("config.json", config), ("results.json", results)):

@@ -284,7 +284,7 @@ def finish(run, state, time_per_step):
         load_trainable(model, os.path.join(out, "best.safetensors"))
     selection = "last" if state["best_step"] is None else run.selection_split.replace("test", "eval")
     results = {"dev": run.evaluate_dev(with_metric=True) if run.selection_split == "dev" else {},
-               "test": run.test_metrics(run.samples["test"]), "selection": selection,
+               "test": run.test_metrics(run.samples["test"]), "num_test": len(run.samples["test"]), "selection": selection,
                "best_step": state["best_step"] or a.max_steps, "nonfinite_losses": state["nonfinite"],
                "peak_memory_bytes": peak_memory(run.dist.device), "time_per_step_s": time_per_step,
                "device": str(run.dist.device), "num_params": sum(p.numel() for p in model.parameters()),

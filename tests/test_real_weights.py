@@ -266,29 +266,3 @@ def test_real_zero_shot_sst2_accuracy_is_golden(smollm2):
     loss = float(sum(losses)) / len(encoded)
     assert abs(accuracy - GOLDEN_ACCURACY) <= 2 / 120, accuracy  # two examples either way
     assert abs(loss - GOLDEN_LOSS) <= 0.01 * GOLDEN_LOSS, loss
-
-
-# ---------------------------------------------------------------- the demo's loss curves (data/curves.py)
-
-def _fake_run(folder, dev, test):
-    folder.mkdir()
-    records = [{"step": s, "loss": 1.0 / s} for s in (10, 20, 30)] + [{"step": 30, "dev_loss": 0.5}]
-    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (folder / "results.json").write_text(json.dumps({"dev": dev, "test": test}))
-
-
-def test_curves_plot_and_table(tmp_path, capsys, monkeypatch):
-    from data import curves
-    _fake_run(tmp_path / "mezo", {"loss": 0.25, "accuracy": 0.9}, {"accuracy": 0.85})
-    (tmp_path / "zero").mkdir()
-    (tmp_path / "zero" / "results.json").write_text(json.dumps({"dev": {}, "test": {"accuracy": 0.5}}))
-    assert curves.main([str(tmp_path / "mezo"), "--before", str(tmp_path / "zero")]) == 0
-    out = capsys.readouterr().out.splitlines()
-    assert out[2] == "| zero |  |  | 0.5000 |" and out[3] == "| mezo | 0.2500 | 0.9000 | 0.8500 |"
-    assert (tmp_path / "mezo" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert curves.main([str(tmp_path / "mezo"), "--out", str(tmp_path / "x.png")]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: plotting needs matplotlib: pip install matplotlib") and err.count("\n") == 1
-    assert curves.main([str(tmp_path / "zero")]) == 2 and "missing metrics file" in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()

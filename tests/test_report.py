@@ -197,3 +197,49 @@ def test_metrics_lines(tmp_path):
     (run.path / "metrics.jsonl").write_text('{"step": 10, "lo\n{"step": 20, "loss": 1.0}\n')
     with pytest.raises(report.DataError, match=r"bad JSON line \(.*metrics.jsonl:1\)"):
         report.read_metrics(run)
+
+
+def _demo_runs(root):
+    """A zero-shot run and a MeZO-LoRA run as `make demo` writes them (train.py folders)."""
+    small = {"model": ".cache/smollm2-135m-instruct", "data_dir": ".cache/rotten-tomatoes", "mode": "lora"}
+    zero = make_run(root, "zero-shot", opt("SST2", **small), memory=300 * 2**20, metrics=[{"step": 1, "dev_loss": 0.98}])
+    mezo = make_run(root, "mezo", opt("SST2", **small), memory=301 * 2**20, metrics=CURVE)
+    for folder, dev, test, best in ((zero, {"loss": 0.98, "accuracy": 0.52}, 0.5, 1),
+                                    (mezo, {"loss": 0.75, "accuracy": 0.6}, 0.6, 20)):
+        results = json.loads((folder / "results.json").read_text())
+        results.update(dev=dev, test={"accuracy": test}, num_test=500, best_step=best)
+        (folder / "results.json").write_text(json.dumps(results))
+    return zero, mezo
+
+
+def test_compare_table_gain_in_standard_errors_and_curves(tmp_path, capsys):
+    zero, mezo = _demo_runs(tmp_path)
+    png = tmp_path / "figs" / "curves.png"
+    assert evaluation.main(["compare", str(zero), str(mezo), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| zero-shot | MeZO (LoRA) | 0.9800 (step 1) | 0.9800 (step 1) | 0.5200 | accuracy 0.5000 | 300 | 0.50 |"
+    assert out[3] == "| mezo | MeZO (LoRA) | 0.7500 (step 20) | 0.7500 (step 20) | 0.6000 | accuracy 0.6000 | 301 | 0.50 |"
+    # 0.1 gain; the larger SE is at p = 0.5: sqrt(0.25 / 500) = 0.02236, 0.1 / 0.02236 = 4.47
+    assert out[5] == ("Test accuracy 0.5000 -> 0.6000 on 500 held-out rows: +0.1000, +4.5 binomial standard errors "
+                      "(sqrt(p(1-p)/n) = 0.0224, the larger of the two).")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out[-1] == f"curves: {png}"
+    from data.paper import plots
+    fig = plots.run_curves(plots.figure_class(), *report.load_finished([mezo, zero]))
+    loss_ax, acc_ax = fig.axes
+    assert loss_ax.get_title() == "smollm2-135m-instruct: MeZO (LoRA) on SST-2 (rotten-tomatoes)"
+    assert [line.get_label() for line in loss_ax.lines] == [
+        "training loss (mean per logging window)", "dev loss", "zero-shot dev loss: 0.980"]
+    assert [line.get_label() for line in acc_ax.lines] == [
+        "dev accuracy", "test accuracy of the selected model: 0.600", "zero-shot dev accuracy: 0.520",
+        "zero-shot test accuracy: 0.500"]
+    assert list(acc_ax.lines[0].get_xydata()[0]) == [20, 0.6]
+
+
+def test_compare_bad_input_is_one_error_line(tmp_path, capsys, monkeypatch):
+    zero, mezo = _demo_runs(tmp_path)
+    (tmp_path / "plain").mkdir()
+    assert evaluation.main(["compare", str(zero), str(tmp_path / "plain")]) == 2
+    assert capsys.readouterr().err == f"error: not a finished training run: no config.json and results.json ({tmp_path / 'plain'})\n"
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
+    assert evaluation.main(["compare", str(zero), str(mezo), "--plot", str(tmp_path / "c.png")]) == 2
+    assert "pip install .[plot]" in capsys.readouterr().err and not (tmp_path / "c.png").exists()

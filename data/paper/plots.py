@@ -1,5 +1,9 @@
-"""The report's plots: training-loss curves per family and task (dev loss as markers) and peak
-memory beside the paper's Table 22. matplotlib is optional and imported only here, only when asked."""
+"""The plots of runs: training-loss curves per family and task (dev loss as markers), peak memory
+beside the paper's Table 22 (`eval.py report --plot`), and one run's curves against a baseline
+(`eval.py compare --plot`, `make demo`). matplotlib is optional and imported only here, only when asked."""
+import math
+from pathlib import Path
+
 from data import DataError
 from data.paper.report import group_by, label, load_runs, memory_records, read_metrics, save
 
@@ -8,7 +12,7 @@ def figure_class():
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
     except ImportError:
-        raise DataError("plotting needs matplotlib: pip install .[plot] (report --plot)") from None
+        raise DataError("plotting needs matplotlib: pip install .[plot] (--plot)") from None
     return Figure
 
 
@@ -50,3 +54,50 @@ def figures(figure, runs):
 def plot(run_dirs, out_dir):
     """Write the PNG loss curves and memory bars into out_dir; returns the paths written."""
     return save(out_dir, {}, figures(figure_class(), load_runs(run_dirs)))
+
+
+def _points(metrics, key):
+    return [(m["step"], m[key]) for m in metrics
+            if isinstance(m.get(key), (int, float)) and math.isfinite(m[key]) and "step" in m]
+
+
+def title_of(run):
+    """'<model>: <method> on <task> (<data folder>)', from the run's config."""
+    data_dir = run.config.get("data_dir")
+    where = f" ({Path(data_dir).name})" if data_dir else " (bundled sample)"
+    return f"{Path(str(run.config.get('model', '?'))).name}: {label(run.method)} on {label(run.task)}{where}"
+
+
+def run_curves(figure, run, baseline=None, title=None):
+    """One run against the step: training loss and dev loss (top), dev accuracy (bottom), the
+    selected model's test accuracy; the baseline run's dev loss, dev and test accuracy as lines."""
+    metrics = read_metrics(run)
+    train, dev_loss, dev_accuracy = (_points(metrics, k) for k in ("loss", "dev_loss", "dev_accuracy"))
+    if not train and not dev_loss:
+        raise DataError(f"no losses logged ({run.path / 'metrics.jsonl'})")
+    fig = figure(figsize=(7, 6.5))
+    loss_ax, acc_ax = fig.subplots(2, 1, sharex=True)
+    if train:
+        loss_ax.plot(*zip(*train), alpha=0.7, label="training loss (mean per logging window)")
+    if dev_loss:
+        loss_ax.plot(*zip(*dev_loss), "o-", label="dev loss")
+    if dev_accuracy:
+        acc_ax.plot(*zip(*dev_accuracy), "o-", color="C1", label="dev accuracy")
+    test = (run.results or {}).get("test", {}).get("accuracy")
+    if test is not None:
+        acc_ax.plot([run.results["best_step"]], [test], "*", color="C3", markersize=12,
+                    label=f"test accuracy of the selected model: {test:.3f}")
+    base = baseline.results if baseline is not None and baseline.results else {}
+    name = baseline.path.name if baseline is not None else ""
+    for ax, value, what, style in ((loss_ax, base.get("dev", {}).get("loss"), "dev loss", "--"),
+                                   (acc_ax, base.get("dev", {}).get("accuracy"), "dev accuracy", "--"),
+                                   (acc_ax, base.get("test", {}).get("accuracy"), "test accuracy", ":")):
+        if value is not None:
+            ax.axhline(value, color="gray", linestyle=style, label=f"{name} {what}: {value:.3f}")
+    loss_ax.set(ylabel="loss", title=title or title_of(run))
+    acc_ax.set(xlabel="step", ylabel="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

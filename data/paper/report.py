@@ -329,6 +329,52 @@ def build(runs):
     return "\n".join(md), files
 
 
+# --- runs side by side (`eval.py compare`, `make demo`) ------------------------------------------
+def load_finished(run_dirs):
+    """Each folder a finished run (config.json + results.json), in the order given."""
+    runs = []
+    for folder in map(Path, run_dirs):
+        if not (folder / "config.json").is_file() or not (folder / "results.json").is_file():
+            raise DataError(f"not a finished training run: no config.json and results.json ({folder})")
+        runs += load_runs([folder])
+    return runs
+
+
+def _number(value, spec, scale=1):
+    return "–" if value is None else spec.format(value * scale)
+
+
+def binomial_se(accuracy, n):
+    """Standard error of an accuracy measured on n independent examples: sqrt(p (1 - p) / n)."""
+    return math.sqrt(accuracy * (1 - accuracy) / n)
+
+
+def compare_markdown(runs):
+    """One row per run: dev loss at the first evaluation and of the selected model, dev and test
+    accuracy, peak memory, time per step; then, from the first run to the last, the test gain in
+    binomial standard errors (both runs' test sets the same size)."""
+    lines = ["| run | method | dev loss, first eval | dev loss, selected (step) | dev accuracy | test | "
+             "peak memory (MiB) | s/step |", "|---" * 8 + "|"]
+    for run in runs:
+        res = run.results
+        dev = [m for m in read_metrics(run) if "dev_loss" in m]
+        first = f"{dev[0]['dev_loss']:.4f} (step {dev[0]['step']})" if dev else "–"  # never evaluated
+        selected = f"{res['dev']['loss']:.4f} (step {res.get('best_step')})" if res.get("dev") else "–"
+        cells = [run.path.name, label(run.method), first, selected,
+                 _number((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
+                 ", ".join(f"{k} {v:.4f}" for k, v in res["test"].items()),
+                 _number(res.get("peak_memory_bytes"), "{:.0f}", 2**-20), _number(res.get("time_per_step_s"), "{:.2f}")]
+        lines.append("| " + " | ".join(cells) + " |")
+    before, after = runs[0].results, runs[-1].results
+    sizes = {r.results.get("num_test") for r in (runs[0], runs[-1])}
+    if len(runs) > 1 and None not in sizes and len(sizes) == 1 and "accuracy" in before["test"]:
+        n, (a, b) = sizes.pop(), (before["test"]["accuracy"], after["test"]["accuracy"])
+        se = max(binomial_se(a, n), binomial_se(b, n))
+        lines += ["", f"Test accuracy {a:.4f} -> {b:.4f} on {n} held-out rows: {b - a:+.4f}, "
+                  f"{(b - a) / se:+.1f} binomial standard errors (sqrt(p(1-p)/n) = {se:.4f}, the larger of the two)."]
+    return "\n".join(lines)
+
+
 def save(out_dir, texts, figures=None):
     """Write {name: text} and {name: Figure} (as PNG) into out_dir, each atomically."""
     out = Path(out_dir)
