@@ -23,6 +23,7 @@ from data import flags
 from data.evaluate import DTYPES, evaluate
 from data.files import write_json
 from data.paper import plots, report
+from data.paper.runs import load_finished, load_runs
 from zo.checkpoint import check_run_folder
 from zo.progress import peak_memory
 
@@ -56,7 +57,7 @@ def compare_main(argv):
     args = parser.parse_args(argv)
     try:
         figure = plots.figure_class() if args.plot else None
-        runs = report.load_finished(args.run_dirs)
+        runs = load_finished(args.run_dirs)
         table = report.compare_markdown(runs)  # everything is read and checked before anything is written
         if args.plot:
             fig = plots.run_curves(figure, runs[-1], runs[0] if len(runs) > 1 else None, args.title)
@@ -84,7 +85,7 @@ def report_main(argv):
         if args.plot and args.out is None:
             raise data.DataError("--plot needs --out DIR (command line)")
         figure = plots.figure_class() if args.plot else None
-        runs = report.load_runs(args.run_dirs)
+        runs = load_runs(args.run_dirs)
         markdown, files = report.build(runs)  # everything is read and checked before anything is written
         figures = plots.figures(figure, runs) if args.plot else {}
         written = report.save(args.out, {"report.md": markdown, **files}, figures) if args.out is not None else []

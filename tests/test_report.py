@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 import eval as evaluation
+from data import DataError
 from data.paper import report
+from data.paper.runs import Run, load_finished, read_metrics
 
 GB = 2**30
 
@@ -191,12 +193,12 @@ def test_runs_without_dev_result_are_ranked_last_and_noted(tmp_path):
 
 
 def test_metrics_lines(tmp_path):
-    run = report.Run(make_run(tmp_path, "r", opt("CB"), finished=False), {}, None)
+    run = Run(make_run(tmp_path, "r", opt("CB"), finished=False), {}, None)
     (run.path / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n{"step": 20, "lo')  # being written
-    assert report.read_metrics(run) == [{"step": 10, "loss": 1.0}]
+    assert read_metrics(run) == [{"step": 10, "loss": 1.0}]
     (run.path / "metrics.jsonl").write_text('{"step": 10, "lo\n{"step": 20, "loss": 1.0}\n')
-    with pytest.raises(report.DataError, match=r"bad JSON line \(.*metrics.jsonl:1\)"):
-        report.read_metrics(run)
+    with pytest.raises(DataError, match=r"bad JSON line \(.*metrics.jsonl:1\)"):
+        read_metrics(run)
 
 
 def _demo_runs(root):
@@ -224,7 +226,7 @@ def test_compare_table_gain_in_standard_errors_and_curves(tmp_path, capsys):
                       "(sqrt(p(1-p)/n) = 0.0224, the larger of the two).")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out[-1] == f"curves: {png}"
     from data.paper import plots
-    fig = plots.run_curves(plots.figure_class(), *report.load_finished([mezo, zero]))
+    fig = plots.run_curves(plots.figure_class(), *load_finished([mezo, zero]))
     loss_ax, acc_ax = fig.axes
     assert loss_ax.get_title() == "smollm2-135m-instruct: MeZO (LoRA) on SST-2 (rotten-tomatoes)"
     assert [line.get_label() for line in loss_ax.lines] == [

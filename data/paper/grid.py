@@ -16,6 +16,7 @@ from data.files import atomic_write
 from data.flags import build_parser
 from data.paper import presets, report
 from data.paper.presets import TRAIN_FLAGS, run_name
+from data.paper.runs import load_runs
 
 _STORE_TRUE = frozenset(a.dest for a in build_parser()._actions if isinstance(a, argparse._StoreTrueAction))
 
@@ -99,7 +100,7 @@ def main(args, explicit, train_cmd):
         return 0
     dirs = run_grid(points, root, train_cmd)
     select_by = points[0].get("select_by") or "loss"
-    best = report.select_best(report.load_runs(dirs), select_by, [])
+    best = report.select_best(load_runs(dirs), select_by, [])
     print(report.render(dirs))
     print(f"best grid point by the original's rule (dev {select_by}): {best.path}")
     return 0

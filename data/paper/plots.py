@@ -5,7 +5,8 @@ import math
 from pathlib import Path
 
 from data import DataError
-from data.paper.report import group_by, label, load_runs, memory_records, read_metrics, save
+from data.paper.report import group_by, label, memory_records, save
+from data.paper.runs import load_runs, read_metrics
 
 
 def figure_class():

@@ -1,9 +1,7 @@
 """Paper-style tables from run folders: OPT (Table 1), RoBERTa (Table 18), memory (Table 22).
 
-Every cell reads "ours (paper)". A run folder (README "Usage") holds `config.json` (the resolved
-flags plus family/kind), `results.json` (dev and test metrics, peak memory) once it has finished,
-and `metrics.jsonl` (the training curve). Runs that fall into one cell (a grid) are reduced as the
-original does:
+Every cell reads "ours (paper)"; run folders are read by data/paper/runs.py. Runs that fall into
+one cell (a grid) are reduced as the original does:
 - OPT: the run with the lowest dev loss (HF `load_best_model_at_end`'s default metric), test
   score of that run; a run's `select_by` ("loss" | "accuracy") overrides the rule.
 - RoBERTa: per data seed the run with the highest dev accuracy, then mean (std) of the test
@@ -11,119 +9,23 @@ original does:
 Ties go to the first run in path order, as in gather_result.py.
 
     python eval.py report RUN_DIR... [--out DIR] [--plot]     (plots: data/paper/plots.py)
+
+Also the tables of `eval.py compare` (runs side by side, `make demo`) and of `make results`
+(rows over seeds, RESULTS.md): every table of runs is built here.
 """
 import csv
 import io
-import json
 import math
-import re
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 from data import DataError
 from data.files import atomic_path, atomic_write
 from data.paper import numbers as paper
-from data.paper.presets import canonical_task, method_id
+from data.paper.runs import OPT_SIZES, SELECT_BY, load_runs, read_metrics
 
-_SELECT_BY = {"opt": "loss", "roberta": "accuracy"}
-_OPT_SIZES = {"125m": 125e6, "350m": 350e6, "1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
-              "13b": 13e9, "30b": 30e9, "66b": 66e9}
 _METHOD_ORDER = list(paper.METHOD_LABELS)
-
-
-@dataclass
-class Run:
-    path: Path
-    config: dict
-    results: dict | None  # None while the run is unfinished
-
-    @property
-    def family(self):
-        return self.config["family"]
-
-    @property
-    def task(self):
-        return canonical_task(self.config["task"])
-
-    @property
-    def method(self):
-        return method_id(self.config)
-
-    @property
-    def size(self):
-        """'13b' / 'large' when the model is one the paper used, else None."""
-        name = str(self.config.get("model", "")).lower()
-        found = re.search(r"opt-(\d+(?:\.\d+)?[mb])\b|roberta-(base|large)\b", name)
-        if found:
-            return found.group(1) or found.group(2)
-        num_params = (self.results or {}).get("num_params")
-        if self.family == "opt" and num_params:  # a local checkpoint folder: judge by its size
-            size, nominal = min(_OPT_SIZES.items(), key=lambda kv: abs(math.log(num_params / kv[1])))
-            return size if abs(num_params / nominal - 1) < 0.1 else None
-        return None
-
-    @property
-    def model(self):
-        """The row/block label: 'OPT-13B', 'RoBERTa-large', or the checkpoint folder's name."""
-        if self.size:
-            return f"OPT-{self.size.upper()}" if self.family == "opt" else f"RoBERTa-{self.size}"
-        return Path(str(self.config.get("model", "?"))).name
-
-
-# --- loading --------------------------------------------------------------------------------
-def _read_json(path):
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"bad JSON: {err.msg} ({path}:{err.lineno})") from None
-
-
-def _run_folders(folder):
-    """A folder with config.json is a run; otherwise look for runs below it (not inside runs)."""
-    if (folder / "config.json").is_file():
-        return [folder]
-    return [run for sub in sorted(p for p in folder.iterdir() if p.is_dir()) for run in _run_folders(sub)]
-
-
-def load_runs(run_dirs):
-    """Run folders (or folders of run folders) -> [Run], sorted by path, each loaded once."""
-    folders = []
-    for folder in map(Path, run_dirs):
-        if not folder.is_dir():
-            raise DataError(f"no such run folder ({folder})")
-        found = _run_folders(folder)
-        if not found:
-            raise DataError(f"missing config.json ({folder})")
-        folders += found
-    runs = []
-    for folder in sorted(set(folders), key=str):
-        config = _read_json(folder / "config.json")
-        for key in ("family", "task"):
-            if key not in config:
-                raise DataError(f"config.json without '{key}' ({folder / 'config.json'})")
-        if config["family"] not in _SELECT_BY:
-            raise DataError(f"unknown family {config['family']!r}, expected opt or roberta ({folder / 'config.json'})")
-        results = _read_json(folder / "results.json") if (folder / "results.json").is_file() else None
-        runs.append(Run(folder, config, results))
-    return runs
-
-
-def read_metrics(run):
-    """metrics.jsonl as a list of dicts; a last line still being written (no newline) is skipped."""
-    path = run.path / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    rows = []
-    for number, line in enumerate(text.splitlines(keepends=True), 1):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if line.endswith("\n"):
-                raise DataError(f"bad JSON line ({path}:{number})") from None
-    return rows
 
 
 # --- selection ------------------------------------------------------------------------------
@@ -170,7 +72,7 @@ def group_by(runs, key):
 
 def _select_by(runs):
     first = min(runs, key=lambda r: str(r.path))
-    return first.config.get("select_by") or _SELECT_BY[first.family]
+    return first.config.get("select_by") or SELECT_BY[first.family]
 
 
 # --- the three tables as records (one per cell; also the CSV rows) --------------------------
@@ -245,7 +147,7 @@ def _grid_table(records, row_key, col_key, cell, row_order, col_order, col_label
     return ["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header)] + body]
 
 
-_OPT_MODELS = [f"OPT-{size.upper()}" for size in _OPT_SIZES]
+_OPT_MODELS = [f"OPT-{size.upper()}" for size in OPT_SIZES]
 
 
 def _opt_markdown(records):
@@ -330,16 +232,6 @@ def build(runs):
 
 
 # --- runs side by side (`eval.py compare`, `make demo`) ------------------------------------------
-def load_finished(run_dirs):
-    """Each folder a finished run (config.json + results.json), in the order given."""
-    runs = []
-    for folder in map(Path, run_dirs):
-        if not (folder / "config.json").is_file() or not (folder / "results.json").is_file():
-            raise DataError(f"not a finished training run: no config.json and results.json ({folder})")
-        runs += load_runs([folder])
-    return runs
-
-
 def _number(value, spec, scale=1):
     return "–" if value is None else spec.format(value * scale)
 
@@ -372,6 +264,40 @@ def compare_markdown(runs):
         se = max(binomial_se(a, n), binomial_se(b, n))
         lines += ["", f"Test accuracy {a:.4f} -> {b:.4f} on {n} held-out rows: {b - a:+.4f}, "
                   f"{(b - a) / se:+.1f} binomial standard errors (sqrt(p(1-p)/n) = {se:.4f}, the larger of the two)."]
+    return "\n".join(lines)
+
+
+def _minutes(seconds):
+    return "–" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def seeds_markdown(rows):
+    """{row: [(run, wall seconds or None)]} -> one line per row (`make results`, RESULTS.md): test
+    accuracy mean ± std over the row's runs (sample std, n - 1), steps (max and selected), forward
+    passes of training, wall time per run and in all, peak memory (the largest of the row's runs)."""
+    lines = ["| method | test accuracy (%) | runs | steps (selected) | training forward passes | "
+             "wall time per run (all) | peak memory (GB) |", "|---" * 7 + "|"]
+    for row, cell in rows.items():
+        runs = [run for run, _ in cell]
+        scores = [_test_percent(run) for run in runs]
+        spread = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
+        config = runs[0].config
+        name = label(runs[0].method) + (f", {config['num_train']} demonstrations" if runs[0].method == "icl" else "")
+        if config.get("kind") == "eval":
+            steps = passes = "–"
+        else:
+            steps = f"{config['max_steps']} ({', '.join(str(r.results.get('best_step')) for r in runs)})"
+            per_step = config.get("n_spsa") or 1
+            passes = (f"{2 * per_step * config['max_steps']} (2 per step)" if config.get("trainer") == "zo"
+                      else f"{config['max_steps']} + as many backward")
+        walls = [wall for _, wall in cell]
+        known = [w for w in walls if w is not None]
+        wall = "–" if not known else (f"{_minutes(statistics.fmean(known))} ({_minutes(sum(known))}"
+                                      + ("" if len(known) == len(walls) else f", {len(known)} of {len(walls)} timed")
+                                      + ")")
+        memory = max((r.results.get("peak_memory_bytes") or 0 for r in runs), default=0)
+        lines.append(f"| {name} | {statistics.fmean(scores):.1f}{spread} | {len(runs)} | {steps} | {passes} | "
+                     f"{wall} | {_number(memory or None, '{:.2f}', 2**-30)} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,150 @@
+"""`make results` (`python -m data.paper.results`): the paper's Table 1 on a real model and real text.
+
+SmolLM2-135M-Instruct on the Rotten Tomatoes snippets (`make rotten-tomatoes`; real review snippets in
+SST-2's format, not SST-2) under the paper's protocol: train and dev drawn from train.tsv (1000 / 500),
+the test set from dev.tsv, selection on dev. Rows: zero-shot and ICL (eval.py), MeZO ft / LoRA /
+prefix (train.py) and backprop ft / LoRA (train.py --trainer fo), the trained rows over SEEDS.
+Every run has its own folder under --out (named by its flags, so a changed setting is a new run);
+a finished run (results.json) is skipped, an interrupted train.py run resumed. Then the table
+(data/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
+the markers below, with each row's command.
+
+The settings of each row are in ROWS, the one place to change them (e.g. from a grid on dev).
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from data import DataError
+from data.files import atomic_write, write_json
+from data.paper import report
+from data.paper.grid import train_argv
+from data.paper.presets import run_name
+from data.paper.runs import load_finished
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MODEL, DATA = ".cache/smollm2-135m-instruct", ".cache/rotten-tomatoes"
+# The paper's protocol (mezo.sh: 1000 train, 500 dev; 1000 test, here 500: 0.2 points per example).
+DATA_FLAGS = {"task": "SST2", "num_train": 1000, "num_dev": 500, "num_eval": 500, "train_set_seed": 0}
+# ZO/optimizer seeds of the trained rows; the data (train, dev, test rows) is the same for every row.
+SEEDS = (0, 1, 2)
+TRAIN_FLAGS = {"max_length": 128, "eval_batch_size": 16, "logging_steps": 10, "eval_final_step": True}
+# One row per line: eval.py flags (kind "eval") or train.py flags. Steps, learning rate and eps here.
+ROWS = {
+    "zero-shot": {"kind": "eval", "num_train": 0},
+    "icl": {"kind": "eval", "num_train": 16},
+    "mezo": {"trainer": "zo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "zo_eps": 1e-3,
+             "max_steps": 100, "eval_steps": 25},
+    "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 16, "learning_rate": 2e-3, "zo_eps": 1e-2,
+                  "max_steps": 100, "eval_steps": 25},
+    "mezo-prefix": {"trainer": "zo", "mode": "prefix", "batch_size": 16, "learning_rate": 1e-2, "zo_eps": 1e-1,
+                    "max_steps": 100, "eval_steps": 25},
+    "ft": {"trainer": "fo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "max_steps": 60, "eval_steps": 20},
+    "ft-lora": {"trainer": "fo", "mode": "lora", "batch_size": 16, "learning_rate": 1e-4, "max_steps": 60,
+                "eval_steps": 20},
+}
+BEGIN, END = "<!-- make results: begin -->", "<!-- make results: end -->"
+EVAL_FLAGS = ("task", "num_train", "num_eval", "max_length", "batch_size")
+
+
+def runs(rows=ROWS, seeds=SEEDS, model=MODEL, data_dir=DATA, data_flags=DATA_FLAGS, train_flags=TRAIN_FLAGS):
+    """-> [(row, seed or None, script, flags)]: eval.py once per eval row, train.py per seed."""
+    out = []
+    for row, settings in rows.items():
+        if settings.get("kind") == "eval":
+            flags = {**data_flags, "max_length": 2048, "batch_size": 4, "model": model, "data_dir": data_dir,
+                     **{k: v for k, v in settings.items() if k != "kind"}}
+            out.append((row, None, "eval.py", {k: flags[k] for k in ("model", "data_dir", *EVAL_FLAGS)}))
+        else:
+            out += [(row, seed, "train.py", {**data_flags, **train_flags, "model": model, "data_dir": data_dir,
+                                             **settings, "seed": seed}) for seed in seeds]
+    return out
+
+
+def command(script, flags, out_dir):
+    if script == "train.py":
+        return ["train.py", *train_argv({**flags, "output_dir": out_dir})]
+    return ["eval.py", *[a for k, v in flags.items() if v is not None for a in (f"--{k}", str(v))],
+            "--output_dir", out_dir]
+
+
+def launch(argv):
+    """One run in its own process (so that its peak memory is its own)."""
+    return subprocess.run([sys.executable, *argv], cwd=ROOT).returncode
+
+
+def folder_of(out, script, flags):
+    return os.path.join(out, run_name({"kind": "eval" if script == "eval.py" else "train", **flags}))
+
+
+def run_all(plan, out, launcher=launch):
+    """Run what is not finished; -> {folder: wall seconds} (OUT/wall_times.json, kept across calls)."""
+    times_file = os.path.join(out, "wall_times.json")
+    walls = json.load(open(times_file)) if os.path.isfile(times_file) else {}
+    os.makedirs(out, exist_ok=True)
+    for row, seed, script, flags in plan:
+        folder = folder_of(out, script, flags)
+        if os.path.isfile(os.path.join(folder, "results.json")):
+            print(f"skip (finished): {folder}", file=sys.stderr)
+            continue
+        argv = command(script, flags, folder)
+        if script == "train.py":
+            argv.append("--resume" if os.path.isdir(os.path.join(folder, "checkpoint")) else "--overwrite_output_dir")
+        elif os.path.exists(folder):  # eval.py writes its folder at the end: this one is not its own
+            raise DataError(f"a folder without results.json is in the way, remove it to rerun ({folder})")
+        print(shlex.join(argv), file=sys.stderr)
+        start = time.time()
+        if launcher(argv) != 0:
+            raise DataError(f"{row} run failed, rerun to resume it ({folder})")
+        walls[folder] = time.time() - start
+        write_json(times_file, walls)
+    return walls
+
+
+def markdown(plan, out, walls):
+    """The table, then the command of each row (its first seed)."""
+    seeds = ", ".join(str(seed) for seed in sorted({seed for _, seed, *_ in plan if seed is not None}))
+    cells, commands = {}, ["", f"Trained rows: seeds {seeds} (`--seed`); the data (train, dev and test rows) "
+                           "is the same for every row. Commands:", ""]
+    for row, seed, script, flags in plan:
+        folder = folder_of(out, script, flags)
+        if row not in cells:
+            commands.append(f"- {report.label(row)}: `python {shlex.join(command(script, flags, folder))}`")
+        cells.setdefault(row, []).append((load_finished([folder])[0], walls.get(folder)))
+    return "\n".join([report.seeds_markdown(cells), *commands])
+
+
+def write_between_markers(path, text):
+    old = open(path).read() if os.path.isfile(path) else f"# Results\n\n{BEGIN}\n{END}\n"
+    if old.count(BEGIN) != 1 or old.count(END) != 1 or old.index(BEGIN) > old.index(END):
+        raise DataError(f"expected one {BEGIN} ... {END} block ({path})")
+    head, rest = old.split(BEGIN)
+    atomic_write(path, f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+
+
+def main(argv=None):
+    from data.flags import Parser
+    p = Parser(prog="python -m data.paper.results", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/results", help="run folders (default runs/results)")
+    p.add_argument("--write", metavar="FILE", help="put the table into FILE (e.g. RESULTS.md) between its markers")
+    p.add_argument("--model", default=MODEL), p.add_argument("--data_dir", default=DATA)
+    args = p.parse_args(argv)
+    try:
+        plan = runs(model=args.model, data_dir=args.data_dir)
+        walls = run_all(plan, args.out)
+        text = markdown(plan, args.out, walls)
+        if args.write:
+            write_between_markers(args.write, text)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`make results` (data/paper/results.py) on the embedded tiny OPT and the bundled sample: every row
+runs, finished runs are skipped, the table is built from the run folders, RESULTS.md keeps its text."""
+import json
+import statistics
+
+import pytest
+
+import eval as evaluation
+import models
+import train
+from data import DataError
+from data.paper import results
+
+ROWS = {"zero-shot": {"kind": "eval", "num_train": 0},
+        "icl": {"kind": "eval", "num_train": 2},
+        "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 4, "learning_rate": 1e-3, "zo_eps": 1e-3,
+                      "max_steps": 2, "eval_steps": 1},
+        "ft": {"trainer": "fo", "mode": "ft", "batch_size": 4, "learning_rate": 1e-3, "max_steps": 2, "eval_steps": 2}}
+DATA = {"task": "SST2", "num_train": 16, "num_dev": 8, "num_eval": 8, "train_set_seed": 0}
+
+
+def in_process(calls):
+    def launch(argv):
+        calls.append(argv)
+        return (train.main if argv[0] == "train.py" else evaluation.main)(argv[1:])
+    return launch
+
+
+def test_runner_runs_skips_and_writes_the_table(tmp_path):
+    plan = results.runs(ROWS, seeds=(0, 1), model=models.TINY_OPT, data_dir=None, data_flags=DATA,
+                        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1})
+    assert [(row, seed, script) for row, seed, script, _ in plan] == [
+        ("zero-shot", None, "eval.py"), ("icl", None, "eval.py"), ("mezo-lora", 0, "train.py"),
+        ("mezo-lora", 1, "train.py"), ("ft", 0, "train.py"), ("ft", 1, "train.py")]
+    calls = []
+    walls = results.run_all(plan, str(tmp_path), in_process(calls))
+    assert len(calls) == 6 and len(walls) == 6
+    assert results.run_all(plan, str(tmp_path), in_process(calls)) == walls and len(calls) == 6  # all skipped
+    text = results.markdown(plan, str(tmp_path), walls)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:6]}
+    assert list(rows) == ["Zero-shot", "ICL, 2 demonstrations", "MeZO (LoRA)", "FT"]
+
+    def test_percent(row):
+        return [100 * json.load(open(results.folder_of(str(tmp_path), s, f) + "/results.json"))["test"]["accuracy"]
+                for r, _, s, f in plan if r == row]
+    for name, row in (("MeZO (LoRA)", "mezo-lora"), ("FT", "ft")):
+        scores = test_percent(row)
+        assert rows[name][1] == f"{statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f}"
+        assert rows[name][2] == "2"
+    assert rows["Zero-shot"][1] == f"{test_percent('zero-shot')[0]:.1f}" and rows["Zero-shot"][3] == "–"
+    assert rows["MeZO (LoRA)"][4] == "4 (2 per step)" and rows["FT"][4] == "2 + as many backward"
+    assert "- MeZO (LoRA): `python train.py --task SST2" in text and "--seed 0" in text
+
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(f"# Results\n\nprose\n\n{results.BEGIN}\nold\n{results.END}\n\nmore prose\n")
+    results.write_between_markers(doc, text)
+    results.write_between_markers(doc, text)
+    assert doc.read_text() == f"# Results\n\nprose\n\n{results.BEGIN}\n{text}\n{results.END}\n\nmore prose\n"
+    doc.write_text("no markers\n")
+    with pytest.raises(DataError, match="expected one"):
+        results.write_between_markers(doc, text)
+    assert doc.read_text() == "no markers\n"
+
+
+def test_a_failed_run_is_one_error(tmp_path):
+    plan = results.runs({"zero-shot": ROWS["zero-shot"]}, model=models.TINY_OPT, data_dir=None, data_flags=DATA)
+    with pytest.raises(DataError, match=r"zero-shot run failed, rerun to resume it \("):
+        results.run_all(plan, str(tmp_path), lambda argv: 2)
+    (tmp_path / results.folder_of(str(tmp_path), *plan[0][2:])).mkdir(parents=True)
+    with pytest.raises(DataError, match="a folder without results.json is in the way"):
+        results.run_all(plan, str(tmp_path), lambda argv: 0)
