@@ -204,7 +204,7 @@ def test_metrics_lines(tmp_path):
 def _demo_runs(root):
     """A zero-shot run and a MeZO-LoRA run as `make demo` writes them (train.py folders)."""
     small = {"model": ".cache/smollm2-135m-instruct", "data_dir": ".cache/rotten-tomatoes", "mode": "lora"}
-    zero = make_run(root, "zero-shot", opt("SST2", **small), memory=300 * 2**20, metrics=[{"step": 1, "dev_loss": 0.98}])
+    zero = make_run(root, "zero-shot", opt("SST2", **small, learning_rate=0), memory=300 * 2**20, metrics=[{"step": 1, "dev_loss": 0.98}])
     mezo = make_run(root, "mezo", opt("SST2", **small), memory=301 * 2**20, metrics=CURVE)
     for folder, dev, test, best in ((zero, {"loss": 0.98, "accuracy": 0.52}, 0.5, 1),
                                     (mezo, {"loss": 0.75, "accuracy": 0.6}, 0.6, 20)):
@@ -219,7 +219,7 @@ def test_compare_table_gain_in_standard_errors_and_curves(tmp_path, capsys):
     png = tmp_path / "figs" / "curves.png"
     assert evaluation.main(["compare", str(zero), str(mezo), "--plot", str(png)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[2] == "| zero-shot | MeZO (LoRA) | 0.9800 (step 1) | 0.9800 (step 1) | 0.5200 | accuracy 0.5000 | 300 | 0.50 |"
+    assert out[2] == "| zero-shot | MeZO (LoRA) (lr 0: the base model) | 0.9800 (step 1) | 0.9800 (step 1) | 0.5200 | accuracy 0.5000 | 300 | 0.50 |"
     assert out[3] == "| mezo | MeZO (LoRA) | 0.7500 (step 20) | 0.7500 (step 20) | 0.6000 | accuracy 0.6000 | 301 | 0.50 |"
     # 0.1 gain; the larger SE is at p = 0.5: sqrt(0.25 / 500) = 0.02236, 0.1 / 0.02236 = 4.47
     assert out[5] == ("Test accuracy 0.5000 -> 0.6000 on 500 held-out rows: +0.1000, +4.5 binomial standard errors "
@@ -228,7 +228,7 @@ def test_compare_table_gain_in_standard_errors_and_curves(tmp_path, capsys):
     from data.paper import plots
     fig = plots.run_curves(plots.figure_class(), *load_finished([mezo, zero]))
     loss_ax, acc_ax = fig.axes
-    assert loss_ax.get_title() == "smollm2-135m-instruct: MeZO (LoRA) on SST-2 (rotten-tomatoes)"
+    assert fig._suptitle.get_text() == "smollm2-135m-instruct: MeZO (LoRA) on SST-2 (rotten-tomatoes)"
     assert [line.get_label() for line in loss_ax.lines] == [
         "training loss (mean per logging window)", "dev loss", "zero-shot dev loss: 0.980"]
     assert [line.get_label() for line in acc_ax.lines] == [

@@ -76,7 +76,7 @@ def run_curves(figure, run, baseline=None, title=None):
     train, dev_loss, dev_accuracy = (_points(metrics, k) for k in ("loss", "dev_loss", "dev_accuracy"))
     if not train and not dev_loss:
         raise DataError(f"no losses logged ({run.path / 'metrics.jsonl'})")
-    fig = figure(figsize=(7, 6.5))
+    fig = figure(figsize=(8, 6.5))
     loss_ax, acc_ax = fig.subplots(2, 1, sharex=True)
     if train:
         loss_ax.plot(*zip(*train), alpha=0.7, label="training loss (mean per logging window)")
@@ -95,7 +95,8 @@ def run_curves(figure, run, baseline=None, title=None):
                                    (acc_ax, base.get("test", {}).get("accuracy"), "test accuracy", ":")):
         if value is not None:
             ax.axhline(value, color="gray", linestyle=style, label=f"{name} {what}: {value:.3f}")
-    loss_ax.set(ylabel="loss", title=title or title_of(run))
+    fig.suptitle(title or title_of(run), fontsize=11)
+    loss_ax.set(ylabel="loss")
     acc_ax.set(xlabel="step", ylabel="accuracy")
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)

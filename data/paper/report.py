@@ -252,7 +252,8 @@ def compare_markdown(runs):
         dev = [m for m in read_metrics(run) if "dev_loss" in m]
         first = f"{dev[0]['dev_loss']:.4f} (step {dev[0]['step']})" if dev else "–"  # never evaluated
         selected = f"{res['dev']['loss']:.4f} (step {res.get('best_step')})" if res.get("dev") else "–"
-        cells = [run.path.name, label(run.method), first, selected,
+        base = " (lr 0: the base model)" if run.config.get("learning_rate") == 0 else ""
+        cells = [run.path.name, label(run.method) + base, first, selected,
                  _number((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
                  ", ".join(f"{k} {v:.4f}" for k, v in res["test"].items()),
                  _number(res.get("peak_memory_bytes"), "{:.0f}", 2**-20), _number(res.get("time_per_step_s"), "{:.2f}")]
