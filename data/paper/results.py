@@ -33,16 +33,18 @@ DATA_FLAGS = {"task": "SST2", "num_train": 1000, "num_dev": 500, "num_eval": 500
 # ZO/optimizer seeds of the trained rows; the data (train, dev, test rows) is the same for every row.
 SEEDS = (0, 1, 2)
 TRAIN_FLAGS = {"max_length": 128, "eval_batch_size": 16, "logging_steps": 10, "eval_final_step": True}
-# One row per line: eval.py flags (kind "eval") or train.py flags. Steps, learning rate and eps here.
+# One row per line: eval.py flags (kind "eval") or train.py flags; steps, learning rate and eps here, to be
+# set from a grid on dev. Budget (README "make results"): the whole table in 90 minutes on 2 idle cores.
+# 32 demonstrations (the paper's) fit SmolLM2's 8192 positions (~1300 tokens) but cost ~2x 16 of them.
 ROWS = {
     "zero-shot": {"kind": "eval", "num_train": 0},
     "icl": {"kind": "eval", "num_train": 16},
     "mezo": {"trainer": "zo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "zo_eps": 1e-3,
-             "max_steps": 100, "eval_steps": 25},
-    "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 16, "learning_rate": 2e-3, "zo_eps": 1e-2,
-                  "max_steps": 100, "eval_steps": 25},
+             "max_steps": 120, "eval_steps": 40},
+    "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 16, "learning_rate": 3e-3, "zo_eps": 1e-2,
+                  "max_steps": 120, "eval_steps": 40},
     "mezo-prefix": {"trainer": "zo", "mode": "prefix", "batch_size": 16, "learning_rate": 1e-2, "zo_eps": 1e-1,
-                    "max_steps": 100, "eval_steps": 25},
+                    "max_steps": 120, "eval_steps": 40},
     "ft": {"trainer": "fo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "max_steps": 60, "eval_steps": 20},
     "ft-lora": {"trainer": "fo", "mode": "lora", "batch_size": 16, "learning_rate": 1e-4, "max_steps": 60,
                 "eval_steps": 20},
