@@ -133,6 +133,23 @@ def test_new_seed_scale_offset_lr_never_recompile():
     assert dict(counters["stats"]) == before
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n", [1, 1000])
+def test_perturbed_equals_copy_then_perturb(dtype, n):
+    """The one-pass out-of-place kernel the forward hooks use writes bitwise what copy_ + perturb_
+    wrote (same fp32 arithmetic, one rounding), and leaves its source untouched."""
+    src = torch.randn(n).to(dtype)
+    before = src.clone()
+    args = dict(seed=T(77), key=T(name_key("w")), offset=T(4321), scale=T(-0.25, torch.float32))
+    out, expected = torch.empty_like(src), src.clone()
+    K.perturbed_(out, src=src, **args)
+    K.perturb_(expected, **args)
+    assert torch.equal(out, expected) and not torch.equal(out, src)
+    assert torch.equal(src, before)
+    with pytest.raises(ValueError, match="src must match out"):
+        K.perturbed_(out, src=src[: n // 2], **args)
+
+
 class ManyShapes(nn.Module):
     """Ten parameter shapes: with dynamic=False this would hit the recompile limit (8)."""
 

@@ -5,11 +5,13 @@ memory beyond the tensor it writes. All arithmetic is done in fp32 (fp64 for fp6
 rounded to the parameter's dtype once.
 
     perturb_(p, seed=, key=, offset=, scale=)             p += scale * z
+    perturbed_(out, src=, seed=, key=, offset=, scale=)   out = src + scale * z   (bitwise = copy_ + perturb_)
     update_(p, seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
                                                           (the update of large_models/trainer.py zo_update)
 
-`p` is any contiguous tensor (a Parameter, a shard, a buffer); every other argument is a 0-d tensor on
-p's device, so a new seed, scale or learning rate never recompiles and a step never syncs with the host.
+`p` / `out` is any contiguous tensor (a Parameter, a shard, a buffer), `src` a contiguous tensor of its
+size and dtype; every other argument is a 0-d tensor on p's device, so a new seed, scale or learning
+rate never recompiles and a step never syncs with the host.
 
 What the compiler needs stays in this file. Dynamo guards on a view's base (its ndim, its 0/1-sized
 dims), on nn.Parameter vs Tensor and on inference-mode tensors, so each call hands the compiled
@@ -58,16 +60,21 @@ def _build(dist: str):
         z = z_of(seed, key, offset, p.numel(), p.device)
         p.copy_((p.to(_compute_dtype(p.dtype)) + scale * z).to(p.dtype))
 
+    def perturbed_(out, src, seed, key, offset, scale):  # one pass: read src, write out (no copy_ first)
+        z = z_of(seed, key, offset, src.numel(), src.device)
+        out.copy_((src.to(_compute_dtype(src.dtype)) + scale * z).to(src.dtype))
+
     def update_(p, seed, key, offset, lr, grad, wd):
         z = z_of(seed, key, offset, p.numel(), p.device)
         pf = p.to(_compute_dtype(p.dtype))
         p.copy_((pf - lr * (grad * z + wd * pf)).to(p.dtype))
 
-    return perturb_, update_
+    return perturb_, perturbed_, update_
 
 
 class Kernels(NamedTuple):
     perturb_: Callable
+    perturbed_: Callable
     update_: Callable
 
 
@@ -76,8 +83,13 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
     seen_kinds = set()  # (dtype, device, 1 element): a new kind may compile a new graph
 
     @functools.wraps(fn)
-    def call(p: torch.Tensor, **scalars: torch.Tensor) -> None:
+    def call(p: torch.Tensor, src: torch.Tensor | None = None, **scalars: torch.Tensor) -> None:
         kind = (p.dtype, p.device, p.numel() == 1)
+        if src is not None:
+            if (src.numel(), src.dtype, src.device) != (p.numel(), p.dtype, p.device):
+                raise ValueError(f"src must match out ({src.numel()} {src.dtype} {src.device} vs "
+                                 f"{p.numel()} {p.dtype} {p.device})")
+            scalars["src"] = _flat(src)
         with torch.no_grad(), (contextlib.nullcontext() if kind in seen_kinds else
                                torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)):
             try:

@@ -121,9 +121,11 @@ class StepScalar:
 class PerturbHooks:
     """While active, each owning module sees theta + scale*z in its forward; storage is untouched.
 
-    The transient copies are built in pooled buffers (copy, then the in-place kernel): a fresh CPU
-    allocation of a large tensor page-faults on first touch, and Inductor's out-of-place kernel writes
-    through a temporary (BENCHMARKS.md, "Measurements behind design choices", has the timings).
+    The transient copies are built in pooled buffers by one pass that reads the weight and writes the
+    buffer (`perturbed_`): a fresh CPU allocation of a large tensor page-faults on first touch,
+    Inductor's kernel returning a new tensor writes through a temporary, and a `copy_` before an
+    in-place `perturb_` is a second pass over the memory (BENCHMARKS.md, "Measurements behind design
+    choices", has the timings).
     A tied parameter's copy (OPT's embedding and LM head) is made once per perturbation and shared by
     its owners. The pool holds about one buffer per parameter size (the largest is the embedding's,
     alive at the LM head, the forward's peak, in any case). `deactivate` at the end of a step drops
@@ -173,8 +175,8 @@ class PerturbHooks:
             buf = self.shared.get(slot)
             if buf is None:
                 buf = self._buffer(current)
-                buf.copy_(current.detach().view(-1))
-                self.kernels.perturb_(buf, seed=self.seed, key=slot.key_t, offset=self.zero, scale=scale)
+                self.kernels.perturbed_(buf, src=current.detach(), seed=self.seed, key=slot.key_t, offset=self.zero,
+                                        scale=scale)
                 if len(slot.owners) > 1:
                     self.shared[slot] = buf
             saved.append((attr, current, None if slot in self.shared else buf))
