@@ -31,7 +31,9 @@ def test_quick_bench_produces_every_row(tmp_path):
     assert set(rows) == ROWS
     for r in rows.values():
         assert math.isfinite(r["measured"]) and r["measured"] >= 0, r
-        assert r["verdict"] in ("meets", "info") or r["verdict"].startswith("misses"), r
+        met = r["op"] and {">=": r["measured"] >= r["target"], "<=": r["measured"] <= r["target"],
+                           "==": r["measured"] == r["target"]}[r["op"]]
+        assert r["verdict"].split()[0] == ("info" if r["op"] is None else "meets" if met else "misses"), r
         assert f"] {r['row']} |" in proc.stdout  # printed in the one table
     assert rows["comm.replicated"]["measured"] == 8 and rows["comm.replicated"]["verdict"] == "meets"
     assert rows["comm.sharded"]["verdict"] == "meets"

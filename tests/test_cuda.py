@@ -139,7 +139,9 @@ def test_fsdp2_nccl_bf16_step_equals_the_unsharded_step(monkeypatch):
         ref_loss, ref_g = oracle.zo_step(half, lm_loss(ids))
         MeZO(plain, cfg).apply_update([(oracle.zo_random_seed, ref_g)], cfg.lr)
         assert mezo.zo_random_seed == oracle.zo_random_seed
-        assert torch.allclose(loss, ref_loss.float(), rtol=1e-2)
+        # Both sides run bf16 forwards of the same bf16 weights (FSDP at world size 1 all-gathers them unchanged);
+        # only reduction order may differ, each side within about one bf16 unit (u = 2^-8) of the fp32 value.
+        assert torch.allclose(loss, ref_loss.float(), rtol=2 * 2.0**-8, atol=0)
         full = zd.full_state_dict(sharded)
         bound = cfg.lr * (g - ref_g).abs().item() * Z_MAX
         for name, p in plain.named_parameters():

@@ -1,7 +1,7 @@
 """`perturbation="reference"` reproduces the original's run, step for step, bitwise.
 
 The original's MeZO step (large_models/trainer.py `zo_step`, `zo_perturb_parameters`, `zo_update`) is
-written down below and run on transformers' OPTForCausalLM / RobertaForMaskedLM, its LoRA by
+transcribed once in tests/helpers_original.py and run on transformers' OPTForCausalLM / RobertaForMaskedLM, its LoRA by
 large_models/lora.py's wrapping. Ours runs zo.MeZO in reference mode on our models loaded from the same
 checkpoint, with the same numpy seed stream, batches and loss. Both forwards give bitwise-equal logits
 in fp32 on CPU, so any difference comes from the step: the order z is drawn in (named_parameters()),
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import zo
 from models import apply_lora, load_model
 from models.checkpoint import _our_name
+from helpers_original import OriginalStep
 from tests.helpers_models import hf_as_original, original_lora, padded_batch
 
 STEPS = 5
@@ -32,46 +33,6 @@ def lm_loss(logits, ids, mask):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=-100)
 
 
-class OriginalStep:
-    """The original's zo_* functions, with lr constant and the loss given as a closure.
-    medium_models' step is the same but for weight decay (no exemptions) and a tensor projected_grad,
-    which multiplies an fp32 z exactly as its float value does."""
-
-    def __init__(self, lr, eps, weight_decay, medium_models=False):
-        self.lr, self.eps, self.wd, self.medium_models = lr, eps, weight_decay, medium_models
-
-    def zo_perturb_parameters(self, scaling_factor):
-        torch.manual_seed(self.zo_random_seed)
-        for _, param in self.named_parameters_to_optim:
-            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
-            param.data = param.data + scaling_factor * z * self.eps
-
-    def zo_forward(self, model, loss_fn):
-        model.eval()
-        with torch.inference_mode():
-            return loss_fn(model).detach()
-
-    def zo_step(self, model, loss_fn):
-        self.named_parameters_to_optim = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.zo_random_seed = np.random.randint(1000000000)  # numpy's global RNG
-        self.zo_perturb_parameters(scaling_factor=1)
-        loss1 = self.zo_forward(model, loss_fn)
-        self.zo_perturb_parameters(scaling_factor=-2)
-        loss2 = self.zo_forward(model, loss_fn)
-        self.projected_grad = ((loss1 - loss2) / (2 * self.eps)).item()
-        self.zo_perturb_parameters(scaling_factor=1)
-        return loss1
-
-    def zo_update(self):
-        torch.manual_seed(self.zo_random_seed)
-        for name, param in self.named_parameters_to_optim:
-            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
-            if self.medium_models or ("bias" not in name and "layer_norm" not in name and "layernorm" not in name):
-                param.data = param.data - self.lr * (self.projected_grad * z + self.wd * param.data)
-            else:
-                param.data = param.data - self.lr * (self.projected_grad * z)
-
-
 def _batches(kind):
     side = "right" if kind == "roberta" else "left"
     return [padded_batch([7, 3, 5, 6], side, seed=100 + step) for step in range(STEPS)]
@@ -82,13 +43,11 @@ def _weights(model, rename=lambda name: name):
 
 
 def _run_original(model, batches, rename, settings):
-    np.random.seed(SEED)
-    step, trace = OriginalStep(**settings, medium_models=model.config.model_type == "roberta"), []
-    for ids, mask in batches:
-        step.zo_step(model, lambda m: lm_loss(m(input_ids=ids, attention_mask=mask).logits, ids, mask))
-        step.zo_update()
-        trace.append((step.zo_random_seed, step.projected_grad, _weights(model, rename)))
-    return trace
+    step = OriginalStep(settings["lr"], settings["eps"], settings["weight_decay"],
+                        medium_models=model.config.model_type == "roberta")
+    loss_fns = [lambda m, ids=ids, mask=mask: lm_loss(m(input_ids=ids, attention_mask=mask).logits, ids, mask)
+                for ids, mask in batches]
+    return [(step.zo_random_seed, step.projected_grad, _weights(model, rename)) for _ in step.run(model, loss_fns, SEED)]
 
 
 def _run_ours(model, batches, settings):

@@ -51,11 +51,17 @@ def test_every_mode_and_trainer_runs_and_writes_the_output_folder(tmp_path, fami
     assert {"config.json", "metrics.jsonl", "results.json"} <= files
     assert ("trajectory.jsonl" in files) == (trainer == "zo")
     results = json.load(open(os.path.join(out, "results.json")))
-    assert 0.0 <= results["test"]["accuracy"] <= 1.0 and results["dev"]["loss"] > 0
-    assert results["best_step"] in (2, 4)
     log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4]
-    assert [r["step"] for r in log if "dev_loss" in r] == [2, 4]
+    dev = {r["step"]: {k[len("dev_"):]: v for k, v in r.items() if k != "step"} for r in log if "dev_loss" in r}
+    assert list(dev) == [2, 4]
+    # the selected model is the first with the lowest dev loss (OPT) or highest dev accuracy (RoBERTa), and
+    # results.json repeats its logged dev metrics
+    score = (lambda d: -d["loss"]) if family == "opt" else (lambda d: d["accuracy"])
+    assert results["best_step"] == max(dev, key=lambda step: (score(dev[step]), -step))
+    assert dev[results["best_step"]].items() <= results["dev"].items()
+    if family == "opt":
+        assert results["test"]["accuracy"] * 8 == round(results["test"]["accuracy"] * 8)  # k of --num_eval 8
     if trainer == "zo":
         assert [json.loads(line)["step"] for line in trajectory(out).splitlines()] == [0, 1, 2, 3]
     if mode == "ft":
@@ -128,21 +134,26 @@ def test_zero_learning_rate_leaves_the_model_bitwise_unchanged(tmp_path, dtype):
 
 
 def test_squad_non_differentiable_run_trains_on_negative_f1(tmp_path, monkeypatch):
-    seen = []
+    seen, generated = [], []
 
-    def spy(generate):
+    def spy(generate, record=None):
         def wrapped(model, tok, batch, max_new_tokens=50, max_length=2048):
             seen.append(max_length)
-            return generate(model, tok, batch, max_new_tokens, max_length)
+            texts = generate(model, tok, batch, max_new_tokens, max_length)
+            if record is not None:
+                record.append((texts, batch["gold"]))
+            return texts
         return wrapped
-    monkeypatch.setattr(train, "generate_text", spy(train.generate_text))  # the -F1 closures
+    monkeypatch.setattr(train, "generate_text", spy(train.generate_text, generated))  # the -F1 closures
     monkeypatch.setattr(data.evaluate, "generate_text", spy(data.evaluate.generate_text))  # evaluation
     out, selected = str(tmp_path / "run"), str(tmp_path / "selected")
     argv = ["--task", "SQuAD", "--non_diff", "--num_train", "8", "--num_dev", "4", "--num_eval", "4", "--batch_size",
             "4", "--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--max_length", "500"]
     run(argv + ["--output_dir", out])
     losses = [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
-    assert len(losses) == 2 and all(-1.0 <= x <= 0.0 for x in losses)  # -F1 of greedy answers
+    assert len(generated) == 4  # loss1 and loss2 of two steps; the logged loss is loss1, -F1 of its answers
+    neg_f1 = [-sum(data.f1(p, g) for p, g in zip(texts, golds)) / len(golds) for texts, golds in generated[0::2]]
+    assert losses == [float(torch.tensor(x, dtype=torch.float32)) for x in neg_f1]
     results = json.load(open(os.path.join(out, "results.json")))
     assert set(results["test"]) == {"f1", "em"}
     assert len(seen) >= 4 and set(seen) == {500}  # --max_length reaches every generation
@@ -154,12 +165,25 @@ def test_squad_non_differentiable_run_trains_on_negative_f1(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("task", ["SST2", "SQuAD"])
 @pytest.mark.parametrize("demos", ["0", "4"])
-def test_eval_zero_shot_and_icl(tmp_path, task, demos, capsys):
+def test_eval_zero_shot_and_icl(tmp_path, task, demos, capsys, monkeypatch):
+    scored = []  # (predictions, answers) that evaluate() scores
+
+    def spy(metric):
+        def wrapped(*args):
+            scored.append(args[-2:])
+            return metric(*args)
+        return wrapped
+    monkeypatch.setattr(data.evaluate, "accuracy", spy(data.evaluate.accuracy))
+    monkeypatch.setattr(data.evaluate, "calculate_metric", spy(data.evaluate.calculate_metric))
     out = str(tmp_path / "eval")
     assert evaluation.main(["--task", task, "--num_train", demos, "--num_eval", "6", "--output_dir", out]) == 0
     results = json.load(open(os.path.join(out, "results.json")))
-    metric = "accuracy" if task == "SST2" else "f1"
-    assert 0.0 <= results["test"][metric] <= 1.0
+    predicted, correct = scored[0]
+    assert len(predicted) == len(correct) == 6  # --num_eval examples, scored once per metric
+    if task == "SST2":
+        assert results["test"] == {"accuracy": data.accuracy(predicted, correct)}  # tests/test_data_metrics.py
+    else:
+        assert results["test"] == {m: data.calculate_metric(m, predicted, correct) for m in ("f1", "em")}
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["kind"] == "eval" and config["num_train"] == int(demos)
 

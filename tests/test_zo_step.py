@@ -3,11 +3,11 @@ the original formulas, unbiasedness and convergence."""
 import copy
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from helpers_original import OriginalStep
 from helpers_zo import dense_z, least_squares, lm_batch, lm_loss, params, tiny_lm
 from zo import MeZO, MeZOConfig
 
@@ -95,41 +95,6 @@ def test_fused_update_equals_dense_update():
         not any(x in s.name for x in ("bias", "layer_norm", "layernorm")) for s in mezo.slots]
 
 
-def original_mezo(model, loss_fn, steps, lr, eps, wd):
-    """Direct transcription of large_models/trainer.py (zo_step, zo_perturb_parameters, zo_update),
-    with HF set_seed(42) seeding numpy's global RNG."""
-    np.random.seed(42)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-    def perturb(seed, scaling_factor):
-        torch.manual_seed(seed)
-        for _, param in named:
-            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
-            param.data = param.data + scaling_factor * z * eps
-
-    losses = []
-    for _ in range(steps):
-        seed = np.random.randint(1000000000)
-        perturb(seed, 1)
-        model.eval()
-        with torch.inference_mode():
-            loss1 = loss_fn(model).detach()
-        perturb(seed, -2)
-        with torch.inference_mode():
-            loss2 = loss_fn(model).detach()
-        projected_grad = ((loss1 - loss2) / (2 * eps)).item()
-        perturb(seed, 1)
-        torch.manual_seed(seed)
-        for name, param in named:
-            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
-            if "bias" not in name and "layer_norm" not in name and "layernorm" not in name:
-                param.data = param.data - lr * (projected_grad * z + wd * param.data)
-            else:
-                param.data = param.data - lr * (projected_grad * z)
-        losses.append(loss1)
-    return losses
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_reference_mode_equals_original_transcription(dtype):
     ids = lm_batch()
@@ -138,7 +103,7 @@ def test_reference_mode_equals_original_transcription(dtype):
     mezo = MeZO(ours, MeZOConfig(lr=lr, eps=eps, weight_decay=wd, perturbation="reference", seed=42,
                                  seed_source="numpy_global"))
     our_losses = [mezo.step(ours, lm_loss(ids)) for _ in range(steps)]
-    their_losses = original_mezo(theirs, lm_loss(ids), steps, lr, eps, wd)
+    their_losses = list(OriginalStep(lr, eps, wd).run(theirs, [lm_loss(ids)] * steps, seed=42))
     assert torch.equal(torch.stack(our_losses), torch.stack(their_losses))
     assert theirs.lm_head.weight is theirs.embed_tokens.weight
     for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
