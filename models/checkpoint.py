@@ -200,7 +200,8 @@ class _Weights:
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
-    """OPT or RoBERTa-MLM from a checkpoint directory or a hub name in the local HF cache, in eval mode."""
+    """OPT, RoBERTa-MLM or a LLaMA-family model (ARCHITECTURES) from a checkpoint directory or a hub name in
+    the local HF cache, in eval mode."""
     directory = resolve(path)
     cfg = read_config(directory)
     weights = _Weights(directory, device)

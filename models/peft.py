@@ -1,9 +1,10 @@
 """Parameter-efficient fine-tuning used with MeZO (paper section 3; the original's large_models/lora.py and
 prefix.py): LoRA and prefix tuning.
 
-Both work on OPT and RoBERTa through two class attributes of their attention modules:
-`lora_targets` (q/v projection names) and `kv_projections` (k/v projection names). Both freeze every
-other parameter, so zo/ perturbs only the adapter (it walks the parameters with requires_grad).
+Both work on every family here (OPT, RoBERTa, the LLaMA family) through two class attributes of their
+attention modules: `lora_targets` (q/v projection names) and `kv_projections` (k/v projection names).
+Both freeze every other parameter, so zo/ perturbs only the adapter (it walks the parameters with
+requires_grad).
 """
 from __future__ import annotations
 

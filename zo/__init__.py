@@ -42,8 +42,10 @@ CUDA graphs (one process, ZO-SGD): `graphed = CudaGraphStep(mezo, model, loss_of
 `loss = graphed(batch)` per step is zo_step + zo_update, replayed as one CUDA graph per batch shape.
 
 Distributed wrappers plug in through MeZO(model, config, local_view=..., reduce_losses=...):
-- reduce_losses(t) gets the stacked [loss1, loss2] once per z and returns it reduced (e.g. one
-  all_reduce(AVG)): the only communication of a replicated step.
+- reduce_losses(t) gets the stacked [loss1, loss2] once per z, where each rank's losses are its TERMS
+  of the global batch's loss (already weighted by its share of the global normaliser), and returns
+  their SUM over ranks (zo/distributed.py `Dist.reduce_losses`: one all_reduce(SUM)): the only
+  communication of a replicated step. Not an average: the terms are divided once, by the global count.
 - local_view(t) -> (local tensor, global flat offset of its first element) for a stored parameter or
   its gradient: with FSDP2, (t.to_local(), offset from compute_local_shape_and_global_offset), so the
   update writes the local shard with the z of its global indices. The forward hooks need nothing:

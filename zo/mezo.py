@@ -114,8 +114,9 @@ class MeZO:
 
     local_view: maps a stored parameter (or its grad) to (local tensor, global flat offset); a
         sharded wrapper passes DTensor local shards here (default: the whole tensor at offset 0).
-    reduce_losses: applied once per z to the stacked [loss1, loss2] (e.g. an all-reduce across
-        data-parallel ranks); must return a tensor of the same shape.
+    reduce_losses: applied once per z to the stacked [loss1, loss2] of this rank's pre-weighted loss
+        terms (e.g. an all-reduce SUM across data-parallel ranks, zo/distributed.py); must return a
+        tensor of the same shape.
     trajectory: a zo.trajectory.Trajectory; each update appends (step, seed, projected_grad, lr).
     """
 
