@@ -27,7 +27,9 @@ def test_rows_run_on_the_cpu_and_graph_rows_fail_loudly(tmp_path, capsys):
     rows = {r["id"]: r for r in result["rows"]}
     assert set(rows) == {"perturb.bandwidth", "step.opt.eager", "step.opt.graphed", "memory.tiny"}
     for id in ("perturb.bandwidth", "step.opt.eager", "memory.tiny"):
-        assert rows[id]["measured"] > 0 and rows[id]["verdict"] in ("meets", "misses"), rows[id]
+        op, target = rows[id]["goal"].split()  # the verdict follows from the measured value and the goal
+        met = {">=": rows[id]["measured"] >= float(target), "<=": rows[id]["measured"] <= float(target)}[op]
+        assert rows[id]["measured"] > 0 and rows[id]["verdict"] == ("meets" if met else "misses"), rows[id]
     graphed = rows["step.opt.graphed"]
     assert graphed["verdict"].startswith("FAILED: ValueError") and "no CUDA device" in graphed["verdict"]
     assert status == 1  # a failed row fails the command
