@@ -25,6 +25,7 @@ from data.files import write_json
 from data.paper import plots, report
 from data.paper.runs import load_finished, load_runs
 from zo.checkpoint import check_run_folder
+from zo.folder_lock import FolderLock
 from zo.progress import peak_memory
 
 # eval.py's flags and their ranges (data/flags.py), checked before the model is read
@@ -43,6 +44,7 @@ def load(model_path, adapter=None, dtype="fp32", device="cpu"):
             models.apply_prefix(model, num_prefix=meta["num_prefix"], init_by_real_act=False)
         models.load_adapter(model, state)
     tok = models.load_tokenizer(model_path)
+    models.check_tokenizer(model, tok, models.resolve_model_path(model_path))
     return model, tok
 
 
@@ -119,7 +121,7 @@ def parse_args(argv):
     p.add_argument("--max_length", type=int, default=2048)
     p.add_argument("--max_new_tokens", type=int, default=50)
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto: cuda when CUDA is there, else cpu")
     return p.parse_args(argv)
 
 
@@ -130,11 +132,15 @@ def main(argv=None):
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
     args = parse_args(argv)
+    lock = FolderLock(args.output_dir or "")  # held from the folder's check to the last write
     try:
         flags.check_values(args, RULES)
+        if args.device == "auto":  # what is recorded is the device used
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.output_dir:
             args.output_dir = check_run_folder(args.output_dir, resume=False, overwrite=False,
                                                protected=[("model", args.model), ("data", args.data_dir)])
+            lock = FolderLock(args.output_dir).acquire()
         model, tok = load(args.model, args.adapter, args.dtype, args.device)
         args.max_length = min(args.max_length, models.max_positions(model.config))  # what it used
         task = data.get_task(args.task, family=model.config.model_type)
@@ -149,8 +155,17 @@ def main(argv=None):
                                      f"{len(splits['train'])} (--num_train {args.num_train})")
             test, demo_sets = data.icl_splits(splits, args.num_train, args.num_eval)
     except ValueError as e:  # ModelError, DataError
+        lock.abandon()
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return run_eval(args, model, tok, task, test, demo_sets)
+    finally:
+        lock.release()
+
+
+def run_eval(args, model, tok, task, test, demo_sets):
+    """Score the test examples; with --output_dir, write config.json and results.json."""
     start = time.time()
     metrics = evaluate(model, tok, task, test, demo_sets=demo_sets if args.num_train else None,
                        batch_size=args.batch_size, sfc=args.sfc, icl_sfc=args.icl_sfc, max_length=args.max_length,

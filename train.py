@@ -22,11 +22,12 @@ import models
 import zo
 from data import flags
 from data.evaluate import DTYPES, chunks, dev_loss, encode_samples, evaluate, generate_text, to_device
-from data.files import atomic_write, write_json
+from data.files import atomic_write, dumps, write_json
 from data.paper import grid, presets
 from zo import distributed
-from zo.checkpoint import (check_run_folder, find_checkpoint, load_trainable, prepare_run_folder, read_json, restore,
-                           resume_conflicts, run_kind, save_checkpoint, save_trainable, trainable)
+from zo.checkpoint import (check_resumable, check_run_folder, find_checkpoint, load_trainable, prepare_run_folder,
+                           read_json, restore, resume_conflicts, run_kind, save_checkpoint, save_trainable, trainable)
+from zo.folder_lock import hold
 from zo.optim import WD_EXEMPT
 from zo.progress import logging_record, peak_memory, stop_on_signals
 from zo.trajectory import records_up_to
@@ -56,6 +57,11 @@ class Run:
         self.model = models.load_model(path, dtype=DTYPES[args.dtype], device=dist.device)
         self.positions = models.max_positions(self.model.config)
         self.tok = models.load_tokenizer(path)
+        models.check_tokenizer(self.model, self.tok, path)
+        self.fingerprint = models.fingerprint(self.model)  # the base weights, before PEFT (config.json)
+        if args.mode == "prefix" and args.num_prefix > self.positions:  # its init encodes num_prefix tokens
+            raise models.ModelError(f"{args.num_prefix} prefix tokens, the model has {self.positions} positions "
+                                    f"(--num_prefix {args.num_prefix})")
         gen = torch.Generator().manual_seed(args.seed)  # LoRA / prefix init: part of the run, replayable
         if args.mode == "lora":
             models.apply_lora(self.model, r=args.lora_r, alpha=args.lora_alpha, generator=gen)
@@ -181,7 +187,9 @@ def start(run):
     torch's RNG (dropout) seeded by --seed. Reads only: a corrupt checkpoint fails before any write."""
     trainer = run.trainer()
     if run.args.resume:
-        return trainer, restore(find_checkpoint(os.path.join(run.out, "checkpoint")), run.model, trainer)
+        loop = restore(find_checkpoint(os.path.join(run.out, "checkpoint")), run.model, trainer)
+        check_resumable(run.out, run.model, loop, trajectory=run.args.trainer == "zo")
+        return trainer, loop
     torch.manual_seed(run.args.seed)
     return trainer, {"best": None, "best_step": None, "nonfinite": 0, "nonfinite_run": 0, "metrics_lines": 0}
 
@@ -213,7 +221,7 @@ def train(run, trainer, state):
 
     def log(record):
         if metrics:
-            metrics.write(json.dumps(record) + "\n")
+            metrics.write(dumps(record) + "\n")
             metrics.flush()
             state["metrics_lines"] += 1
 
@@ -258,7 +266,7 @@ def train(run, trainer, state):
                 dev = run.evaluate_dev(with_metric=a.select_by == "accuracy")
                 log({"step": step + 1, **{f"dev_{k}": v for k, v in dev.items()}})
                 score = -dev["loss"] if a.select_by == "loss" else next(v for k, v in dev.items() if k != "loss")
-                if state["best"] is None or score > state["best"]:  # load_best_model_at_end
+                if math.isfinite(score) and (state["best"] is None or score > state["best"]):  # load_best_model_at_end
                     state["best"], state["best_step"] = score, step + 1
                     save_trainable(model, os.path.join(out, "best.safetensors"), write=dist.is_main)
             if (step + 1) % a.save_steps == 0 or interrupted:
@@ -277,9 +285,11 @@ def finish(run, state, time_per_step):
     never evaluated keeps its last model (HF without an evaluation: the original's non-diff runs)."""
     a, model, out = run.args, run.model, run.out
     if state["best_step"] is None:
-        why = ("--non_diff without --select_by" if not a.select_by else
-               f"no step up to --max_steps {a.max_steps} is a multiple of --eval_steps {a.eval_steps}")
-        print(f"\nkeeping the last model: never evaluated during training ({why})", file=sys.stderr)
+        why = ("never evaluated during training (--non_diff without --select_by)" if not a.select_by else
+               f"never evaluated during training (no step up to --max_steps {a.max_steps} is a multiple of "
+               f"--eval_steps {a.eval_steps})" if a.max_steps < a.eval_steps and not a.eval_final_step else
+               f"no model selected: every dev {a.select_by} was non-finite (NaN or inf)")
+        print(f"\nkeeping the last model: {why}", file=sys.stderr)
     else:
         load_trainable(model, os.path.join(out, "best.safetensors"))
     selection = "last" if state["best_step"] is None else run.selection_split.replace("test", "eval")
@@ -325,21 +335,33 @@ def replay(args, dist):
     # sharded run bitwise, and a sharded replay a single-process run
     run_args = argparse.Namespace(**{**config, "output_dir": out, "device": args.device, "resume": False,
                                      "fsdp": args.fsdp})
-    run = Run(run_args, dist)
-    # every step up to the selected one, each once, checked before anything is written
-    records = records_up_to(os.path.join(src, "trajectory.jsonl"), results["best_step"], run.mezo_config())
-    zo.replay(run.model, records, run.mezo_config(), **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"})
-    if dist.is_main:
-        prepare_run_folder(out, resume=False)
-        os.makedirs(out, exist_ok=True)
-    save_result_model(run, os.path.join(run.out, "model"))
-    if dist.is_main:
-        write_json(os.path.join(run.out, "config.json"), {**vars(run_args), "kind": "replay", "replayed_from": src})
-        print(f"replayed {len(records)} updates of {src} into {run.out}/model", file=sys.stderr)
+    lock = hold(out, dist)
+    try:
+        run = Run(run_args, dist)
+        if config.get("base_fingerprint", run.fingerprint) != run.fingerprint:
+            raise ValueError(f"the trajectory was recorded on other base weights (fingerprint "
+                             f"{config['base_fingerprint']}, this model's {run.fingerprint}) ({src}/config.json)")
+        # every step up to the selected one, each once, checked before anything is written
+        records = records_up_to(os.path.join(src, "trajectory.jsonl"), results["best_step"], run.mezo_config())
+    except BaseException:
+        lock.abandon()
+        raise
+    try:
+        zo.replay(run.model, records, run.mezo_config(), **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"})
+        if dist.is_main:
+            prepare_run_folder(out, resume=False)
+            os.makedirs(out, exist_ok=True)
+        save_result_model(run, os.path.join(run.out, "model"))
+        if dist.is_main:
+            write_json(os.path.join(run.out, "config.json"), {**vars(run_args), "kind": "replay", "replayed_from": src})
+            print(f"replayed {len(records)} updates of {src} into {run.out}/model", file=sys.stderr)
+    finally:
+        lock.release()
     return 0
 
 
 def main(argv=None):
+    lock = None  # the output folder's, from its check to the end of the run (zo/folder_lock.py)
     try:
         args = flags.parse_args(argv)
         args.model = args.model or models.TINY_OPT
@@ -366,8 +388,10 @@ def main(argv=None):
         args.output_dir = check_run_folder(args.output_dir, resume=args.resume, overwrite=args.overwrite_output_dir,
                                            protected=[("model", str(models.resolve_model_path(args.model))),
                                                       ("data", args.data_dir or data.SAMPLES_DIR)])
+        lock = hold(args.output_dir, dist)
         run = Run(args, dist)
-        changed = resume_conflicts(saved, vars(args), RESUME_FREE) if args.resume else []
+        changed = resume_conflicts(saved, {**vars(args), "base_fingerprint": run.fingerprint},
+                                   RESUME_FREE) if args.resume else []
         if changed:
             raise ValueError(f"--resume with other settings than the run's: {', '.join(changed)} "
                              f"({args.output_dir}/config.json)")
@@ -375,17 +399,23 @@ def main(argv=None):
         if dist.is_main:
             prepare_run_folder(args.output_dir, resume=args.resume)
             os.makedirs(args.output_dir, exist_ok=True)
-            write_json(os.path.join(args.output_dir, "config.json"), {**vars(args), "kind": "train"})
+            write_json(os.path.join(args.output_dir, "config.json"),
+                       {**vars(args), "kind": "train", "base_fingerprint": run.fingerprint})
         dist.barrier()  # rank 0 prepared the folder before any rank writes into it
     except ValueError as e:  # ModelError, DataError and bad values: one line, exit 2
+        if lock is not None:
+            lock.abandon()  # nothing was written: the folder is as it was
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with dist.guard():  # a lost rank ends the others with one error line, not a hang
-        try:
-            code = train(run, trainer, state)
-        except FloatingPointError as e:  # a diverged run: one line, not a traceback
-            print(f"\nerror: {e}", file=sys.stderr)
-            code = 1
+    try:
+        with dist.guard():  # a lost rank ends the others with one error line, not a hang
+            try:
+                code = train(run, trainer, state)
+            except FloatingPointError as e:  # a diverged run: one line, not a traceback
+                print(f"\nerror: {e}", file=sys.stderr)
+                code = 1
+    finally:
+        lock.release()
     dist.shutdown()
     return code
 

@@ -7,7 +7,7 @@ is built whole at `<path>.tmp` and swapped in by two renames (`<path>` -> `<path
 `<path>.tmp` -> `<path>`); `recover_dir` finishes or undoes a swap a crash interrupted.
 
     atomic_write("results.json", text)            # str or bytes
-    write_json("config.json", {"kind": "train"})
+    write_json("config.json", {"kind": "train"})    # strict JSON: NaN / inf as null (`dumps`)
     with atomic_path("best.safetensors") as tmp:   # for writers that take a path (save_file)
         save_file(tensors, tmp)
     with atomic_dir("checkpoint") as tmp:          # a directory of such files
@@ -15,6 +15,7 @@ is built whole at `<path>.tmp` and swapped in by two renames (`<path>` -> `<path
 """
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -74,7 +75,33 @@ def atomic_write(path, content: str | bytes) -> None:
 
 
 def write_json(path, obj) -> None:
-    atomic_write(path, json.dumps(obj, indent=1) + "\n")
+    atomic_write(path, dumps(obj, indent=1) + "\n")
+
+
+# The fields of results.json and metrics.jsonl that are measurements (times, memory): the only bytes
+# in which two runs of the same command differ (tests/test_reproducible_outputs.py).
+MEASUREMENTS = ("time_per_step_s", "steps_per_s", "peak_memory_bytes", "time_s")
+
+
+def dumps(obj, **kwargs) -> str:
+    """Strict JSON, which every parser reads: a non-finite number is written as null, and beside it
+    `<key>_nonfinite` says which it was ("nan", "inf" or "-inf")."""
+    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
+
+
+def _finite(obj):
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for k, v in obj.items():
+        out[k] = _finite(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            out[f"{k}_nonfinite"] = str(v)  # "nan", "inf", "-inf"
+    return out
 
 
 def recover_dir(path) -> None:

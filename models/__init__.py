@@ -16,7 +16,7 @@ class ModelError(ValueError):
     """A user mistake about a model or tokenizer; the message reads `<what> (<file>)`."""
 
 
-from .checkpoint import load_model, max_positions, save_model  # noqa: E402  (they raise ModelError)
+from .checkpoint import check_tokenizer, fingerprint, load_model, max_positions, save_model  # noqa: E402  (they raise ModelError)
 from .checkpoint import resolve as resolve_model_path  # noqa: E402
 from .peft import adapter_state_dict, apply_lora, apply_prefix, load_adapter, read_adapter, save_adapter  # noqa: E402
 from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
@@ -24,6 +24,6 @@ from .tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 TINY_OPT = str(Path(__file__).parent / "tiny" / "opt")  # written by `python -m models.make_tiny`
 TINY_ROBERTA = str(Path(__file__).parent / "tiny" / "roberta")
 
-__all__ = ["ModelError", "load_model", "max_positions", "save_model", "load_tokenizer", "Tokenizer", "apply_lora",
+__all__ = ["ModelError", "check_tokenizer", "fingerprint", "load_model", "max_positions", "save_model", "load_tokenizer", "Tokenizer", "apply_lora",
            "apply_prefix", "adapter_state_dict", "load_adapter", "read_adapter", "save_adapter", "resolve_model_path",
            "TINY_OPT", "TINY_ROBERTA"]

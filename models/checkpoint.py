@@ -11,10 +11,13 @@ never leaves half a checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -182,12 +185,15 @@ class _Weights:
         if file not in self._handles:
             if not file.is_file():
                 raise ModelError(f"missing weight file ({file})")
-            try:
+            try:  # mmap only for the zip format: torch cannot map an old-format (pre-1.6) .bin
                 self._handles[file] = (
                     safe_open(file, framework="pt", device=self.device) if file.suffix == ".safetensors"
-                    else torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+                    else torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)))
+            except pickle.UnpicklingError:  # weights_only refused an object: never unpickled
+                raise ModelError(f"weight file holds Python objects besides tensors, which are never unpickled; "
+                                 f"convert it to safetensors ({file})") from None
             except Exception as e:  # safetensors / zip / pickle errors of a damaged file
-                raise ModelError(f"corrupt weight file: {e} ({file})") from None
+                raise ModelError(f"corrupt weight file: {_first_line(e)} ({file})") from None
         return self._handles[file]
 
     def get(self, key: str) -> torch.Tensor:
@@ -196,7 +202,12 @@ class _Weights:
         try:
             return handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
         except Exception as e:
-            raise ModelError(f"corrupt weight file: cannot read {key}: {e} ({file})") from None
+            raise ModelError(f"corrupt weight file: cannot read {key}: {_first_line(e)} ({file})") from None
+
+
+def _first_line(error: Exception) -> str:
+    """torch's messages run over several lines; the first says what went wrong."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
@@ -224,6 +235,9 @@ def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
         if tensor.shape != expected[name].shape:
             raise ModelError(f"tensor {key} has shape {tuple(tensor.shape)}, expected "
                              f"{tuple(expected[name].shape)} ({weights.file_of[key]})")
+        if not tensor.is_floating_point():  # the model computes in floating point: a cast would hide it
+            raise ModelError(f"tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected a "
+                             f"floating-point dtype ({weights.file_of[key]})")
         state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(expected.keys() - state.keys())
     if missing:
@@ -232,6 +246,32 @@ def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
+
+
+def check_tokenizer(model: nn.Module, tokenizer, directory) -> None:
+    """Every id the tokenizer can produce must have an embedding row."""
+    rows = model.config.vocab_size
+    if tokenizer.vocab_size > rows:
+        raise ModelError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {rows} rows "
+                         f"(vocab_size in {Path(directory) / 'config.json'})")
+
+
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 8, 4096
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of the weights: every parameter's name, shape and dtype, and the bytes of a few
+    evenly spaced blocks of each (8 x 4 KiB per tensor: milliseconds even for a 13B model)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        flat = p.detach().reshape(-1).view(torch.uint8) if p.numel() else p.detach().reshape(-1)
+        block = FINGERPRINT_BLOCK_BYTES
+        starts = sorted({(len(flat) - block) * i // (FINGERPRINT_BLOCKS - 1) for i in range(FINGERPRINT_BLOCKS)}
+                        if len(flat) > block else {0})
+        for start in starts:
+            h.update(flat[start:start + block].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- writing

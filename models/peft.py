@@ -8,6 +8,7 @@ requires_grad).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -142,14 +143,27 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def save_adapter(model: nn.Module, path, meta: dict[str, str]) -> None:
     """One safetensors file: the adapter tensors plus `meta` (mode, lora_r, lora_alpha, num_prefix,
-    base model) as string metadata, so `read_adapter` can rebuild the same PEFT model. Atomic."""
-    from safetensors.torch import save_file
+    base model) as string metadata, so `read_adapter` can rebuild the same PEFT model. Atomic, and
+    the same bytes for the same adapter (`_sorted_metadata`)."""
+    from safetensors.torch import save
 
-    from data.files import atomic_path
+    from data.files import atomic_write
 
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}, tmp,
-                  metadata={k: str(v) for k, v in meta.items()})
+    data = save({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()},
+                metadata={k: str(v) for k, v in meta.items()})
+    atomic_write(path, _sorted_metadata(data))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors writes `__metadata__` in hash-map order, which differs between processes: rewrite
+    the header with its keys sorted, space-padded to 8 bytes as safetensors pads it (data offsets
+    count from the end of the header, so they stay valid)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text = text.ljust(-(-len(text) // 8) * 8)
+    return len(text).to_bytes(8, "little") + text + data[8 + n:]
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -21,6 +21,8 @@ from torch import nn
 
 from data.files import atomic_dir, atomic_path, is_temp_of, recover_dir
 
+from .trajectory import read_trajectory
+
 RUN_KINDS = ("train", "replay", "eval")  # config.json's "kind": the folder holds such a run
 RUN_FILES = ("config.json", "metrics.jsonl", "trajectory.jsonl", "results.json", "best.safetensors",
              "model.adapter.safetensors", "checkpoint", "model")
@@ -163,12 +165,31 @@ def load_checkpoint(directory, model: nn.Module) -> dict:
         raise ValueError(f"corrupt checkpoint: {e} ({directory}/state.json)") from None
 
 
+def _shard_like_params(optimizer) -> None:
+    """A checkpoint holds whole tensors (gathered on save): give each sharded parameter's optimizer
+    state (Adam's moments, the momentum buffer) the parameter's own placement again. Every rank holds
+    the whole tensor, so each takes its slice without communication (src_data_rank=None)."""
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "device_mesh"):
+                continue
+            from torch.distributed.tensor import distribute_tensor
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and not hasattr(value, "device_mesh") and value.shape == p.shape:
+                    state[key] = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements,
+                                                   src_data_rank=None)
+
+
 def restore(directory, model: nn.Module, trainer) -> dict:
     """Load a checkpoint into the model, the trainer and torch's RNG; -> the loop's state.
     A checkpoint whose contents do not fit is a ValueError naming it, not a traceback."""
     saved = load_checkpoint(directory, model)
     try:
         trainer.load_state_dict(saved["trainer"])
+        _shard_like_params(getattr(trainer, "optimizer", None))
         torch.set_rng_state(saved["torch_rng"])
         loop = saved["loop"]
         if not isinstance(loop, dict) or not isinstance(loop.get("metrics_lines"), int):
@@ -213,6 +234,22 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
+def _check_name_lengths(path: str, flag: str, folder: str) -> None:
+    """The file system's limits on a name (255 bytes on most) and a whole path (4096), checked
+    before anything is created instead of as an OSError from the first write."""
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    name_max, path_max = (os.pathconf(existing, f"PC_{what}_MAX") for what in ("NAME", "PATH"))
+    longest = max(path.split(os.sep), key=lambda part: len(part.encode()))
+    if len(longest.encode()) > name_max:
+        raise ValueError(f"output folder has a name of {len(longest.encode())} bytes, the file system allows "
+                         f"{name_max} ({flag} {folder})")
+    if len(path.encode()) + 64 > path_max:  # room for the files a run writes inside it
+        raise ValueError(f"output folder path has {len(path.encode())} bytes, the file system allows {path_max} "
+                         f"with the run's files inside ({flag} {folder})")
+
+
 def check_run_folder(folder, *, resume: bool, overwrite: bool, protected=(), flag="--output_dir") -> str:
     """Refuse an output folder a run may not use; -> its canonical absolute path. Writes nothing.
 
@@ -220,6 +257,7 @@ def check_run_folder(folder, *, resume: bool, overwrite: bool, protected=(), fla
     Without resume or overwrite the folder must not hold a run, nor any file a run would replace.
     """
     canonical = os.path.realpath(folder)
+    _check_name_lengths(canonical, flag, folder)
     if os.path.exists(canonical) and not os.path.isdir(canonical):
         raise ValueError(f"output folder is a file ({flag} {folder})")
     if not _writable(canonical):
@@ -262,6 +300,29 @@ def prepare_run_folder(folder: str, *, resume: bool) -> None:
         stale = _own_entries(folder)
     for name in stale:
         _remove(os.path.join(folder, name))
+
+
+def check_resumable(folder: str, model: nn.Module, loop: dict, trajectory: bool) -> None:
+    """On --resume, before anything is written: the files the resumed run reads or extends are
+    readable and agree with the checkpoint (its loop state `loop`); ValueError naming the file."""
+    if loop.get("best_step") is not None:  # finish() loads it; refuse now, not after the remaining steps
+        path = os.path.join(folder, "best.safetensors")
+        saved, own = _load_tensors(path), trainable(model)
+        if saved.keys() != own.keys() or any(saved[n].shape != p.shape for n, p in own.items()):
+            raise ValueError(f"corrupt checkpoint: best.safetensors does not match the model's trainable "
+                             f"parameters ({path})")
+    if trajectory:
+        read_trajectory(os.path.join(folder, "trajectory.jsonl"))
+    path = os.path.join(folder, "metrics.jsonl")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = len(f.readlines())
+    except FileNotFoundError:
+        lines = 0
+    except UnicodeDecodeError as e:
+        raise ValueError(f"garbled metrics file: not UTF-8 at byte {e.start} ({path})") from None
+    if lines < loop["metrics_lines"]:
+        raise ValueError(f"metrics file has {lines} lines, the checkpoint counts {loop['metrics_lines']} ({path})")
 
 
 def resume_conflicts(saved: dict, now: dict, free) -> list[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from data.files import atomic_write
+from data.files import atomic_write, dumps
 
 from .mezo import MeZO, MeZOConfig
 from .optim import num_samples
@@ -62,7 +62,8 @@ FIELDS = {"step": int, "seed": int, "projected_grad": (float, int), "lr": (float
 
 
 def _line(record: dict) -> str:
-    return json.dumps({k: record[k] for k in FIELDS}) + "\n"
+    """Strict JSON: a non-finite projected_grad (its update was skipped) is null + projected_grad_nonfinite."""
+    return dumps({k: record[k] for k in FIELDS}) + "\n"
 
 
 def read_trajectory(path) -> list[dict]:
@@ -78,6 +79,9 @@ def read_trajectory(path) -> list[dict]:
     for number, line in enumerate(lines[:-1], start=1):  # the last piece is "" or a torn line
         try:
             record = json.loads(line)
+            if isinstance(record, dict) and record.get("projected_grad") is None and isinstance(
+                    record.get("projected_grad_nonfinite"), str):  # _line's strict-JSON spelling of NaN / inf
+                record["projected_grad"] = float(record.pop("projected_grad_nonfinite"))
             if not (isinstance(record, dict) and record.keys() == set(FIELDS) and all(
                     isinstance(record[k], kind) and not isinstance(record[k], bool) for k, kind in FIELDS.items())):
                 raise ValueError(f"expected an object with {', '.join(FIELDS)}")
