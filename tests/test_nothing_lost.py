@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import shutil
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 import eval as evaluation
 import models
 import train
+from zo import distributed
 from test_bad_inputs import OPT, READ
 
 
@@ -194,6 +196,8 @@ def test_nan_weights_give_strict_json_and_select_nothing(capsys, work):
         strict(line)
     for line in (work / "out" / "trajectory.jsonl").read_text().splitlines():
         assert strict(line)["projected_grad"] is None
+    assert evaluation.main(["compare", str(work / "out")]) == 0  # the table reads the nulls
+    assert "| non-finite (step 2) | non-finite (step 2) |" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- torch's refusals
@@ -234,3 +238,17 @@ def test_eval_accepts_device_auto(capsys, work):
     assert evaluation.main(["--device", "auto", "--num_eval", "4", "--output_dir", str(work / "ev")]) == 0
     config = json.loads((work / "ev" / "config.json").read_text())
     assert config["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------- a lost rank 0
+
+def test_when_the_store_died_with_rank_0_the_survivors_print_one_line(monkeypatch, capsys, tmp_path):
+    def gone():  # rank 0 (or its agent) held the job's store
+        raise RuntimeError("Connection closed by peer (TCPStore)")
+    monkeypatch.setattr(distributed.dist.distributed_c10d, "_get_default_store", gone)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for rank in (2, 1, 3):
+        with pytest.raises(SystemExit):
+            with distributed.Dist(rank=rank, world_size=4).guard():
+                raise RuntimeError("[pair.cc:1] Connection closed by peer (gloo)")
+    assert capsys.readouterr().err.count("error:") == 1

@@ -44,6 +44,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -136,14 +137,23 @@ def lost_rank_line(rank: int, timeout_s: float, message: str) -> str:
 
 
 def _first_to_report() -> bool:
-    """One line per job: the ranks count their reports in the job's store (held by rank 0's agent);
-    when it is unreachable, every rank reports."""
+    """One line per job: the ranks count their reports in the job's store (held by rank 0's agent).
+    When the store is gone with rank 0 (or its agent), the ranks of this host race to create one
+    marker file named by the job instead: one line per host."""
     try:
         store = dist.distributed_c10d._get_default_store()
         store.set_timeout(timedelta(seconds=5))
         return store.add("lost_contact_reports", 1) == 1
-    except Exception:  # noqa: BLE001 (any failure of the store: report rather than stay silent)
-        return True
+    except Exception:  # noqa: BLE001 (any failure of the store: fall back to the marker file)
+        job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.environ.get('MASTER_PORT', 'none')}-{os.getppid()}"
+        marker = os.path.join(tempfile.gettempdir(), f"mezo-lost-contact-{re.sub(r'[^A-Za-z0-9_.-]', '_', job)}")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # no temporary folder: report rather than stay silent
+            return True
 
 
 def setup(timeout_s: float = 600.0, device: str | None = None) -> Dist:

@@ -236,6 +236,10 @@ def _number(value, spec, scale=1):
     return "–" if value is None else spec.format(value * scale)
 
 
+def _loss(value):
+    return "non-finite" if value is None else f"{value:.4f}"
+
+
 def binomial_se(accuracy, n):
     """Standard error of an accuracy measured on n independent examples: sqrt(p (1 - p) / n)."""
     return math.sqrt(accuracy * (1 - accuracy) / n)
@@ -250,8 +254,9 @@ def compare_markdown(runs):
     for run in runs:
         res = run.results
         dev = [m for m in read_metrics(run) if "dev_loss" in m]
-        first = f"{dev[0]['dev_loss']:.4f} (step {dev[0]['step']})" if dev else "–"  # never evaluated
-        selected = f"{res['dev']['loss']:.4f} (step {res.get('best_step')})" if res.get("dev") else "–"
+        # never evaluated, or no dev set: "–"; a non-finite loss (null in strict JSON): "non-finite"
+        first = f"{_loss(dev[0]['dev_loss'])} (step {dev[0]['step']})" if dev else "–"
+        selected = f"{_loss(res['dev']['loss'])} (step {res.get('best_step')})" if res.get("dev") else "–"
         base = " (lr 0: the base model)" if run.config.get("learning_rate") == 0 else ""
         cells = [run.path.name, label(run.method) + base, first, selected,
                  _number((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
