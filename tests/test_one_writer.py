@@ -86,7 +86,7 @@ def test_a_refused_lock_names_its_holder_and_abandon_restores_the_folder(tmp_pat
         FolderLock(str(folder)).acquire()
     held.abandon()
     assert {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in before} == before
-    fresh = FolderLock(str(tmp_path / "new")).acquire()
+    fresh = FolderLock(str(tmp_path / "new" / "run")).acquire()
     fresh.abandon()
     assert not (tmp_path / "new").exists()
 

@@ -22,8 +22,12 @@ class FolderLock:
 
     def acquire(self) -> "FolderLock":
         """Take the lock, or raise ValueError naming its holder. Creates the folder if needed."""
-        folder_existed = os.path.isdir(self.folder)
-        self._before = {"folder": folder_existed,
+        folder_existed, created = os.path.isdir(self.folder), []
+        parent = self.folder
+        while parent and not os.path.exists(parent):  # the folders makedirs will create, innermost first
+            created.append(parent)
+            parent = os.path.dirname(parent)
+        self._before = {"created": created,
                         "folder_times": _times(self.folder) if folder_existed else None,
                         "file": _read(self.path), "file_times": _times(self.path)}
         os.makedirs(self.folder, exist_ok=True)
@@ -74,11 +78,11 @@ class FolderLock:
             os.utime(self.path, ns=before["file_times"])
         os.close(self.fd)
         self.fd = None
-        if not before["folder"]:
-            try:
-                os.rmdir(self.folder)  # only when we created it and nothing else appeared in it
-            except OSError:
-                pass
+        try:
+            for folder in before["created"]:
+                os.rmdir(folder)  # only those we created, and only while nothing else appeared in them
+        except OSError:
+            pass
         self._restore_folder_times()
 
     def _restore_folder_times(self):
