@@ -105,3 +105,14 @@ def normal_z_error(log_ulp=1.0, cos_ulp=1.0, sqrt_ulp=0.5) -> float:
 # C library's logf/cosf (< 1 ulp) depending on ATEN_CPU_CAPABILITY, and a correctly rounded sqrt: each is
 # within normal_z_error() of the exact value, so they are within twice that of each other (2.75e-6).
 NORMAL_Z_IMPL_BOUND = 2 * normal_z_error()
+
+
+def perturbed_loss_tolerance(model, loss_fn, eps, c_min=1.0) -> float:
+    """How far a loss at theta + eps z / c may move between the hooked (compiled z) and a dense (eager z)
+    perturbation of the same weights: each weight differs by eps NORMAL_Z_IMPL_BOUND / c plus one fp32
+    rounding u |theta + eps z / c|; to first order the loss moves by ||grad L||_1 times that, doubled for
+    the gradient's change over eps z. (The forwards then run the same ops on those weights.)"""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_l1 = sum(g.abs().sum().item() for g in torch.autograd.grad(loss_fn(model.eval()), params))
+    theta_max = max(p.detach().abs().max().item() for p in params) + eps * Z_MAX / c_min
+    return 2 * grad_l1 * (eps * NORMAL_Z_IMPL_BOUND / c_min + 2.0**-24 * theta_max)

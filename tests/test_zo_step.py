@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from helpers_original import OriginalStep
-from helpers_zo import dense_z, least_squares, lm_batch, lm_loss, params, tiny_lm
+from helpers_zo import (NORMAL_Z_IMPL_BOUND, Z_MAX, dense_z, least_squares, lm_batch, lm_loss, params,
+                        perturbed_loss_tolerance, tiny_lm)
 from zo import MeZO, MeZOConfig
 
 
@@ -31,14 +32,15 @@ def test_hooked_forward_equals_dense_perturbed_model(sign):
         p.data = p.data + sign * eps * dense_z(slot, seed)
     assert dense.lm_head.weight is dense.embed_tokens.weight
     expected = mezo.zo_forward(dense, lm_loss(ids))
-    assert torch.allclose(hooked, expected, rtol=1e-6, atol=1e-6)
+    tol = perturbed_loss_tolerance(copy.deepcopy(model), lm_loss(ids), eps)  # derived in helpers_zo
+    assert (hooked - expected).abs() <= tol
 
     # the oracle can tell a missed owner apart: perturbing the embedding but not the tied head differs
     untied = copy.deepcopy(model)
     untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
     for slot, p in zip(mezo.slots, (p for n, p in untied.named_parameters() if n != "lm_head.weight")):
         p.data = p.data + sign * eps * dense_z(slot, seed)
-    assert not torch.allclose(hooked, mezo.zo_forward(untied, lm_loss(ids)), rtol=1e-6, atol=1e-6)
+    assert (hooked - mezo.zo_forward(untied, lm_loss(ids))).abs() > tol
 
 
 def test_warns_when_a_parameter_is_read_outside_its_module():
@@ -88,8 +90,10 @@ def test_fused_update_equals_dense_update():
     for slot in mezo.slots:
         p0 = before[slot.name]
         expected = p0 - lr * (g * dense_z(slot, seed) + (wd if slot.decay else 0.0) * p0)
-        err = (slot.param.detach() - expected).abs().max() / p0.abs().max()
-        assert err <= 1e-6, slot.name
+        # eager vs compiled z moves g z by |g| NORMAL_Z_IMPL_BOUND; each side rounds g z, the decay term and
+        # the subtraction (3 roundings of at most u times the largest operand)
+        bound = lr * g.abs() * NORMAL_Z_IMPL_BOUND + 3 * 2.0**-24 * (p0.abs().max() + lr * g.abs() * Z_MAX)
+        assert (slot.param.detach() - expected).abs().max() <= bound, slot.name
         assert not torch.equal(slot.param.detach(), p0)
     assert [s.decay for s in mezo.slots] == [
         not any(x in s.name for x in ("bias", "layer_norm", "layernorm")) for s in mezo.slots]
