@@ -28,7 +28,6 @@ from zo import distributed
 from zo.checkpoint import (check_resumable, check_run_folder, find_checkpoint, load_trainable, prepare_run_folder,
                            read_json, restore, resume_conflicts, run_kind, save_checkpoint, save_trainable, trainable)
 from zo.folder_lock import hold
-from zo.optim import WD_EXEMPT
 from zo.progress import logging_record, peak_memory, stop_on_signals
 from zo.trajectory import records_up_to
 
@@ -157,30 +156,13 @@ class Run:
         if a.trainer == "fo":
             return zo.FO(self.model, zo.FOConfig(
                 lr=a.learning_rate, optimizer="sgd" if a.optimizer == "sgd" else "adam", weight_decay=a.weight_decay,
-                wd_exempt=self.wd_exempt(), momentum=a.momentum, lr_scheduler=a.lr_scheduler_type, max_steps=a.max_steps, clip_grad_norm=a.max_grad_norm))
-        return zo.MeZO(self.model, self.mezo_config(), **self.mezo_kwargs())
+                wd_exempt=flags.wd_exempt(a), momentum=a.momentum, lr_scheduler=a.lr_scheduler_type, max_steps=a.max_steps, clip_grad_norm=a.max_grad_norm))
+        return zo.MeZO(self.model, flags.mezo_config(a), **self.mezo_kwargs())
 
     def mezo_kwargs(self):
         """Replicated: all-reduce the two losses; sharded: also update local shards at global indices."""
         kwargs = {"reduce_losses": self.dist.reduce_losses} if self.dist.grouped else {}
         return {**kwargs, "local_view": distributed.local_view} if self.args.fsdp else kwargs
-
-    def wd_exempt(self):
-        """large_models' zo_update exempts bias and LayerNorm names; medium_models decays every parameter."""
-        return WD_EXEMPT if self.args.wd_exempt == "bias_norm" else ()
-
-    def mezo_config(self):
-        a = self.args
-        optimizer = "adam" if a.optimizer in ("adam", "adamw") else ("momentum" if a.momentum else "sgd")
-        return zo.MeZOConfig(
-            lr=a.learning_rate, eps=a.zo_eps, weight_decay=a.weight_decay, wd_exempt=self.wd_exempt(),
-            lr_scheduler=a.lr_scheduler_type,
-            max_steps=a.max_steps, perturbation={"exact": "fused"}.get(a.perturbation, a.perturbation),
-            distribution=a.distribution, seed=a.seed, seed_source=a.seed_source, n_spsa=a.n_spsa,
-            n_spsa_schedule=a.n_spsa_schedule, optimizer=optimizer, momentum=a.momentum or 0.9,
-            zo_variant=a.zo_variant, change_grad_estimate=bool(a.change_grad_estimate),
-            recompute_norms=bool(a.recompute_norms), use_zo_grad_est=bool(a.use_zo_grad_est))
-
 
 def start(run):
     """The trainer and the loop's state: restored from the checkpoint on --resume, else fresh, with
@@ -220,6 +202,8 @@ def train(run, trainer, state):
         metrics = open(os.path.join(out, "metrics.jsonl"), "a")
 
     def log(record):
+        if a.trainer == "zo":  # curves of different estimators share this x-axis (README: "Estimators")
+            record["forward_passes"] = trainer.forward_passes
         if metrics:
             metrics.write(dumps(record) + "\n")
             metrics.flush()
@@ -333,8 +317,8 @@ def replay(args, dist):
                            protected=[("replayed run", src), ("model", config.get("model")), ("data", config.get("data_dir"))])
     # --fsdp as given now: the update is elementwise at global indices, so one process replays a
     # sharded run bitwise, and a sharded replay a single-process run
-    run_args = argparse.Namespace(**{**config, "output_dir": out, "device": args.device, "resume": False,
-                                     "fsdp": args.fsdp})
+    run_args = argparse.Namespace(**{**vars(flags.build_parser().parse_args([])), **config, "output_dir": out,
+                                     "device": args.device, "resume": False, "fsdp": args.fsdp})
     lock = hold(out, dist)
     try:
         run = Run(run_args, dist)
@@ -342,12 +326,14 @@ def replay(args, dist):
             raise ValueError(f"the trajectory was recorded on other base weights (fingerprint "
                              f"{config['base_fingerprint']}, this model's {run.fingerprint}) ({src}/config.json)")
         # every step up to the selected one, each once, checked before anything is written
-        records = records_up_to(os.path.join(src, "trajectory.jsonl"), results["best_step"], run.mezo_config())
+        records = records_up_to(os.path.join(src, "trajectory.jsonl"), results["best_step"],
+                                flags.mezo_config(run_args))
     except BaseException:
         lock.abandon()
         raise
     try:
-        zo.replay(run.model, records, run.mezo_config(), **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"})
+        zo.replay(run.model, records, flags.mezo_config(run_args),
+                  **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"})
         if dist.is_main:
             prepare_run_folder(out, resume=False)
             os.makedirs(out, exist_ok=True)

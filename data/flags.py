@@ -51,7 +51,12 @@ def build_parser():
     a("--optimizer", choices=("sgd", "adam", "adamw")), a("--momentum", type=float, default=0.0)
     a("--num_prefix", type=int, default=5), a("--lora_r", type=int, default=8), a("--lora_alpha", type=float, default=16)
     a("--perturbation", choices=("exact", "reference", "eager"), default="exact")
-    a("--distribution", choices=("normal", "rademacher"), default="normal")
+    a("--distribution", choices=("normal", "rademacher"), help="z (default: normal; rademacher with --estimator fzoo)")
+    a("--estimator", choices=("spsa", "fzoo"), default="spsa", help="spsa: MeZO's two-sided SPSA (n-SPSA with "
+      "--n_spsa); fzoo: FZOO's --fzoo_n one-sided perturbations + one clean forward (zo/fzoo.py)")
+    a("--fzoo_n", type=int, default=8, help="FZOO: perturbations per step (the authors' fzoo.sh N)")
+    a("--sparse_mezo", type=float, default=0.0, help="Sparse-MeZO: fraction of each parameter's weights (the "
+      "largest magnitudes) left unperturbed and not updated; 0: dense z (zo/sparse.py)")
     a("--seed_source", choices=("generator", "numpy_global"), default="generator")
     a("--n_spsa", type=int, default=1), a("--n_spsa_schedule", choices=("constant", "linear"), default="constant")
     a("--zo_variant", choices=("param_norm", "grad_norm")), a("--change_grad_estimate", **BOOL)
@@ -120,6 +125,9 @@ def resolve(args, model_type):
                         "(greedy generations differ in length across ranks) (--fsdp)")
     if args.cuda_graphs:
         check_cuda_graphs(args, world)
+    if args.trainer == "zo":  # the parts of the step support each other (zo.methods: the one list)
+        from zo import check_supported
+        check_supported(mezo_config(args), cuda_graphs=bool(args.cuda_graphs), fsdp=args.fsdp, data_parallel=world > 1)
     if args.output_dir is None:
         name = os.path.basename(os.path.normpath(str(args.model)))
         args.output_dir = os.path.join("runs", f"{task.name}-{name}-{args.trainer}-{args.mode}-{args.learning_rate}-"
@@ -128,20 +136,41 @@ def resolve(args, model_type):
 
 
 def check_cuda_graphs(args, world):
-    """--cuda_graphs needs CUDA and a step that zo.CudaGraphStep can capture (DataError otherwise)."""
+    """--cuda_graphs needs CUDA and a loop that zo.CudaGraphStep can capture (DataError otherwise); what
+    the step's parts support is zo.check_supported's (resolve)."""
     import torch
 
     if not torch.cuda.is_available() or args.device.startswith("cpu"):
         raise DataError(f"CUDA graphs need a CUDA device (--cuda_graphs; torch.cuda.is_available() is "
                         f"{torch.cuda.is_available()}, --device {args.device})")
-    other = {"--trainer fo": args.trainer != "zo", "--non_diff": args.non_diff, "--fsdp": args.fsdp,
-             f"WORLD_SIZE={world}": world > 1, "--perturbation reference": args.perturbation == "reference",
-             f"--optimizer {args.optimizer}": args.optimizer != "sgd", "--momentum": bool(args.momentum),
-             "--n_spsa": args.n_spsa > 1, "--zo_variant": bool(args.zo_variant),
+    other = {"--trainer fo": args.trainer != "zo", "--non_diff": args.non_diff,
              "--gradient_accumulation_steps": args.gradient_accumulation_steps > 1}
     if any(other.values()):
         raise DataError("CUDA graphs capture one plain ZO-SGD step on one process, not with "
                         f"{', '.join(k for k, v in other.items() if v)} (--cuda_graphs)")
+
+
+def wd_exempt(args) -> tuple[str, ...]:
+    """large_models' zo_update exempts bias and LayerNorm names; medium_models decays every parameter."""
+    from zo.optim import WD_EXEMPT
+
+    return WD_EXEMPT if args.wd_exempt == "bias_norm" else ()
+
+
+def mezo_config(args):
+    """The zo.MeZOConfig of a resolved command line (train.py builds MeZO and replays with it)."""
+    from zo import MeZOConfig
+
+    optimizer = "adam" if args.optimizer in ("adam", "adamw") else ("momentum" if args.momentum else "sgd")
+    return MeZOConfig(
+        lr=args.learning_rate, eps=args.zo_eps, weight_decay=args.weight_decay, lr_scheduler=args.lr_scheduler_type,
+        wd_exempt=wd_exempt(args),
+        max_steps=args.max_steps, perturbation={"exact": "fused"}.get(args.perturbation, args.perturbation),
+        distribution=args.distribution, seed=args.seed, seed_source=args.seed_source, estimator=args.estimator,
+        n_spsa=args.n_spsa, n_spsa_schedule=args.n_spsa_schedule, fzoo_n=args.fzoo_n, sparse_mezo=args.sparse_mezo,
+        optimizer=optimizer, momentum=args.momentum or 0.9, zo_variant=args.zo_variant,
+        change_grad_estimate=bool(args.change_grad_estimate), recompute_norms=bool(args.recompute_norms),
+        use_zo_grad_est=bool(args.use_zo_grad_est))
 
 
 def finite(low, inclusive=True):
@@ -158,6 +187,7 @@ RULES = {
     "learning_rate": finite(0), "weight_decay": finite(0), "zo_eps": finite(0, False),
     "max_grad_norm": finite(0, False), "dist_timeout": finite(0, False), "lora_alpha": finite(0, False),
     "num_train_epochs": finite(0, False), "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "sparse_mezo": (lambda v: 0 <= v < 1, "in [0, 1)"), "fzoo_n": at_least(2),
     "seed": SEED, "train_set_seed": SEED, "max_length": at_least(2), "num_train": at_least(1),
     "num_dev": at_least(0), "max_new_tokens": at_least(1),
     **{name: at_least(1) for name in ("max_steps", "eval_steps", "save_steps", "logging_steps", "batch_size",

@@ -82,8 +82,9 @@ def test_every_mode_and_trainer_runs_and_writes_the_output_folder(tmp_path, fami
                                        "--num_eval", "8"]) == 0
 
 
-def test_resume_after_interrupt_is_bitwise_identical(tmp_path, monkeypatch):
-    argv = OPT + ["--max_steps", "10", "--eval_steps", "5", "--save_steps", "3", "--learning_rate", "1e-3"]
+@pytest.mark.parametrize("method", [[], ["--estimator", "fzoo", "--fzoo_n", "3"], ["--sparse_mezo", "0.5"]])
+def test_resume_after_interrupt_is_bitwise_identical(tmp_path, monkeypatch, method):
+    argv = OPT + ["--max_steps", "10", "--eval_steps", "5", "--save_steps", "3", "--learning_rate", "1e-3"] + method
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     run(argv + ["--output_dir", whole])
 
@@ -108,10 +109,12 @@ def test_resume_after_interrupt_is_bitwise_identical(tmp_path, monkeypatch):
     assert metrics(parts) == metrics(whole)  # dev losses: same model at every eval step
 
 
-@pytest.mark.parametrize("mode", ["ft", "lora"])
-def test_replay_rebuilds_the_selected_model_bitwise(tmp_path, mode):
+@pytest.mark.parametrize("mode, method", [("ft", []), ("lora", []), ("ft", ["--estimator", "fzoo", "--fzoo_n", "3"]),
+                                          ("lora", ["--sparse_mezo", "0.5"])])
+def test_replay_rebuilds_the_selected_model_bitwise(tmp_path, mode, method):
     out, again = str(tmp_path / "run"), str(tmp_path / "replayed")
-    run(OPT + ["--max_steps", "8", "--eval_steps", "4", "--mode", mode, "--learning_rate", "1e-3", "--output_dir", out])
+    run(OPT + ["--max_steps", "8", "--eval_steps", "4", "--mode", mode, "--learning_rate", "1e-3", "--output_dir", out]
+        + method)
     run(["--replay", out, "--output_dir", again])
     name = os.path.join("model", "model.safetensors") if mode == "ft" else "model.adapter.safetensors"
     a, b = tensors(os.path.join(out, name)), tensors(os.path.join(again, name))
@@ -211,6 +214,9 @@ def cli(*argv, cwd=None):
     (["--mode", "adapter"], "invalid choice"),
     (["--zo_eps", "0"], "zo_eps must be > 0"),
     (["--model", "/no/such/model"], "missing model directory"),
+    (["--sparse_mezo", "0.5", "--fsdp"], "unsupported combination: sparse_mezo=0.5 does not support FSDP local views"),
+    (["--estimator", "fzoo", "--perturbation", "reference"], "estimator=fzoo with fzoo_n=8 does not support "
+     "perturbation=reference"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2_with_nothing_written(tmp_path, argv, what):
     out = tmp_path / "out"
@@ -250,14 +256,19 @@ def test_presets_dry_run_and_list(capsys):
     ["--gradient_accumulation_steps", "2"],
     ["--perturbation", "reference"],
     ["--distribution", "rademacher", "--lr_scheduler_type", "linear", "--weight_decay", "0.1"],
+    ["--estimator", "fzoo", "--fzoo_n", "3"],
+    ["--sparse_mezo", "0.5"],
 ])
 def test_variants_of_the_step_run_end_to_end(tmp_path, flags):
     out = str(tmp_path / "run")
     run(OPT + ["--max_steps", "14", "--eval_steps", "7", "--learning_rate", "1e-3", "--output_dir", out] + flags)
     records = [json.loads(line) for line in trajectory(out).splitlines()]
-    n = 2 if "--n_spsa" in flags else 1
+    n = 2 if "--n_spsa" in flags else 3 if "--fzoo_n" in flags else 1
     assert [r["step"] for r in records] == [s for s in range(14) for _ in range(n)]
     assert len({r["seed"] for r in records}) == len(records)  # a fresh z for every estimate
+    forwards = [json.loads(line)["forward_passes"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    per_step = n + 1 if "--fzoo_n" in flags else 2 * n  # FZOO: N + 1; SPSA: 2 per z
+    assert forwards[-1] == 14 * per_step and forwards == sorted(forwards)
 
 
 def test_a_malformed_data_row_is_one_error_line_naming_file_and_line(tmp_path):
@@ -365,14 +376,14 @@ def test_non_differentiable_roberta_run_trains_on_minus_accuracy(tmp_path):
 def test_weight_decay_exemptions_per_family_and_the_flag(family, flag, expected):
     argv = (OPT if family == "opt" else ROBERTA) + ["--weight_decay", "0.1"] + flag
     run_ = make_run(argv)
-    assert run_.mezo_config().wd_exempt == expected
+    assert flags.mezo_config(run_.args).wd_exempt == expected
     run_.args.trainer = "fo"
     assert run_.trainer().cfg.wd_exempt == expected
 
 
 @pytest.mark.parametrize("flag, check", [
-    (["--perturbation", "reference"], lambda r: r.mezo_config().perturbation == "reference"),
-    (["--seed_source", "numpy_global"], lambda r: r.mezo_config().seed_source == "numpy_global"),
+    (["--perturbation", "reference"], lambda r: flags.mezo_config(r.args).perturbation == "reference"),
+    (["--seed_source", "numpy_global"], lambda r: flags.mezo_config(r.args).seed_source == "numpy_global"),
     (["--no_bos_override"], lambda r: r.encoded["train"][0].input_ids[0][0] == 2),  # OPT's own </s>
     ([], lambda r: r.encoded["train"][0].input_ids[0][0] == 0),  # the original's <s>
     (["--dtype", "fp16"], lambda r: next(r.model.parameters()).dtype == torch.float16),

@@ -83,7 +83,7 @@ def test_momentum_and_adam_reduce_loss(optimizer, lr):
     mezo = MeZO(model, MeZOConfig(optimizer=optimizer, lr=lr, eps=1e-3, weight_decay=1e-4, seed=0))
     for _ in range(200):
         mezo.step(model, loss_fn)
-    assert mezo.optimizer.state  # the torch optimizer really ran
+    assert mezo.update_rule.optimizer.state  # the torch optimizer really ran
     assert all(p.grad is None for p in model.parameters())  # the dense g*z is freed after the update
     assert loss_fn(model).item() < start / 5
 
@@ -351,5 +351,5 @@ def test_one_weight_decay_rule_for_mezo_and_fo():
         fo = FO(model, FOConfig(weight_decay=0.1, lr_scheduler="constant", **kw))
         assert {s.name for s in mezo.slots if s.decay} == decayed
         names = {id(p): n for n, p in model.named_parameters()}
-        for opt in (mezo.optimizer, fo.optimizer):
+        for opt in (mezo.update_rule.optimizer, fo.optimizer):
             assert {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]} == decayed

@@ -31,10 +31,10 @@ class OpTrace(TorchDispatchMode):
 def captured_region(mezo, model, loss_fn) -> list:
     """The ops of one graphed step's device part (what CudaGraphStep captures), eager kernels so
     that every op is visible."""
-    graphs.begin_step(mezo)
+    seeds = mezo.begin_step(model)
     with OpTrace() as trace:
-        _, g = graphs.step_on_device(mezo, model, loss_fn)
-    graphs.end_step(mezo, mezo.zo_random_seed, mezo.lr.value, g)
+        _, g = graphs.step_on_device(mezo, model, loss_fn, seeds)
+    mezo.finish_step([(seeds[0], g)])
     return trace.ops
 
 
@@ -85,7 +85,7 @@ def test_hooks_keep_their_buffers_only_when_asked(keep_pool):
 
 
 def test_graph_step_functions_are_mezo_step(tmp_path):
-    """begin_step + step_on_device + end_step (what CudaGraphStep runs around a replay) == MeZO.step,
+    """MeZO.begin_step + step_on_device + MeZO.finish_step (what CudaGraphStep runs around a replay) == MeZO.step,
     bitwise, trajectory included."""
     batches = [lm_batch(seed=s) for s in range(4)]
     cfg = MeZOConfig(lr=1e-2, eps=1e-2, weight_decay=0.1, lr_scheduler="linear", max_steps=6)
@@ -99,9 +99,9 @@ def test_graph_step_functions_are_mezo_step(tmp_path):
             if how == "step":
                 losses.append(mezo.step(model, lm_loss(ids)))
             else:
-                seed, lr = graphs.begin_step(mezo)
-                loss, g = graphs.step_on_device(mezo, model, lm_loss(ids))
-                graphs.end_step(mezo, seed, lr, g)
+                seeds = mezo.begin_step(model)
+                loss, g = graphs.step_on_device(mezo, model, lm_loss(ids), seeds)
+                mezo.finish_step([(seeds[0], g)])
                 losses.append(loss)
         trajectory.flush()
         runs[how] = (params(model), torch.stack(losses), trajectory.path.read_text(), mezo.global_step)
@@ -111,10 +111,12 @@ def test_graph_step_functions_are_mezo_step(tmp_path):
 
 
 @pytest.mark.parametrize("cfg,why", [
-    (dict(perturbation="reference"), "perturbation=reference"),
-    (dict(optimizer="adam"), "optimizer=adam"),
-    (dict(n_spsa=2), "n_spsa=2"),
-    (dict(zo_variant="param_norm"), "zo_variant=param_norm"),
+    (dict(perturbation="reference"), "unsupported combination: perturbation=reference does not support CUDA graphs"),
+    (dict(optimizer="adam"), "unsupported combination: optimizer=adam does not support CUDA graphs"),
+    (dict(n_spsa=2), "unsupported combination: estimator=spsa with n_spsa=2 does not support CUDA graphs"),
+    (dict(estimator="fzoo"), "unsupported combination: estimator=fzoo with fzoo_n=8 does not support CUDA graphs"),
+    (dict(sparse_mezo=0.5), "unsupported combination: sparse_mezo=0.5 does not support CUDA graphs"),
+    (dict(zo_variant="param_norm"), "unsupported combination: zo_variant=param_norm does not support CUDA graphs"),
     (dict(), "no CUDA device" if not torch.cuda.is_available() else None),
 ])
 def test_cuda_graph_step_refuses_what_it_cannot_capture(cfg, why):
@@ -125,7 +127,7 @@ def test_cuda_graph_step_refuses_what_it_cannot_capture(cfg, why):
     with pytest.raises(ValueError, match=f"cannot be captured as a CUDA graph: {why}"):
         graphs.CudaGraphStep(mezo, model, lambda m, batch: loss_fn(m))
     replicated = MeZO(model, MeZOConfig(), reduce_losses=lambda t: t)
-    with pytest.raises(ValueError, match="data-parallel or FSDP"):
+    with pytest.raises(ValueError, match="CUDA graphs run in a single process"):
         graphs.CudaGraphStep(replicated, model, lambda m, batch: loss_fn(m))
 
 

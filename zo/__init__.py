@@ -3,11 +3,18 @@
 zo/ sees nn.Modules, named parameters and loss closures; it knows nothing of OPT or RoBERTa.
 
     rng.py         z(seed, key(name), global index): counter-based hash + Box-Muller / Rademacher
-    kernels.py     fused compiled kernels: p += s*z, p -= lr*(g*z + wd*p)
+    kernels.py     fused compiled kernels: p += s*z, p -= lr*(g*z + wd*p), optionally z masked by |p| <= h
     perturb.py     parameter slots (tied = one slot, owners, LocalView), the exact-restore hooks and
                    ExactRestore, the default perturbation; StepScalar (per-step values on the device)
     reference.py   InPlace: the original's torch.manual_seed + torch.normal operations ("reference")
-    mezo.py        MeZOConfig, MeZO: zo_step / zo_perturb_parameters / zo_forward / zo_update
+    mezo.py        MeZOConfig, MeZO: zo_step / zo_perturb_parameters / zo_forward / zo_update, and the
+                   step's host parts begin_step / finish_step
+    methods.py     the registry of estimators, update rules, directions; check_supported (the one list)
+    spsa.py        estimator: MeZO's two-sided SPSA and n-SPSA (the default)
+    fzoo.py        estimator: FZOO, N one-sided Rademacher perturbations + one clean forward
+    directions.py  direction: dense normal / Rademacher z
+    sparse.py      direction: Sparse-MeZO's per-parameter magnitude mask, inside the fused kernels
+    updates.py     update rules: fused ZO-SGD, torch optimizers (each owns its state_dict)
     graphs.py      CudaGraphStep: the step captured as CUDA graphs, replayed per batch shape
     variants.py    control variates of the variance-modified variants (medium_models)
     optim.py       lr and n-SPSA schedules, the weight-decay rule (MeZO and FO), torch optimizers
@@ -56,6 +63,7 @@ perturbation="eager" (the uncompiled debugging path).
 """
 from .fo import FO, FOConfig
 from .kernels import get_kernels
+from .methods import check_supported
 from .mezo import MeZO, MeZOConfig
 from .optim import learning_rate, num_samples
 from .perturb import LocalView, ParamSlot, collect_slots, whole
@@ -64,6 +72,6 @@ from .trajectory import Trajectory, read_trajectory, replay
 from .graphs import CudaGraphStep
 
 __all__ = [
-    "CudaGraphStep", "FO", "FOConfig", "LocalView", "MeZO", "MeZOConfig", "ParamSlot", "Trajectory", "collect_slots",
+    "CudaGraphStep", "FO", "check_supported", "FOConfig", "LocalView", "MeZO", "MeZOConfig", "ParamSlot", "Trajectory", "collect_slots",
     "get_kernels", "learning_rate", "name_key", "num_samples", "read_trajectory", "replay", "whole",
 ]

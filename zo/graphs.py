@@ -21,15 +21,17 @@ pads to a multiple of 8 tokens, so a run meets only a handful of shapes; all gra
 memory pool. The trajectory log, the step counter and resume are those of the MeZO object: a
 replay is the eager step, bitwise (tests/test_cuda.py).
 
-Supported: ZO-SGD with exact restore (fused or eager kernels) and weight decay, one z and one batch
-per step (no n-SPSA, no gradient accumulation), in a single process. Anything else raises ValueError
-at construction; a loss that syncs with the host (a non-differentiable objective) at its first capture.
+Supported: what zo.methods.check_supported allows with cuda_graphs=True (today ZO-SGD with exact
+restore, dense z, one z per step), one batch per step (no gradient accumulation), in a single process.
+Anything else raises ValueError at construction; a loss that syncs with the host (a
+non-differentiable objective) at its first capture.
 """
 from typing import Callable
 
 import torch
 from torch import nn
 
+from . import methods
 from .mezo import MeZO
 from .perturb import whole
 
@@ -37,19 +39,12 @@ LossOfBatch = Callable[[nn.Module, dict], torch.Tensor]
 
 
 def unsupported(mezo: MeZO, model: nn.Module) -> str | None:
-    """Why this MeZO run cannot be captured, or None."""
-    cfg = mezo.cfg
-    if cfg.perturbation == "reference":
-        return "perturbation=reference draws torch.normal after torch.manual_seed on the host"
-    if cfg.optimizer != "sgd":
-        return f"optimizer={cfg.optimizer} steps a torch optimizer from host code"
-    if cfg.n_spsa != 1:
-        return f"n_spsa={cfg.n_spsa} (one z per step only)"
-    if cfg.zo_variant is not None:
-        return f"zo_variant={cfg.zo_variant} (its control variates come from a backward pass)"
-    if mezo.reduce_losses is not None or mezo.local_view is not whole or \
-            any(hasattr(p, "device_mesh") for p in model.parameters()):
-        return "data-parallel or FSDP training (single process only)"
+    """Why this MeZO run cannot be captured, or None (the parts' limits: zo.methods.check_supported)."""
+    sharded = mezo.local_view is not whole or any(hasattr(p, "device_mesh") for p in model.parameters())
+    try:
+        methods.check_supported(mezo.cfg, cuda_graphs=True, fsdp=sharded, data_parallel=mezo.reduce_losses is not None)
+    except ValueError as e:
+        return str(e)
     if mezo.device.type != "cuda" or not torch.cuda.is_available():
         return f"no CUDA device (the model is on {mezo.device})"
     return None
@@ -63,29 +58,13 @@ def batch_key(batch: dict[str, torch.Tensor]) -> tuple:
     return tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in batch.items()))
 
 
-def begin_step(mezo: MeZO) -> tuple[int, float]:
-    """Host part before the device work: draw the seed, schedule the lr, write both to the device."""
-    mezo.zo_random_seed = mezo.seeds.next()
-    lr = mezo.learning_rate()
-    mezo.lr.set(lr)
-    return mezo.zo_random_seed, lr
-
-
-def step_on_device(mezo: MeZO, model: nn.Module, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a graph captures: MeZO.zo_step's estimate and zo_update's update, with the seed and lr
-    already written (so nothing here writes a per-step value)."""
-    loss1, projected_grad = mezo.zo_estimate(model, loss_fn)
-    mezo.apply_update([(mezo.zo_random_seed, projected_grad)], mezo.lr.value)
-    return loss1, projected_grad
-
-
-def end_step(mezo: MeZO, seed: int, lr: float, projected_grad: torch.Tensor) -> None:
-    """Host part after the device work: the state MeZO.zo_step and zo_update leave behind."""
-    mezo.projected_grad = projected_grad
-    mezo.estimates = [(seed, projected_grad)]
-    if mezo.trajectory is not None:
-        mezo.trajectory.append(mezo.global_step, seed, projected_grad, lr)
-    mezo.global_step += 1
+def step_on_device(mezo: MeZO, model: nn.Module, loss_fn, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a graph captures: the estimate and the update of MeZO.zo_step and zo_update, between
+    MeZO.begin_step (seed and lr already written, so nothing here writes a per-step value) and
+    MeZO.finish_step."""
+    loss, estimates = mezo.estimator.estimate(mezo, model, loss_fn, seeds)
+    mezo.apply_update(estimates, mezo.step_lr)
+    return loss, estimates[0][1]
 
 
 class CudaGraphStep:
@@ -101,7 +80,7 @@ class CudaGraphStep:
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One MeZO step (zo_step + zo_update) on `batch`; returns loss1, a 0-d device tensor."""
         key = batch_key(batch)
-        seed, lr = begin_step(self.mezo)
+        seeds = self.mezo.begin_step(self.model)
         if key in self.graphs:
             graph, inputs, outputs = self.graphs[key]
             for name, t in batch.items():
@@ -109,24 +88,22 @@ class CudaGraphStep:
             graph.replay()
             loss1, projected_grad = (t.clone() for t in outputs)  # the next replay overwrites outputs
         else:
-            loss1, projected_grad = self._eager_then_capture(key, batch)
-        if self.mezo.global_step == 0:
-            self.mezo.warn_unseen_parameters()
-        end_step(self.mezo, seed, lr, projected_grad)
+            loss1, projected_grad = self._eager_then_capture(key, batch, seeds)
+        self.mezo.finish_step([(seeds[0], projected_grad)])
         return loss1
 
-    def _eager_then_capture(self, key: tuple, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager_then_capture(self, key: tuple, batch: dict, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.mezo.device
         inputs = {name: t.to(device, copy=True) for name, t in batch.items()}
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # this step's real work, eagerly (warm-up before a capture)
-            loss1, projected_grad = step_on_device(self.mezo, self.model, self._loss_fn(inputs))
+            loss1, projected_grad = step_on_device(self.mezo, self.model, self._loss_fn(inputs), seeds)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
-                outputs = step_on_device(self.mezo, self.model, self._loss_fn(inputs))
+                outputs = step_on_device(self.mezo, self.model, self._loss_fn(inputs), seeds)
         except RuntimeError as e:
             raise ValueError("the MeZO step cannot be captured as a CUDA graph: the loss or the model syncs "
                              f"with the host (e.g. a non-differentiable objective) ({e})") from e

@@ -9,6 +9,9 @@ rounded to the parameter's dtype once.
     update_(p, seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
                                                           (the update of large_models/trainer.py zo_update)
 
+Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and use
+z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no mask is stored.
+
 `p` / `out` is any contiguous tensor (a Parameter, a shard, a buffer), `src` a contiguous tensor of its
 size and dtype; every other argument is a 0-d tensor on p's device, so a new seed, scale or learning
 rate never recompiles and a step never syncs with the host.
@@ -53,21 +56,24 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _build(dist: str):
+def _build(dist: str, masked: bool):
     z_of = DISTRIBUTIONS[dist]
 
-    def perturb_(p, seed, key, offset, scale):
-        z = z_of(seed, key, offset, p.numel(), p.device)
-        p.copy_((p.to(_compute_dtype(p.dtype)) + scale * z).to(p.dtype))
+    def direction(pf, seed, key, offset, threshold):
+        z = z_of(seed, key, offset, pf.numel(), pf.device)
+        return torch.where(pf.abs() <= threshold, z, 0.0) if masked else z
 
-    def perturbed_(out, src, seed, key, offset, scale):  # one pass: read src, write out (no copy_ first)
-        z = z_of(seed, key, offset, src.numel(), src.device)
-        out.copy_((src.to(_compute_dtype(src.dtype)) + scale * z).to(src.dtype))
-
-    def update_(p, seed, key, offset, lr, grad, wd):
-        z = z_of(seed, key, offset, p.numel(), p.device)
+    def perturb_(p, seed, key, offset, scale, threshold=None):
         pf = p.to(_compute_dtype(p.dtype))
-        p.copy_((pf - lr * (grad * z + wd * pf)).to(p.dtype))
+        p.copy_((pf + scale * direction(pf, seed, key, offset, threshold)).to(p.dtype))
+
+    def perturbed_(out, src, seed, key, offset, scale, threshold=None):  # one pass: read src, write out
+        sf = src.to(_compute_dtype(src.dtype))
+        out.copy_((sf + scale * direction(sf, seed, key, offset, threshold)).to(src.dtype))
+
+    def update_(p, seed, key, offset, lr, grad, wd, threshold=None):
+        pf = p.to(_compute_dtype(p.dtype))
+        p.copy_((pf - lr * (grad * direction(pf, seed, key, offset, threshold) + wd * pf)).to(p.dtype))
 
     return perturb_, perturbed_, update_
 
@@ -107,8 +113,9 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
 
 
 @functools.cache
-def get_kernels(dist: str = "normal", compiled: bool = True) -> Kernels:
-    """The kernels for z ~ `dist` ("normal" or "rademacher"); built once per process."""
+def get_kernels(dist: str = "normal", compiled: bool = True, masked: bool = False) -> Kernels:
+    """The kernels for z ~ `dist` ("normal" or "rademacher"), masked by |theta| <= threshold or not;
+    built once per process."""
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"unknown perturbation distribution (distribution={dist!r})")
-    return Kernels(*(_wrap(fn, compiled) for fn in _build(dist)))
+    return Kernels(*(_wrap(fn, compiled) for fn in _build(dist, masked)))

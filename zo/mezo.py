@@ -4,8 +4,15 @@
                projected_grad = (loss1 - loss2) / (2 eps)
     zo_update: theta <- theta - lr * (projected_grad * z + wd * theta)   (z regenerated from the seed)
 
-Same names, same order. How the perturbation is applied is one of two objects with one interface
-(`perturb`, `reset`, `projected_grad`, `skip_non_finite`, `update`, `accumulate_grad`):
+Same names, same order. A step is made of parts registered in zo/methods.py, each declaring what it
+supports (one check, `methods.check_supported`, called here and by the command line):
+- the estimator turns forwards into (seed, projected_grad) estimates: two-sided SPSA (MeZO, n-SPSA;
+  zo/spsa.py, the default) or FZOO (N one-sided perturbations + one clean forward; zo/fzoo.py);
+- the direction says what z is: normal or Rademacher (zo/directions.py), optionally with Sparse-MeZO's
+  magnitude mask (zo/sparse.py), all drawn inside the fused kernels;
+- the update rule turns estimates into a parameter change: fused ZO-SGD or a torch optimizer (zo/updates.py);
+- the perturbation, one of two objects with one interface (`perturb`, `reset`, `projected_grad`,
+  `skip_non_finite`, `update`, `accumulate_grad`, `unseen`):
 - `zo.perturb.ExactRestore` (`perturbation="fused"`, the default; `"eager"` runs it uncompiled, for
   debugging): the perturbation is virtual. `perturb` moves a shift (0 -> +1 -> -1 -> 0) and forward
   hooks show each module theta + shift*eps*z; the only write is the update, one fused pass per
@@ -30,16 +37,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import variants
-from .kernels import get_kernels
-from .optim import SAMPLE_SCHEDULES, WD_EXEMPT, build_optimizer, check_schedule, learning_rate, num_samples, set_lr
+from . import methods, variants
+from .optim import SAMPLE_SCHEDULES, WD_EXEMPT, check_schedule, learning_rate
 from .perturb import ExactRestore, LocalView, StepScalar, collect_slots, whole
 from .reference import InPlace
 
 
 @dataclass
 class MeZOConfig:
-    lr: float = 1e-6
+    lr: float = 1e-5  # train.py --learning_rate (large_models/mezo.sh LR)
     eps: float = 1e-3  # zo_eps
     weight_decay: float = 0.0
     wd_exempt: tuple[str, ...] = WD_EXEMPT  # names exempt from weight decay (zo.optim.decays); () decays all
@@ -47,11 +53,14 @@ class MeZOConfig:
     warmup_steps: int = 0
     max_steps: int = 0  # needed by the linear schedules
     perturbation: str = "fused"  # "fused" | "eager" | "reference"
-    distribution: str = "normal"  # "normal" | "rademacher" (fused / eager only)
+    distribution: str | None = None  # "normal" | "rademacher"; None: the estimator's (normal; FZOO rademacher)
     seed: int = 42
     seed_source: str = "generator"  # "generator": np.random.default_rng(seed).integers(1e9);
     #                                 "numpy_global": np.random.seed(seed), np.random.randint(1e9) (original)
+    estimator: str = "spsa"  # "spsa": MeZO's two-sided SPSA (n-SPSA with n_spsa > 1); "fzoo": FZOO
     n_spsa: int = 1  # z samples per step
+    fzoo_n: int = 8  # FZOO: one-sided perturbations per step (the authors' fzoo.sh N)
+    sparse_mezo: float = 0.0  # Sparse-MeZO: fraction of each parameter left unperturbed (0: dense z)
     n_spsa_schedule: str = "constant"  # "constant" | "linear": max(1, int(step / max_steps * n_spsa))
     optimizer: str = "sgd"  # "sgd": fused ZO-SGD (MeZO); "momentum": torch SGD; "adam": torch AdamW
     momentum: float = 0.9
@@ -66,7 +75,10 @@ class MeZOConfig:
     def __post_init__(self):
         choices = {"perturbation": ("fused", "eager", "reference"), "distribution": ("normal", "rademacher"),
                    "seed_source": ("generator", "numpy_global"), "n_spsa_schedule": SAMPLE_SCHEDULES,
-                   "optimizer": ("sgd", "momentum", "adam"), "zo_variant": (None, "param_norm", "grad_norm")}
+                   "optimizer": ("sgd", "momentum", "adam"), "zo_variant": (None, "param_norm", "grad_norm"),
+                   "estimator": tuple(methods.ESTIMATORS)}
+        if self.distribution is None:
+            self.distribution = "rademacher" if self.estimator == "fzoo" else "normal"
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} ({name}={getattr(self, name)!r}; expected one of {allowed})")
@@ -75,8 +87,10 @@ class MeZOConfig:
             raise ValueError(f"n_spsa_schedule=linear needs max_steps > 0 (max_steps={self.max_steps})")
         if self.eps <= 0 or self.n_spsa < 1:
             raise ValueError(f"eps must be > 0 and n_spsa >= 1 (eps={self.eps}, n_spsa={self.n_spsa})")
-        if self.perturbation == "reference" and self.distribution != "normal":
-            raise ValueError("perturbation=reference draws torch.normal (distribution=rademacher)")
+        if self.fzoo_n < 2:  # the std of one loss is 0
+            raise ValueError(f"fzoo_n must be >= 2 (fzoo_n={self.fzoo_n})")
+        if not 0 <= self.sparse_mezo < 1:
+            raise ValueError(f"sparse_mezo must be in [0, 1) (sparse_mezo={self.sparse_mezo})")
         if self.clip_grad_norm is not None and self.optimizer == "sgd":
             raise ValueError("clip_grad_norm needs a materialised gradient (optimizer=momentum or adam)")
 
@@ -110,39 +124,45 @@ class SeedStream:
 
 
 class MeZO:
-    """MeZO trainer state. `model` fixes the trainable set (parameters with requires_grad now).
+    """MeZO trainer state. `model` fixes the trainable set (parameters with requires_grad now); a
+    later change (e.g. LoRA applied after MeZO was built) raises at the next step.
 
     local_view: maps a stored parameter (or its grad) to (local tensor, global flat offset); a
         sharded wrapper passes DTensor local shards here (default: the whole tensor at offset 0).
-    reduce_losses: applied once per z to the stacked [loss1, loss2] of this rank's pre-weighted loss
-        terms (e.g. an all-reduce SUM across data-parallel ranks, zo/distributed.py); must return a
-        tensor of the same shape.
+    reduce_losses: applied once per estimate to the stacked losses of this rank's pre-weighted loss terms
+        (two per z for SPSA, N + 1 for FZOO), e.g. an all-reduce SUM across data-parallel ranks
+        (zo/distributed.py); must return a tensor of the same shape.
     trajectory: a zo.trajectory.Trajectory; each update appends (step, seed, projected_grad, lr).
     """
 
     def __init__(self, model: nn.Module, config: MeZOConfig | None = None, *, local_view: LocalView = whole,
                  reduce_losses=None, trajectory=None):
         self.cfg = cfg = config or MeZOConfig()
+        methods.check_supported(cfg, fsdp=local_view is not whole, data_parallel=reduce_losses is not None)
         self.slots = collect_slots(model, cfg.wd_exempt)
+        self.trainable_ids = [id(s.param) for s in self.slots]
         self.device = self.slots[0].param.device
+        compiled = cfg.perturbation != "eager"
+        direction_cls = methods.direction_class(cfg)
+        self.direction = (direction_cls(self.slots, cfg.distribution, compiled, cfg.sparse_mezo) if cfg.sparse_mezo
+                          else direction_cls(self.slots, cfg.distribution, compiled))
         if cfg.perturbation == "reference":
             self.perturbation = InPlace(self.slots)
         else:
-            self.perturbation = ExactRestore(self.slots, get_kernels(cfg.distribution, cfg.perturbation == "fused"),
-                                             local_view)
+            self.perturbation = ExactRestore(self.slots, self.direction, local_view)
+        self.estimator = methods.ESTIMATORS[cfg.estimator](cfg)
+        self.update_rule = methods.UPDATE_RULES[cfg.optimizer](self.slots, cfg)
         self.local_view, self.reduce_losses, self.trajectory = local_view, reduce_losses, trajectory
-        self.optimizer = None
-        if cfg.optimizer != "sgd":
-            self.optimizer = build_optimizer("sgd" if cfg.optimizer == "momentum" else "adam",
-                                             [(s.name, s.param) for s in self.slots], cfg.lr, cfg.weight_decay,
-                                             cfg.wd_exempt, cfg.momentum, cfg.adam_betas, cfg.adam_eps)
         self.seeds = SeedStream(cfg.seed, cfg.seed_source)
         self.seed = StepScalar(torch.int64, self.device)  # zo_random_seed, also as a device tensor
         self.lr = StepScalar(torch.float32, self.device)
         self.global_step = 0
+        self.forward_passes = 0  # cumulative forwards over a batch (the x-axis when comparing estimators)
         self.cs: dict[str, torch.Tensor] | None = None  # control variates (zo_variant)
         self.projected_grad: torch.Tensor | None = None
         self.estimates: list[tuple[int, torch.Tensor]] = []  # (seed, projected_grad) of this step
+        self.step_lr: float | None = None
+        self.unseen_checked = False  # once per MeZO object: at the first step, and after a resume
 
     @property
     def zo_random_seed(self) -> int | None:
@@ -174,22 +194,19 @@ class MeZO:
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def zo_step(self, model: nn.Module, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-        """Estimate the gradient; returns (loss at theta + eps z, projected_grad) as 0-d device tensors
-        (of the last z when n_spsa > 1; all estimates are in self.estimates)."""
+        """Estimate the gradient; returns (the estimator's loss, projected_grad) as 0-d device tensors:
+        MeZO's L(theta + eps z) (of the last z when n_spsa > 1), FZOO's L(theta). All estimates of the
+        step are in self.estimates."""
         if self.cfg.zo_variant is not None and self.cs is None:
             self.initialize_c(model, loss_fn)
-        num_zs = num_samples(self.global_step, self.cfg.n_spsa, self.cfg.n_spsa_schedule, self.cfg.max_steps)
-        self.estimates = []
-        for _ in range(num_zs):
-            self.zo_random_seed = self.seeds.next()  # np.random.randint(1000000000)
-            loss1, self.projected_grad = self.zo_estimate(model, loss_fn, num_zs)
-            self.estimates.append((self.zo_random_seed, self.projected_grad))
-        if self.global_step == 0 and isinstance(self.perturbation, ExactRestore):
-            self.warn_unseen_parameters()
-        return loss1, self.projected_grad
+        seeds = self.begin_step(model)  # np.random.randint(1000000000) per z
+        loss, self.estimates = self.estimator.estimate(self, model, loss_fn, seeds)
+        self.projected_grad = self.estimates[-1][1]
+        self.check_unseen_once()
+        return loss, self.projected_grad
 
-    def zo_estimate(self, model: nn.Module, loss_fn, num_zs: int = 1, slots=None):
-        """The original's zo_step after drawing the seed: device work only (zo/graphs.py captures it)."""
+    def zo_estimate(self, model: nn.Module, loss_fn, slots=None):
+        """The original's zo_step after drawing the seed (two-sided SPSA, zo/spsa.py): device work only."""
         try:
             self.zo_perturb_parameters(scaling_factor=1, slots=slots)
             loss1 = self.zo_forward(model, loss_fn)
@@ -200,18 +217,13 @@ class MeZO:
             self.perturbation.reset()  # exact restore: hooks off, even when a forward raised
         if self.reduce_losses is not None:
             loss1, loss2 = self.reduce_losses(torch.stack([loss1, loss2])).unbind()
-        projected_grad = self.perturbation.projected_grad(loss1, loss2, self.cfg.eps)
-        return loss1, projected_grad if num_zs == 1 else projected_grad / float(num_zs)
+        return loss1, self.perturbation.projected_grad(loss1, loss2, self.cfg.eps)
 
     def zo_update(self, model: nn.Module | None = None) -> None:
-        """theta <- theta - lr * (projected_grad * z + wd * theta) for each z of the step (`apply_update`),
-        with the scheduled lr; log it and advance the schedule (lr_scheduler.step())."""
-        lr = self.learning_rate()
-        self.apply_update(self.estimates, lr)
-        if self.trajectory is not None:
-            for seed, g in self.estimates:
-                self.trajectory.append(self.global_step, seed, g, lr)
-        self.global_step += 1
+        """theta <- theta - lr * (projected_grad * z + wd * theta) for each z of the step (the update
+        rule), with the scheduled lr; log it and advance the schedule (lr_scheduler.step())."""
+        self.apply_update(self.estimates, self.step_lr)
+        self.finish_step(self.estimates)
 
     def step(self, model: nn.Module, loss_fn) -> torch.Tensor:
         """zo_step + zo_update; the interface shared with zo.fo.FO. Returns the loss tensor."""
@@ -223,28 +235,52 @@ class MeZO:
         c = self.cfg
         return learning_rate(self.global_step, c.lr, c.lr_scheduler, c.max_steps, c.warmup_steps)
 
+    # ------------------------------------------------------------------ a step's host parts (zo/graphs.py too)
+    def begin_step(self, model: nn.Module) -> list[int]:
+        """Before the device work: check the trainable set, draw the step's seeds, write the scheduled
+        lr to the device, and let the direction read this step's weights. -> the seeds."""
+        self.check_trainable(model)
+        seeds = [self.seeds.next() for _ in range(self.estimator.num_zs(self.global_step))]
+        self.zo_random_seed = seeds[0]
+        self.step_lr = self.learning_rate()
+        self.lr.set(self.step_lr)
+        self.direction.prepare()
+        return seeds
+
+    def finish_step(self, estimates: list[tuple[int, torch.Tensor]]) -> None:
+        """After the update: the step's record (trajectory, forward count), then the step counter."""
+        self.estimates, self.projected_grad = estimates, estimates[-1][1]
+        self.check_unseen_once()
+        if self.trajectory is not None:
+            for seed, g in estimates:
+                self.trajectory.append(self.global_step, seed, g, self.step_lr)
+        self.forward_passes += self.estimator.forwards(len(estimates))
+        self.global_step += 1
+
+    def check_unseen_once(self) -> None:
+        """At the first step of this object: a fresh run's step 0, or the first step after a resume."""
+        if not self.unseen_checked:
+            self.warn_unseen_parameters()
+            self.unseen_checked = True
+
+    def check_trainable(self, model: nn.Module) -> None:
+        now = [id(p) for p in model.parameters() if p.requires_grad]
+        if now != self.trainable_ids:
+            raise ValueError(f"the trainable parameters changed since MeZO was built ({len(self.trainable_ids)} "
+                             f"then, {len(now)} now): build MeZO after freezing or adding adapters (LoRA, prefix)")
+
     # ------------------------------------------------------------------ updates (also used by replay)
     def apply_update(self, estimates: list[tuple[int, torch.Tensor]], lr: float) -> None:
-        """ZO-SGD: theta <- theta - lr * (sum_k g_k z_k + wd * theta), decay once per step; momentum /
-        Adam: p.grad = sum_k g_k z_k, then the torch optimizer's step. A non-finite estimate skips the
-        update in the default mode, without a host sync (perturbation.skip_non_finite)."""
+        """The update rule (zo/updates.py): ZO-SGD theta <- theta - lr * (sum_k g_k z_k + wd * theta),
+        or p.grad = sum_k g_k z_k and a torch optimizer's step. A non-finite estimate skips the update
+        in the default mode, without a host sync (perturbation.skip_non_finite)."""
         self.lr.set(lr)
         gs = self.perturbation.skip_non_finite([g for _, g in estimates])
-        for k, ((seed, _), g) in enumerate(zip(estimates, gs)):
-            self.zo_random_seed = seed
-            grads = {s: self._grad_scale(s, g) for s in self.slots}
-            if self.optimizer is None:  # theta <- theta - lr * (g * z + wd * theta)
-                self.perturbation.update(self.seed, self.lr, grads, self.cfg.weight_decay if k == 0 else 0.0)
-            else:
-                self.perturbation.accumulate_grad(self.seed, grads)
-        if self.optimizer is not None:
-            params = [s.param for s in self.slots]
-            if self.cfg.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
-            set_lr(self.optimizer, lr)
-            self.optimizer.step()
-            for p in params:
-                p.grad = None  # the dense g*z lives only inside the update
+        self.update_rule.apply(self, [(seed, g) for (seed, _), g in zip(estimates, gs)], lr)
+
+    def grad_scales(self, g: torch.Tensor) -> dict:
+        """projected_grad per slot: g, or g * c of its group with a variance-modified variant."""
+        return {s: self._grad_scale(s, g) for s in self.slots}
 
     # ------------------------------------------------------------------ variants (medium_models)
     def initialize_c(self, model: nn.Module, loss_fn) -> None:
@@ -260,20 +296,21 @@ class MeZO:
             for group, group_slots in groups.items():
                 self.zo_random_seed = self.seeds.next()
                 cs[group] = self.zo_estimate(model, loss_fn, slots=group_slots)[1].abs()
+                self.forward_passes += 2
         self.cs = variants.nonzero(cs)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         """Tensors, numbers, strings, lists and dicts only (checkpoints are JSON + tensors)."""
         return {"global_step": self.global_step, "seeds": self.seeds.state(), "cs": self.cs,
-                "optimizer": None if self.optimizer is None else self.optimizer.state_dict()}
+                "optimizer": self.update_rule.state_dict(), "forward_passes": self.forward_passes}
 
     def load_state_dict(self, state: dict) -> None:
         self.global_step = state["global_step"]
         self.seeds.set_state(state["seeds"])
         self.cs = None if state["cs"] is None else {g: c.to(self.device) for g, c in state["cs"].items()}
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+        self.update_rule.load_state_dict(state["optimizer"])
+        self.forward_passes = state.get("forward_passes", 0)  # checkpoints written before the counter: 0
 
     # ------------------------------------------------------------------ helpers
     def _grad_scale(self, slot, g):
@@ -285,7 +322,7 @@ class MeZO:
         """A trainable parameter no owning module's forward touched is either unused or read outside
         its module's forward (e.g. nn.MultiheadAttention reading out_proj.weight): the hooks cannot
         show it perturbed, so its update would be pure noise."""
-        unseen = [s.name for s in self.slots if s not in self.perturbation.hooks.seen]
+        unseen = [s.name for s in self.perturbation.unseen()]
         if unseen:
             warnings.warn(f"trainable parameters never perturbed in a forward: unused, or read outside "
                           f"the forward of the module that owns them ({', '.join(unseen[:5])}"

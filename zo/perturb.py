@@ -28,7 +28,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .kernels import Kernels
 from .optim import decays
 from .rng import MAX_NUMEL, name_key
 
@@ -133,8 +132,8 @@ class PerturbHooks:
     writing those addresses at every replay, so they live as long as the graph.
     """
 
-    def __init__(self, slots: list[ParamSlot], kernels: Kernels, keep_pool: bool = False):
-        self.kernels, self.keep_pool = kernels, keep_pool
+    def __init__(self, slots: list[ParamSlot], direction, keep_pool: bool = False):
+        self.direction, self.keep_pool = direction, keep_pool
         self.owned: dict[nn.Module, list[tuple[str, ParamSlot]]] = {}
         for slot in slots:
             for module, attr in slot.owners:
@@ -175,8 +174,8 @@ class PerturbHooks:
             buf = self.shared.get(slot)
             if buf is None:
                 buf = self._buffer(current)
-                self.kernels.perturbed_(buf, src=current.detach(), seed=self.seed, key=slot.key_t, offset=self.zero,
-                                        scale=scale)
+                self.direction.kernels.perturbed_(buf, src=current.detach(), seed=self.seed, key=slot.key_t,
+                                                  offset=self.zero, scale=scale, **self.direction.args(slot))
                 if len(slot.owners) > 1:
                     self.shared[slot] = buf
             saved.append((attr, current, None if slot in self.shared else buf))
@@ -209,12 +208,15 @@ class ExactRestore:
     `perturb` moves a shift (0 -> +1 -> -1 -> 0 in a step) and, while it is not 0, the hooks show
     every owning module theta + shift * eps * z in its forward. The stored weights are written only
     by `update`, so a step with lr = 0 leaves them bitwise unchanged in any dtype. z comes from the
-    persistent seed tensor (StepScalar), so a captured CUDA graph replays each step's own z.
+    persistent seed tensor (StepScalar), so a captured CUDA graph replays each step's own z. What z
+    is (normal, Rademacher, a Sparse-MeZO mask) is the direction's (zo/directions.py).
     """
 
-    def __init__(self, slots: list[ParamSlot], kernels: Kernels, local_view: LocalView):
-        self.slots, self.kernels, self.local_view = slots, kernels, local_view
-        self.hooks = PerturbHooks(slots, kernels)
+    SUPPORTS = frozenset({"cuda_graphs", "fsdp", "data_parallel", "replay", "dense_grad"})
+
+    def __init__(self, slots: list[ParamSlot], direction, local_view: LocalView):
+        self.slots, self.direction, self.local_view = slots, direction, local_view
+        self.hooks = PerturbHooks(slots, direction)
         self.shift = 0
         device = slots[0].param.device
         self.finite = torch.ones((), dtype=torch.bool, device=device)  # all estimates of this step finite
@@ -235,6 +237,10 @@ class ExactRestore:
         self.shift = 0
         self.hooks.deactivate()
 
+    def unseen(self) -> list[ParamSlot]:
+        """Slots that no forward has shown perturbed so far (MeZO.warn_unseen_parameters)."""
+        return [s for s in self.slots if s not in self.hooks.seen]
+
     def projected_grad(self, loss1: torch.Tensor, loss2: torch.Tensor, eps: float) -> torch.Tensor:
         return (loss1.float() - loss2.float()) / (2 * eps)
 
@@ -250,18 +256,20 @@ class ExactRestore:
         for s in self.slots:
             local, offset = self.local_view(s.param)
             if local.numel():
-                self.kernels.update_(local, seed=seed.tensor, key=s.key_t, offset=self._const(offset, torch.int64),
-                                     lr=lr, grad=grads[s], wd=self._const(wd if s.decay else 0.0))
+                self.direction.kernels.update_(local, seed=seed.tensor, key=s.key_t, lr=lr, grad=grads[s],
+                                               offset=self._const(offset, torch.int64),
+                                               wd=self._const(wd if s.decay else 0.0), **self.direction.args(s))
 
     def accumulate_grad(self, seed: StepScalar, grads: dict) -> None:
-        """p.grad += g * z, materialised for a torch optimizer."""
+        """p.grad += g * z, materialised for a torch optimizer (dense directions only: a mask is read
+        from the weights, not from the gradient; zo.methods.check_supported refuses the combination)."""
         for s in self.slots:
             if s.param.grad is None:
                 s.param.grad = torch.zeros_like(s.param)
             local, offset = self.local_view(s.param.grad)
             if local.numel():
-                self.kernels.perturb_(local, seed=seed.tensor, key=s.key_t, offset=self._const(offset, torch.int64),
-                                      scale=grads[s])
+                self.direction.kernels.perturb_(local, seed=seed.tensor, key=s.key_t, scale=grads[s],
+                                                offset=self._const(offset, torch.int64))
 
     def _scales(self, base: float, cs: dict, slots: list[ParamSlot]) -> dict[ParamSlot, torch.Tensor]:
         """shift * eps per slot, divided by its group's control variate c (variants), computed once per cs."""

@@ -23,6 +23,8 @@ def _normal_like(p: torch.Tensor) -> torch.Tensor:
 
 
 class InPlace:
+    SUPPORTS = frozenset({"reference", "data_parallel", "dense_grad"})  # host RNG, whole tensors, rounding drift
+
     def __init__(self, slots: list[ParamSlot]):
         self.slots = slots
 
@@ -37,6 +39,10 @@ class InPlace:
 
     def reset(self) -> None:
         """Nothing to undo: the weights are where the in-place moves left them (as the original)."""
+
+    def unseen(self) -> list[ParamSlot]:
+        """The weights themselves are written: every forward sees every perturbed parameter."""
+        return []
 
     def projected_grad(self, loss1: torch.Tensor, loss2: torch.Tensor, eps: float) -> torch.Tensor:
         """In the loss dtype first, then fp32: fp16 losses quantise g in the original too."""

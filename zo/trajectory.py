@@ -11,10 +11,11 @@ on the same device and kernel mode.
 The step stays sync-free: `append` keeps device tensors; `flush` (the training loop calls it every
 N steps and before a checkpoint) moves them to the host in one transfer and appends complete lines.
 
-Replay covers ZO-SGD with weight decay, n-SPSA and gradient accumulation, and also ZO-momentum and
-ZO-Adam (their torch optimizer is rebuilt and stepped deterministically from the same gradients). It
-does not cover `zo_variant` (the control variates come from data and are not logged) or
-`perturbation="reference"` (its perturb/restore rounding changes the weights outside the updates).
+Replay covers ZO-SGD with weight decay, n-SPSA, FZOO, Sparse-MeZO and gradient accumulation, and also
+ZO-momentum and ZO-Adam (their torch optimizer is rebuilt and stepped deterministically from the same
+gradients). It does not cover `zo_variant` (the control variates come from data and are not logged) or
+`perturbation="reference"` (its perturb/restore rounding changes the weights outside the updates):
+zo.methods.check_supported(replay=True) refuses them.
 """
 import json
 import os
@@ -26,8 +27,8 @@ from torch import nn
 
 from data.files import atomic_write, dumps
 
+from . import methods
 from .mezo import MeZO, MeZOConfig
-from .optim import num_samples
 from .perturb import LocalView, whole
 
 
@@ -95,14 +96,14 @@ def read_trajectory(path) -> list[dict]:
 
 def records_up_to(path, steps: int, config: MeZOConfig) -> list[dict]:
     """The records of steps 0 .. steps-1, checked before anything is replayed: every step present,
-    once, in order, with as many lines as the run's n-SPSA schedule draws z for it."""
+    once, in order, with as many lines as the run's estimator draws z for it (n-SPSA schedule, FZOO's N)."""
     records = [r for r in read_trajectory(path) if r["step"] < steps]
     logged = [(step, len(list(group))) for step, group in groupby(r["step"] for r in records)]
     for expected, (step, count) in enumerate(logged):
         if step != expected:
             what = "repeats" if any(s == step for s, _ in logged[:expected]) else "skips to"
             raise ValueError(f"trajectory {what} step {step} where step {expected} belongs ({path})")
-        want = num_samples(step, config.n_spsa, config.n_spsa_schedule, config.max_steps)
+        want = methods.ESTIMATORS[config.estimator](config).num_zs(step)
         if count != want:
             raise ValueError(f"trajectory has {count} lines for step {step}, expected {want} ({path})")
     if len(logged) < steps:
@@ -112,12 +113,12 @@ def records_up_to(path, steps: int, config: MeZOConfig) -> list[dict]:
 
 
 def replay(model: nn.Module, records: list[dict], config: MeZOConfig, local_view: LocalView = whole) -> None:
-    """Apply the logged updates, in order, to `model` holding the run's base weights (in place)."""
-    if config.zo_variant is not None or config.perturbation == "reference":
-        raise ValueError(f"replay needs exact restore and no control variates (perturbation="
-                         f"{config.perturbation!r}, zo_variant={config.zo_variant!r})")
+    """Apply the logged updates, in order, to `model` holding the run's base weights (in place); the
+    direction reads each step's weights first, as in the run (Sparse-MeZO's thresholds)."""
+    methods.check_supported(config, replay=True, fsdp=local_view is not whole)
     mezo = MeZO(model, config, local_view=local_view)
     for _, group in groupby(records, key=lambda r: r["step"]):
+        mezo.direction.prepare()
         group = list(group)
         estimates = [(r["seed"], torch.tensor(r["projected_grad"], dtype=torch.float32, device=mezo.device))
                      for r in group]

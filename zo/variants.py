@@ -19,6 +19,9 @@ from torch import nn
 
 from .perturb import ParamSlot
 
+# the c_g come from data (a backward pass or extra estimates), are not logged, and are per process
+SUPPORTS = frozenset({"reference", "dense_grad"})
+
 
 def groups_of(slots: list[ParamSlot]) -> dict[str, list[ParamSlot]]:
     groups: dict[str, list[ParamSlot]] = {}
