@@ -93,7 +93,7 @@ def run_steps(mezo, model, batches, d, single, steps, record, fail=None):
 
 def check_z_slices(mezo) -> list[dict]:
     """Each parameter's local-shard z against the matching slice of the whole tensor's z."""
-    k = mezo.perturbation.kernels
+    k = mezo.direction.kernels
     seed, one = torch.tensor(123456789), torch.tensor(1.0)
     rows = []
     for s in mezo.slots:

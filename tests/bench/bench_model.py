@@ -144,7 +144,7 @@ def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, 
     loss_fn = lm_loss(ids, mask)
     fused = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3))
     original = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3, perturbation="reference"))
-    k, slots = fused.perturbation.kernels, fused.slots
+    k, slots = fused.direction.kernels, fused.slots
     seed, zero, scale = (torch.full((), v, device=device) for v in (12345, 0, 1e-3))
 
     def perturbed_copies():
