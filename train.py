@@ -354,9 +354,7 @@ def main(argv=None):
         if args.list_presets:
             print("\n".join(f"{n}: {presets.describe(n)}" for n in presets.list_presets()))
             return 0
-        if args.grid or args.slurm:
-            if not args.preset:
-                raise ValueError("--grid and --slurm need --preset (command line)")
+        if args.grid or args.slurm:  # data/paper/grid.py runs or scripts every point of --preset
             return grid.main(args, flags.explicit_flags(argv), [sys.executable, os.path.abspath(__file__)])
         flags.check_values(args)
         dist = distributed.setup(args.dist_timeout, device=None if args.device == "auto" else args.device)

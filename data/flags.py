@@ -10,6 +10,7 @@ import re
 import sys
 
 from data import DataError, get_task
+from data.paper import presets
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 BOOL = dict(nargs="?", const=True, default=None, type=lambda s: s.lower() in ("1", "true", "yes"))
@@ -74,13 +75,20 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    from data.paper import presets  # presets derive their flag list from build_parser()
+# train.py's run flags, in the parser's order; a preset or a grid point sets nothing else.
+TRAIN_FLAGS = tuple(a.dest for a in build_parser()._actions if a.dest not in CONTROL_FLAGS)
 
+
+def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.list_presets:
+        return args
     if args.preset:  # the preset becomes the defaults, so flags given on the command line still win
         fixed, grid = presets.resolve(args.preset, args.task, args.k if args.preset.startswith("roberta") else None)
+        unknown = sorted(set(fixed) - set(TRAIN_FLAGS) | set(grid) - set(TRAIN_FLAGS))
+        if unknown:
+            raise DataError(f"preset {args.preset} sets flags train.py does not have: {', '.join(unknown)} (--preset)")
         p.set_defaults(**fixed, **{k: values[0] for k, values in grid.items()})
         args = p.parse_args(argv)
         args.grid_axes = grid

@@ -267,4 +267,15 @@ def test_train_argv_round_trips_through_train_py_parser():
     assert argv[:2] == ["--task", "opt/SST2"] and "--fsdp" in argv and "--select_by" not in argv
     parsed = vars(build_parser().parse_args(argv))
     assert all(parsed[k] == v for k, v in point.items())
-    assert {"resume", "grid", "preset"}.isdisjoint(presets.TRAIN_FLAGS) and "eval_final_step" in presets.TRAIN_FLAGS
+    from data.flags import TRAIN_FLAGS
+    assert {"resume", "grid", "preset"}.isdisjoint(TRAIN_FLAGS) and "eval_final_step" in TRAIN_FLAGS
+
+
+def test_a_preset_setting_a_flag_train_py_lacks_is_refused(monkeypatch):
+    """Presets are plain data: data/flags.py applies them and checks every flag against TRAIN_FLAGS."""
+    from data import DataError, flags
+    monkeypatch.setattr(presets, "resolve", lambda name, task, k: ({"learning_rate": 1e-6, "no_such_flag": 1}, {}))
+    with pytest.raises(DataError, match="preset opt-mezo-ft sets flags train.py does not have: no_such_flag"):
+        flags.parse_args(["--preset", "opt-mezo-ft"])
+    monkeypatch.setattr(presets, "resolve", lambda name, task, k: ({"learning_rate": 1e-6}, {}))
+    assert flags.parse_args(["--preset", "opt-mezo-ft"]).learning_rate == 1e-6

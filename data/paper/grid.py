@@ -13,9 +13,9 @@ import sys
 
 from data import DataError
 from data.files import atomic_write
-from data.flags import build_parser
+from data.flags import TRAIN_FLAGS, build_parser
 from data.paper import presets, report
-from data.paper.presets import TRAIN_FLAGS, run_name
+from data.paper.presets import run_name
 from data.paper.runs import load_runs
 
 _STORE_TRUE = frozenset(a.dest for a in build_parser()._actions if isinstance(a, argparse._StoreTrueAction))
@@ -87,6 +87,8 @@ def main(args, explicit, train_cmd):
     --output_dir, then the report and the best point by the original's rule; `--slurm DIR` writes
     one sbatch script per point instead. `explicit` (the flags given on the command line, e.g.
     --model, --max_steps) apply to every point; `train_cmd` runs train.py."""
+    if not args.preset:
+        raise DataError("--grid and --slurm need --preset (command line)")
     root = args.output_dir or os.path.join("runs", "grid")
     k = args.k if args.preset.startswith("roberta") else None
     points = [{**p, **explicit} for p in presets.grid_points(args.preset, args.task, k)]

@@ -25,12 +25,11 @@ import math
 from dataclasses import dataclass, field
 
 from data import DataError
-from data.flags import CONTROL_FLAGS, build_parser
 from data.paper.numbers import GENERATION_TASKS
 from data.registry import get_task
 
-# train.py's run flags, in the parser's order; a preset or a grid point sets nothing else.
-TRAIN_FLAGS = tuple(a.dest for a in build_parser()._actions if a.dest not in CONTROL_FLAGS)
+# Plain data: presets name train.py's run flags (data/flags.py TRAIN_FLAGS); data/flags.py applies a
+# preset and refuses any flag that is not one of them.
 ROBERTA_SEEDS = (13, 21, 42, 87, 100)  # LM-BFF k-shot splits (tools/generate_k_shot_data.py)
 ROBERTA_K = (16, 512)
 
@@ -261,6 +260,10 @@ def method_id(flags):
         parts.append(flags["mode"])
     if (flags.get("n_spsa") or 1) > 1:
         parts.append(f"nspsa{flags['n_spsa']}")
+    if flags.get("estimator") == "fzoo":
+        parts.append(f"fzoo{flags.get('fzoo_n') or 8}")
+    if flags.get("sparse_mezo"):
+        parts.append(f"sparse{_fmt(flags['sparse_mezo'])}")
     if flags.get("non_diff"):
         parts.append("nondiff")
     return "-".join(parts)
