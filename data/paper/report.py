@@ -293,8 +293,9 @@ def seeds_markdown(rows):
             steps = passes = "–"
         else:
             steps = f"{config['max_steps']} ({', '.join(str(r.results.get('best_step')) for r in runs)})"
-            per_step = config.get("n_spsa") or 1
-            passes = (f"{2 * per_step * config['max_steps']} (2 per step)" if config.get("trainer") == "zo"
+            per_step = ((config.get("fzoo_n") or 8) + 1 if config.get("estimator") == "fzoo"  # zo/fzoo.py: N + 1
+                        else 2 * (config.get("n_spsa") or 1))  # two-sided SPSA: 2 per z
+            passes = (f"{per_step * config['max_steps']} ({per_step} per step)" if config.get("trainer") == "zo"
                       else f"{config['max_steps']} + as many backward")
         walls = [wall for _, wall in cell]
         known = [w for w in walls if w is not None]
