@@ -268,7 +268,8 @@ def test_variants_of_the_step_run_end_to_end(tmp_path, flags):
     assert len({r["seed"] for r in records}) == len(records)  # a fresh z for every estimate
     forwards = [json.loads(line)["forward_passes"] for line in open(os.path.join(out, "metrics.jsonl"))]
     per_step = n + 1 if "--fzoo_n" in flags else 2 * n  # FZOO: N + 1; SPSA: 2 per z
-    assert forwards[-1] == 14 * per_step and forwards == sorted(forwards)
+    groups = 3 if "--use_zo_grad_est" in flags else 0  # c from a 2-forward estimate per group (embed, 2 layers)
+    assert forwards[-1] == 14 * per_step + 2 * groups and forwards == sorted(forwards)
 
 
 def test_a_malformed_data_row_is_one_error_line_naming_file_and_line(tmp_path):

@@ -155,12 +155,14 @@ class PerturbHooks:
                 self.handles.append(module.register_forward_pre_hook(self._swap_in))
                 self.handles.append(module.register_forward_hook(self._swap_out, prepend=True, always_call=True))
 
-    def deactivate(self) -> None:
+    def deactivate(self, end_of_step: bool = True) -> None:
+        """Hooks off; the pool is dropped at the end of a step only (FZOO returns to theta between
+        its N perturbations and reuses the buffers)."""
         for h in self.handles:
             h.remove()
         self._release_shared()
         self.handles, self.saved, self.seed, self.scales = [], {}, None, {}
-        if not self.keep_pool:
+        if end_of_step and not self.keep_pool:
             self.pool = {}
 
     def _swap_in(self, module, args):
@@ -228,7 +230,7 @@ class ExactRestore:
         """Forwards now see theta + shift * eps * z (z / c with a variant); the weights are not written."""
         self.shift += scaling_factor
         if self.shift == 0:
-            self.hooks.deactivate()
+            self.hooks.deactivate(end_of_step=False)  # reset() ends the step
             return
         self.hooks.activate(seed.tensor, self._scales(self.shift * eps, cs, slots))
 
