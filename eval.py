@@ -120,6 +120,8 @@ def parse_args(argv):
     p.add_argument("--batch_size", type=int, default=8, help="examples per scoring batch")
     p.add_argument("--max_length", type=int, default=2048)
     p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--per_candidate", action="store_true",
+                   help="one sequence per candidate, as the original (default: one shared prompt per example)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", default="auto", help="auto: cuda when CUDA is there, else cpu")
     return p.parse_args(argv)
@@ -169,7 +171,8 @@ def run_eval(args, model, tok, task, test, demo_sets):
     start = time.time()
     metrics = evaluate(model, tok, task, test, demo_sets=demo_sets if args.num_train else None,
                        batch_size=args.batch_size, sfc=args.sfc, icl_sfc=args.icl_sfc, max_length=args.max_length,
-                       max_new_tokens=args.max_new_tokens, bos_override=not args.no_bos_override)
+                       max_new_tokens=args.max_new_tokens, bos_override=not args.no_bos_override,
+                       shared=not args.per_candidate)
     print(json.dumps({"task": task.name, "num_train": args.num_train, "test": metrics}))
     if args.output_dir:
         config = {**vars(args), "kind": "eval", "family": task.family, "trainer": "none", "mode": None}

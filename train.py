@@ -28,7 +28,7 @@ from zo import distributed
 from zo.checkpoint import (check_resumable, check_run_folder, find_checkpoint, load_trainable, prepare_run_folder,
                            read_json, restore, resume_conflicts, run_kind, save_checkpoint, save_trainable, trainable)
 from zo.folder_lock import hold
-from zo.progress import logging_record, peak_memory, stop_on_signals
+from zo.progress import dev_record, logging_record, peak_memory, stop_on_signals
 from zo.trajectory import records_up_to
 
 # what --resume may change: where and how fast it runs, and how long (the checkpoint holds the rest)
@@ -126,30 +126,40 @@ class Run:
                 empty = torch.zeros((0, 8), dtype=torch.long, device=self.dist.device)
                 closures.append(lambda m, e=empty: m(e, e).sum() * 0.0)
                 continue
-            b = to_device(data.collate(local, self.kind, self.tok.pad_token_id), self.dist.device)
+            b = to_device(self.collate(local), self.dist.device)
             if a.non_diff and self.task.family == "roberta":  # -accuracy (medium_models --optimize_acc)
-                closures.append(lambda m, b=b, s=share: data.neg_accuracy(m(b["input_ids"], b["attention_mask"]), b) * s)
+                closures.append(lambda m, b=b, s=share: data.neg_accuracy(data.batch_logits(m, b), b) * s)
             elif a.non_diff:  # -F1 of greedy generations (zo_forward_nondiff)
                 closures.append(lambda m, b=b, s=share: data.neg_f1(
                     generate_text(m, self.tok, b, max_length=a.max_length), b["gold"]) * s)
             else:
-                closures.append(lambda m, b=b, s=share: data.task_loss(m(b["input_ids"], b["attention_mask"]), b) * s)
+                closures.append(lambda m, b=b, s=share: data.batch_loss(m, b) * s)
         return closures
 
+    def shared(self):
+        """Shared-prompt scoring, unless asked for the original's per-candidate sequences (reference
+        mode keeps them: its promise is the original's run, bitwise)."""
+        return not (self.args.per_candidate or self.args.perturbation == "reference")
+
+    def collate(self, examples):
+        return data.collate(examples, self.kind, self.tok.pad_token_id, shared=self.shared())
+
     def evaluate_dev(self, with_metric):
-        """Dev loss on the training encoding (HF `evaluate`) and, when selection or reporting needs
-        it, the task metric; on the evaluation set when there is no dev set (run.py)."""
+        """Dev loss on the training encoding (HF `evaluate`) and dev accuracy from the same forwards;
+        when selection or reporting needs it, the task metric of a generation task; on the evaluation
+        set when there is no dev set (run.py)."""
         kind = "option_lm" if self.kind == "prompt" else self.kind
         split = self.selection_split
-        out = {"loss": dev_loss(self.model, self.encoded[split], kind, self.tok.pad_token_id, self.args.eval_batch_size)}
-        if with_metric:
+        out = dev_loss(self.model, self.encoded[split], kind, self.tok.pad_token_id, self.args.eval_batch_size,
+                       shared=self.shared())
+        if with_metric and "accuracy" not in out:
             out.update(self.test_metrics(self.samples[split]))
         return out
 
     def test_metrics(self, samples):
         a = self.args
         return evaluate(self.model, self.tok, self.task, samples, batch_size=a.eval_batch_size,
-                        max_length=a.max_length, bos_override=not a.no_bos_override)
+                        max_length=a.max_length, bos_override=not a.no_bos_override, shared=self.shared())
 
     def trainer(self):
         a = self.args
@@ -219,7 +229,7 @@ def train(run, trainer, state):
 
     graphed = None
     if a.cuda_graphs:  # the same MeZO step, replayed as a CUDA graph per batch shape (zo/graphs.py)
-        graphed = zo.CudaGraphStep(trainer, model, lambda m, b: data.task_loss(m(b["input_ids"], b["attention_mask"]), b))
+        graphed = zo.CudaGraphStep(trainer, model, data.batch_loss)
     window = [torch.tensor(x) for x in state.get("window", [])]
     t0, start_step, interrupted = time.time(), trainer.global_step, False
     with stop_on_signals() as stop:  # the original's --save_on_interrupt; handlers restored after
@@ -227,7 +237,7 @@ def train(run, trainer, state):
             step = trainer.global_step
             loss_fns = run.loss_fns(run.batch(step)) if graphed is None else None
             if graphed is not None:
-                tr_loss_step = graphed(to_device(data.collate(run.batch(step), run.kind, run.tok.pad_token_id), dist.device))
+                tr_loss_step = graphed(to_device(run.collate(run.batch(step)), dist.device))
             elif a.trainer == "zo":
                 if a.recompute_norms and step > 0 and step % run.batches_per_epoch == 0:
                     trainer.initialize_c(model, loss_fns[0])  # medium_models: control variates per epoch
@@ -248,7 +258,7 @@ def train(run, trainer, state):
                 interrupted = True
             if a.select_by and ((step + 1) % a.eval_steps == 0 or last and a.eval_final_step):
                 dev = run.evaluate_dev(with_metric=a.select_by == "accuracy")
-                log({"step": step + 1, **{f"dev_{k}": v for k, v in dev.items()}})
+                log(dev_record(dev, step=step + 1, max_steps=a.max_steps, show=dist.is_main))
                 score = -dev["loss"] if a.select_by == "loss" else next(v for k, v in dev.items() if k != "loss")
                 if math.isfinite(score) and (state["best"] is None or score > state["best"]):  # load_best_model_at_end
                     state["best"], state["best_step"] = score, step + 1

@@ -11,8 +11,8 @@ Typical use (OPT, a MeZO training run as mezo.sh):
     kind = data.batch_kind(task, training=True)       # "classification" / "option_lm" / "prompt"
     enc = [data.encode(task, s, tok, generation_with_gold=True, max_length=2048, max_new_tokens=50)
            for s in parts["train"]]
-    batch = data.collate(enc[:16], kind, tok.pad_token_id)     # dict of tensors (+ "gold" list)
-    loss = data.task_loss(model(batch["input_ids"], batch["attention_mask"]), batch)
+    batch = data.collate(enc[:16], kind, tok.pad_token_id, shared=True)  # dict of tensors (+ "gold" list)
+    loss = data.batch_loss(model, batch)      # = task_loss(batch_logits(model, batch), batch)
 
 Evaluation: `batch_kind(task, training=False)`; classification batches are scored with
 `candidate_scores` (argmax = prediction, `sfc_scores` for --sfc), generation batches ("prompt")
@@ -36,8 +36,8 @@ SAMPLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "samples"
 from .collate import KINDS, batch_kind, collate, pad  # noqa: E402
 from .encode import OPT_BOS_OVERRIDE, Encoded, encode, encode_prompt, prompt_texts  # noqa: E402
 from .lmbff import MLM_TASKS, MLMEncoded, MLMTask  # noqa: E402
-from .losses import (candidate_scores, classification_loss, label_word_logits, mlm_loss, neg_accuracy,  # noqa: E402
-                     option_lm_loss, option_logprobs, predictions, sfc_scores, task_loss)
+from .losses import (batch_logits, batch_loss, candidate_scores, classification_loss, label_word_logits,  # noqa: E402
+                     mlm_loss, neg_accuracy, option_lm_loss, option_logprobs, predictions, sfc_scores, task_loss)
 from .metrics import accuracy, calculate_metric, exact_match, f1, neg_f1, normalize_answer  # noqa: E402
 from .registry import TASKS, get_task  # noqa: E402
 from .sampling import (eval_subset, icl_demo_sets, icl_splits, opt_splits, sample_subset,  # noqa: E402

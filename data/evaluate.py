@@ -1,6 +1,7 @@
 """Evaluation shared by train.py and eval.py: encoding, greedy generation, test metrics, dev loss.
 
-A model is any callable `model(input_ids, attention_mask) -> logits` with `.parameters()`, and, for
+A model is any callable `model(input_ids, attention_mask, logits_to_keep=, [position_ids=]) -> logits`
+(data/losses.py batch_logits) with `.parameters()`, and, for
 generation tasks, `model.generate(input_ids, attention_mask, max_new_tokens=, eos_token_ids=)`.
 Scoring is the original's (run.py `Framework.one_step_pred`), batched: classification = argmax over
 candidates of the mean option-token log-prob (or the SFC-calibrated sum difference with --sfc);
@@ -11,7 +12,7 @@ import torch
 
 from data.collate import batch_kind, collate
 from data.encode import encode_prompt
-from data.losses import predictions, sfc_scores, task_loss
+from data.losses import batch_logits, option_lm_loss, predictions, sfc_scores, task_loss
 from data.metrics import accuracy, calculate_metric
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,10 +51,19 @@ def generate_text(model, tok, batch, max_new_tokens=50, max_length=2048):
     return [tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in new]
 
 
+def evaluate(model, tok, task, samples, **options):
+    """Test metrics of `model` on `samples`: {"accuracy": ..} or {"f1": .., "em": ..} (options: predict's)."""
+    predicted, correct = predict(model, tok, task, samples, **options)
+    if task.generation:
+        return {m: calculate_metric(m, predicted, correct) for m in ("f1", "em")}
+    return {"accuracy": accuracy(predicted, correct)}
+
+
 @torch.no_grad()
-def evaluate(model, tok, task, samples, *, demo_sets=None, batch_size=8, sfc=False, icl_sfc=False,
-             max_length=2048, max_new_tokens=50, bos_override=True):
-    """Test metrics of `model` on `samples`: {"accuracy": ..} or {"f1": .., "em": ..}."""
+def predict(model, tok, task, samples, *, demo_sets=None, batch_size=8, sfc=False, icl_sfc=False,
+            max_length=2048, max_new_tokens=50, bos_override=True, shared=True):
+    """-> (predictions, gold answers) of `model` on `samples`: candidate indices, or generated strings.
+    `shared`: one row per example for classification (collate's shared-prompt layout), else one per candidate."""
     model.eval()
     device = next(model.parameters()).device
     kind = batch_kind(task, training=False)
@@ -63,36 +73,45 @@ def evaluate(model, tok, task, samples, *, demo_sets=None, batch_size=8, sfc=Fal
         calib = encode_samples(task, samples, tok, demo_sets=demo_sets, sfc=sfc, icl_sfc=icl_sfc, **opts)
     predicted, correct = [], []
     for i, group in enumerate(chunks(encoded, batch_size)):
-        batch = to_device(collate(group, kind, tok.pad_token_id), device)
+        batch = to_device(collate(group, kind, tok.pad_token_id, shared=shared), device)
         if kind == "prompt":
             predicted += generate_text(model, tok, batch, max_new_tokens, max_length)
             correct += batch["gold"]
             continue
-        logits = model(batch["input_ids"], batch["attention_mask"])
+        logits = batch_logits(model, batch)
         if sfc or icl_sfc:
-            sfc_batch = to_device(collate(calib[i * batch_size:(i + 1) * batch_size], kind, tok.pad_token_id), device)
-            scores = sfc_scores(logits, batch, model(sfc_batch["input_ids"], sfc_batch["attention_mask"]), sfc_batch)
-            predicted += scores.argmax(-1).tolist()
+            sfc_batch = to_device(collate(calib[i * batch_size:(i + 1) * batch_size], kind, tok.pad_token_id,
+                                          shared=shared), device)
+            predicted += sfc_scores(logits, batch, batch_logits(model, sfc_batch), sfc_batch).argmax(-1).tolist()
         else:
             predicted += predictions(logits, batch).tolist()
         correct += [e.label for e in group] if task.family == "roberta" else [e.correct for e in group]
-    if kind == "prompt":
-        return {m: calculate_metric(m, predicted, correct) for m in ("f1", "em")}
-    return {"accuracy": accuracy(predicted, correct)}
+    return predicted, correct
 
 
 @torch.no_grad()
-def dev_loss(model, encoded, kind, pad_token_id, batch_size):
-    """The dev loss as HF's evaluation loop computes it (Trainer.evaluation_loop): each batch's mean
-    loss repeated `find_batch_size(inputs)` times, i.e. weighted by the rows of input_ids (one per
-    example, or one per candidate for the classification loss, whose collator flattens the
-    candidates: large_models/utils.py DataCollatorWithPaddingAndNesting), then averaged."""
+def dev_loss(model, encoded, kind, pad_token_id, batch_size, shared=True):
+    """{"loss": the dev loss, "accuracy": dev accuracy from the same forwards} (no accuracy for
+    generation tasks, whose metric needs generation).
+
+    The loss is as HF's evaluation loop computes it (Trainer.evaluation_loop): each batch's mean
+    loss repeated `find_batch_size(inputs)` times, i.e. weighted by the rows of input_ids of the
+    original's collators (one per example, or one per candidate for the classification loss, whose
+    collator flattens the candidates: large_models/utils.py DataCollatorWithPaddingAndNesting), then
+    averaged. Classification tasks are scored on all candidates whatever the training loss (the
+    option-LM loss reads the correct ones), so the accuracy comes with it."""
     model.eval()
     device = next(model.parameters()).device
-    total, rows = 0.0, 0
+    scored = kind == "classification" or kind == "option_lm" and encoded[0].gold is None
+    total, rows, predicted, correct = 0.0, 0, [], []
     for group in chunks(encoded, batch_size):
-        batch = to_device(collate(group, kind, pad_token_id), device)
-        n = batch["input_ids"].shape[0]
-        total += task_loss(model(batch["input_ids"], batch["attention_mask"]), batch).float().item() * n
+        batch = to_device(collate(group, "classification" if scored else kind, pad_token_id, shared=shared), device)
+        logits = batch_logits(model, batch)
+        loss = option_lm_loss(logits, batch) if kind == "option_lm" else task_loss(logits, batch)
+        n = int(batch["num_options"].sum()) if kind == "classification" else len(group)
+        total += loss.float().item() * n
         rows += n
-    return total / rows
+        if scored or kind == "mlm":
+            predicted += predictions(logits, batch).tolist()
+            correct += [e.label if kind == "mlm" else e.correct for e in group]
+    return {"loss": total / rows, **({"accuracy": accuracy(predicted, correct)} if predicted else {})}

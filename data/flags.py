@@ -72,6 +72,8 @@ def build_parser():
     a("--max_nonfinite", type=int, default=20, help="stop after this many non-finite losses in a row")
     a("--eval_batch_size", type=int, default=8), a("--device", default="auto", help="auto: cuda:LOCAL_RANK when CUDA is there, else cpu")
     a("--cuda_graphs", **BOOL, help="replay the MeZO step as CUDA graphs, one per batch shape (zo.CudaGraphStep)")
+    a("--per_candidate", **BOOL, help="score classification as the original: one sequence per candidate "
+      "(default: one shared prompt per example; --perturbation reference implies it)")
     return p
 
 

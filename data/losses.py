@@ -1,10 +1,11 @@
-"""Losses and scores as functions of the model's logits [N, T, V] and a batch (data/collate.py).
+"""Losses and scores of a batch (data/collate.py) from the logits its model computes.
 
+`batch_logits(model, batch)` runs the model on the positions the batch's losses read
+(`logits_to_keep`); every function below takes those kept logits [N, W, V] and the batch.
 OPT (the original's `forward_wrap_with_option_len`, large_models/trainer.py): logits at position t
-predict token t+1; only the last option_len targets of each row count. Because batches are padded
-on the left, those targets all lie in the last L = option_mask.shape[1] positions, so we take the
-log-softmax of that window only (the original takes it over the whole sequence: same numbers,
-T/L times the memory). Everything runs in the logits' dtype, as the original (fp16 with fp16 models).
+predict token t+1; only the option tokens count. We take the log-softmax of the positions that
+predict them only (the original takes it over the whole sequence: same numbers, T/L times the
+memory). Everything runs in the logits' dtype, as the original (fp16 with fp16 models).
   classification: cross-entropy over candidates of the length-normalised option log-likelihood
                   (mean token log-prob); examples with different numbers of candidates are handled
                   by -inf padding, which equals the original's per-example loop.
@@ -18,13 +19,18 @@ import torch.nn.functional as F
 from . import DataError
 
 
+def batch_logits(model, batch):
+    """The model's logits at the positions the batch's losses read (`logits_to_keep`); a packed
+    shared-prompt batch also passes its block mask and position_ids."""
+    extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+    return model(batch["input_ids"], batch["attention_mask"], logits_to_keep=batch["logits_to_keep"], **extra)
+
+
 def option_logprobs(logits, batch):
-    """-> (sum of option-token log-probs [N], number of option tokens [N])."""
+    """-> (sum of option-token log-probs [N], number of option tokens [N]) of each candidate."""
+    window = logits[batch["score_row"][:, None], batch["score_pos"]]  # [N, L, V]
+    token_logp = window.log_softmax(-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
     mask = batch["option_mask"]
-    width, length = mask.shape[1], logits.shape[1]
-    window = logits[:, length - 1 - width:length - 1]
-    targets = batch["input_ids"][:, length - width:]
-    token_logp = window.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return token_logp.masked_fill(~mask, 0.0).sum(-1), mask.sum(-1)
 
 
@@ -51,14 +57,17 @@ def classification_loss(logits, batch):
 
 
 def option_lm_loss(logits, batch):
+    """Over the correct candidates of a classification batch, or every row of an option-LM batch."""
     total, count = option_logprobs(logits, batch)
+    if "option_index" in batch:
+        gold = batch["option_index"].gather(1, batch["labels"][:, None]).squeeze(1)
+        total, count = total[gold], count[gold]
     return -total.sum() / count.sum()
 
 
 def label_word_logits(logits, batch):
-    """[B, C] logits of each label's word at the <mask> position."""
-    at_mask = logits[torch.arange(logits.shape[0], device=logits.device), batch["mask_pos"]]
-    return at_mask[:, batch["label_word_ids"]]
+    """[B, C] logits of each label's word at the <mask> position (the one position kept)."""
+    return logits[:, 0, batch["label_word_ids"]]
 
 
 def mlm_loss(logits, batch):
@@ -85,3 +94,8 @@ def task_loss(logits, batch):
     if "option_mask" in batch:
         return option_lm_loss(logits, batch)
     raise DataError(f"no differentiable loss for a batch with keys {sorted(batch)} (task_loss)")
+
+
+def batch_loss(model, batch):
+    """task_loss of the batch under `model`: the closure body of a training step."""
+    return task_loss(batch_logits(model, batch), batch)

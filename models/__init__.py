@@ -3,6 +3,7 @@ plain PyTorch, Hugging Face checkpoint I/O, GGUF import (`python -m models.gguf`
 
     model = load_model("facebook/opt-13b", dtype=torch.bfloat16)   # a directory or a hub name in the HF cache
     logits = model(input_ids, attention_mask)                      # [B, T, V]
+    last = model(input_ids, attention_mask, logits_to_keep=1)      # [B, 1, V]: the head runs there only
     new_tokens = model.generate(input_ids, attention_mask, max_new_tokens=50, eos_token_ids=[50118])
     tok = load_tokenizer("facebook/opt-13b")
     save_model(model, "out/final")                                 # transformers can load it

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import ModelError
-from .opt import ACTIVATIONS, CausalLM, KVCache, attend, causal_padding_mask
+from .opt import ACTIVATIONS, CausalLM, KVCache, attend, query_key_mask
 
 HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -188,18 +188,21 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, attention_mask, cache: KVCache | None = None):
-        """input_ids [B, T] (the new tokens); attention_mask [B, cached + T] -> hidden [B, T, D]."""
+    def forward(self, input_ids, attention_mask, cache: KVCache | None = None, position_ids=None):
+        """input_ids [B, T] (the new tokens); attention_mask [B, cached + T] or a block mask (see
+        CausalLM.forward) -> hidden [B, T, D]."""
         T = input_ids.shape[1]
-        # Positions count real tokens only, so left padding works (as transformers' generate).
-        positions = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, 1)[:, -T:]
+        if position_ids is None:  # positions count real tokens only, so left padding works (as transformers' generate)
+            position_ids = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, 1)[:, -T:]
         x = self.embed_tokens(input_ids)
-        freqs = positions[..., None].float() * rope_inv_freq(self.config, x.device)
+        freqs = position_ids[..., None].float() * rope_inv_freq(self.config, x.device)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        mask = causal_padding_mask(attention_mask, T)
-        if self.config.sliding_window is not None:  # Mistral: key j visible from i only if i - j < window
-            S = attention_mask.shape[1]
+        mask = query_key_mask(attention_mask, T)
+        # Mistral: key j visible from i only if i - j < window (indices in the row; a packed row's
+        # candidates are far shorter than any window)
+        if self.config.sliding_window is not None:
+            S = mask.shape[-1]
             kpos = torch.arange(S, device=mask.device)
             mask = mask & (kpos > kpos[S - T:, None] - self.config.sliding_window)
         for layer in self.layers:

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ModelError
+
 # Hugging Face `ACT2FN` names used by OPT and RoBERTa configs ("gelu" is the exact erf form).
 ACTIVATIONS = {
     "relu": F.relu,
@@ -78,6 +80,17 @@ def attend(q, k, v, mask, prefix_keys=None, prefix_values=None, dropout_p=0.0, s
     # Grouped-query attention (LLaMA family): fewer key/value heads than query heads.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
+
+
+def keep_positions(h, logits_to_keep):
+    """h [B, T, D] -> the positions whose logits are asked for: an int k keeps the last k (0: all), as
+    transformers; a 1-D index tensor [W] the same positions of every row, as transformers; a 2-D one
+    [B, W] its own positions in each row."""
+    if isinstance(logits_to_keep, int):
+        return h[:, -logits_to_keep:] if logits_to_keep else h
+    if logits_to_keep.dim() == 2:
+        return h[torch.arange(h.shape[0], device=h.device)[:, None], logits_to_keep]
+    return h[:, logits_to_keep]
 
 
 class KVCache:
@@ -181,6 +194,12 @@ def causal_padding_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Ten
     return (kpos <= qpos) & (valid | (kpos == qpos))
 
 
+def query_key_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    """The bool mask the attention takes: a block mask [B, 1, T, T] as given, else the causal
+    padding mask of a padding mask [B, S]."""
+    return attention_mask if attention_mask.dim() == 4 else causal_padding_mask(attention_mask, num_new)
+
+
 class OPTDecoder(nn.Module):
     def __init__(self, cfg: OPTConfig):
         super().__init__()
@@ -195,16 +214,17 @@ class OPTDecoder(nn.Module):
                                  if has_final_norm else None)
         self.layers = nn.ModuleList(OPTDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
 
-    def forward(self, input_ids, attention_mask, cache: KVCache | None = None):
-        """input_ids [B, T] (the new tokens); attention_mask [B, cached + T] -> hidden [B, T, D]."""
+    def forward(self, input_ids, attention_mask, cache: KVCache | None = None, position_ids=None):
+        """input_ids [B, T] (the new tokens); attention_mask [B, cached + T] or a block mask (see
+        CausalLM.forward) -> hidden [B, T, D]."""
         T = input_ids.shape[1]
-        # Learned positions count real tokens only, so left padding works (pads get row 1).
-        positions = (attention_mask.cumsum(1) * attention_mask - 1)[:, -T:] + POSITION_OFFSET
+        if position_ids is None:  # learned positions count real tokens only, so left padding works (pads: row 1)
+            position_ids = (attention_mask.cumsum(1) * attention_mask - 1)[:, -T:]
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
             x = self.project_in(x)
-        x = x + self.embed_positions(positions)
-        mask = causal_padding_mask(attention_mask, T)
+        x = x + self.embed_positions(position_ids + POSITION_OFFSET)
+        mask = query_key_mask(attention_mask, T)
         for layer in self.layers:
             x = layer(x, mask, cache)
         if cache is not None:
@@ -227,14 +247,26 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = getattr(self, self.body).embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, last_only=False):
-        """Logits [B, T, V] (or [B, 1, V] with last_only). With a cache, input_ids are the new
-        tokens and attention_mask covers cached + new tokens (left padding, as in transformers)."""
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, logits_to_keep=0,
+                position_ids=None):
+        """Logits [B, T, V] of the positions the caller reads. With a cache, input_ids are the new tokens
+        and attention_mask [B, cached + T] covers cached + new tokens (left padding, as in transformers).
+
+        logits_to_keep (transformers' argument, see keep_positions): the positions whose logits are
+        computed; the LM head, about a fifth to a third of a forward's multiply-adds for the
+        125m-135m models, then runs on those alone.
+        A packed layout (several sequences sharing a prefix in one row, data/collate.py) passes
+        attention_mask as a bool block mask [B, 1, T, T] (True = may attend) with its position_ids [B, T].
+        """
         if attention_mask is None:
             past = cache.length if cache is not None else 0
             attention_mask = input_ids.new_ones(input_ids.shape[0], past + input_ids.shape[1])
-        h = getattr(self, self.body)(input_ids, attention_mask.long(), cache)
-        return self.lm_head(h[:, -1:] if last_only else h)
+        if attention_mask.dim() == 4 and (position_ids is None or cache is not None):
+            raise ModelError("a block attention mask needs position_ids and no KV cache (CausalLM.forward)")
+        if attention_mask.dim() == 2:
+            attention_mask = attention_mask.long()
+        h = getattr(self, self.body)(input_ids, attention_mask, cache, position_ids)
+        return self.lm_head(keep_positions(h, logits_to_keep))
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_ids=()):
@@ -254,7 +286,7 @@ class CausalLM(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens, out = input_ids, []
         for _ in range(max_new_tokens):
-            logits = self(tokens, mask[:, :cache.length + tokens.shape[1]], cache, last_only=True)
+            logits = self(tokens, mask[:, :cache.length + tokens.shape[1]], cache, logits_to_keep=1)
             nxt = logits[:, -1].argmax(-1).masked_fill(done, pad)
             out.append(nxt)
             done |= torch.isin(nxt, eos)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .opt import ACTIVATIONS, attend
+from .opt import ACTIVATIONS, attend, keep_positions
 
 
 @dataclass
@@ -190,6 +190,7 @@ class RobertaMLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.decoder.weight = self.roberta.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        """Masked-LM logits [B, T, V] (right padding is the convention, any padding works)."""
-        return self.lm_head(self.roberta(input_ids, attention_mask, token_type_ids))
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, logits_to_keep=0):
+        """Masked-LM logits [B, T, V] (right padding is the convention, any padding works) of the
+        positions kept: logits_to_keep as in CausalLM.forward (int k: the last k, 0: all; or indices)."""
+        return self.lm_head(keep_positions(self.roberta(input_ids, attention_mask, token_type_ids), logits_to_keep))

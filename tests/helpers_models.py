@@ -122,6 +122,20 @@ def hf_llama(layout: str = "llama3"):
     return path, model
 
 
+@functools.cache
+def tiny_llama_dir() -> Path:
+    """The tiny Qwen2 checkpoint with the tiny BPE as its tokenizer (add_bos_token, BOS `<s>`)."""
+    import json
+    import shutil
+    path, _ = hf_llama("qwen2")
+    out = ROOT / "qwen2-with-tokenizer"
+    shutil.copytree(path, out)
+    shutil.copyfile(bpe_dir() / "raw_tokenizer.json", out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}))
+    return out
+
+
 def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that count real tokens only (transformers' generate; its forward takes them as given)."""
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)

@@ -1,6 +1,7 @@
 """Collation and losses against direct computations written independently: loops over rows and
-tokens with math.log / exp on small random logits, and a transcription of the original's
-`forward_wrap_with_option_len` (large_models/trainer.py)."""
+tokens with math.log / exp on small random logits (the losses read them at the batch's
+logits_to_keep), and a transcription of the original's `forward_wrap_with_option_len`
+(large_models/trainer.py)."""
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 import data
 from data import Encoded, MLMEncoded
+from models.opt import keep_positions
 
 PAD, V = 1, 11
 
@@ -24,6 +26,11 @@ def _examples(gen, num_options):
             lens.append(int(torch.randint(1, 4, (1,), generator=gen)))
         out.append(Encoded(seqs, lens, correct=[int(torch.randint(0, n, (1,), generator=gen))]))
     return out
+
+
+def _kept(logits, batch):
+    """What a model returns for the batch (data.batch_logits): the full logits at its logits_to_keep."""
+    return data.batch_logits(lambda ids, mask, logits_to_keep: keep_positions(logits, logits_to_keep), batch)
 
 
 def _log_softmax_at(row, target):
@@ -62,7 +69,7 @@ def test_classification_loss_matches_direct_computation(num_options):
     examples = _examples(gen, num_options)
     batch = data.collate(examples, "classification", PAD)
     logits = torch.randn(*batch["input_ids"].shape, V, generator=gen, dtype=torch.float64)
-    loss = data.task_loss(logits, batch)
+    loss = data.task_loss(_kept(logits, batch), batch)
 
     rows, losses = 0, []
     for e in examples:
@@ -72,7 +79,7 @@ def test_classification_loss_matches_direct_computation(num_options):
         losses.append(m + math.log(sum(math.exp(s - m) for s in scores)) - scores[e.correct[0]])
         rows += len(e.input_ids)
     assert loss.item() == pytest.approx(sum(losses) / len(losses), abs=1e-12)
-    assert data.predictions(logits, batch).tolist() == [int(torch.tensor(s).argmax()) for s in _scores(examples, logits, batch)]
+    assert data.predictions(_kept(logits, batch), batch).tolist() == [int(torch.tensor(s).argmax()) for s in _scores(examples, logits, batch)]
 
 
 def _scores(examples, logits, batch):
@@ -109,11 +116,11 @@ def test_losses_match_original_formula():
     logits = torch.randn(*batch["input_ids"].shape, V, generator=gen)
     flat_labels = batch["labels"].repeat_interleave(3)
     expected = _original_loss(logits, batch["input_ids"], batch["option_len"].tolist(), [3] * 6, flat_labels, PAD)
-    assert data.classification_loss(logits, batch).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert data.classification_loss(_kept(logits, batch), batch).item() == pytest.approx(expected.item(), abs=1e-6)
     lm = data.collate(examples, "option_lm", PAD)
     logits = torch.randn(*lm["input_ids"].shape, V, generator=gen)
     expected = _original_loss(logits, lm["input_ids"], lm["option_len"].tolist(), None, None, PAD)
-    assert data.task_loss(logits, lm).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert data.task_loss(_kept(logits, lm), lm).item() == pytest.approx(expected.item(), abs=1e-6)
 
 
 def test_option_lm_loss_is_token_mean():
@@ -127,7 +134,7 @@ def test_option_lm_loss_is_token_mean():
         for t in range(len(ids) - n, len(ids)):
             total -= _log_softmax_at(logits[i, t - 1].tolist(), ids[t])
             count += 1
-    assert data.task_loss(logits, batch).item() == pytest.approx(total / count, abs=1e-12)
+    assert data.task_loss(_kept(logits, batch), batch).item() == pytest.approx(total / count, abs=1e-12)
 
 
 def test_sfc_scores_are_sum_differences():
@@ -136,7 +143,7 @@ def test_sfc_scores_are_sum_differences():
     batch, sfc_batch = data.collate(examples, "classification", PAD), data.collate(sfc_examples, "classification", PAD)
     logits = torch.randn(*batch["input_ids"].shape, V, generator=gen, dtype=torch.float64)
     sfc_logits = torch.randn(*sfc_batch["input_ids"].shape, V, generator=gen, dtype=torch.float64)
-    scores = data.sfc_scores(logits, batch, sfc_logits, sfc_batch)
+    scores = data.sfc_scores(_kept(logits, batch), batch, _kept(sfc_logits, sfc_batch), sfc_batch)
     for b in range(2):
         for j in range(2):
             i = 2 * b + j
@@ -158,9 +165,9 @@ def test_mlm_loss_and_right_padding():
     for b, e in enumerate(examples):
         row = [logits[b, e.mask_pos, w].item() for w in words]
         losses.append(-(row[e.label] - math.log(sum(math.exp(x) for x in row))))
-    assert data.task_loss(logits, batch).item() == pytest.approx(sum(losses) / 2, abs=1e-12)
+    assert data.task_loss(_kept(logits, batch), batch).item() == pytest.approx(sum(losses) / 2, abs=1e-12)
     hits = [max(range(3), key=lambda c: logits[b, e.mask_pos, words[c]].item()) == e.label for b, e in enumerate(examples)]
-    assert data.neg_accuracy(logits, batch).item() == pytest.approx(-sum(hits) / 2)
+    assert data.neg_accuracy(_kept(logits, batch), batch).item() == pytest.approx(-sum(hits) / 2)
 
 
 def test_batch_kinds_follow_the_scripts():

@@ -205,18 +205,9 @@ def test_unknown_family_is_refused():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama_checkpoint(tmp_path_factory):
-    """The tiny Qwen2 checkpoint with the tiny BPE as its tokenizer (add_bos_token, BOS `<s>`)."""
-    import json
-    import shutil
-    from tests.helpers_models import bpe_dir
-    path, _ = hf_llama("qwen2")
-    out = tmp_path_factory.mktemp("llama") / "ckpt"
-    shutil.copytree(path, out)
-    shutil.copyfile(bpe_dir() / "raw_tokenizer.json", out / "tokenizer.json")
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "add_bos_token": True}))
-    return out
+def tiny_llama_checkpoint():
+    from tests.helpers_models import tiny_llama_dir
+    return tiny_llama_dir()
 
 
 def test_train_and_eval_run_an_opt_side_task_on_a_llama_model(tiny_llama_checkpoint, tmp_path):

@@ -7,12 +7,14 @@ tokenizer ids, greedy answers to chat questions, and a golden zero-shot SST-2 ac
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import data
+import data.evaluate
 from models import gguf as gguf_import
 from models import load_model, load_tokenizer
 from tests.helpers_models import bpe_dir, mask_positions, randomize_, smollm2_dir
@@ -226,7 +228,7 @@ def test_real_logits_equal_transformers_fp32_and_bf16(smollm2):
     assert (ours(ids, mask) - ref).abs()[m].max() <= 1e-4
     # bf16 (slow on CPU: one row, last position): measured 0.47 max abs error on logits of scale 35,
     # bitwise what transformers' bf16 model gives; the bar is 1.0 (3%) and the same next token
-    low = load_model(path, dtype=torch.bfloat16)(ids[:1], mask[:1], last_only=True)[:, -1].float()
+    low = load_model(path, dtype=torch.bfloat16)(ids[:1], mask[:1], logits_to_keep=1)[:, -1].float()
     assert (low - ref[:1, -1]).abs().max() <= 1.0
     assert torch.equal(low.argmax(-1), ref[:1, -1].argmax(-1))
 
@@ -258,11 +260,39 @@ def test_real_zero_shot_sst2_accuracy_is_golden(smollm2):
     assert len(encoded) == 120 and all(e.input_ids[0][0] != tok.bos_token_id for e in encoded)  # add_bos_token=False
     predicted, losses = [], []
     for i in range(0, len(encoded), 20):
-        batch = data.collate(encoded[i:i + 20], kind, tok.pad_token_id)
-        logits = ours(batch["input_ids"], batch["attention_mask"])
+        batch = data.collate(encoded[i:i + 20], kind, tok.pad_token_id, shared=True)
+        logits = data.batch_logits(ours, batch)
         predicted += data.predictions(logits, batch).tolist()
         losses.append(data.classification_loss(logits, batch) * len(encoded[i:i + 20]))
     accuracy = data.accuracy(predicted, [e.correct for e in encoded])
     loss = float(sum(losses)) / len(encoded)
     assert abs(accuracy - GOLDEN_ACCURACY) <= 2 / 120, accuracy  # two examples either way
     assert abs(loss - GOLDEN_LOSS) <= 0.01 * GOLDEN_LOSS, loss
+
+
+@torch.no_grad()
+def test_real_shared_prompt_predictions_equal_per_candidate_on_the_sst2_sample(smollm2):
+    """Every row of the bundled SST-2 evaluation sample: one shared prompt per example predicts as one
+    sequence per candidate does (tests/test_shared_prompt.py bounds the scores on the tiny models)."""
+    path, ours, hf, tok, htok = smollm2
+    task = data.get_task("SST2", family="llama")
+    test = task.load(None)["valid"]
+    got = [data.evaluate.predict(ours, tok, task, test, batch_size=20, max_length=64, shared=shared)
+           for shared in (True, False)]
+    assert len(got[0][0]) == 120 and got[0] == got[1]
+
+
+REAL_SNIPPETS = Path(__file__).resolve().parent.parent / ".cache" / "rotten-tomatoes"  # `make rotten-tomatoes`
+
+
+@torch.no_grad()
+def test_real_shared_prompt_predictions_equal_per_candidate_on_real_snippets(smollm2):
+    """The first 300 real review snippets of dev.tsv (the zero-shot row of `make bench` checks 500)."""
+    if not (REAL_SNIPPETS / "dev.tsv").is_file():
+        pytest.skip("the real snippets are missing: `make rotten-tomatoes` writes them")
+    path, ours, hf, tok, htok = smollm2
+    task = data.get_task("SST2", family="llama")
+    test = task.load(str(REAL_SNIPPETS))["valid"][:300]
+    got = [data.evaluate.predict(ours, tok, task, test, batch_size=20, max_length=256, shared=shared)
+           for shared in (True, False)]
+    assert len(got[0][0]) == 300 and got[0] == got[1]

@@ -53,8 +53,8 @@ def test_every_mode_and_trainer_runs_and_writes_the_output_folder(tmp_path, fami
     results = json.load(open(os.path.join(out, "results.json")))
     log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["step"] for r in log if "loss" in r] == [2, 4]
-    dev = {r["step"]: {k[len("dev_"):]: v for k, v in r.items() if k != "step"} for r in log if "dev_loss" in r}
-    assert list(dev) == [2, 4]
+    dev = {r["step"]: {k[len("dev_"):]: v for k, v in r.items() if k.startswith("dev_")} for r in log if "dev_loss" in r}
+    assert list(dev) == [r["step"] for r in log if "dev_accuracy" in r] == [2, 4]
     # the selected model is the first with the lowest dev loss (OPT) or highest dev accuracy (RoBERTa), and
     # results.json repeats its logged dev metrics
     score = (lambda d: -d["loss"]) if family == "opt" else (lambda d: d["accuracy"])
@@ -191,6 +191,24 @@ def test_eval_zero_shot_and_icl(tmp_path, task, demos, capsys, monkeypatch):
     assert config["kind"] == "eval" and config["num_train"] == int(demos)
 
 
+def test_eval_per_candidate_flag_scores_one_sequence_per_candidate(monkeypatch, capsys):
+    rows, collate = [], data.evaluate.collate
+
+    def spy(examples, kind, *args, **kwargs):
+        batch = collate(examples, kind, *args, **kwargs)
+        rows.append((len(examples), batch["input_ids"].shape[0]))
+        return batch
+
+    monkeypatch.setattr(data.evaluate, "collate", spy)
+    printed = []
+    for flag in ([], ["--per_candidate"]):
+        rows.clear()
+        assert evaluation.main(["--task", "SST2", "--num_eval", "6"] + flag) == 0
+        printed.append(json.loads(capsys.readouterr().out)["test"])
+        assert rows == [(6, 12 if flag else 6)]  # SST-2: two candidates
+    assert printed[0] == printed[1]
+
+
 def test_icl_prompts_hold_one_demonstration_set_per_example(monkeypatch):
     seen, encode_prompt = [], data.evaluate.encode_prompt
 
@@ -320,15 +338,19 @@ def test_dev_loss_weights_each_batch_by_its_rows_as_the_hf_evaluation_loop():
     model, tok, encoded = run.model, run.tok, run.encoded["train"][:20]
     # HF Trainer.evaluation_loop, transcribed: each batch's mean loss repeated find_batch_size(inputs)
     # times (the rows of input_ids: candidates for the classification loss), then the mean.
-    repeated = []
+    # The dev accuracy comes from the same forwards.
+    repeated, hits = [], 0
     for group in chunks(encoded, 8):  # 20 examples: batches of 8, 8, 4
-        batch = data.collate(group, run.kind, tok.pad_token_id)
+        batch = data.collate(group, run.kind, tok.pad_token_id)  # the original's: one row per candidate
         with torch.no_grad():
-            loss = data.task_loss(model(batch["input_ids"], batch["attention_mask"]), batch)
-        repeated.append(loss.repeat(batch["input_ids"].shape[0]))
+            logits = data.batch_logits(model, batch)
+        repeated.append(data.task_loss(logits, batch).repeat(batch["input_ids"].shape[0]))
+        hits += int((data.predictions(logits, batch) == batch["labels"]).sum())
     expected = torch.cat(repeated).mean().item()
     ours = dev_loss(model, encoded, run.kind, tok.pad_token_id, 8)
-    assert ours == pytest.approx(expected, rel=1e-6)
+    # shared-prompt rows: the same numbers up to fp32 rounding (test_shared_prompt.py bounds it)
+    assert ours["loss"] == pytest.approx(expected, rel=1e-5)
+    assert ours["accuracy"] == hits / len(encoded)
     unweighted = torch.stack([r[0] for r in repeated]).mean().item()  # the mean over batches
     assert abs(unweighted - expected) > 1e-5  # the test tells the two apart
 
@@ -336,8 +358,13 @@ def test_dev_loss_weights_each_batch_by_its_rows_as_the_hf_evaluation_loop():
 def test_evaluation_only_at_multiples_of_eval_steps_and_a_never_evaluated_run_keeps_its_last_model(tmp_path, capfd):
     base = OPT + ["--learning_rate", "1e-3", "--logging_steps", "1"]
     every, final = str(tmp_path / "every"), str(tmp_path / "final")
+    capfd.readouterr()
     run(base + ["--max_steps", "5", "--eval_steps", "2", "--output_dir", every])
     assert dev_steps(every) == [2, 4] and results_of(every)["best_step"] in (2, 4)  # not step 5 (HF)
+    dev = [json.loads(line) for line in open(os.path.join(every, "metrics.jsonl")) if "dev_loss" in line]
+    lines = [line for line in capfd.readouterr().err.splitlines() if "dev accuracy" in line]  # the progress lines
+    assert lines == [f"step {r['step']}/5 | dev loss {r['dev_loss']:.4f} | dev accuracy {r['dev_accuracy']:.4f}"
+                     for r in dev]
     run(base + ["--max_steps", "5", "--eval_steps", "2", "--eval_final_step", "--output_dir", final])
     assert dev_steps(final) == [2, 4, 5]
     last, evaluated = str(tmp_path / "last"), str(tmp_path / "evaluated")
@@ -389,6 +416,10 @@ def test_weight_decay_exemptions_per_family_and_the_flag(family, flag, expected)
     ([], lambda r: r.encoded["train"][0].input_ids[0][0] == 0),  # the original's <s>
     (["--dtype", "fp16"], lambda r: next(r.model.parameters()).dtype == torch.float16),
     (["--select_by", "accuracy"], lambda r: r.args.select_by == "accuracy"),
+    # SST-2 has two candidates: one row per example by default, one per candidate as the original
+    ([], lambda r: r.collate(r.encoded["train"][:3])["input_ids"].shape[0] == 3),
+    (["--per_candidate"], lambda r: r.collate(r.encoded["train"][:3])["input_ids"].shape[0] == 6),
+    (["--perturbation", "reference"], lambda r: r.collate(r.encoded["train"][:3])["input_ids"].shape[0] == 6),
 ])
 def test_each_flag_of_the_differences_table_reaches_the_run(flag, check):
     assert check(make_run(OPT + flag))

@@ -31,7 +31,7 @@ Training loop (train.py); everything returned is a device tensor and nothing syn
     mezo = MeZO(model, cfg, trajectory=trajectory)          # after freezing (LoRA / prefix)
     mezo.load_state_dict(state)                             # on resume: step, seed RNG, optimizer, c
     for batch in batches:
-        loss_fn = lambda m: task_loss(m(batch["input_ids"], batch["attention_mask"]), batch)
+        loss_fn = lambda m: batch_loss(m, batch)            # data.batch_loss: the batch's task loss
         loss, projected_grad = mezo.zo_step(model, loss_fn)  # L(theta + eps z), (L+ - L-) / (2 eps)
         mezo.zo_update(model)                                 # lr = schedule(global_step), then step += 1
         if mezo.global_step % 100 == 0:

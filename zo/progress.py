@@ -37,6 +37,16 @@ def logging_record(window, state, *, step, max_steps, lr, steps_per_s, device, m
     return record
 
 
+def dev_record(dev, *, step, max_steps, show) -> dict:
+    """The metrics.jsonl record of an evaluation ({"loss": .., "accuracy": ..} -> dev_loss, dev_accuracy);
+    `show` prints it as a progress line."""
+    if show:
+        values = " | ".join(f"dev {k} {v:.4f}" for k, v in dev.items())
+        clear = "\r\033[K" if sys.stderr.isatty() else ""  # over the in-place training line, kept
+        print(f"{clear}step {step}/{max_steps} | {values}", file=sys.stderr)
+    return {"step": step, **{f"dev_{k}": v for k, v in dev.items()}}
+
+
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGINT / SIGTERM append to the yielded list (the loop saves a checkpoint and stops: the

@@ -13,7 +13,8 @@ post-build RSS, and the RSS before the measured step (what the warm-up left: the
 runtime and kernels for MeZO, the AdamW state for backprop). On CUDA: torch.cuda.max_memory_allocated
 after reset_peak_memory_stats (tensors only, no code).
 The loss everywhere is the one MeZO trains with (data/losses.py `option_lm_loss`): next-token
-cross-entropy on the last 4 tokens of each row of a random batch (all tokens attended). A loss over
+cross-entropy on the last 4 tokens of each row of a random batch (all tokens attended), logits
+computed at those positions only (`logits_to_keep`). A loss over
 every position would add two logits-sized temporaries to every mode and measure the loss, not MeZO.
 """
 import argparse
@@ -28,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import models  # noqa: E402
-from data.losses import option_lm_loss  # noqa: E402
+from data.collate import per_row_scoring  # noqa: E402
+from data.losses import batch_loss  # noqa: E402
 from models.opt import OPT, OPTConfig  # noqa: E402
 from zo import FO, FOConfig, MeZO, MeZOConfig  # noqa: E402
 
@@ -67,9 +69,10 @@ def batch(size: int, seq: int, vocab: int, device: str = "cpu") -> tuple[torch.T
 def lm_loss(ids, mask, answer_tokens=4):
     """loss_fn(model): the loss MeZO trains with (data/losses.py `option_lm_loss`, the original's
     `forward_wrap_with_option_len`): next-token cross-entropy on the last `answer_tokens` tokens
-    of each row (the answer), log-softmax over that window only."""
-    batch = {"input_ids": ids, "option_mask": torch.ones(ids.shape[0], answer_tokens, dtype=torch.bool, device=ids.device)}
-    return lambda model: option_lm_loss(model(ids, mask), batch)
+    of each row (the answer), log-softmax over that window only, logits kept there only."""
+    scoring = per_row_scoring(ids.cpu(), [answer_tokens] * ids.shape[0])
+    batch = {"input_ids": ids, "attention_mask": mask, **{k: v.to(ids.device) for k, v in scoring.items()}}
+    return lambda model: batch_loss(model, batch)
 
 
 # ---------------------------------------------------------------- timing

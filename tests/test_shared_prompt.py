@@ -1,0 +1,143 @@
+"""Shared-prompt scoring (data/collate.py `shared_rows`) against the original's one sequence per
+candidate, and `logits_to_keep` against slicing the full logits, on the tiny parity models."""
+import pytest
+import torch
+
+import data
+import models
+from data.collate import split_prompt
+from data.evaluate import encode_samples, predict
+from models import load_model, load_tokenizer
+from models.opt import keep_positions
+from tests.helpers_models import LLAMA_LAYOUTS, OPT_LAYOUTS, hf_llama, hf_opt, hf_roberta, padded_batch, tiny_llama_dir
+
+CLASSIFICATION = [name for name, task in data.OPT_TASKS.items() if not task.generation]
+
+# Shared and per-candidate rows compute the same function of the weights; only the order of fp
+# additions differs (another number of padded keys in each softmax, other matmul shapes). In float64
+# a reordered sum of n terms moves by at most n * u * sum|terms| (u = 1.1e-16): with n <= 1500
+# (the vocabulary of the log-softmax; the blocks' sums are shorter), sums of |terms| <= 1e2 for
+# these tiny random models, and 2 blocks + the head compounding it, <= 3 * 1500 * 1.1e-16 * 1e2 = 5e-11.
+FP64_BOUND = 5e-11
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """{family: (model in float64, its tokenizer)}: the embedded tiny OPT and a tiny Qwen2 (LLaMA family)."""
+    out = {}
+    for family, path in (("opt", models.TINY_OPT), ("llama", str(tiny_llama_dir()))):
+        out[family] = load_model(path).eval(), load_tokenizer(path)
+    return out
+
+
+# ---------------------------------------------------------------- logits only where they are read
+
+@pytest.mark.parametrize("path", [lambda: hf_opt(layout)[0] for layout in OPT_LAYOUTS]
+                         + [lambda: hf_llama(layout)[0] for layout in LLAMA_LAYOUTS], ids=[*OPT_LAYOUTS, *LLAMA_LAYOUTS])
+@torch.no_grad()
+def test_kept_logits_equal_slices_of_the_full_logits_bitwise(path):
+    """The LM head is row-wise (each logit is one dot product of one position's hidden state), so
+    keeping fewer rows changes no number as long as the matmul's per-row reduction does not depend on
+    how many rows it gets; on CPU fp32 it does not for these shapes (a GPU kernel may choose another
+    split-K for another row count, so there equality holds within rounding only)."""
+    model = load_model(path()).eval()
+    ids, mask = padded_batch([7, 3, 5, 6], "left")
+    full = model(ids, mask)
+    assert torch.equal(model(ids, mask, logits_to_keep=3), full[:, -3:])
+    assert torch.equal(model(ids, mask, logits_to_keep=0), full)
+    at = torch.tensor([0, 4, 6])
+    assert torch.equal(model(ids, mask, logits_to_keep=at), full[:, at])
+    per_row = torch.tensor([[6], [4], [5], [6]])
+    assert torch.equal(model(ids, mask, logits_to_keep=per_row), full[torch.arange(4)[:, None], per_row])
+
+
+@torch.no_grad()
+def test_roberta_keeps_the_mask_positions_bitwise():
+    model = load_model(hf_roberta()[0]).eval()
+    ids, mask = padded_batch([7, 3, 5, 6], "right")
+    full = model(ids, mask)
+    mask_pos = torch.tensor([[3], [1], [4], [0]])
+    assert torch.equal(model(ids, mask, logits_to_keep=mask_pos), full[torch.arange(4)[:, None], mask_pos])
+
+
+def test_a_block_mask_needs_position_ids():
+    model = load_model(models.TINY_OPT)
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.raises(models.ModelError, match="position_ids"):
+        model(ids, torch.ones(1, 1, 3, 3, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- shared prompt = per candidate
+
+def _scores(model, encoded, pad_token_id, shared):
+    batch = data.collate(encoded, "classification", pad_token_id, shared=shared)
+    with torch.no_grad():
+        return data.candidate_scores(data.batch_logits(model, batch), batch), batch
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("task_name", CLASSIFICATION)
+def test_shared_prompt_scores_equal_per_candidate_scores_in_fp64(tiny, family, task_name):
+    model, tok = tiny[family]
+    model = model.double()
+    task = data.get_task(task_name, family=family)
+    encoded = encode_samples(task, task.load(None)["valid"][:16], tok, max_length=512)
+    per, per_batch = _scores(model, encoded, tok.pad_token_id, shared=False)
+    shared, batch = _scores(model, encoded, tok.pad_token_id, shared=True)
+    assert batch["input_ids"].shape[0] == len(encoded) < per_batch["input_ids"].shape[0]
+    assert batch["input_ids"].numel() < per_batch["input_ids"].numel()  # fewer positions computed
+    # a block mask only where a candidate has more than one token after the shared prompt
+    packed = any(len(rest) > 1 for e in encoded for rest in split_prompt(e.input_ids, e.option_len)[1])
+    assert ("position_ids" in batch) == packed
+    assert torch.isfinite(per).any(1).all()
+    assert (shared - per).nan_to_num(posinf=0, neginf=0).abs().max() <= FP64_BOUND
+    assert torch.equal(shared.isinf(), per.isinf())
+    model.float()
+
+
+def _random_examples(gen, vocab, count=6):
+    """Prompts of 1..8 tokens and 1..3 candidates whose rests (1..4 tokens) hold 1..len option
+    tokens (so some rests start with non-option tokens); the last example shares no prefix at all."""
+    out = []
+    for i in range(count):
+        prompt = torch.randint(5, vocab, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
+        if i == count - 1:
+            prompt = []
+        seqs, lens = [], []
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            rest = torch.randint(5, vocab, (int(torch.randint(2 if not prompt else 1, 5, (1,), generator=gen)),),
+                                 generator=gen).tolist()
+            seqs.append(prompt + rest)
+            lens.append(int(torch.randint(1, len(rest) + (1 if prompt else 0), (1,), generator=gen)))
+        out.append(data.Encoded(seqs, lens, correct=[0]))
+    return out
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_packed_rows_score_any_split_of_prompt_and_candidates(tiny, family):
+    model, tok = tiny[family]
+    model = model.double()
+    encoded = _random_examples(torch.Generator().manual_seed(0), vocab=model.config.vocab_size)
+    per, _ = _scores(model, encoded, tok.pad_token_id, shared=False)
+    shared, batch = _scores(model, encoded, tok.pad_token_id, shared=True)
+    assert "position_ids" in batch and batch["input_ids"].shape[0] == len(encoded)
+    assert (shared - per).nan_to_num(posinf=0, neginf=0).abs().max() <= FP64_BOUND
+    assert torch.equal(shared.isinf(), per.isinf())
+    model.float()
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+@pytest.mark.parametrize("task_name", CLASSIFICATION)
+def test_predictions_are_identical_on_every_bundled_evaluation_row(tiny, family, task_name):
+    """fp32, the way eval.py scores: zero-shot, and for SST-2 also SFC and 4-shot ICL."""
+    model, tok = tiny[family]
+    task = data.get_task(task_name, family=family)
+    splits = task.load(None)
+    runs = [(splits["valid"], {})]
+    if task_name == "SST2":
+        test, demos = data.icl_splits(splits, num_demos=4, num_eval=None)
+        runs += [(splits["valid"], dict(sfc=True)), (test, dict(demo_sets=demos))]
+    for samples, options in runs:
+        got = {shared: predict(model, tok, task, samples, batch_size=16, max_length=512, shared=shared, **options)[0]
+               for shared in (True, False)}
+        assert got[True] == got[False], options
