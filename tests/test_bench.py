@@ -17,6 +17,7 @@ ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
     "perturb.vs_original", "perturb.vs_randn", "perturb.extra_memory", "perturb.vs_add",
     "forward.vs_transformers", "step.fused", "step.reference", "memory.tiny.sst2",
     "comm.replicated", "comm.sharded", "forward.llama.vs_transformers", "step.llama.fused",
+    "step.llama.fused.last_position",
 }
 
 

@@ -75,6 +75,20 @@ def lm_loss(ids, mask, answer_tokens=4):
     return lambda model: batch_loss(model, batch)
 
 
+def last_position_loss(ids, mask):
+    """loss_fn(model) that reads the logits of the last position only (a single-token candidate's
+    score; models' `logits_to_keep=1`, issue 20): the body's last hidden state, made contiguous, under
+    the LM head. Contiguous because F.linear folds a strided [B, 1, D] input into one mm only when the
+    weight requires grad; MeZO's perturbed head weight does not, and the strided input then runs as a
+    bmm over a [B, D, V] expanded weight (about 5x the mm on this CPU)."""
+    target = ids[:, 0]
+
+    def loss(model):
+        h = getattr(model, model.body)(ids, mask)[:, -1:].contiguous()
+        return torch.nn.functional.cross_entropy(model.lm_head(h)[:, 0].float(), target)
+    return loss
+
+
 # ---------------------------------------------------------------- timing
 
 def _sync(device: str) -> None:
@@ -138,13 +152,14 @@ def forward_vs_transformers(shape: str, vocab: int, size: int, seq: int, repeats
 # ---------------------------------------------------------------- row 3: a MeZO step vs two forwards
 
 def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, device: str = "cpu",
-                     dtype: str = "fp32", reference_repeats: int = 2, model=None) -> dict:
+                     dtype: str = "fp32", reference_repeats: int = 2, model=None, loss=lm_loss) -> dict:
     """One ZO-SGD step (fused) against two no_grad forwards, with one perturbed copy of every
-    parameter (copy_ + perturb_: what each perturbed forward adds) in the same interleaving; then, in a shorter
-    second interleaving (it is slow), the step with the original's operations (perturbation="reference")."""
+    parameter (`perturbed_`: what each perturbed forward adds) in the same interleaving; then, in a shorter
+    second interleaving (it is slow; skipped when reference_repeats is 0), the step with the original's
+    operations (perturbation="reference"). `loss(ids, mask)` builds the loss closure."""
     model = build(shape, vocab, device, dtype) if model is None else model  # model: e.g. build_llama's
     ids, mask = batch(size, seq, vocab, device)
-    loss_fn = lm_loss(ids, mask)
+    loss_fn = loss(ids, mask)
     fused = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3))
     original = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3, perturbation="reference"))
     k, slots = fused.direction.kernels, fused.slots
@@ -152,9 +167,7 @@ def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, 
 
     def perturbed_copies():
         for s in slots:
-            buf = torch.empty_like(s.param)
-            buf.copy_(s.param)
-            k.perturb_(buf, seed=seed, key=s.key_t, offset=zero, scale=scale)
+            k.perturbed_(torch.empty_like(s.param), src=s.param, seed=seed, key=s.key_t, offset=zero, scale=scale)
 
     @torch.no_grad()
     def two_forwards():
@@ -167,13 +180,13 @@ def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, 
         "perturbed pass over all params": perturbed_copies,
     }, repeats, device)
     ref_times = interleaved({"two forwards": two_forwards, "MeZO step (reference)": lambda: original.step(model, loss_fn)},
-                            reference_repeats, device, warmup=False)  # nothing to compile
+                            reference_repeats, device, warmup=False) if reference_repeats else None  # nothing to compile
     return {"shape": shape, "device": device, "dtype": dtype, "batch": [size, seq], "repeats": repeats,
             "reference_repeats": reference_repeats, "params": sum(s.param.numel() for s in slots),
-            "ms": medians_ms(times), "reference_ms": medians_ms(ref_times),
+            "ms": medians_ms(times), "reference_ms": medians_ms(ref_times) if ref_times else None,
             "fused": ratio(times, "MeZO step (fused)", "two forwards"),
             "perturbed_pass": ratio(times, "perturbed pass over all params", "two forwards"),
-            "reference": ratio(ref_times, "MeZO step (reference)", "two forwards")}
+            "reference": ratio(ref_times, "MeZO step (reference)", "two forwards") if ref_times else None}
 
 
 # ---------------------------------------------------------------- LLaMA family: SmolLM2-135M's shape

@@ -46,6 +46,7 @@ QUICK = dict(perturb_n=1_000_000, perturb_rounds=1, perturb_repeats=3, shape="ti
              memory_shapes=("tiny",), lengths={"sst2": (2, 16)},
              gpu_shape="tiny", gpu_memory_shapes=("tiny",), comm_steps=2, llama_shape="tiny")
 STEP_GOAL = {"cpu": 1.20, "cuda": 1.10}
+LLAMA_STEP_GOAL = 1.15  # issue 20: full-parameter MeZO step at SmolLM2-135M shape, 16 x 64 fp32
 
 
 # ---------------------------------------------------------------- rows and verdicts
@@ -139,24 +140,35 @@ def forward_rows(plan, raw) -> list[dict]:
 
 
 def llama_rows(plan, raw) -> list[dict]:
-    """Our LLaMA forward vs transformers', and a full-parameter MeZO step vs two forwards, CPU fp32."""
+    """Our LLaMA forward vs transformers', and a full-parameter MeZO step vs two forwards, CPU fp32: with
+    the answer-tokens loss (logits at every position) and with a loss that reads the last position only
+    (logits_to_keep=1: the forwards lose most of the LM head's work, the perturbation none)."""
     shape, (size, seq) = plan["llama_shape"], plan["batch"]
     with tempfile.TemporaryDirectory() as tmp:
         f = bench_model.llama_forward_vs_transformers(shape, size, seq, plan["forward_repeats"], Path(tmp))
     vocab = bench_model.LLAMA_SHAPES[shape][-1]
-    st = bench_model.step_vs_forwards(shape, vocab, size, seq, plan["step_repeats"], "cpu", "fp32", 1,
-                                      model=bench_model.build_llama(shape))
-    raw["llama"] = {"forward": f, "step": st}
+    model = bench_model.build_llama(shape)
+    st = bench_model.step_vs_forwards(shape, vocab, size, seq, plan["step_repeats"], "cpu", "fp32", 1, model=model)
+    last = bench_model.step_vs_forwards(shape, vocab, size, seq, plan["step_repeats"], "cpu", "fp32", 0, model=model,
+                                        loss=bench_model.last_position_loss)
+    raw["llama"] = {"forward": f, "step": st, "step_last_position": last}
     what = f"LLaMA, {shape} shape, {size}x{seq} fp32"
+    goal = f"<= {LLAMA_STEP_GOAL:.2f}x"
+
+    def step_row(id, logits, r):
+        return row(id, "cpu", f"MeZO step, {what}, {logits}: fused step / two forwards", r["fused"]["median"], "x",
+                   "<=", LLAMA_STEP_GOAL, goal,
+                   f"two forwards {r['ms']['two forwards']:.0f} ms, step {r['ms']['MeZO step (fused)']:.0f} ms, "
+                   f"{r['params'] / 1e6:.0f}M params; one perturbed pass over all of them "
+                   f"{r['ms']['perturbed pass over all params']:.0f} ms (a step makes 2, plus 1 update pass)",
+                   r["fused"] | {"n": r["repeats"]})
     return [
         row("forward.llama.vs_transformers", "cpu", f"forward, {what}, ours / transformers time", f["ratio"]["median"],
             "x", "<=", 1.0, "<= 1.0x", f"ours {f['ms']['ours']:.0f} ms, transformers {f['ms']['transformers']:.0f} ms "
             f"({f['attn_implementation']}); max abs logit diff {f['max_abs_logit_diff']:.1e}",
             f["ratio"] | {"n": f["repeats"]}),
-        row("step.llama.fused", "cpu", f"MeZO step, {what}: fused step / two forwards", st["fused"]["median"], "x",
-            "<=", STEP_GOAL["cpu"], f"<= {STEP_GOAL['cpu']:.2f}x",
-            f"two forwards {st['ms']['two forwards']:.0f} ms, step {st['ms']['MeZO step (fused)']:.0f} ms, "
-            f"{st['params'] / 1e6:.0f}M params", st["fused"] | {"n": st["repeats"]}),
+        step_row("step.llama.fused", "logits at every position", st),
+        step_row("step.llama.fused.last_position", "logits at the last position only", last),
     ]
 
 
