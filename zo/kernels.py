@@ -19,8 +19,8 @@ rate never recompiles and a step never syncs with the host.
 What the compiler needs stays in this file. Dynamo guards on a view's base (its ndim, its 0/1-sized
 dims), on nn.Parameter vs Tensor and on inference-mode tensors, so each call hands the compiled
 function a plain 1-D alias of p's memory (`_flat`): with `dynamic=True` one graph then serves every
-parameter shape (one more for 1-element tensors) per dtype. Each dtype and the 1-element case add a
-graph per kernel, so the first call of each (dtype, device, size class) raises Dynamo's recompile
+parameter shape (one more for 1-element tensors, one more for CPU tensors below `_SERIAL_BELOW`
+elements) per dtype. Each dtype and size class adds a graph per kernel, so the first call of each (dtype, device, size class) raises Dynamo's recompile
 limit above its default of 8, for that call only (the process-wide setting is left alone). Kernels run under `torch.no_grad()` (global grad mode is guarded too).
 
 `compiled=False` runs the same Python functions eagerly: identical integer hashes, normal z within
@@ -42,6 +42,11 @@ from .rng import DISTRIBUTIONS
 # one loop as local temporaries (same speed, no extra memory: tests/bench/bench_perturb.py).
 _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
 _RECOMPILE_LIMIT = 32  # per kernel: a graph per dtype, and per dtype one for 1-element tensors
+# ATen's at::internal::GRAIN_SIZE: its own CPU loops stay on one thread below this many elements. The
+# compiled kernel opens an OpenMP region at every call whatever the size, and its barrier waits for the
+# slowest thread (on a shared CPU, for a descheduled one), so smaller CPU tensors (norm weights, biases)
+# get a single-threaded build of the same kernel: the same code per element, bitwise the same result.
+_SERIAL_BELOW = 32768
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -85,12 +90,16 @@ class Kernels(NamedTuple):
 
 
 def _wrap(fn: Callable, compiled: bool) -> Callable:
-    run = torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS) if compiled else fn
-    seen_kinds = set()  # (dtype, device, 1 element): a new kind may compile a new graph
+    def build(options):
+        return torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS | options) if compiled else fn
+
+    run, run_serial = build({}), build({"cpp.threads": 1})
+    seen_kinds = set()  # (dtype, device, 1 element, serial): a new kind may compile a new graph
 
     @functools.wraps(fn)
     def call(p: torch.Tensor, src: torch.Tensor | None = None, **scalars: torch.Tensor) -> None:
-        kind = (p.dtype, p.device, p.numel() == 1)
+        serial = p.device.type == "cpu" and p.numel() < _SERIAL_BELOW
+        kind = (p.dtype, p.device, p.numel() == 1, serial)
         if src is not None:
             if (src.numel(), src.dtype, src.device) != (p.numel(), p.dtype, p.device):
                 raise ValueError(f"src must match out ({src.numel()} {src.dtype} {src.device} vs "
@@ -99,7 +108,7 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
         with torch.no_grad(), (contextlib.nullcontext() if kind in seen_kinds else
                                torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)):
             try:
-                run(_flat(p), **scalars)
+                (run_serial if serial else run)(_flat(p), **scalars)
             except torch._dynamo.exc.BackendCompilerFailed as e:
                 inner = getattr(e, "inner_exception", None) or e
                 why = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
