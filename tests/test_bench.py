@@ -18,6 +18,8 @@ ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
     "forward.vs_transformers", "step.fused", "step.reference", "memory.tiny.sst2",
     "comm.replicated", "comm.sharded", "forward.llama.vs_transformers", "step.llama.fused",
     "step.llama.fused.last_position",
+    "scoring.lora_step", "scoring.ft_step", "scoring.zero_shot", "scoring.icl16", "scoring.Copa", "scoring.CB",
+    "scoring.memory.step", "scoring.memory.eval",
 }
 
 
@@ -40,6 +42,8 @@ def test_quick_bench_produces_every_row(tmp_path):
     assert rows["comm.sharded"]["verdict"] == "meets"
     assert result["raw"]["comm"]["sharded"]["per_step"]["all_gather_single"]["calls"] == 2 * 3  # 2 blocks + root
     assert result["raw"]["forward"]["max_abs_logit_diff"] < 1e-4
+    scoring = result["raw"]["scoring"]  # the layouts predict alike whatever the timing
+    assert all(scoring[k]["same_predictions"] for k in ("zero_shot", "icl16", "Copa", "CB"))
     memory = result["raw"]["memory"][0]["runs"]
     assert set(memory) == {"inference", "mezo", "backprop_adamw"}
     assert all(m["peak_MiB"] >= m["pre_step_MiB"] > 0 for m in memory.values())

@@ -11,7 +11,9 @@ this run so that machine-wide slowdowns cancel (this 2-core machine is shared an
 3. one MeZO step (fused; and the original's operations) vs two forwards, same shape and batch;
 4. peak memory of MeZO vs inference vs backprop + AdamW, each in a fresh process, OPT shapes from
    tiny to 125m at the paper's lengths (MultiRC-like 1 x 400 tokens, SST-2-like 16 x 64);
-5. bytes communicated per MeZO step, replicated and sharded, under torchrun (bench_comm).
+5. bytes communicated per MeZO step, replicated and sharded, under torchrun (bench_comm);
+6. shared-prompt scoring with logits where read vs one sequence per candidate with logits everywhere:
+   MeZO steps, zero-shot / ICL / Copa / CB evaluations, peak memory (bench_scoring).
 With CUDA the perturbation rows also run on the GPU (fused vs a device-to-device copy), and the step
 and memory rows at OPT-1.3b shape in bf16. `--quick` runs every row at tiny sizes (a smoke test,
 tests/test_bench.py); its numbers mean nothing.
@@ -35,16 +37,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_comm  # noqa: E402
 import bench_model  # noqa: E402
 import bench_perturb  # noqa: E402
+import bench_scoring  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 FULL = dict(perturb_n=50_000_000, perturb_rounds=3, perturb_repeats=5, shape="125m", vocab=50272,
             batch=(16, 64), forward_repeats=7, step_repeats=5, reference_repeats=2,
             memory_shapes=("tiny", "small", "125m"), lengths={"multirc": (1, 400), "sst2": (16, 64)},
-            gpu_shape="1.3b", gpu_memory_shapes=("125m", "1.3b"), comm_steps=3, llama_shape="smollm2-135m")
+            gpu_shape="1.3b", gpu_memory_shapes=("125m", "1.3b"), comm_steps=3, llama_shape="smollm2-135m",
+            scoring=dict(quick=False, batch=16, zero_shot_rows=500, icl_rows=100, step_repeats=5, eval_repeats=2,
+                         opt_shape="125m", vocab=50272, opt_batch=(16, 64)))
 QUICK = dict(perturb_n=1_000_000, perturb_rounds=1, perturb_repeats=3, shape="tiny", vocab=1000,
              batch=(2, 16), forward_repeats=2, step_repeats=2, reference_repeats=1,
              memory_shapes=("tiny",), lengths={"sst2": (2, 16)},
-             gpu_shape="tiny", gpu_memory_shapes=("tiny",), comm_steps=2, llama_shape="tiny")
+             gpu_shape="tiny", gpu_memory_shapes=("tiny",), comm_steps=2, llama_shape="tiny",
+             scoring=dict(quick=True, batch=4, zero_shot_rows=8, icl_rows=4, step_repeats=1, eval_repeats=1,
+                          opt_shape="tiny", vocab=1000, opt_batch=(2, 16)))
 STEP_GOAL = {"cpu": 1.20, "cuda": 1.10}
 LLAMA_STEP_GOAL = 1.15  # issue 20: full-parameter MeZO step at SmolLM2-135M shape, 16 x 64 fp32
 
@@ -234,6 +241,47 @@ def comm_rows(plan, raw) -> list[dict]:
     ]
 
 
+SCORING_GOALS = {"lora_step": 0.55, "ft_step": 0.60, "zero_shot": 0.55, "icl16": 0.55, "Copa": None, "CB": None}
+
+
+def scoring_rows(plan, raw) -> list[dict]:
+    """Shared-prompt scoring + logits where read ("new") against one sequence per candidate with
+    logits everywhere ("old"), side by side (bench_scoring)."""
+    r = raw["scoring"] = bench_scoring.run(plan["scoring"])
+    rows = []
+    if "skipped" in r:
+        rows.append(row("scoring.smollm2", "cpu", "SmolLM2 scoring rows", 0, "x", None, None, "-",
+                        f"not measured: {r['skipped']}"))
+    size, seq = plan["scoring"]["opt_batch"]
+    text = "real snippets" if r.get("text", "").startswith("real") else "SST-2 sample"
+    what = {"lora_step": lambda x: f"MeZO-LoRA step, {x.get('model')}, {text}, batch {x.get('batch')}",
+            "ft_step": lambda x: f"full-parameter MeZO step, {x['model']}, SST-2-like {size}x{seq}",
+            "zero_shot": lambda x: f"zero-shot evaluation, {x.get('model')}, {x.get('rows')} {text} rows",
+            "icl16": lambda x: f"16-shot ICL evaluation, {x.get('model')}, {x.get('rows')} {text} rows",
+            "Copa": lambda x: f"Copa evaluation (2 multi-token candidates), {x.get('model')}, {x.get('rows')} rows",
+            "CB": lambda x: f"CB evaluation (3 single-token candidates), {x.get('model')}, {x.get('rows')} rows"}
+    for key, goal in SCORING_GOALS.items():
+        if key not in r:
+            continue
+        x = r[key]
+        s = x["new/old"] | {"n": x["repeats"]}
+        ms = x["ms"]
+        notes = (f"old {ms['old']:.0f} ms, new {ms['new']:.0f} ms; per candidate with logits where read "
+                 f"{x['per candidate/old']['median']:.2f}x old")
+        if "same_predictions" in x:
+            notes += "; predictions identical" if x["same_predictions"] else "; PREDICTIONS DIFFER"
+        rows.append(row(f"scoring.{key}", "cpu", f"{what[key](x)}: new / old time", s["median"], "x",
+                        "<=" if goal else None, goal, f"<= {goal:.2f}x" if goal else "-", notes, s))
+    for key, m in r["memory"].items():
+        old, new = m["old"]["peak_MiB"], m["new"]["peak_MiB"]
+        rows.append(row(f"scoring.memory.{key}", "cpu", f"peak memory of a {'MeZO step' if key == 'step' else 'scoring forward'}"
+                        f", OPT-{plan['scoring']['opt_shape']} shape, SST-2-like {size}x{seq}: new / old peak RSS",
+                        new / old, "x", "<=", 1.0, "no worse (<= 1.00x)",
+                        f"old {old:.0f} MiB, new {new:.0f} MiB, per candidate {m['per candidate']['peak_MiB']:.0f} MiB "
+                        f"(post-build {m['old']['post_build_MiB']:.0f} MiB)"))
+    return rows
+
+
 # ---------------------------------------------------------------- main
 
 def hardware() -> dict:
@@ -248,16 +296,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="every row at tiny sizes: a smoke test, not a measurement")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results.json")
+    ap.add_argument("--only", nargs="+", metavar="SECTION", help="run these sections only (perturb, forward, "
+                    "llama, scoring, step.cpu, memory.cpu, comm, ...)")
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     start, raw, seconds = time.time(), {}, {}
     sections = [("perturb", lambda: perturb_rows(plan, raw)), ("forward", lambda: forward_rows(plan, raw)),
-                ("llama", lambda: llama_rows(plan, raw))]
+                ("llama", lambda: llama_rows(plan, raw)), ("scoring", lambda: scoring_rows(plan, raw))]
     for device in devices:
         sections += [(f"step.{device}", lambda d=device: step_rows(plan, raw, d)),
                      (f"memory.{device}", lambda d=device: memory_rows(plan, raw, d))]
     sections.append(("comm", lambda: comm_rows(plan, raw)))
+    sections = [(name, fn) for name, fn in sections if not args.only or name in args.only]
 
     def timed(name, section):
         t0 = time.time()
