@@ -86,8 +86,8 @@ def keep_positions(h, logits_to_keep):
     """h [B, T, D] -> the positions whose logits are asked for: an int k keeps the last k (0: all), as
     transformers; a 1-D index tensor [W] the same positions of every row, as transformers; a 2-D one
     [B, W] its own positions in each row."""
-    if isinstance(logits_to_keep, int):
-        return h[:, -logits_to_keep:] if logits_to_keep else h
+    if isinstance(logits_to_keep, int):  # contiguous: F.linear on a strided slice and a non-Parameter
+        return h[:, -logits_to_keep:].contiguous() if logits_to_keep else h  # weight runs as a slow bmm
     if logits_to_keep.dim() == 2:
         return h[torch.arange(h.shape[0], device=h.device)[:, None], logits_to_keep]
     return h[:, logits_to_keep]
