@@ -189,7 +189,9 @@ def restore(directory, model: nn.Module, trainer) -> dict:
     saved = load_checkpoint(directory, model)
     try:
         trainer.load_state_dict(saved["trainer"])
-        _shard_like_params(getattr(trainer, "optimizer", None))
+        # the torch optimizer: FO's own, or MeZO's update rule's (fused ZO-SGD has none)
+        update_rule = getattr(trainer, "update_rule", None)
+        _shard_like_params(getattr(trainer, "optimizer", None) or getattr(update_rule, "optimizer", None))
         torch.set_rng_state(saved["torch_rng"])
         loop = saved["loop"]
         if not isinstance(loop, dict) or not isinstance(loop.get("metrics_lines"), int):
