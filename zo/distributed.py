@@ -84,7 +84,12 @@ class Dist:
             dist.barrier()
 
     def shutdown(self) -> None:
+        """Every rank reaches this barrier before any tears its group down: a gloo rank that destroyed
+        its group and exited while rank 0 was still writing the run's files was seen to abort
+        ("terminate called without an active exception")."""
         if self.grouped:
+            with self.guard():
+                dist.barrier()
             dist.destroy_process_group()
 
     def reduce_losses(self, losses: torch.Tensor) -> torch.Tensor:
