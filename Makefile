@@ -37,7 +37,7 @@ test: $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 	$(PY) -m pytest tests
 
 # MeZO-LoRA fine-tunes SmolLM2-135M-Instruct on real movie-review snippets (make rotten-tomatoes; README:
-# "The demo"), in about 5 minutes on 2 idle CPU cores. "Before" is a train.py run of one step at learning
+# "The demo"), in about 7 minutes on 2 idle CPU cores (measured). "Before" is a train.py run of one step at learning
 # rate 0 (it leaves every weight bitwise unchanged, so it evaluates the base model on dev and the 500 test
 # rows with the run's own code); "after" is MeZO, whose selected adapter train.py evaluates on the same
 # rows at its end. Then the table, the gain in binomial standard errors and runs/demo/mezo/curves.png.
