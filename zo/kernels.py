@@ -114,7 +114,7 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
                 why = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
                 raise RuntimeError(
                     "torch.compile failed to build a fused ZO kernel; install a C++ compiler (CPU) or Triton "
-                    f"(GPU), or use perturbation='eager', about 100x slower ({fn.__name__}: {why})"
+                    f"(GPU), or use perturbation='eager', much slower ({fn.__name__}: {why})"
                 ) from e
         seen_kinds.add(kind)
 
