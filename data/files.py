@@ -79,7 +79,7 @@ def write_json(path, obj) -> None:
 
 
 # The fields of results.json and metrics.jsonl that are measurements (times, memory): the only bytes
-# in which two runs of the same command differ (tests/test_reproducible_outputs.py).
+# in which two runs of the same command differ (tests/test_one_writer.py compares two runs' bytes).
 MEASUREMENTS = ("time_per_step_s", "steps_per_s", "peak_memory_bytes", "time_s")
 
 
