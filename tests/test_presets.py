@@ -226,6 +226,8 @@ def test_run_name_stable_and_unique():
     assert name == presets.run_name({**point, "output_dir": "/elsewhere", "data_dir": "/data"})
     assert name != presets.run_name({**point, "model": "facebook/opt-1.3b"})
     assert name.startswith("sst2-mezo-bs16-lr1e-06-eps0.001-wd0-seed0-")
+    # the data seed (train_set_seed, the paper's "seed") and the run's own --seed are both in the name
+    assert presets.run_name({**point, "seed": 2}).startswith("sst2-mezo-bs16-lr1e-06-eps0.001-wd0-seed0-runseed2-")
     points = [p for name in presets.list_presets() if name.startswith("opt")
               for task in ("squad", "cb") if "nondiff" not in name or task == "squad"
               for p in presets.grid_points(name, task)]

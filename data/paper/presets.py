@@ -284,7 +284,7 @@ def run_name(point):
     parts = [canonical_task(point.get("task", "task")), method_id(point)]
     parts += [f"k{point['k']}"] if point.get("k") else []
     for flag, short in (("batch_size", "bs"), ("learning_rate", "lr"), ("zo_eps", "eps"),
-                        ("weight_decay", "wd"), ("train_set_seed", "seed")):
+                        ("weight_decay", "wd"), ("train_set_seed", "seed"), ("seed", "runseed")):
         if point.get(flag) is not None and not (flag == "zo_eps" and point.get("trainer") == "fo"):
             parts.append(short + _fmt(point[flag]))
     return "-".join(parts + [digest])
