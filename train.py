@@ -231,6 +231,9 @@ def train(run, trainer, state):
     if a.cuda_graphs:  # the same MeZO step, replayed as a CUDA graph per batch shape (zo/graphs.py)
         graphed = zo.CudaGraphStep(trainer, model, data.batch_loss)
     window = [torch.tensor(x) for x in state.get("window", [])]
+    if a.eval_on_start and a.select_by and trainer.global_step == 0:  # the base model's point of the curves
+        log(dev_record(run.evaluate_dev(with_metric=a.select_by == "accuracy"), step=0, max_steps=a.max_steps,
+                       show=dist.is_main))
     t0, start_step, interrupted = time.time(), trainer.global_step, False
     with stop_on_signals() as stop:  # the original's --save_on_interrupt; handlers restored after
         while trainer.global_step < a.max_steps and not interrupted:
@@ -261,7 +264,7 @@ def train(run, trainer, state):
                 log(dev_record(dev, step=step + 1, max_steps=a.max_steps, show=dist.is_main))
                 score = -dev["loss"] if a.select_by == "loss" else next(v for k, v in dev.items() if k != "loss")
                 if math.isfinite(score) and (state["best"] is None or score > state["best"]):  # load_best_model_at_end
-                    state["best"], state["best_step"] = score, step + 1
+                    state["best"], state["best_step"], state["best_dev"] = score, step + 1, dev
                     save_trainable(model, os.path.join(out, "best.safetensors"), write=dist.is_main)
             if (step + 1) % a.save_steps == 0 or interrupted:
                 checkpoint()
@@ -287,7 +290,10 @@ def finish(run, state, time_per_step):
     else:
         load_trainable(model, os.path.join(out, "best.safetensors"))
     selection = "last" if state["best_step"] is None else run.selection_split.replace("test", "eval")
-    results = {"dev": run.evaluate_dev(with_metric=True) if run.selection_split == "dev" else {},
+    dev = state.get("best_dev")  # the selected model's dev metrics, measured when it was selected
+    if run.selection_split == "dev" and (dev is None or len(dev) == 1):  # none, or no metric beside the loss
+        dev = run.evaluate_dev(with_metric=True)
+    results = {"dev": dev if run.selection_split == "dev" else {},
                "test": run.test_metrics(run.samples["test"]), "num_test": len(run.samples["test"]), "selection": selection,
                "best_step": state["best_step"] or a.max_steps, "nonfinite_losses": state["nonfinite"],
                "peak_memory_bytes": peak_memory(run.dist.device), "time_per_step_s": time_per_step,

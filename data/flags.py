@@ -65,6 +65,8 @@ def build_parser():
     a("--select_by", choices=("loss", "accuracy"), help="keep the best dev model by (default: loss for OPT, "
       "accuracy for RoBERTa; with --non_diff the last model, as the original)")
     a("--eval_final_step", **BOOL, help="also evaluate the last step when max_steps is not a multiple of eval_steps")
+    a("--eval_on_start", **BOOL, help="also evaluate dev before the first step (logged at step 0, as transformers' "
+      "eval_on_start; never selected)")
     a("--wd_exempt", choices=("bias_norm", "none"), help="names exempt from weight decay (default: bias_norm "
       "for OPT-side models, as large_models; none for RoBERTa, as medium_models)")
     a("--non_diff", **BOOL), a("--train_as_classification", **BOOL)

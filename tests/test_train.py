@@ -367,6 +367,23 @@ def test_evaluation_only_at_multiples_of_eval_steps_and_a_never_evaluated_run_ke
                      for r in dev]
     run(base + ["--max_steps", "5", "--eval_steps", "2", "--eval_final_step", "--output_dir", final])
     assert dev_steps(final) == [2, 4, 5]
+    # results.json's dev metrics are those logged when the selected model was evaluated: the saved
+    # model, evaluated again, gives them bitwise (the last step's would differ)
+    again = make_run(base + ["--max_steps", "5", "--eval_steps", "2", "--model", os.path.join(final, "model")])
+    dev = {r["step"]: r for r in map(json.loads, open(os.path.join(final, "metrics.jsonl"))) if "dev_loss" in r}
+    selected = results_of(final)
+    assert selected["best_step"] != 5 and dev[5]["dev_loss"] != dev[selected["best_step"]]["dev_loss"]
+    assert again.evaluate_dev(with_metric=False) == selected["dev"] == {
+        "loss": dev[selected["best_step"]]["dev_loss"], "accuracy": dev[selected["best_step"]]["dev_accuracy"]}
+    # --eval_on_start: the base model's dev point at step 0, never selected; at lr 0 it is the point of every step
+    start, still = str(tmp_path / "start"), str(tmp_path / "still")
+    run(base + ["--max_steps", "2", "--eval_steps", "2", "--eval_on_start", "--output_dir", start])
+    run(OPT + ["--learning_rate", "0", "--max_steps", "2", "--eval_steps", "2", "--eval_on_start", "--output_dir", still])
+    assert dev_steps(start) == [0, 2] and results_of(start)["best_step"] == 2
+    logged = [json.loads(line) for line in open(os.path.join(still, "metrics.jsonl")) if "dev_loss" in line]
+    assert [(r["step"], r["forward_passes"]) for r in logged] == [(0, 0), (2, 4)]
+    assert logged[0]["dev_loss"] == logged[1]["dev_loss"] and logged[0]["dev_accuracy"] == logged[1]["dev_accuracy"]
+    assert json.loads(open(os.path.join(start, "metrics.jsonl")).readline()) == logged[0]
     last, evaluated = str(tmp_path / "last"), str(tmp_path / "evaluated")
     capfd.readouterr()
     run(base + ["--max_steps", "3", "--eval_steps", "4", "--output_dir", last])
