@@ -24,7 +24,7 @@ from data.evaluate import DTYPES, evaluate
 from data.files import write_json
 from data.paper import plots, report
 from data.paper.runs import load_finished, load_runs
-from zo.checkpoint import check_run_folder
+from zo.checkpoint import check_run_folder, prepare_run_folder
 from zo.folder_lock import FolderLock
 from zo.progress import peak_memory
 
@@ -110,6 +110,7 @@ def parse_args(argv):
     p.add_argument("--adapter", help="LoRA / prefix adapter file written by train.py")
     p.add_argument("--data_dir", help="official data files (default: the bundled samples)")
     p.add_argument("--output_dir", help="write config.json and results.json here")
+    p.add_argument("--overwrite_output_dir", action="store_true", help="replace the run in --output_dir")
     p.add_argument("--num_train", type=int, default=0, help="ICL demonstrations per example (0: zero-shot)")
     p.add_argument("--num_eval", type=int, default=1000)
     p.add_argument("--k", type=int, default=16, help="RoBERTa: k-shot split")
@@ -140,7 +141,7 @@ def main(argv=None):
         if args.device == "auto":  # what is recorded is the device used
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.output_dir:
-            args.output_dir = check_run_folder(args.output_dir, resume=False, overwrite=False,
+            args.output_dir = check_run_folder(args.output_dir, resume=False, overwrite=args.overwrite_output_dir,
                                                protected=[("model", args.model), ("data", args.data_dir)])
             lock = FolderLock(args.output_dir).acquire()
         model, tok = load(args.model, args.adapter, args.dtype, args.device)
@@ -179,6 +180,7 @@ def run_eval(args, model, tok, task, test, demo_sets):
         results = {"test": metrics, "num_test": len(test), "dev": {}, "time_s": time.time() - start,
                    "peak_memory_bytes": peak_memory(args.device), "device": args.device,
                    "num_params": sum(p.numel() for p in model.parameters())}
+        prepare_run_folder(args.output_dir, resume=False)  # the replaced run's own files go, nothing else
         os.makedirs(args.output_dir, exist_ok=True)
         for name, obj in (("config.json", config), ("results.json", results)):
             write_json(os.path.join(args.output_dir, name), obj)

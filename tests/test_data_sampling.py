@@ -83,6 +83,16 @@ def test_icl_one_demo_set_per_example():
     assert icl_splits({"train": train, "valid": valid}, num_demos=0, num_eval=None)[1] == [[]] * 300
 
 
+def test_evaluation_and_a_data_seed_0_training_run_score_the_same_test_rows():
+    """make demo and make results compare eval.py's zero-shot and ICL rows with train.py runs of
+    --train_set_seed 0 on one test set; another data seed draws another."""
+    task = data.get_task("SST2")
+    splits = {"train": list(range(700)), "valid": list(range(300))}
+    test = icl_splits(splits, num_demos=0, num_eval=100)[0]
+    assert test == opt_splits(task, splits, 200, 50, 100, seed=0)["test"]
+    assert test != opt_splits(task, splits, 200, 50, 100, seed=1)["test"]
+
+
 def test_deterministic_and_independent_of_order():
     splits = {name: data.get_task(name).load() for name in ("SST2", "Copa", "SQuAD")}
     first = {n: opt_splits(data.get_task(n), s, num_train=20, num_dev=8, num_eval=10) for n, s in splits.items()}

@@ -240,6 +240,17 @@ def test_eval_accepts_device_auto(capsys, work):
     assert config["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def test_eval_overwrites_only_its_own_run_when_asked(capsys, work):
+    out = work / "ev-again"
+    assert evaluation.main(["--num_eval", "4", "--output_dir", str(out)]) == 0
+    (out / "notes.txt").write_text("the user's")
+    (out / "results.json").write_text("{}")  # to see it replaced
+    refused(capsys, evaluation.main, ["--num_eval", "4", "--output_dir", str(out)], "belongs to another run", work)
+    assert evaluation.main(["--num_eval", "3", "--output_dir", str(out), "--overwrite_output_dir"]) == 0
+    assert json.loads((out / "results.json").read_text())["num_test"] == 3
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
 # ---------------------------------------------------------------- a lost rank 0
 
 def test_when_the_store_died_with_rank_0_the_survivors_print_one_line(monkeypatch, capsys, tmp_path):

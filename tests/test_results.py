@@ -62,10 +62,48 @@ def test_runner_runs_skips_and_writes_the_table(tmp_path):
     assert doc.read_text() == "no markers\n"
 
 
-def test_a_failed_run_is_one_error(tmp_path):
+def test_a_failed_run_is_one_error_and_an_interrupted_evaluation_is_rerun(tmp_path):
     plan = results.runs({"zero-shot": ROWS["zero-shot"]}, model=models.TINY_OPT, data_dir=None, data_flags=DATA)
     with pytest.raises(DataError, match=r"zero-shot run failed, rerun to resume it \("):
         results.run_all(plan, str(tmp_path), lambda argv: 2)
     (tmp_path / results.folder_of(str(tmp_path), *plan[0][2:])).mkdir(parents=True)
-    with pytest.raises(DataError, match="a folder without results.json is in the way"):
-        results.run_all(plan, str(tmp_path), lambda argv: 0)
+    launched = []  # an interrupted evaluation's folder is rerun over, not in the way
+    results.run_all(plan, str(tmp_path), lambda argv: launched.append(argv) or 0)
+    assert launched[0][0] == "eval.py" and launched[0][-1] == "--overwrite_output_dir"
+
+
+def test_the_estimators_table_and_figure_follow_from_the_logged_dev_curves(tmp_path):
+    pytest.importorskip("matplotlib")
+    lora = {"trainer": "zo", "mode": "lora", "batch_size": 4, "learning_rate": 1e-2, "zo_eps": 1e-2,
+            "max_steps": 3, "eval_steps": 1}
+    rows = {"mezo-lora": lora,  # 2 forward passes a step; FZOO with N = 2: 3, so dev points at 2, 4, 6 and 3, 6
+            "fzoo-lora": {**lora, "estimator": "fzoo", "fzoo_n": 2, "max_steps": 2},
+            "sparse-mezo-lora": {**lora, "sparse_mezo": 0.5}}
+    plan = results.runs(rows, seeds=(0, 1), model=models.TINY_OPT, data_dir=None, data_flags=DATA,
+                        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1})
+    results.run_all(plan, str(tmp_path), in_process([]))
+    figure = tmp_path / "fig" / "curves.png"
+    text = results.estimators_markdown(plan, str(tmp_path), str(figure))
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def dev(row):  # [(forward passes, [dev accuracy per seed])]
+        logs = [[json.loads(line) for line in open(results.folder_of(str(tmp_path), s, f) + "/metrics.jsonl")
+                 if "dev_loss" in line] for r, _, s, f in plan if r == row]
+        return [(points[0]["forward_passes"], [p["dev_accuracy"] for p in points]) for points in zip(*logs)]
+    assert [p for p, _ in dev("mezo-lora")] == [2, 4, 6] and [p for p, _ in dev("fzoo-lora")] == [3, 6]
+    target = statistics.fmean(dev("mezo-lora")[-1][1])
+    lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:5]}
+    assert list(lines) == ["MeZO (LoRA)", "MeZO (LoRA), FZOO N=2", "MeZO (LoRA), Sparse-MeZO 0.5"]
+    reached = {}
+    for row, key in zip(rows, lines):
+        curve = dev(row)
+        assert lines[key][1] == ", ".join(f"{p}: {100 * statistics.fmean(a):.1f} ± {100 * statistics.stdev(a):.1f}"
+                                          for p, a in curve)
+        reached[row] = next((p for p, a in curve if statistics.fmean(a) >= target), None)
+        assert lines[key][-1] == "2 |"
+    assert reached["mezo-lora"] is not None  # its own final mean, at the latest
+    for row, key in zip(rows, lines):
+        expected = (f"not within {dev(row)[-1][0]}" if reached[row] is None else
+                    f"{reached[row]} ({reached[row] / reached['mezo-lora']:.2f}x)")
+        assert lines[key][2] == expected
+    assert "- fzoo-lora: `python train.py" in text and "--estimator fzoo" in text

@@ -49,7 +49,20 @@ ROWS = {
     "ft-lora": {"trainer": "fo", "mode": "lora", "batch_size": 16, "learning_rate": 1e-4, "max_steps": 60,
                 "eval_steps": 20},
 }
+# The estimators side by side (FZOO, Sparse-MeZO; README "Estimators") at the MeZO-LoRA row's budget of
+# 240 forward passes, evaluated about every 80: MeZO's arm is that row's runs. Learning rates match the
+# z noise an update adds (no grid): FZOO's normalised estimate sum_i g_i z_i has norm ~ sqrt(d / N),
+# MeZO's g z ~ |g| sqrt(d), |g| rms 1.6 in the MeZO-LoRA runs; equal noise per forward pass gives
+# lr_fzoo = lr |g| sqrt(N (N + 1) / 2) ~ 3e-2, taken at 2e-2. Sparse-MeZO perturbs a quarter of the
+# weights, so lr / sqrt(1 - 0.75) = 6e-3 adds MeZO's noise per step.
+ESTIMATOR_ROWS = {
+    "mezo-lora": ROWS["mezo-lora"],
+    "fzoo-lora": {**ROWS["mezo-lora"], "estimator": "fzoo", "fzoo_n": 8, "learning_rate": 2e-2, "max_steps": 27,
+                  "eval_steps": 9},
+    "sparse-mezo-lora": {**ROWS["mezo-lora"], "sparse_mezo": 0.75, "learning_rate": 6e-3},
+}
 BEGIN, END = "<!-- make results: begin -->", "<!-- make results: end -->"
+ESTIMATORS_BEGIN, ESTIMATORS_END = "<!-- make results estimators: begin -->", "<!-- make results estimators: end -->"
 EVAL_FLAGS = ("task", "num_train", "num_eval", "max_length", "batch_size")
 
 
@@ -96,8 +109,8 @@ def run_all(plan, out, launcher=launch):
         argv = command(script, flags, folder)
         if script == "train.py":
             argv.append("--resume" if os.path.isdir(os.path.join(folder, "checkpoint")) else "--overwrite_output_dir")
-        elif os.path.exists(folder):  # eval.py writes its folder at the end: this one is not its own
-            raise DataError(f"a folder without results.json is in the way, remove it to rerun ({folder})")
+        elif os.path.exists(folder):  # an interrupted evaluation: eval.py replaces its own files only
+            argv.append("--overwrite_output_dir")
         print(shlex.join(argv), file=sys.stderr)
         start = time.time()
         if launcher(argv) != 0:
@@ -120,12 +133,29 @@ def markdown(plan, out, walls):
     return "\n".join([report.seeds_markdown(cells), *commands])
 
 
-def write_between_markers(path, text):
-    old = open(path).read() if os.path.isfile(path) else f"# Results\n\n{BEGIN}\n{END}\n"
-    if old.count(BEGIN) != 1 or old.count(END) != 1 or old.index(BEGIN) > old.index(END):
-        raise DataError(f"expected one {BEGIN} ... {END} block ({path})")
-    head, rest = old.split(BEGIN)
-    atomic_write(path, f"{head}{BEGIN}\n{text}\n{END}{rest.split(END, 1)[1]}")
+def estimators_markdown(plan, out, figure_path=None):
+    """The estimators' table (report.estimators_markdown) and each row's command; with figure_path,
+    their dev curves against forward passes as a PNG (plots.forward_pass_curves)."""
+    rows, commands = {}, ["", "Commands (seeds as above):", ""]
+    for row, seed, script, flags in plan:
+        folder = folder_of(out, script, flags)
+        if row not in rows:
+            commands.append(f"- {row}: `python {shlex.join(command(script, flags, folder))}`")
+        rows.setdefault(row, []).append(load_finished([folder])[0])
+    if figure_path:
+        from data.paper import plots
+        fig = plots.forward_pass_curves(plots.figure_class(), rows, "SmolLM2-135M-Instruct, LoRA: MeZO, FZOO and "
+                                        "Sparse-MeZO on Rotten Tomatoes snippets (SST-2 format)")
+        report.save(os.path.dirname(os.path.abspath(figure_path)), {}, {os.path.basename(figure_path): fig})
+    return "\n".join([report.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
+
+
+def write_between_markers(path, text, begin=BEGIN, end=END):
+    old = open(path).read() if os.path.isfile(path) else f"# Results\n\n{begin}\n{end}\n"
+    if old.count(begin) != 1 or old.count(end) != 1 or old.index(begin) > old.index(end):
+        raise DataError(f"expected one {begin} ... {end} block ({path})")
+    head, rest = old.split(begin)
+    atomic_write(path, f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 def main(argv=None):
@@ -133,14 +163,16 @@ def main(argv=None):
     p = Parser(prog="python -m data.paper.results", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/results", help="run folders (default runs/results)")
     p.add_argument("--write", metavar="FILE", help="put the table into FILE (e.g. RESULTS.md) between its markers")
+    p.add_argument("--estimators", action="store_true", help="the estimators' comparison (ESTIMATOR_ROWS) instead")
+    p.add_argument("--figure", metavar="PNG", help="--estimators: also draw their dev curves here")
     p.add_argument("--model", default=MODEL), p.add_argument("--data_dir", default=DATA)
     args = p.parse_args(argv)
     try:
-        plan = runs(model=args.model, data_dir=args.data_dir)
+        plan = runs(ESTIMATOR_ROWS if args.estimators else ROWS, model=args.model, data_dir=args.data_dir)
         walls = run_all(plan, args.out)
-        text = markdown(plan, args.out, walls)
+        text = estimators_markdown(plan, args.out, args.figure) if args.estimators else markdown(plan, args.out, walls)
         if args.write:
-            write_between_markers(args.write, text)
+            write_between_markers(args.write, text, *((ESTIMATORS_BEGIN, ESTIMATORS_END) if args.estimators else ()))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
