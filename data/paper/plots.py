@@ -1,11 +1,11 @@
 """The plots of runs: training-loss curves per family and task (dev loss as markers), peak memory
 beside the paper's Table 22 (`eval.py report --plot`), and one run's curves against a baseline
-(`eval.py compare --plot`, `make demo`). matplotlib is optional and imported only here, only when asked."""
+(`eval.py compare --plot`, `make demo`), estimators against forward passes (`make results`). matplotlib is optional and imported only here, only when asked."""
 import math
 from pathlib import Path
 
 from data import DataError
-from data.paper.report import group_by, label, memory_records, save
+from data.paper.report import dev_curve, group_by, label, memory_records, save
 from data.paper.runs import load_runs, read_metrics
 
 
@@ -101,5 +101,27 @@ def run_curves(figure, run, baseline=None, title=None):
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def forward_pass_curves(figure, rows, title):
+    """{row: [runs over seeds]} -> dev accuracy (mean, ± std band) and dev loss against training
+    forward passes, a line per row (report.dev_curve)."""
+    fig = figure(figsize=(8, 6.5))
+    acc_ax, loss_ax = fig.subplots(2, 1, sharex=True)
+    for row, curve in dev_curve(rows).items():
+        passes, acc, std, loss = zip(*curve)
+        name = f"{label(rows[row][0].method)} ({len(rows[row])} seeds)"
+        line, = acc_ax.plot(passes, acc, "o-", label=name)
+        acc_ax.fill_between(passes, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)],
+                            color=line.get_color(), alpha=0.15)
+        loss_ax.plot(passes, loss, "o-", color=line.get_color(), label=name)
+    acc_ax.set(ylabel="dev accuracy (mean ± std)")
+    loss_ax.set(xlabel="training forward passes", ylabel="dev loss (mean)")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return fig

@@ -16,6 +16,7 @@ Also the tables of `eval.py compare` (runs side by side, `make demo`) and of `ma
 import csv
 import io
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -122,8 +123,13 @@ def _order(values, canonical):
 
 
 def label(key):
-    """The paper's spelling of a method or task key."""
-    return paper.METHOD_LABELS.get(key) or paper.TASK_LABELS.get(key, key)
+    """The paper's spelling of a method or task key; an estimator suffix (presets.method_id) spelled out."""
+    found = paper.METHOD_LABELS.get(key) or paper.TASK_LABELS.get(key)
+    suffix = re.fullmatch(r"(.+)-(?:fzoo(\d+)|sparse([\d.]+))", str(key)) if found is None else None
+    if suffix:
+        n, sparsity = suffix.group(2, 3)
+        return f"{label(suffix.group(1))}, " + (f"FZOO N={n}" if n else f"Sparse-MeZO {sparsity}")
+    return key if found is None else found
 
 
 def _pct(value, std=None):
@@ -305,6 +311,44 @@ def seeds_markdown(rows):
         memory = max((r.results.get("peak_memory_bytes") or 0 for r in runs), default=0)
         lines.append(f"| {name} | {statistics.fmean(scores):.1f}{spread} | {len(runs)} | {steps} | {passes} | "
                      f"{wall} | {_number(memory or None, '{:.2f}', 2**-30)} |")
+    return "\n".join(lines)
+
+
+def dev_curve(rows):
+    """{row: [runs, one per seed, one evaluation schedule]} -> {row: [(forward passes, mean dev accuracy,
+    its sample std, mean dev loss)]}: the rows' dev evaluations against training forward passes."""
+    out = {}
+    for row, runs in rows.items():
+        per_run = [[m for m in read_metrics(run) if "dev_loss" in m] for run in runs]
+        if not per_run[0] or len({tuple(m.get("forward_passes") for m in dev) for dev in per_run}) != 1:
+            raise DataError(f"the {row} runs do not share one evaluation schedule in forward passes "
+                            f"({runs[0].path / 'metrics.jsonl'})")
+        out[row] = [(points[0]["forward_passes"], statistics.fmean(p["dev_accuracy"] for p in points),
+                     statistics.stdev(p["dev_accuracy"] for p in points) if len(points) > 1 else 0.0,
+                     statistics.fmean(p["dev_loss"] for p in points)) for points in zip(*per_run)]
+    return out
+
+
+def estimators_markdown(rows, baseline):
+    """The estimators side by side against forward passes (`make results`, RESULTS.md): per row its
+    dev accuracy at each evaluation (mean ± std over seeds), the forward passes its mean first
+    reaches the baseline row's final mean dev accuracy at, as a ratio to the baseline's own, and the
+    test accuracy of the selected models (mean ± std), all within one forward-pass budget."""
+    curves = dev_curve(rows)
+    target = curves[baseline][-1][1]
+    reached = {row: next((passes for passes, acc, *_ in curve if acc >= target), None) for row, curve in curves.items()}
+    lines = [f"| method | dev accuracy (%) at forward passes | forward passes to the {label(rows[baseline][0].method)} "
+             f"final dev accuracy ({100 * target:.1f}%), ratio | test accuracy (%) | runs |", "|---" * 5 + "|"]
+    for row, runs in rows.items():
+        curve = ", ".join(f"{passes}: {100 * acc:.1f} ± {100 * std:.1f}" for passes, acc, std, _ in curves[row])
+        if reached[row] is None:
+            to_target = f"not within {curves[row][-1][0]}"
+        else:
+            to_target = f"{reached[row]} ({reached[row] / reached[baseline]:.2f}x)"
+        scores = [_test_percent(run) for run in runs]
+        spread = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
+        lines.append(f"| {label(runs[0].method)} | {curve} | {to_target} | {statistics.fmean(scores):.1f}{spread} | "
+                     f"{len(runs)} |")
     return "\n".join(lines)
 
 
