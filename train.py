@@ -7,7 +7,6 @@ logged every `logging_steps`; dev loss at every multiple of `eval_steps`, keepin
 it; a run never evaluated, and a --non_diff run, keep the last model); at the end the selected model
 is evaluated on dev and test. `--trainer fo` swaps in backprop (the FT rows).
 """
-import argparse
 import json
 import math
 import os
@@ -24,12 +23,11 @@ from data import flags
 from data.evaluate import DTYPES, chunks, dev_loss, encode_samples, evaluate, generate_text, to_device
 from data.files import atomic_write, dumps, write_json
 from data.paper import grid, presets
-from zo import distributed
+from zo import distributed, rebuild
 from zo.checkpoint import (check_resumable, check_run_folder, find_checkpoint, load_trainable, prepare_run_folder,
-                           read_json, restore, resume_conflicts, run_kind, save_checkpoint, save_trainable, trainable)
+                           read_json, restore, resume_conflicts, save_checkpoint, save_trainable, trainable)
 from zo.folder_lock import hold
 from zo.progress import dev_record, logging_record, peak_memory, stop_on_signals
-from zo.trajectory import records_up_to
 
 # what --resume may change: where and how fast it runs, and how long (the checkpoint holds the rest)
 RESUME_FREE = {"resume", "overwrite_output_dir", "device", "dist_timeout", "max_steps", "eval_batch_size", "kind"}
@@ -164,15 +162,14 @@ class Run:
     def trainer(self):
         a = self.args
         if a.trainer == "fo":
-            return zo.FO(self.model, zo.FOConfig(
-                lr=a.learning_rate, optimizer="sgd" if a.optimizer == "sgd" else "adam", weight_decay=a.weight_decay,
-                wd_exempt=flags.wd_exempt(a), momentum=a.momentum, lr_scheduler=a.lr_scheduler_type, max_steps=a.max_steps, clip_grad_norm=a.max_grad_norm))
+            return zo.FO(self.model, flags.fo_config(a))
         return zo.MeZO(self.model, flags.mezo_config(a), **self.mezo_kwargs())
 
     def mezo_kwargs(self):
         """Replicated: all-reduce the two losses; sharded: also update local shards at global indices."""
         kwargs = {"reduce_losses": self.dist.reduce_losses} if self.dist.grouped else {}
         return {**kwargs, "local_view": distributed.local_view} if self.args.fsdp else kwargs
+
 
 def start(run):
     """The trainer and the loop's state: restored from the checkpoint on --resume, else fresh, with
@@ -184,16 +181,6 @@ def start(run):
         return trainer, loop
     torch.manual_seed(run.args.seed)
     return trainer, {"best": None, "best_step": None, "nonfinite": 0, "nonfinite_run": 0, "metrics_lines": 0}
-
-
-def resumed_args(argv, args):
-    """--resume: the run's config.json supplies every flag not given now. -> (args, saved config)."""
-    folder = check_run_folder(args.output_dir, resume=True, overwrite=False)
-    saved = read_json(os.path.join(folder, "config.json"))
-    parser = flags.build_parser()
-    dests = {action.dest for action in parser._actions} - {"resume", "output_dir"}
-    parser.set_defaults(**{k: v for k, v in saved.items() if k in dests})
-    return parser.parse_args(argv), saved
 
 
 def train(run, trainer, state):
@@ -321,47 +308,6 @@ def save_result_model(run, path):
         models.save_adapter(model, path + ".adapter.safetensors", meta)
 
 
-def replay(args, dist):
-    """`--replay RUN_DIR`: the base model + RUN_DIR/trajectory.jsonl up to the selected step gives
-    RUN_DIR's saved model bitwise: a MeZO run is its seeds and projected grads."""
-    src = args.replay
-    config, results = (read_json(os.path.join(src, f)) for f in ("config.json", "results.json"))
-    if run_kind(src) != "train" or config.get("trainer") != "zo":
-        raise ValueError(f"only ZO runs have a trajectory to replay ({src}/config.json)")
-    out = check_run_folder(args.output_dir or os.path.normpath(src) + "-replay", resume=False,
-                           overwrite=args.overwrite_output_dir,
-                           protected=[("replayed run", src), ("model", config.get("model")), ("data", config.get("data_dir"))])
-    # --fsdp as given now: the update is elementwise at global indices, so one process replays a
-    # sharded run bitwise, and a sharded replay a single-process run
-    run_args = argparse.Namespace(**{**vars(flags.build_parser().parse_args([])), **config, "output_dir": out,
-                                     "device": args.device, "resume": False, "fsdp": args.fsdp})
-    lock = hold(out, dist)
-    try:
-        run = Run(run_args, dist)
-        if config.get("base_fingerprint", run.fingerprint) != run.fingerprint:
-            raise ValueError(f"the trajectory was recorded on other base weights (fingerprint "
-                             f"{config['base_fingerprint']}, this model's {run.fingerprint}) ({src}/config.json)")
-        # every step up to the selected one, each once, checked before anything is written
-        records = records_up_to(os.path.join(src, "trajectory.jsonl"), results["best_step"],
-                                flags.mezo_config(run_args))
-    except BaseException:
-        lock.abandon()
-        raise
-    try:
-        zo.replay(run.model, records, flags.mezo_config(run_args),
-                  **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"})
-        if dist.is_main:
-            prepare_run_folder(out, resume=False)
-            os.makedirs(out, exist_ok=True)
-        save_result_model(run, os.path.join(run.out, "model"))
-        if dist.is_main:
-            write_json(os.path.join(run.out, "config.json"), {**vars(run_args), "kind": "replay", "replayed_from": src})
-            print(f"replayed {len(records)} updates of {src} into {run.out}/model", file=sys.stderr)
-    finally:
-        lock.release()
-    return 0
-
-
 def main(argv=None):
     lock = None  # the output folder's, from its check to the end of the run (zo/folder_lock.py)
     try:
@@ -375,9 +321,10 @@ def main(argv=None):
         flags.check_values(args)
         dist = distributed.setup(args.dist_timeout, device=None if args.device == "auto" else args.device)
         if args.replay:
-            return replay(args, dist)
-        if args.resume:
-            args, saved = resumed_args(argv, args)
+            return rebuild.replay(args, dist, Run, save_result_model)
+        if args.resume:  # the run's config.json supplies every flag not given now
+            saved = read_json(os.path.join(check_run_folder(args.output_dir, resume=True, overwrite=False), "config.json"))
+            args = flags.resumed_args(argv, saved)
         flags.resolve(args, model_type(args))
         if args.dry_run:
             print(json.dumps(vars(args), indent=1))

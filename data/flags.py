@@ -185,6 +185,23 @@ def mezo_config(args):
         use_zo_grad_est=bool(args.use_zo_grad_est))
 
 
+def fo_config(args):
+    """The zo.FOConfig of a resolved command line (--trainer fo: the backprop rows)."""
+    from zo import FOConfig
+
+    return FOConfig(lr=args.learning_rate, optimizer="sgd" if args.optimizer == "sgd" else "adam",
+                    weight_decay=args.weight_decay, wd_exempt=wd_exempt(args), momentum=args.momentum,
+                    lr_scheduler=args.lr_scheduler_type, max_steps=args.max_steps, clip_grad_norm=args.max_grad_norm)
+
+
+def resumed_args(argv, saved: dict):
+    """--resume: the run's config.json (`saved`) supplies every flag not given now."""
+    parser = build_parser()
+    dests = {action.dest for action in parser._actions} - {"resume", "output_dir"}
+    parser.set_defaults(**{k: v for k, v in saved.items() if k in dests})
+    return parser.parse_args(argv)
+
+
 def finite(low, inclusive=True):
     return (lambda v: math.isfinite(v) and (v >= low if inclusive else v > low),
             f"{'>=' if inclusive else '>'} {low:g} and finite")
