@@ -19,7 +19,7 @@ ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
     "comm.replicated", "comm.sharded", "forward.llama.vs_transformers", "step.llama.fused",
     "step.llama.fused.last_position",
     "scoring.lora_step", "scoring.ft_step", "scoring.zero_shot", "scoring.icl16", "scoring.Copa", "scoring.CB",
-    "scoring.memory.step", "scoring.memory.eval",
+    "scoring.memory.step", "scoring.memory.eval", "estimators.fzoo", "estimators.sparse-mezo",
 }
 
 
@@ -44,6 +44,8 @@ def test_quick_bench_produces_every_row(tmp_path):
     assert result["raw"]["forward"]["max_abs_logit_diff"] < 1e-4
     scoring = result["raw"]["scoring"]  # the layouts predict alike whatever the timing
     assert all(scoring[k]["same_predictions"] for k in ("zero_shot", "icl16", "Copa", "CB"))
+    estimators = result["raw"]["estimators"]  # per forward: a step's time over the passes it makes
+    assert estimators["forwards_per_step"] == {"MeZO": 2, "FZOO N=8": 9, "Sparse-MeZO 0.75": 2}
     memory = result["raw"]["memory"][0]["runs"]
     assert set(memory) == {"inference", "mezo", "backprop_adamw"}
     assert all(m["peak_MiB"] >= m["pre_step_MiB"] > 0 for m in memory.values())

@@ -13,7 +13,9 @@ this run so that machine-wide slowdowns cancel (this 2-core machine is shared an
    tiny to 125m at the paper's lengths (MultiRC-like 1 x 400 tokens, SST-2-like 16 x 64);
 5. bytes communicated per MeZO step, replicated and sharded, under torchrun (bench_comm);
 6. shared-prompt scoring with logits where read vs one sequence per candidate with logits everywhere:
-   MeZO steps, zero-shot / ICL / Copa / CB evaluations, peak memory (bench_scoring).
+   MeZO steps, zero-shot / ICL / Copa / CB evaluations, peak memory (bench_scoring);
+7. FZOO's and Sparse-MeZO's time per forward pass against MeZO's, on the same LoRA model and batch
+   (bench_estimators).
 With CUDA the perturbation rows also run on the GPU (fused vs a device-to-device copy), and the step
 and memory rows at OPT-1.3b shape in bf16. `--quick` runs every row at tiny sizes (a smoke test,
 tests/test_bench.py); its numbers mean nothing.
@@ -35,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_comm  # noqa: E402
+import bench_estimators  # noqa: E402
 import bench_model  # noqa: E402
 import bench_perturb  # noqa: E402
 import bench_scoring  # noqa: E402
@@ -282,6 +285,20 @@ def scoring_rows(plan, raw) -> list[dict]:
     return rows
 
 
+def estimator_rows(plan, raw) -> list[dict]:
+    """FZOO's and Sparse-MeZO's wall time per forward pass against MeZO's (bench_estimators); no goal:
+    the real-text comparison (RESULTS.md) counts forward passes, this says what one costs."""
+    r = raw["estimators"] = bench_estimators.run(plan["scoring"])
+    if "skipped" in r:
+        return [row("estimators", "cpu", "estimators' time per forward pass", 0, "x", None, None, "-",
+                    f"not measured: {r['skipped']}")]
+    ms = r["ms_per_forward"]
+    return [row(f"estimators.{name.split()[0].lower()}", "cpu", f"{name} step, {r['model']}, {r['text']}, batch "
+                f"{r['batch']}: time per forward pass / MeZO's", value, "x", None, None, "-",
+                f"{ms[name]:.0f} ms vs {ms['MeZO']:.0f} ms per forward ({r['forwards_per_step'][name]} vs 2 a step)",
+                {"n": r["repeats"]}) for name, value in r["ratio"].items()]
+
+
 # ---------------------------------------------------------------- main
 
 def hardware() -> dict:
@@ -303,7 +320,8 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     start, raw, seconds = time.time(), {}, {}
     sections = [("perturb", lambda: perturb_rows(plan, raw)), ("forward", lambda: forward_rows(plan, raw)),
-                ("llama", lambda: llama_rows(plan, raw)), ("scoring", lambda: scoring_rows(plan, raw))]
+                ("llama", lambda: llama_rows(plan, raw)), ("scoring", lambda: scoring_rows(plan, raw)),
+                ("estimators", lambda: estimator_rows(plan, raw))]
     for device in devices:
         sections += [(f"step.{device}", lambda d=device: step_rows(plan, raw, d)),
                      (f"memory.{device}", lambda d=device: memory_rows(plan, raw, d))]
