@@ -294,9 +294,9 @@ def estimator_rows(plan, raw) -> list[dict]:
                     f"not measured: {r['skipped']}")]
     ms = r["ms_per_forward"]
     return [row(f"estimators.{name.split()[0].lower()}", "cpu", f"{name} step, {r['model']}, {r['text']}, batch "
-                f"{r['batch']}: time per forward pass / MeZO's", value, "x", None, None, "-",
+                f"{r['batch']}: time per forward pass / MeZO's", spread_of(ratios)["median"], "x", None, None, "-",
                 f"{ms[name]:.0f} ms vs {ms['MeZO']:.0f} ms per forward ({r['forwards_per_step'][name]} vs 2 a step)",
-                {"n": r["repeats"]}) for name, value in r["ratio"].items()]
+                spread_of(ratios)) for name, ratios in r["ratio"].items()]
 
 
 # ---------------------------------------------------------------- main
@@ -347,11 +347,11 @@ def main() -> None:
     result = {"command": shlex.join([os.path.relpath(sys.executable), *sys.argv]), "cwd": os.getcwd(),
               "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "quick": args.quick,
               "hardware": hardware(), "plan": plan, "total_s": total, "section_s": seconds, "rows": rows, "raw": raw}
-    print(markdown(rows))
-    print(f"\ntotal {total:.0f} s; raw numbers in {args.out}")
-    tmp = args.out.with_name(args.out.name + ".tmp")
+    tmp = args.out.with_name(args.out.name + ".tmp")  # the raw numbers first: nothing measured is lost to the table
     tmp.write_text(json.dumps(result, indent=1, default=str))
     tmp.replace(args.out)
+    print(markdown(rows))
+    print(f"\ntotal {total:.0f} s; raw numbers in {args.out}")
 
 
 if __name__ == "__main__":
