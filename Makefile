@@ -54,9 +54,13 @@ demo: $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 		--title "SmolLM2-135M-Instruct, MeZO-LoRA: Rotten Tomatoes snippets (SST-2 format)"
 
 # The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (data/paper/results.py: the rows'
-# settings are its ROWS): runs what is not finished under runs/results, prints the table, writes it into RESULTS.md.
+# settings are its ROWS), then MeZO, FZOO and Sparse-MeZO side by side against forward passes (ESTIMATOR_ROWS;
+# MeZO's arm is Table 1's MeZO-LoRA row): runs what is not finished under runs/results, prints both tables,
+# writes them into RESULTS.md and the estimators' dev curves into data/paper/figures/estimators-lora.png.
 results: $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 	$(PY) -m data.paper.results --out runs/results --write RESULTS.md
+	$(PY) -m data.paper.results --estimators --out runs/results --write RESULTS.md \
+		--figure data/paper/figures/estimators-lora.png
 
 bench: $(STAMP)
 	$(PY) tests/bench/run.py
