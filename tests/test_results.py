@@ -90,7 +90,7 @@ def test_the_estimators_table_and_figure_follow_from_the_logged_dev_curves(tmp_p
                  if "dev_loss" in line] for r, _, s, f in plan if r == row]
         return [(points[0]["forward_passes"], [p["dev_accuracy"] for p in points]) for points in zip(*logs)]
     assert [p for p, _ in dev("mezo-lora")] == [2, 4, 6] and [p for p, _ in dev("fzoo-lora")] == [3, 6]
-    target = statistics.fmean(dev("mezo-lora")[-1][1])
+    target = max(statistics.fmean(a) for _, a in dev("mezo-lora"))  # the peak of MeZO's mean curve
     lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:4]}
     assert list(lines) == ["MeZO (LoRA)", "MeZO (LoRA), FZOO N=2"]
     assert report.label("mezo-lora-sparse0.75") == "MeZO (LoRA), Sparse-MeZO 0.75"
@@ -101,7 +101,7 @@ def test_the_estimators_table_and_figure_follow_from_the_logged_dev_curves(tmp_p
                                           for p, a in curve)
         reached[row] = next((p for p, a in curve if statistics.fmean(a) >= target), None)
         assert lines[key][-1] == "2 |"
-    assert reached["mezo-lora"] is not None  # its own final mean, at the latest
+    assert reached["mezo-lora"] is not None  # its own peak
     for row, key in zip(rows, lines):
         expected = (f"not within {dev(row)[-1][0]}" if reached[row] is None else
                     f"{reached[row]} ({reached[row] / reached['mezo-lora']:.2f}x)")
