@@ -144,8 +144,8 @@ def estimators_markdown(plan, out, figure_path=None):
         rows.setdefault(row, []).append(load_finished([folder])[0])
     if figure_path:
         from data.paper import plots
-        fig = plots.forward_pass_curves(plots.figure_class(), rows, "SmolLM2-135M-Instruct, LoRA: MeZO, FZOO and "
-                                        "Sparse-MeZO on Rotten Tomatoes snippets (SST-2 format)")
+        fig = plots.forward_pass_curves(plots.figure_class(), rows, "SmolLM2-135M-Instruct, LoRA, Rotten Tomatoes "
+                                        "snippets: MeZO, FZOO, Sparse-MeZO")
         report.save(os.path.dirname(os.path.abspath(figure_path)), {}, {os.path.basename(figure_path): fig})
     return "\n".join([report.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
 
