@@ -314,6 +314,23 @@ def seeds_markdown(rows):
     return "\n".join(lines)
 
 
+def grid_markdown(rows):
+    """{row: [run, one per grid point]} -> the grid on dev (`python -m data.paper.results --grid`,
+    RESULTS.md): per point its learning rate, eps, steps (selected), and the dev loss and accuracy of its
+    selected model; per row the point kept, the lowest dev loss (select_best's OPT rule, the paper's)."""
+    lines = ["| method | learning rate | eps | steps (selected) | dev loss | dev accuracy (%) | kept |",
+             "|---" * 7 + "|"]
+    for row, runs in rows.items():
+        best = select_best(runs, "loss", [])
+        for run in runs:
+            config, dev = run.config, run.results.get("dev") or {}
+            eps = "–" if config.get("trainer") == "fo" else f"{config['zo_eps']:g}"
+            lines.append(f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | {config['max_steps']} "
+                         f"({run.results.get('best_step')}) | {_loss(dev.get('loss'))} | "
+                         f"{_number(dev.get('accuracy'), '{:.1f}', 100)} | {'yes' if run is best else ''} |")
+    return "\n".join(lines)
+
+
 def dev_curve(rows):
     """{row: [runs, one per seed, one evaluation schedule]} -> {row: [(forward passes, mean dev accuracy,
     its sample std, mean dev loss)]}: the rows' dev evaluations against training forward passes."""

@@ -11,7 +11,7 @@ the markers below, with each row's command.
 
 The settings of each row are in ROWS, the one place to change them (e.g. from a grid on dev).
 """
-import argparse
+import itertools
 import json
 import os
 import shlex
@@ -33,36 +33,50 @@ DATA_FLAGS = {"task": "SST2", "num_train": 1000, "num_dev": 500, "num_eval": 500
 # ZO/optimizer seeds of the trained rows; the data (train, dev, test rows) is the same for every row.
 SEEDS = (0, 1, 2)
 TRAIN_FLAGS = {"max_length": 128, "eval_batch_size": 16, "logging_steps": 10, "eval_final_step": True}
-# One row per line: eval.py flags (kind "eval") or train.py flags; steps, learning rate and eps here, to be
-# set from a grid on dev. Budget (README "make results"): the whole table in 90 minutes on 2 idle cores.
+# One row per line: eval.py flags (kind "eval") or train.py flags. Budget (README "make results"): the whole
+# table in 90 minutes on 2 idle cores, about 5.5 minutes per trained run. MeZO at batch 8: at equal forward
+# passes, twice the steps of batch 16 (the demo's finding). Learning rates: GRID's best on dev.
 # 32 demonstrations (the paper's) fit SmolLM2's 8192 positions (~1300 tokens) but cost ~2x 16 of them.
 ROWS = {
     "zero-shot": {"kind": "eval", "num_train": 0},
     "icl": {"kind": "eval", "num_train": 16},
-    "mezo": {"trainer": "zo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "zo_eps": 1e-3,
-             "max_steps": 120, "eval_steps": 40},
-    "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 16, "learning_rate": 3e-3, "zo_eps": 1e-2,
-                  "max_steps": 120, "eval_steps": 40},
-    "mezo-prefix": {"trainer": "zo", "mode": "prefix", "batch_size": 16, "learning_rate": 1e-2, "zo_eps": 1e-1,
-                    "max_steps": 120, "eval_steps": 40},
-    "ft": {"trainer": "fo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "max_steps": 60, "eval_steps": 20},
-    "ft-lora": {"trainer": "fo", "mode": "lora", "batch_size": 16, "learning_rate": 1e-4, "max_steps": 60,
+    "mezo": {"trainer": "zo", "mode": "ft", "batch_size": 8, "learning_rate": 1e-5, "zo_eps": 1e-3,
+             "max_steps": 100, "eval_steps": 50},
+    "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 8, "learning_rate": 1.5e-3, "zo_eps": 1e-2,
+                  "max_steps": 100, "eval_steps": 50},
+    "mezo-prefix": {"trainer": "zo", "mode": "prefix", "batch_size": 8, "learning_rate": 1e-2, "zo_eps": 1e-1,
+                    "max_steps": 100, "eval_steps": 50},
+    "ft": {"trainer": "fo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "max_steps": 40, "eval_steps": 20},
+    "ft-lora": {"trainer": "fo", "mode": "lora", "batch_size": 16, "learning_rate": 1e-4, "max_steps": 40,
                 "eval_steps": 20},
 }
-# The estimators side by side (FZOO, Sparse-MeZO; README "Estimators") at the MeZO-LoRA row's budget of
-# 240 forward passes, evaluated about every 80: MeZO's arm is that row's runs. Learning rates match the
+# The grid on dev behind ROWS' learning rates (`--grid`): each point is a row's seed-0 run at its full
+# length, so the point ROWS keeps is also that row's first run. eps is the paper's per mode (ft 1e-3,
+# LoRA 1e-2, prefix 1e-1), not varied: MeZO is insensitive to it, and each point costs a run.
+GRID = {
+    "mezo": {"learning_rate": (1e-5, 3e-5)},
+    "mezo-lora": {"learning_rate": (1.5e-3, 3e-3)},
+    "mezo-prefix": {"learning_rate": (1e-2, 3e-2)},
+    "ft": {"learning_rate": (1e-5, 3e-5)},
+    "ft-lora": {"learning_rate": (1e-4, 5e-4)},
+}
+# The estimators side by side (FZOO, Sparse-MeZO; README "Estimators") at 240 forward passes, evaluated about
+# every 80: MeZO's arm is MeZO-LoRA at batch 16 (the table's row before the grid). Learning rates match the
 # z noise an update adds (no grid): FZOO's normalised estimate sum_i g_i z_i has norm ~ sqrt(d / N),
 # MeZO's g z ~ |g| sqrt(d), |g| rms 1.6 in the MeZO-LoRA runs; equal noise per forward pass gives
 # lr_fzoo = lr |g| sqrt(N (N + 1) / 2) ~ 3e-2, taken at 2e-2. Sparse-MeZO perturbs a quarter of the
 # weights, so lr / sqrt(1 - 0.75) = 6e-3 adds MeZO's noise per step.
+_MEZO_LORA_BS16 = {"trainer": "zo", "mode": "lora", "batch_size": 16, "learning_rate": 3e-3, "zo_eps": 1e-2,
+                   "max_steps": 120, "eval_steps": 40}
 ESTIMATOR_ROWS = {
-    "mezo-lora": ROWS["mezo-lora"],
-    "fzoo-lora": {**ROWS["mezo-lora"], "estimator": "fzoo", "fzoo_n": 8, "learning_rate": 2e-2, "max_steps": 27,
+    "mezo-lora": _MEZO_LORA_BS16,
+    "fzoo-lora": {**_MEZO_LORA_BS16, "estimator": "fzoo", "fzoo_n": 8, "learning_rate": 2e-2, "max_steps": 27,
                   "eval_steps": 9},
-    "sparse-mezo-lora": {**ROWS["mezo-lora"], "sparse_mezo": 0.75, "learning_rate": 6e-3},
+    "sparse-mezo-lora": {**_MEZO_LORA_BS16, "sparse_mezo": 0.75, "learning_rate": 6e-3},
 }
 BEGIN, END = "<!-- make results: begin -->", "<!-- make results: end -->"
 ESTIMATORS_BEGIN, ESTIMATORS_END = "<!-- make results estimators: begin -->", "<!-- make results estimators: end -->"
+GRID_BEGIN, GRID_END = "<!-- make results grid: begin -->", "<!-- make results grid: end -->"
 EVAL_FLAGS = ("task", "num_train", "num_eval", "max_length", "batch_size")
 
 
@@ -78,6 +92,16 @@ def runs(rows=ROWS, seeds=SEEDS, model=MODEL, data_dir=DATA, data_flags=DATA_FLA
             out += [(row, seed, "train.py", {**data_flags, **train_flags, "model": model, "data_dir": data_dir,
                                              **settings, "seed": seed}) for seed in seeds]
     return out
+
+
+def grid_runs(grid=GRID, rows=ROWS, **kwargs):
+    """-> runs() of every grid point: each row's settings with one combination of its grid's values, seed 0."""
+    points = {}
+    for row, axes in grid.items():
+        for values in itertools.product(*axes.values()):
+            points[(row, values)] = {**rows[row], **dict(zip(axes, values))}
+    return [(row, seed, script, flags) for (row, _), settings in points.items()
+            for _, seed, script, flags in runs({row: settings}, seeds=SEEDS[:1], **kwargs)]
 
 
 def command(script, flags, out_dir):
@@ -150,6 +174,21 @@ def estimators_markdown(plan, out, figure_path=None):
     return "\n".join([report.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
 
 
+def grid_markdown(plan, out, rows=ROWS):
+    """The grid's table (report.grid_markdown); a row whose settings in ROWS are not its kept point says so."""
+    cells = {}
+    for row, _, script, flags in plan:
+        cells.setdefault(row, []).append(load_finished([folder_of(out, script, flags)])[0])
+    notes = []
+    for row, points in cells.items():
+        kept = report.select_best(points, "loss", [])
+        differ = {k: v for k, v in rows[row].items() if kept.config.get(k) != v and k in GRID.get(row, {})}
+        if differ:
+            notes.append(f"- {report.label(row)}: ROWS has {differ}; the grid keeps "
+                         f"{ {k: kept.config.get(k) for k in differ} }.")
+    return "\n".join([report.grid_markdown(cells), *([""] + notes if notes else [])])
+
+
 def write_between_markers(path, text, begin=BEGIN, end=END):
     old = open(path).read() if os.path.isfile(path) else f"# Results\n\n{begin}\n{end}\n"
     if old.count(begin) != 1 or old.count(end) != 1 or old.index(begin) > old.index(end):
@@ -164,15 +203,25 @@ def main(argv=None):
     p.add_argument("--out", default="runs/results", help="run folders (default runs/results)")
     p.add_argument("--write", metavar="FILE", help="put the table into FILE (e.g. RESULTS.md) between its markers")
     p.add_argument("--estimators", action="store_true", help="the estimators' comparison (ESTIMATOR_ROWS) instead")
+    p.add_argument("--grid", action="store_true", help="the grid on dev behind ROWS (GRID, seed 0) instead")
     p.add_argument("--figure", metavar="PNG", help="--estimators: also draw their dev curves here")
     p.add_argument("--model", default=MODEL), p.add_argument("--data_dir", default=DATA)
     args = p.parse_args(argv)
     try:
-        plan = runs(ESTIMATOR_ROWS if args.estimators else ROWS, model=args.model, data_dir=args.data_dir)
+        where = {"model": args.model, "data_dir": args.data_dir}
+        if args.grid:
+            plan = grid_runs(**where)
+        else:
+            plan = runs(ESTIMATOR_ROWS if args.estimators else ROWS, **where)
         walls = run_all(plan, args.out)
-        text = estimators_markdown(plan, args.out, args.figure) if args.estimators else markdown(plan, args.out, walls)
+        if args.grid:
+            text, markers = grid_markdown(plan, args.out), (GRID_BEGIN, GRID_END)
+        elif args.estimators:
+            text, markers = estimators_markdown(plan, args.out, args.figure), (ESTIMATORS_BEGIN, ESTIMATORS_END)
+        else:
+            text, markers = markdown(plan, args.out, walls), (BEGIN, END)
         if args.write:
-            write_between_markers(args.write, text, *((ESTIMATORS_BEGIN, ESTIMATORS_END) if args.estimators else ()))
+            write_between_markers(args.write, text, *markers)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
