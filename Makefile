@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install smollm2 rotten-tomatoes test demo results bench gpu-check grid clean
+.PHONY: install smollm2 rotten-tomatoes test demo results results-grid results-estimators bench gpu-check grid clean
 
 install: $(STAMP)
 
@@ -53,12 +53,19 @@ demo: $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 	$(PY) eval.py compare runs/demo/zero-shot runs/demo/mezo --plot runs/demo/mezo/curves.png \
 		--title "SmolLM2-135M-Instruct, MeZO-LoRA: Rotten Tomatoes snippets (SST-2 format)"
 
-# The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (data/paper/results.py: the rows'
-# settings are its ROWS), then MeZO, FZOO and Sparse-MeZO side by side against forward passes (ESTIMATOR_ROWS;
-# MeZO's arm is Table 1's MeZO-LoRA row): runs what is not finished under runs/results, prints both tables,
-# writes them into RESULTS.md and the estimators' dev curves into data/paper/figures/estimators-lora.png.
-results: $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
+# The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (data/paper/results.py ROWS; at most 90
+# minutes on 2 idle cores): runs what is not finished under runs/results, prints the table and writes it into
+# RESULTS.md. results-grid: the grid on dev behind ROWS' learning rates (GRID, seed 0; its kept points are
+# the table's seed-0 runs). results-estimators: MeZO, FZOO and Sparse-MeZO side by side against forward
+# passes (ESTIMATOR_ROWS), with their dev curves in data/paper/figures/estimators-lora.png.
+RESULTS_DEPS = $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
+results: $(RESULTS_DEPS)
 	$(PY) -m data.paper.results --out runs/results --write RESULTS.md
+
+results-grid: $(RESULTS_DEPS)
+	$(PY) -m data.paper.results --grid --out runs/results --write RESULTS.md
+
+results-estimators: $(RESULTS_DEPS)
 	$(PY) -m data.paper.results --estimators --out runs/results --write RESULTS.md \
 		--figure data/paper/figures/estimators-lora.png
 

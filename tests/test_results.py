@@ -107,3 +107,28 @@ def test_the_estimators_table_and_figure_follow_from_the_logged_dev_curves(tmp_p
                     f"{reached[row]} ({reached[row] / reached['mezo-lora']:.2f}x)")
         assert lines[key][2] == expected
     assert "- fzoo-lora: `python train.py" in text and "--estimator fzoo" in text
+
+
+def test_the_grid_runs_each_point_once_keeps_the_lowest_dev_loss_and_shares_the_tables_first_run(tmp_path):
+    grid = {"mezo-lora": {"learning_rate": (1e-3, 3e-2)}, "ft": {"learning_rate": (1e-4, 1e-3)}}
+    where = {"model": models.TINY_OPT, "data_dir": None, "data_flags": DATA,
+             "train_flags": {"max_length": 64, "eval_batch_size": 8, "logging_steps": 1}}
+    plan = results.grid_runs(grid, ROWS, **where)
+    assert [(row, seed, f["learning_rate"]) for row, seed, _, f in plan] == [
+        ("mezo-lora", 0, 1e-3), ("mezo-lora", 0, 3e-2), ("ft", 0, 1e-4), ("ft", 0, 1e-3)]
+    table_first = {results.folder_of(str(tmp_path), s, f)
+                   for row, seed, s, f in results.runs(ROWS, seeds=(0,), **where) if row in grid}
+    grid_folders = [results.folder_of(str(tmp_path), s, f) for _, _, s, f in plan]
+    assert table_first <= set(grid_folders)  # ROWS' own point is the row's seed-0 run: run once
+    results.run_all(plan, str(tmp_path), in_process([]))
+    text = results.grid_markdown(plan, str(tmp_path), ROWS, grid)
+    lines = [line.split(" | ") for line in text.splitlines()[2:6]]
+    dev = [json.load(open(f"{folder}/results.json"))["dev"] for folder in grid_folders]
+    for cells, point, (_, _, _, flags) in zip(lines, dev, plan):
+        assert cells[1] == f"{flags['learning_rate']:g}" and cells[4] == f"{point['loss']:.4f}"
+        assert cells[5] == f"{100 * point['accuracy']:.1f}"
+    for row, (a, b) in (("mezo-lora", (0, 1)), ("ft", (2, 3))):
+        kept = a if dev[a]["loss"] <= dev[b]["loss"] else b
+        assert [lines[i][-1] for i in (a, b)] == ["yes |" if i == kept else " |" for i in (a, b)]
+        differs = plan[kept][3]["learning_rate"] != ROWS[row]["learning_rate"]
+        assert (f"- {report.label(row)}: ROWS has" in text) == differs

@@ -1,6 +1,6 @@
 """The plots of runs: training-loss curves per family and task (dev loss as markers), peak memory
 beside the paper's Table 22 (`eval.py report --plot`), and one run's curves against a baseline
-(`eval.py compare --plot`, `make demo`), estimators against forward passes (`make results`). matplotlib is optional and imported only here, only when asked."""
+(`eval.py compare --plot`, `make demo`), estimators against forward passes (`make results-estimators`). matplotlib is optional and imported only here, only when asked."""
 import math
 from pathlib import Path
 

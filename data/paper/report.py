@@ -315,9 +315,9 @@ def seeds_markdown(rows):
 
 
 def grid_markdown(rows):
-    """{row: [run, one per grid point]} -> the grid on dev (`python -m data.paper.results --grid`,
-    RESULTS.md): per point its learning rate, eps, steps (selected), and the dev loss and accuracy of its
-    selected model; per row the point kept, the lowest dev loss (select_best's OPT rule, the paper's)."""
+    """{row: [run, one per grid point]} -> the grid on dev (`make results-grid`, RESULTS.md): per point its
+    learning rate, eps, steps (selected), and the dev loss and accuracy of its selected model; per row the
+    point kept, the lowest dev loss (select_best's OPT rule, the paper's)."""
     lines = ["| method | learning rate | eps | steps (selected) | dev loss | dev accuracy (%) | kept |",
              "|---" * 7 + "|"]
     for row, runs in rows.items():
@@ -347,7 +347,7 @@ def dev_curve(rows):
 
 
 def estimators_markdown(rows, baseline):
-    """The estimators side by side against forward passes (`make results`, RESULTS.md): per row its
+    """The estimators side by side against forward passes (`make results-estimators`, RESULTS.md): per row its
     dev accuracy at each evaluation (mean ± std over seeds), the forward passes its mean first
     reaches the baseline row's best mean dev accuracy at (the peak of its curve, not its last point: a
     seed that diverges late would lower that), as a ratio to the baseline's own, and the test accuracy

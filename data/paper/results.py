@@ -9,7 +9,9 @@ a finished run (results.json) is skipped, an interrupted train.py run resumed. T
 (data/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
 the markers below, with each row's command.
 
-The settings of each row are in ROWS, the one place to change them (e.g. from a grid on dev).
+The settings of each row are in ROWS, the one place to change them. `--grid` (`make results-grid`) runs the
+grid on dev behind its learning rates (GRID, seed 0) and writes that table; `--estimators`
+(`make results-estimators`) the estimators side by side (ESTIMATOR_ROWS).
 """
 import itertools
 import json
@@ -175,7 +177,7 @@ def estimators_markdown(plan, out, figure_path=None):
     return "\n".join([report.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
 
 
-def grid_markdown(plan, out, rows=ROWS):
+def grid_markdown(plan, out, rows=ROWS, grid=GRID):
     """The grid's table (report.grid_markdown); a row whose settings in ROWS are not its kept point says so."""
     cells = {}
     for row, _, script, flags in plan:
@@ -183,7 +185,7 @@ def grid_markdown(plan, out, rows=ROWS):
     notes = []
     for row, points in cells.items():
         kept = report.select_best(points, "loss", [])
-        differ = {k: v for k, v in rows[row].items() if kept.config.get(k) != v and k in GRID.get(row, {})}
+        differ = {k: v for k, v in rows[row].items() if k in grid[row] and kept.config.get(k) != v}
         if differ:
             notes.append(f"- {report.label(row)}: ROWS has {differ}; the grid keeps "
                          f"{ {k: kept.config.get(k) for k in differ} }.")
