@@ -34,6 +34,23 @@ def chunks(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def by_length(encoded, keep_order=False):
+    """Indices of `encoded`, shortest first, so that a batch pads little: real review snippets at batch 16
+    cost 1.02x their tokens this way, 1.59x in file order. Each row's score is a function of its own
+    tokens only (fp rounding aside: other padded shapes), so the order changes no prediction."""
+    def length(e):
+        return max(map(len, e.input_ids)) if e.input_ids and isinstance(e.input_ids[0], list) else len(e.input_ids)
+    return list(range(len(encoded))) if keep_order else sorted(range(len(encoded)), key=lambda i: length(encoded[i]))
+
+
+def in_order(order, values):
+    """Undo by_length: values[j] belongs to item order[j]."""
+    out = [None] * len(order)
+    for i, value in zip(order, values):
+        out[i] = value
+    return out
+
+
 def to_device(batch, device):
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -69,8 +86,11 @@ def predict(model, tok, task, samples, *, demo_sets=None, batch_size=8, sfc=Fals
     kind = batch_kind(task, training=False)
     opts = dict(max_length=max_length, max_new_tokens=max_new_tokens, bos_override=bos_override)
     encoded = encode_samples(task, samples, tok, demo_sets=demo_sets, **opts)
+    order = by_length(encoded, keep_order=kind == "prompt")  # generation keeps its batches
+    encoded = [encoded[i] for i in order]
     if sfc or icl_sfc:
         calib = encode_samples(task, samples, tok, demo_sets=demo_sets, sfc=sfc, icl_sfc=icl_sfc, **opts)
+        calib = [calib[i] for i in order]
     predicted, correct = [], []
     for i, group in enumerate(chunks(encoded, batch_size)):
         batch = to_device(collate(group, kind, tok.pad_token_id, shared=shared), device)
@@ -86,7 +106,7 @@ def predict(model, tok, task, samples, *, demo_sets=None, batch_size=8, sfc=Fals
         else:
             predicted += predictions(logits, batch).tolist()
         correct += [e.label for e in group] if task.family == "roberta" else [e.correct for e in group]
-    return predicted, correct
+    return in_order(order, predicted), in_order(order, correct)
 
 
 @torch.no_grad()
@@ -99,10 +119,14 @@ def dev_loss(model, encoded, kind, pad_token_id, batch_size, shared=True):
     original's collators (one per example, or one per candidate for the classification loss, whose
     collator flattens the candidates: large_models/utils.py DataCollatorWithPaddingAndNesting), then
     averaged. Classification tasks are scored on all candidates whatever the training loss (the
-    option-LM loss reads the correct ones), so the accuracy comes with it."""
+    option-LM loss reads the correct ones), so the accuracy comes with it. Batches are taken shortest
+    first (by_length) where that weighting does not depend on the grouping: unless examples have
+    different numbers of candidates."""
     model.eval()
     device = next(model.parameters()).device
     scored = kind == "classification" or kind == "option_lm" and encoded[0].gold is None
+    varied = kind == "classification" and len({len(e.input_ids) for e in encoded}) > 1
+    encoded = [encoded[i] for i in by_length(encoded, keep_order=varied)]
     total, rows, predicted, correct = 0.0, 0, [], []
     for group in chunks(encoded, batch_size):
         batch = to_device(collate(group, "classification" if scored else kind, pad_token_id, shared=shared), device)

@@ -1,11 +1,15 @@
 """Shared-prompt scoring (data/collate.py `shared_rows`) against the original's one sequence per
-candidate, and `logits_to_keep` against slicing the full logits, on the tiny parity models."""
+candidate, `logits_to_keep` against slicing the full logits, and evaluation batches taken shortest first,
+on the tiny parity models."""
+import dataclasses
+
 import pytest
 import torch
 
 import data
 import models
 from data.collate import split_prompt
+from data import evaluate
 from data.evaluate import encode_samples, predict
 from models import load_model, load_tokenizer
 from models.opt import keep_positions
@@ -141,3 +145,37 @@ def test_predictions_are_identical_on_every_bundled_evaluation_row(tiny, family,
         got = {shared: predict(model, tok, task, samples, batch_size=16, max_length=512, shared=shared, **options)[0]
                for shared in (True, False)}
         assert got[True] == got[False], options
+
+
+# ---------------------------------------------------------------- evaluation batches, shortest first
+
+def test_evaluation_batches_rows_by_length_and_predicts_and_weighs_as_in_file_order(tiny, monkeypatch):
+    """predict and dev_loss take rows shortest first (less padding), and give back each row's own
+    prediction in file order: the same as one row at a time (no padding at all). dev_loss keeps file
+    order when examples have different numbers of candidates (HF's weighting then depends on the grouping)."""
+    model, tok = tiny["llama"]
+    task = data.get_task("SST2", family="llama")
+    samples = task.load(None)["valid"]
+    widths, options = [], []
+    real_batch_logits = evaluate.batch_logits
+    monkeypatch.setattr(evaluate, "batch_logits", lambda m, b: widths.append(b["input_ids"].shape[1])
+                        or options.append(b["num_options"].tolist()) or real_batch_logits(m, b))
+    batched = predict(model, tok, task, samples, batch_size=16, max_length=512)
+    assert widths == sorted(widths) and len(widths) == -(-len(samples) // 16)
+    encoded = encode_samples(task, samples, tok, max_length=512)
+    lengths = [len(e.input_ids[0]) for e in encoded]
+    file_order = sum(-(-max(lengths[i:i + 16]) // 8) * 8 for i in range(0, len(lengths), 16))
+    assert sum(widths) < file_order  # the sample's rows vary in length: sorting must pad less
+    widths.clear()
+    one_by_one = predict(model, tok, task, samples, batch_size=1, max_length=512)
+    assert batched == one_by_one and len(widths) == len(samples)
+
+    # fp32 rounding of a reordered sum of 120 losses < 1: far below 1e-5 relative
+    assert (evaluate.dev_loss(model, encoded, "classification", tok.pad_token_id, 16)["loss"]
+            == pytest.approx(evaluate.dev_loss(model, encoded, "classification", tok.pad_token_id, 1)["loss"], rel=1e-5))
+    mixed = sorted(encoded[:6], key=lambda e: -len(e.input_ids[0]))  # longest first in file order
+    mixed[0] = dataclasses.replace(mixed[0], input_ids=mixed[0].input_ids[:1], option_len=mixed[0].option_len[:1], correct=[0])
+    assert len(mixed[0].input_ids[0]) > len(mixed[-1].input_ids[0])  # sorting would move it last
+    options.clear()
+    evaluate.dev_loss(model, mixed, "classification", tok.pad_token_id, 2)
+    assert options[0] == [1, 2]  # file order kept
