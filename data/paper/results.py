@@ -43,14 +43,14 @@ TRAIN_FLAGS = {"max_length": 128, "eval_batch_size": 16, "logging_steps": 10, "e
 ROWS = {
     "zero-shot": {"kind": "eval", "num_train": 0},
     "icl": {"kind": "eval", "num_train": 16},
-    "mezo": {"trainer": "zo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "zo_eps": 1e-3,
+    "mezo": {"trainer": "zo", "mode": "ft", "batch_size": 16, "learning_rate": 3e-5, "zo_eps": 1e-3,
              "max_steps": 100, "eval_steps": 50},
-    "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 8, "learning_rate": 1.5e-3, "zo_eps": 1e-2,
+    "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 8, "learning_rate": 3e-3, "zo_eps": 1e-2,
                   "max_steps": 100, "eval_steps": 50},
-    "mezo-prefix": {"trainer": "zo", "mode": "prefix", "batch_size": 8, "learning_rate": 1e-2, "zo_eps": 1e-1,
+    "mezo-prefix": {"trainer": "zo", "mode": "prefix", "batch_size": 8, "learning_rate": 3e-2, "zo_eps": 1e-1,
                     "max_steps": 100, "eval_steps": 50},
-    "ft": {"trainer": "fo", "mode": "ft", "batch_size": 16, "learning_rate": 1e-5, "max_steps": 40, "eval_steps": 20},
-    "ft-lora": {"trainer": "fo", "mode": "lora", "batch_size": 16, "learning_rate": 1e-4, "max_steps": 40,
+    "ft": {"trainer": "fo", "mode": "ft", "batch_size": 16, "learning_rate": 3e-5, "max_steps": 40, "eval_steps": 20},
+    "ft-lora": {"trainer": "fo", "mode": "lora", "batch_size": 16, "learning_rate": 5e-4, "max_steps": 40,
                 "eval_steps": 20},
 }
 # The grid on dev behind ROWS' learning rates (`--grid`): each point is a row's seed-0 run at its full
