@@ -55,7 +55,7 @@ ROWS = {
 }
 # The grid on dev behind ROWS' learning rates (`--grid`): each point is a row's seed-0 run at its full
 # length, so the point ROWS keeps is also that row's first run. eps is the paper's per mode (ft 1e-3,
-# LoRA 1e-2, prefix 1e-1), not varied: MeZO is insensitive to it, and each point costs a run.
+# LoRA 1e-2, prefix 1e-1), not varied: the paper's grids fix it too, and each point costs a run.
 GRID = {
     "mezo": {"learning_rate": (1e-5, 3e-5)},
     "mezo-lora": {"learning_rate": (1.5e-3, 3e-3)},
