@@ -211,6 +211,8 @@ def main(argv=None):
     p.add_argument("--model", default=MODEL), p.add_argument("--data_dir", default=DATA)
     args = p.parse_args(argv)
     try:
+        if args.grid and args.estimators:
+            raise DataError("--grid and --estimators are two tables, run one at a time (python -m data.paper.results)")
         where = {"model": args.model, "data_dir": args.data_dir}
         if args.grid:
             plan = grid_runs(**where)
