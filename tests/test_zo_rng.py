@@ -8,7 +8,7 @@ from torch._dynamo.utils import counters
 
 from zo import MeZO, MeZOConfig, name_key
 from zo.kernels import get_kernels
-from zo.rng import normal, rademacher
+from zo.rng import hash32, normal, rademacher
 from helpers_zo import NORMAL_Z_IMPL_BOUND
 
 K = get_kernels("normal")  # compiled; shared by every zo test in the process
@@ -80,6 +80,35 @@ def test_no_correlation_across_seeds_keys_and_neighbours(z):
     assert abs(corr(z[:-1], z[1:])) < bound  # neighbouring indices
     assert abs(corr(z[:-64], z[64:])) < bound
     assert abs(corr(z[: N // 2], z[N // 2:])) < bound
+
+
+def _mix32_int(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & 0xFFFFFFFF
+    return x ^ (x >> 15)
+
+
+def hash32_int(seed: int, key: int, i: int) -> int:
+    """zo/rng.py's hash of global index i, spelled in Python integers (unbounded, so no lane can wrap)."""
+    k1 = _mix32_int(_mix32_int((seed & 0xFFFFFFFF) ^ 0x9E3779B9) ^ (seed >> 32))
+    m = (_mix32_int(_mix32_int(k1 ^ (key & 0xFFFFFFFF) ^ 0x85EBCA6B) ^ (key >> 32)) >> 1) | 1
+    return _mix32_int(((i ^ k1) * m) & 0xFFFFFFFF)
+
+
+@pytest.mark.parametrize("offset", [0, (1 << 31) - 20, (1 << 32) - 45])
+def test_the_int32_lane_hash_is_the_32_bit_hash_of_python_integers(offset):
+    """The hash runs in int32 lanes (products modulo 2^32, masked logical shifts): every bit must be the
+    32-bit hash's, across the index's sign bit (2^31) up to the last index (2^32 - 1), eagerly, and compiled
+    in the vector body and its scalar tail (45 elements; compiled, the top bit shows as Rademacher z)."""
+    seed, key, n = 0x0123456789ABCDEF >> 1, name_key("model.layers.3.mlp.up_proj.weight"), 45
+    want = torch.tensor([float(2 * (hash32_int(seed, key, offset + i) >> 31) - 1) for i in range(n)])
+    assert 0 < (want > 0).sum() < n
+    assert torch.equal(rademacher(T(seed), T(key), T(offset), n, "cpu"), want)
+    assert torch.equal(z_compiled(seed, key, n, offset, kernels=get_kernels("rademacher")), want)
+    bits = hash32(T(seed), T(key), T(offset), n, "cpu")
+    assert [v & 0xFFFFFFFF for v in bits.tolist()] == [hash32_int(seed, key, offset + i) for i in range(n)]
 
 
 def test_shard_equals_slice_of_whole_bitwise():

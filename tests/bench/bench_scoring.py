@@ -4,8 +4,8 @@
 (`FullLogits` runs the model's head everywhere and then keeps the positions the loss reads, so the
 numbers are the same and the cost is the old one). "new" is the default: one shared prompt per
 example, logits where read. "per candidate" (`--per_candidate`: one sequence per candidate, logits
-where read) separates the two effects. Timing as bench_model: interleaved after a warm-up, the
-median of per-repetition ratios. Memory: each (layout, what) in a fresh process, VmHWM of the
+where read) separates the two effects. Timing as bench_model: interleaved after a warm-up (for an
+evaluation, one batch of each layout), the median of per-repetition ratios. Memory: each (layout, what) in a fresh process, VmHWM of the
 second call (after a warm-up), as bench_model.measure_memory.
 
 Inputs: the real SmolLM2-135M-Instruct (.cache/smollm2-135m-instruct, `make smollm2`) on the real
@@ -77,11 +77,13 @@ def step_times(model, examples, kind, pad_token_id, repeats, lr=1e-7):
 def eval_times(model, tok, task, samples, repeats, demo_sets=None, batch_size=8, max_length=2048):
     preds = {}
 
-    def run(layout):
+    def run(layout, n=len(samples)):
         m, shared = scorer(model, layout)
-        preds[layout] = predict(m, tok, task, samples, demo_sets=demo_sets, batch_size=batch_size,
-                                max_length=max_length, shared=shared)[0]
-    times = interleaved({layout: (lambda layout=layout: run(layout)) for layout in LAYOUTS}, repeats)
+        preds[layout] = predict(m, tok, task, samples[:n], demo_sets=demo_sets and demo_sets[:n],
+                                batch_size=batch_size, max_length=max_length, shared=shared)[0]
+    for layout in LAYOUTS:  # warm-up: one batch each; nothing a layout builds or caches depends on the row count
+        run(layout, batch_size)
+    times = interleaved({layout: (lambda layout=layout: run(layout)) for layout in LAYOUTS}, repeats, warmup=False)
     return times, all(p == preds["old"] for p in preds.values())
 
 
