@@ -17,7 +17,8 @@ every multiplier < 2^31, so no product reaches 2^63). The per-element hash runs 
 32-bit product modulo 2^32 is what the lane's multiply keeps, right shifts are masked to be logical,
 and the index is narrowed from int64 after the offset is added, so no addition wraps. The bits are
 those of the same hash in int64 (tests/test_zo_rng.py checks them against Python integers), at about
-half the cost on a CPU without 64-bit vector multiplies (AVX2: BENCHMARKS.md). Per element i:
+half the cost on a CPU without 64-bit vector multiplies (AVX2; BENCHMARKS.md, "Measurements behind
+design choices"). Per element i:
 
     a = mix(((i ^ k1) * m) mod 2^32)        k1 = f(seed), m = odd f(seed, key) < 2^31 (scalars)
     b = mix(a ^ C)                          (second uniform for Box-Muller)
