@@ -13,7 +13,18 @@ from data import DataError, get_task
 from data.paper import presets
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
-BOOL = dict(nargs="?", const=True, default=None, type=lambda s: s.lower() in ("1", "true", "yes"))
+
+
+def _bool(value: str) -> bool:
+    """A boolean flag's value, as transformers' HfArgumentParser reads it; anything else is a user mistake."""
+    if value.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if value.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+BOOL = dict(nargs="?", const=True, default=None, type=_bool)
 # Flags that steer the command itself rather than a run (not written by the grid runner).
 CONTROL_FLAGS = frozenset({"help", "preset", "list_presets", "dry_run", "grid", "slurm", "nproc", "resume",
                            "overwrite_output_dir", "replay"})

@@ -112,6 +112,7 @@ TRAIN_FLAGS = [
     (["--num_eval", "0"], "--num_eval 0"),
     (["--task", "NoSuchTask"], "unknown task"),
     (["--model", "/no/such/model"], "missing model directory"),
+    (["--eval_on_start", "maybe"], "argument --eval_on_start: expected true or false, got 'maybe'"),
 ]
 
 
