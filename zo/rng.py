@@ -13,12 +13,14 @@ offset o gets exactly the slice o: of the whole). Nothing is ever materialised b
 
 Hash: an integer finaliser in the style of `lowbias32` (Wellons, hash-prospector), with the
 constants [16 0x21f0aaad 15 0x735a2d97 15]. The per-step scalars are computed in int64 (32-bit values,
-every multiplier < 2^31, so no product reaches 2^63). The per-element hash runs in int32 lanes: a
-32-bit product modulo 2^32 is what the lane's multiply keeps, right shifts are masked to be logical,
-and the index is narrowed from int64 after the offset is added, so no addition wraps. The bits are
-those of the same hash in int64 (tests/test_zo_rng.py checks them against Python integers), at about
-half the cost on a CPU without 64-bit vector multiplies (AVX2; BENCHMARKS.md, "Measurements behind
-design choices"). Per element i:
+every multiplier < 2^31, so no product reaches 2^63). The per-element hash runs in int32 lanes: the
+multiply keeps the product modulo 2^32 (two's complement wrap-around, which C++ does not promise for
+signed ints but the hardware's multiplies do), right shifts are masked to be logical, and the index is
+narrowed from int64 after the offset is added, so no addition wraps. The bits are those of the same
+hash in int64: tests/test_zo_rng.py checks them against Python integers, eagerly and in the compiled
+kernel's vector body and scalar tail, and tests/test_cuda.py the GPU's against
+the CPU's. The int32 lanes take about half the int64 hash's time on a CPU without 64-bit vector
+multiplies (AVX2; BENCHMARKS.md, "Measurements behind design choices"). Per element i:
 
     a = mix(((i ^ k1) * m) mod 2^32)        k1 = f(seed), m = odd f(seed, key) < 2^31 (scalars)
     b = mix(a ^ C)                          (second uniform for Box-Muller)

@@ -5,8 +5,8 @@
 numbers are the same and the cost is the old one). "new" is the default: one shared prompt per
 example, logits where read. "per candidate" (`--per_candidate`: one sequence per candidate, logits
 where read) separates the two effects. Timing as bench_model: interleaved after a warm-up (for an
-evaluation, one batch of each layout), the median of per-repetition ratios. Memory: each (layout, what) in a fresh process, VmHWM of the
-second call (after a warm-up), as bench_model.measure_memory.
+evaluation, one batch of each layout), the median of per-repetition ratios. Memory: each (layout,
+what) in a fresh process, VmHWM of the second call (after a warm-up), as bench_model.measure_memory.
 
 Inputs: the real SmolLM2-135M-Instruct (.cache/smollm2-135m-instruct, `make smollm2`) on the real
 review snippets (.cache/rotten-tomatoes, `make rotten-tomatoes`; without them the bundled SST-2
