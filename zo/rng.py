@@ -18,9 +18,9 @@ multiply keeps the product modulo 2^32 (two's complement wrap-around, which C++ 
 signed ints but the hardware's multiplies do), right shifts are masked to be logical, and the index is
 narrowed from int64 after the offset is added, so no addition wraps. The bits are those of the same
 hash in int64: tests/test_zo_rng.py checks them against Python integers, eagerly and in the compiled
-kernel's vector body and scalar tail, and tests/test_cuda.py the GPU's against
-the CPU's. The int32 lanes take about half the int64 hash's time on a CPU without 64-bit vector
-multiplies (AVX2; BENCHMARKS.md, "Measurements behind design choices"). Per element i:
+kernel's vector body and scalar tail, and tests/test_cuda.py the GPU's against the CPU's. The int32
+lanes take about half the int64 hash's time on a CPU without 64-bit vector multiplies (AVX2;
+BENCHMARKS.md, "Measurements behind design choices"). Per element i:
 
     a = mix(((i ^ k1) * m) mod 2^32)        k1 = f(seed), m = odd f(seed, key) < 2^31 (scalars)
     b = mix(a ^ C)                          (second uniform for Box-Muller)
