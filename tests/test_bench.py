@@ -17,7 +17,7 @@ ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
     "perturb.vs_original", "perturb.vs_randn", "perturb.extra_memory", "perturb.vs_add",
     "forward.vs_transformers", "step.fused", "step.reference", "memory.tiny.sst2",
     "comm.replicated", "comm.sharded", "forward.llama.vs_transformers", "step.llama.fused",
-    "step.llama.fused.last_position",
+    "step.llama.fused.last_position", "step.llama.rademacher.last_position",
     "scoring.lora_step", "scoring.ft_step", "scoring.zero_shot", "scoring.icl16", "scoring.Copa", "scoring.CB",
     "scoring.memory.step", "scoring.memory.eval", "estimators.fzoo", "estimators.sparse-mezo",
 }

@@ -152,11 +152,14 @@ def forward_vs_transformers(shape: str, vocab: int, size: int, seq: int, repeats
 # ---------------------------------------------------------------- row 3: a MeZO step vs two forwards
 
 def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, device: str = "cpu",
-                     dtype: str = "fp32", reference_repeats: int = 2, model=None, loss=lm_loss) -> dict:
+                     dtype: str = "fp32", reference_repeats: int = 2, model=None, loss=lm_loss,
+                     rademacher: bool = False) -> dict:
     """One ZO-SGD step (fused) against two no_grad forwards, with one perturbed copy of every
-    parameter (`perturbed_`: what each perturbed forward adds) in the same interleaving; then, in a shorter
-    second interleaving (it is slow; skipped when reference_repeats is 0), the step with the original's
-    operations (perturbation="reference"). `loss(ids, mask)` builds the loss closure."""
+    parameter (`perturbed_`: what each perturbed forward adds) in the same interleaving, and with
+    `rademacher` the same step with Rademacher z (the hash without a Gaussian transform: what the step's
+    structure costs whatever the transform); then, in a shorter second interleaving (it is slow; skipped
+    when reference_repeats is 0), the step with the original's operations (perturbation="reference").
+    `loss(ids, mask)` builds the loss closure."""
     model = build(shape, vocab, device, dtype) if model is None else model  # model: e.g. build_llama's
     ids, mask = batch(size, seq, vocab, device)
     loss_fn = loss(ids, mask)
@@ -174,11 +177,15 @@ def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, 
         loss_fn(model)
         loss_fn(model)
 
-    times = interleaved({
+    fns = {
         "two forwards": two_forwards,
         "MeZO step (fused)": lambda: fused.step(model, loss_fn),
         "perturbed pass over all params": perturbed_copies,
-    }, repeats, device)
+    }
+    if rademacher:
+        signs = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3, distribution="rademacher"))
+        fns["MeZO step (fused, Rademacher z)"] = lambda: signs.step(model, loss_fn)
+    times = interleaved(fns, repeats, device)
     ref_times = interleaved({"two forwards": two_forwards, "MeZO step (reference)": lambda: original.step(model, loss_fn)},
                             reference_repeats, device, warmup=False) if reference_repeats else None  # nothing to compile
     return {"shape": shape, "device": device, "dtype": dtype, "batch": [size, seq], "repeats": repeats,
@@ -186,7 +193,8 @@ def step_vs_forwards(shape: str, vocab: int, size: int, seq: int, repeats: int, 
             "ms": medians_ms(times), "reference_ms": medians_ms(ref_times) if ref_times else None,
             "fused": ratio(times, "MeZO step (fused)", "two forwards"),
             "perturbed_pass": ratio(times, "perturbed pass over all params", "two forwards"),
-            "reference": ratio(ref_times, "MeZO step (reference)", "two forwards") if ref_times else None}
+            "reference": ratio(ref_times, "MeZO step (reference)", "two forwards") if ref_times else None,
+            "rademacher": ratio(times, "MeZO step (fused, Rademacher z)", "two forwards") if rademacher else None}
 
 
 # ---------------------------------------------------------------- LLaMA family: SmolLM2-135M's shape

@@ -160,7 +160,7 @@ def llama_rows(plan, raw) -> list[dict]:
     model = bench_model.build_llama(shape)
     st = bench_model.step_vs_forwards(shape, vocab, size, seq, plan["step_repeats"], "cpu", "fp32", 1, model=model)
     last = bench_model.step_vs_forwards(shape, vocab, size, seq, plan["step_repeats"], "cpu", "fp32", 0, model=model,
-                                        loss=bench_model.last_position_loss)
+                                        loss=bench_model.last_position_loss, rademacher=True)
     raw["llama"] = {"forward": f, "step": st, "step_last_position": last}
     what = f"LLaMA, {shape} shape, {size}x{seq} fp32"
     goal = f"<= {LLAMA_STEP_GOAL:.2f}x"
@@ -179,6 +179,11 @@ def llama_rows(plan, raw) -> list[dict]:
             f["ratio"] | {"n": f["repeats"]}),
         step_row("step.llama.fused", "logits at every position", st),
         step_row("step.llama.fused.last_position", "logits at the last position only", last),
+        row("step.llama.rademacher.last_position", "cpu", f"MeZO step, {what}, logits at the last position only, "
+            "Rademacher z (the hash, no Gaussian transform): fused step / two forwards", last["rademacher"]["median"],
+            "x", None, None, "-", f"step {last['ms']['MeZO step (fused, Rademacher z)']:.0f} ms in the same "
+            "interleaving: what the step costs before z's Gaussian transform",
+            last["rademacher"] | {"n": last["repeats"]}),
     ]
 
 
