@@ -152,7 +152,8 @@ def forward_rows(plan, raw) -> list[dict]:
 def llama_rows(plan, raw) -> list[dict]:
     """Our LLaMA forward vs transformers', and a full-parameter MeZO step vs two forwards, CPU fp32: with
     the answer-tokens loss (logits at every position) and with a loss that reads the last position only
-    (logits_to_keep=1: the forwards lose most of the LM head's work, the perturbation none)."""
+    (logits_to_keep=1: the forwards lose most of the LM head's work, the perturbation none), the latter
+    also with Rademacher z, whose kernel is the hash alone: the step's cost before z's Gaussian transform."""
     shape, (size, seq) = plan["llama_shape"], plan["batch"]
     with tempfile.TemporaryDirectory() as tmp:
         f = bench_model.llama_forward_vs_transformers(shape, size, seq, plan["forward_repeats"], Path(tmp))
