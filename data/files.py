@@ -21,7 +21,7 @@ import re
 import shutil
 
 
-def _umask() -> int:
+def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -59,7 +59,7 @@ def atomic_path(path):
     tmp = temp_path(path)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) create owner-only files
+        os.chmod(tmp, 0o666 & ~umask())  # some writers (safetensors) create owner-only files
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -131,7 +131,7 @@ def atomic_dir(path):
     os.makedirs(tmp)
     try:
         yield tmp
-        mask = _umask()
+        mask = umask()
         for name in os.listdir(tmp):
             os.chmod(os.path.join(tmp, name), 0o666 & ~mask)
             _fsync_file(os.path.join(tmp, name))

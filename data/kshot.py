@@ -80,7 +80,7 @@ def load_records(task, data_dir, k, seed):
                     f"original train file under k-shot-1k-test/, original/, {task.name}/ ({data_dir})")
 
 
-def _original(task, folder):
+def read_original(task, folder):
     """-> ({file split: header lines}, train rows, {test split: rows}) of an original data folder.
 
     GLUE files keep their header: train.tsv and dev.tsv get the train header, test*.tsv the header
@@ -117,13 +117,13 @@ def _split(task, train, tests, k, seed):
 
 def generate(task, original_folder, k, seed):
     """The k-shot split of one seed -> {"train", "dev", <test split(s)>}: [(where, raw)]."""
-    _, train, tests = _original(task, original_folder)
+    _, train, tests = read_original(task, original_folder)
     return _split(task, train, tests, k, seed)
 
 
 def write_folder(task, original_folder, out_dir, k, seed):
     """Write <out_dir>/<task>/<k>-<seed>/ as generate_k_shot_data.py --mode k-shot-1k-test does."""
-    headers, train, tests = _original(task, original_folder)
+    headers, train, tests = read_original(task, original_folder)
     splits = _split(task, train, tests, k, seed)
     folder = os.path.join(out_dir, task.name, f"{k}-{seed}")
     os.makedirs(folder, exist_ok=True)

@@ -128,7 +128,7 @@ def max_positions(config) -> int:
 
 # ---------------------------------------------------------------- names in files vs. ours
 
-def _our_name(model_type: str, key: str) -> str:
+def our_name(model_type: str, key: str) -> str:
     if model_type == "opt":
         return key.removeprefix("model.")  # OPTForCausalLM saves `model.decoder.*`, hub OPT `decoder.*`
     return "lm_head.decoder.bias" if key == "lm_head.bias" else key
@@ -226,7 +226,7 @@ def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
     # `lm_head.decoder.bias` the decoder's own wins (the one transformers uses when untied).
     key_of = {}
     for key in weights.file_of:
-        name = _our_name(cfg.model_type, key)
+        name = our_name(cfg.model_type, key)
         if name in expected and not IGNORED.search(key) and (name not in key_of or key == name):
             key_of[name] = key
     state = {}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import data.files as files
-from helpers_zo import lm_batch, lm_loss, tiny_lm
+from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import FO, FOConfig, MeZO, MeZOConfig
 from zo import checkpoint as ck
 from zo import distributed as zd
@@ -260,7 +260,7 @@ def test_resume_recognises_its_folder_however_spelled(tmp_path, monkeypatch):
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
     files.write_json(path, {"a": 1})
-    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~files._umask())
+    assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~files.umask())
     crash_at(monkeypatch, "replace", 1)
     with pytest.raises(Crash):
         files.atomic_write(path, "new")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers_zo import NORMAL_Z_IMPL_BOUND, Z_MAX, lm_batch, lm_loss, normal_z_error, params, tiny_lm
+from tests.helpers.zo import NORMAL_Z_IMPL_BOUND, Z_MAX, lm_batch, lm_loss, normal_z_error, params, tiny_lm
 from zo import CudaGraphStep, MeZO, MeZOConfig, Trajectory, name_key
 from zo.kernels import get_kernels
 from zo.rng import normal, rademacher
@@ -29,7 +29,7 @@ def compiled_z(dist, seed, key, n, device):
 
 def test_z_on_cuda_equals_z_on_cpu():
     """Rademacher: bitwise (a function of the integer hash). Normal: each side within its derived error
-    (helpers_zo.normal_z_error; CUDA's logf 1 ulp, cosf 2 ulp (CUDA C Programming Guide, mathematical
+    (tests.helpers.zo.normal_z_error; CUDA's logf 1 ulp, cosf 2 ulp (CUDA C Programming Guide, mathematical
     functions), sqrt taken as 1 ulp in case Triton's is not correctly rounded), compiled and eager on CUDA;
     an off-by-one offset breaks the same bound."""
     n, key = 1 << 20, name_key("decoder.layers.3.fc2.weight")

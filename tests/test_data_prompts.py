@@ -4,7 +4,7 @@ import pytest
 
 import data
 from data import Sample, get_task
-from helpers_data import opt_tokenizer, roberta_tokenizer
+from tests.helpers.data import opt_tokenizer, roberta_tokenizer
 
 
 # (task, HF-field row, expected prompt per candidate, index of the correct candidate)

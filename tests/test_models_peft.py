@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from models import ModelError, adapter_state_dict, apply_lora, apply_prefix, load_adapter, load_model
-from models.checkpoint import _our_name
-from tests.helpers_models import (hf_as_original, hf_opt, hf_roberta, original_lora, original_prefix, padded_batch,
+from models.checkpoint import our_name
+from tests.helpers.models import (hf_as_original, hf_opt, hf_roberta, original_lora, original_prefix, padded_batch,
                                   trainable)
 
 KINDS = ["opt125", "opt350", "roberta"]
@@ -145,7 +145,7 @@ def test_lora_parameter_order_is_the_originals(kind):
     """large_models/lora.py on the transformers model: v_proj's adapter before q_proj's (OPT registers
     k, v, q), and inside each wrapped projection the frozen weight, bias, then lora_A, lora_B."""
     path, hf = hf_as_original(kind)
-    rename = lambda name: _our_name(hf.config.model_type, name)  # noqa: E731
+    rename = lambda name: our_name(hf.config.model_type, name)  # noqa: E731
     ours = apply_lora(load_model(path), r=8, alpha=16)
     assert _all_parameters(ours) == _all_parameters(original_lora(hf, r=8, alpha=16), rename)
     if kind != "roberta":
@@ -159,7 +159,7 @@ def test_prefix_parameter_order_is_the_originals(kind):
     before its projections. RoBERTa's live one level down here (`attention.self`, the module that
     attends) where medium_models/src/prefix.py puts them on `attention`: same order, other names."""
     path, hf = hf_as_original(kind)
-    rename = lambda name: _our_name(hf.config.model_type, name).replace(  # noqa: E731
+    rename = lambda name: our_name(hf.config.model_type, name).replace(  # noqa: E731
         ".attention.prefix_", ".attention.self.prefix_")
     ours = apply_prefix(load_model(path), num_prefix=5, generator=torch.Generator().manual_seed(0))
     assert _all_parameters(ours) == _all_parameters(original_prefix(hf, num_prefix=5), rename)

@@ -6,7 +6,7 @@ import pytest
 import sentencepiece
 
 from models import ModelError, load_tokenizer
-from tests.helpers_models import CORPUS, ROOT, bpe_dir
+from tests.helpers.models import CORPUS, ROOT, bpe_dir
 
 TEXTS = ["Hello world", " Hello world", "It was<mask>.", "Hello <mask> world</s><pad>", "<s>A question? Yes",
          "great terrible Yes No", "ünïcödé ✓ text\nnew  line", ""]

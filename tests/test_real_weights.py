@@ -17,7 +17,8 @@ import data
 import data.evaluate
 from models import gguf as gguf_import
 from models import load_model, load_tokenizer
-from tests.helpers_models import bpe_dir, mask_positions, randomize_, smollm2_dir
+from tests.helpers.models import bpe_dir, mask_positions, randomize_
+from tests.helpers.real import smollm2_dir
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType

@@ -1,7 +1,7 @@
 """`perturbation="reference"` reproduces the original's run, step for step, bitwise.
 
 The original's MeZO step (large_models/trainer.py `zo_step`, `zo_perturb_parameters`, `zo_update`) is
-transcribed once in tests/helpers_original.py and run on transformers' OPTForCausalLM / RobertaForMaskedLM, its LoRA by
+transcribed once in tests/helpers/original.py and run on transformers' OPTForCausalLM / RobertaForMaskedLM, its LoRA by
 large_models/lora.py's wrapping. Ours runs zo.MeZO in reference mode on our models loaded from the same
 checkpoint, with the same numpy seed stream, batches and loss. Both forwards give bitwise-equal logits
 in fp32 on CPU, so any difference comes from the step: the order z is drawn in (named_parameters()),
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 
 import zo
 from models import apply_lora, load_model
-from models.checkpoint import _our_name
-from helpers_original import OriginalStep
-from tests.helpers_models import hf_as_original, original_lora, padded_batch
+from models.checkpoint import our_name
+from tests.helpers.original import OriginalStep
+from tests.helpers.models import hf_as_original, original_lora, padded_batch
 
 STEPS = 5
 SEED = 42  # HF set_seed(42) seeds numpy's global RNG in the original's Trainer
@@ -65,7 +65,7 @@ def _models(kind, mode):
     """(transformers model as the original set it up, ours) from one checkpoint, same adapter values."""
     path, hf = hf_as_original(kind)
     ours = load_model(path)
-    rename = lambda name: _our_name(hf.config.model_type, name)  # noqa: E731 (HF name -> ours)
+    rename = lambda name: our_name(hf.config.model_type, name)  # noqa: E731 (HF name -> ours)
     if mode == "lora":
         original_lora(hf, r=8, alpha=16)
         apply_lora(ours, r=8, alpha=16, generator=torch.Generator().manual_seed(5))

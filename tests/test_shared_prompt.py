@@ -12,8 +12,7 @@ from data.collate import split_prompt
 from data import evaluate
 from data.evaluate import encode_samples, predict
 from models import load_model, load_tokenizer
-from models.opt import keep_positions
-from tests.helpers_models import LLAMA_LAYOUTS, OPT_LAYOUTS, hf_llama, hf_opt, hf_roberta, padded_batch, tiny_llama_dir
+from tests.helpers.models import LLAMA_LAYOUTS, OPT_LAYOUTS, hf_llama, hf_opt, hf_roberta, padded_batch, tiny_llama_dir
 
 CLASSIFICATION = [name for name, task in data.OPT_TASKS.items() if not task.generation]
 

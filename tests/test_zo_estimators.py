@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers_zo import dense_z, lm_batch, lm_loss, params, tiny_lm
+from tests.helpers.zo import dense_z, lm_batch, lm_loss, params, tiny_lm
 from zo import MeZO, MeZOConfig, Trajectory, check_supported, read_trajectory, replay
 from zo.rng import rademacher
 
@@ -161,7 +161,7 @@ def test_sparse_mezo_matches_the_dense_masked_update_and_breaks_fail(problem):
                                                keep="large" if how == "large" else "small",
                                                masked_update=how != "unmasked_update")
             if how == "right":
-                # normal z: compiled and eager z differ by <= NORMAL_Z_IMPL_BOUND = 2.75e-6 (tests/helpers_zo.py);
+                # normal z: compiled and eager z differ by <= NORMAL_Z_IMPL_BOUND = 2.75e-6 (tests/helpers/zo.py);
                 # through eps*grad.dz / (2 eps) that moves g by <= |grad|_1 * 2.75e-6 / 2, under 1e-5 relative
                 # on these O(1)-gradient losses
                 assert torch.allclose(gs[0], g, rtol=1e-4, atol=1e-6), (gs[0], g)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers_original import two_sided_estimate
-from helpers_zo import dense_z, least_squares, lm_batch, lm_loss, params, perturbed_loss_tolerance, tiny_lm
+from tests.helpers.original import two_sided_estimate
+from tests.helpers.zo import dense_z, least_squares, lm_batch, lm_loss, params, perturbed_loss_tolerance, tiny_lm
 from zo import FO, FOConfig, MeZO, MeZOConfig, learning_rate, num_samples
 
 
@@ -245,7 +245,7 @@ def test_a_non_finite_loss_skips_the_update_without_touching_the_weights():
 
 
 # ---------------------------------------------------------------- each variant against its formula, densely
-# The oracle materialises z with the eager formula (helpers_zo.dense_z), perturbs a copy of the model
+# The oracle materialises z with the eager formula (tests.helpers.zo.dense_z), perturbs a copy of the model
 # with plain torch ops, and applies the variant's update as written in the MeZO paper (Appendix B) and
 # medium_models/src/trainer.py; only the seeds are taken from the run. Tolerances: the hooked and the
 # dense forwards differ by float rounding (~1e-6 of the loss), which 1/(2 eps) amplifies in g; the
@@ -302,7 +302,7 @@ def test_zo_sgd_variants_equal_their_dense_formula(variant):
     c_of = lambda slot: cs[slot.group].item() if slot.group in cs else 1.0  # noqa: E731
     grad_factor = (lambda slot: 1.0) if cfg.change_grad_estimate else c_of  # z*c, or plain z (normalised)
     step = {s.name: (wd if s.decay else 0.0) * before[s.name] for s in mezo.slots}  # decay once per step
-    # g = (L+ - L-) / (2 eps): both losses' tolerance (helpers_zo.perturbed_loss_tolerance) over 2 eps
+    # g = (L+ - L-) / (2 eps): both losses' tolerance (tests.helpers.zo.perturbed_loss_tolerance) over 2 eps
     c_min = min([c.item() for c in cs.values()] + [1.0])
     g_tol = 2 * perturbed_loss_tolerance(tiny_lm(), lm_loss(ids), eps, c_min) / (2 * eps)
     for seed, g in estimates:

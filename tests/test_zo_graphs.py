@@ -7,7 +7,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from helpers_zo import least_squares, lm_batch, lm_loss, params, tiny_lm
+from tests.helpers.zo import least_squares, lm_batch, lm_loss, params, tiny_lm
 from zo import MeZO, MeZOConfig, Trajectory, graphs
 
 FACTORIES = ("aten.full", "aten.scalar_tensor", "aten.lift_fresh", "aten.tensor")  # a tensor from a host value
@@ -60,11 +60,11 @@ def test_step_scalars_keep_their_storage_and_change_value():
     persistent = lambda: [mezo.seed.tensor, mezo.lr.tensor, exact.finite, exact.lr_applied]  # noqa: E731
     mezo.step(model, lm_loss(ids))
     ptrs, values = [t.data_ptr() for t in persistent()], [t.clone() for t in persistent()]
-    consts = {k: v.data_ptr() for k, v in exact._consts.items()}
+    consts = {k: v.data_ptr() for k, v in exact.consts.items()}
     for _ in range(3):
         mezo.step(model, lm_loss(ids))
         assert [t.data_ptr() for t in persistent()] == ptrs
-        assert {k: v.data_ptr() for k, v in exact._consts.items()} == consts  # nothing new after warm-up
+        assert {k: v.data_ptr() for k, v in exact.consts.items()} == consts  # nothing new after warm-up
     assert int(mezo.seed.tensor) == mezo.zo_random_seed and not torch.equal(mezo.seed.tensor, values[0])
     assert float(mezo.lr.tensor) == pytest.approx(mezo.lr.value) and not torch.equal(mezo.lr.tensor, values[1])
 

@@ -9,7 +9,7 @@ from torch._dynamo.utils import counters
 from zo import MeZO, MeZOConfig, name_key
 from zo.kernels import get_kernels
 from zo.rng import hash32, normal, rademacher
-from helpers_zo import NORMAL_Z_IMPL_BOUND
+from tests.helpers.zo import NORMAL_Z_IMPL_BOUND
 
 K = get_kernels("normal")  # compiled; shared by every zo test in the process
 N = 1 << 20  # >= 1M samples for the statistics
@@ -125,7 +125,7 @@ def test_shard_equals_slice_of_whole_bitwise():
 def test_eager_and_compiled_normal_agree_within_the_derived_bound():
     """ATen's and Inductor's log/cos differ in the last bits (which ones depends on the CPU's vector
     instructions), so eager and compiled z may differ, but never by more than NORMAL_Z_IMPL_BOUND
-    (derived in helpers_zo.py). Negative controls: an off-by-one offset, another key and a bf16 round
+    (derived in tests/helpers/zo.py). Negative controls: an off-by-one offset, another key and a bf16 round
     trip (a precision regression) each break that same bound."""
     key = name_key("decoder.layers.0.fc1.weight")
     for seed in (0, 999_999_999):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers_original import OriginalStep
-from helpers_zo import (NORMAL_Z_IMPL_BOUND, Z_MAX, dense_z, least_squares, lm_batch, lm_loss, params,
+from tests.helpers.original import OriginalStep
+from tests.helpers.zo import (NORMAL_Z_IMPL_BOUND, Z_MAX, dense_z, least_squares, lm_batch, lm_loss, params,
                         perturbed_loss_tolerance, tiny_lm)
 from zo import MeZO, MeZOConfig
 
@@ -32,7 +32,7 @@ def test_hooked_forward_equals_dense_perturbed_model(sign):
         p.data = p.data + sign * eps * dense_z(slot, seed)
     assert dense.lm_head.weight is dense.embed_tokens.weight
     expected = mezo.zo_forward(dense, lm_loss(ids))
-    tol = perturbed_loss_tolerance(copy.deepcopy(model), lm_loss(ids), eps)  # derived in helpers_zo
+    tol = perturbed_loss_tolerance(copy.deepcopy(model), lm_loss(ids), eps)  # derived in tests/helpers/zo.py
     assert (hooked - expected).abs() <= tol
 
     # the oracle can tell a missed owner apart: perturbing the embedding but not the tied head differs

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from helpers_zo import lm_batch, lm_loss, tiny_lm
+from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import MeZO, MeZOConfig, Trajectory, learning_rate, read_trajectory, replay
 from zo.trajectory import records_up_to
 

@@ -223,7 +223,7 @@ class ExactRestore:
         device = slots[0].param.device
         self.finite = torch.ones((), dtype=torch.bool, device=device)  # all estimates of this step finite
         self.lr_applied = torch.zeros((), dtype=torch.float32, device=device)  # lr, or 0 to skip the update
-        self._consts: dict = {}  # 0-d device tensors of values fixed for the run (scales, offsets, wd)
+        self.consts: dict = {}  # 0-d device tensors of values fixed for the run (scales, offsets, wd)
         self._divided_for, self._divided = None, {}  # cs -> {(shift * eps, group): shift * eps / c}
 
     def perturb(self, seed: StepScalar, scaling_factor: float, eps: float, cs: dict, slots: list[ParamSlot]):
@@ -285,6 +285,6 @@ class ExactRestore:
         return {s: self._divided.get((base, s.group), self._const(base)) for s in slots}
 
     def _const(self, value, dtype=torch.float32) -> torch.Tensor:
-        if (value, dtype) not in self._consts:
-            self._consts[(value, dtype)] = torch.full((), value, dtype=dtype, device=self.slots[0].param.device)
-        return self._consts[(value, dtype)]
+        if (value, dtype) not in self.consts:
+            self.consts[(value, dtype)] = torch.full((), value, dtype=dtype, device=self.slots[0].param.device)
+        return self.consts[(value, dtype)]

