@@ -1,57 +1,35 @@
 """Every user mistake ends with one line `error: <what> (<where>)` and exit status 2, with nothing
-written: train.py, eval.py and `python -m data`, over their flags and every file they read.
+written: train.py, eval.py and `python -m data`, over their flags and every file they read, each
+checked before the first write. `refused` (tests/helpers/refusals.py) compares every path's bytes,
+mode and mtime before and after.
 
 Each case runs the command's main() in-process (a subprocess costs seconds of torch import); a few
 run as real subprocesses to check the scripts' exit status and stderr as a user sees them."""
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import data
 import data.__main__ as data_cli
 import eval as evaluation
 import models
 import train
-from data import SAMPLES_DIR, get_task
+from data import SAMPLES_DIR, flags, get_task
+from tests.helpers.refusals import READ, folder_hash, refused
 from zo import checkpoint as ck
+from zo import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPT = ["--perturbation", "eager", "--num_train", "16", "--num_dev", "8", "--num_eval", "4", "--batch_size", "4", "--max_steps", "2",
        "--eval_steps", "2", "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-3"]
-# folders the commands read: they must never change either
-READ = [os.path.dirname(models.TINY_OPT), SAMPLES_DIR]
-
-
-def snapshot(*roots):
-    """Every path under `roots` with its mtime and size."""
-    seen = {}
-    for root in roots:
-        for folder, dirs, names in os.walk(root):
-            for name in dirs + names:
-                path = os.path.join(folder, name)
-                st = os.lstat(path)
-                seen[path] = (st.st_mtime_ns, st.st_size)
-    return seen
-
-
-def refused(capsys, main, argv, what, root):
-    """main(argv) exits 2 with one `error:` line mentioning `what`, nothing under root/READ changed."""
-    before = snapshot(root, *READ)
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert lines and lines[-1].startswith("error: ") and what in lines[-1], err
-    assert sum("error:" in line for line in lines) == 1 and "Traceback" not in err, err
-    assert snapshot(root, *READ) == before, "something was written"
-    return lines[-1]
 
 
 @pytest.fixture(scope="module")
@@ -69,13 +47,23 @@ def work(tmp_path, monkeypatch):
     return tmp_path
 
 
-def model_with(work, **config):
-    """A copy of the tiny OPT with config.json fields replaced."""
-    folder = work / "model"
+def model_copy(work, name="model", change=None, **config):
+    """A copy of the tiny OPT; `change(tensors)` edits its weights, `config` its config.json."""
+    folder = work / name
     shutil.copytree(models.TINY_OPT, folder)
-    raw = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**raw, **config}))
+    if change:
+        tensors = load_file(folder / "model.safetensors")
+        change(tensors)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    if config:
+        raw = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**raw, **config}))
     return str(folder)
+
+
+def copy_run(runs, work):
+    shutil.copytree(runs / "zo", work / "run")
+    return work / "run"
 
 
 # ---------------------------------------------------------------- train.py: flags
@@ -116,9 +104,36 @@ TRAIN_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("flags, what", TRAIN_FLAGS, ids=[" ".join(f) for f, _ in TRAIN_FLAGS])
-def test_train_flags(capsys, work, flags, what):
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out")] + flags, what, work)
+def flags_error(capsys, argv):
+    """The one error line train.py prints for argv, from its flag checks alone (no main, no run)."""
+    try:
+        args = flags.parse_args(argv)
+        flags.check_values(args)
+        flags.resolve(args, None)
+    except SystemExit as e:  # argparse's own errors: printed as one line by flags.Parser
+        assert e.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1, err
+        return err.strip()
+    except ValueError as e:
+        return f"error: {e}"
+    raise AssertionError(f"accepted: {argv}")
+
+
+# A representative set of bad values, checked where train.py checks them; the same flags through
+# main(), with nothing written, are test_train_flags (slow).
+FLAG_CHECKS = [f for f in TRAIN_FLAGS if f[0][0] not in ("--model", "--device")]
+
+
+@pytest.mark.parametrize("bad, what", FLAG_CHECKS, ids=[" ".join(f) for f, _ in FLAG_CHECKS])
+def test_bad_values_are_one_error_naming_the_flag(capsys, bad, what):
+    line = flags_error(capsys, ["--output_dir", "unused"] + bad)
+    assert line.startswith("error: ") and what in line and "\n" not in line
+
+
+@pytest.mark.parametrize("bad, what", TRAIN_FLAGS, ids=[" ".join(f) for f, _ in TRAIN_FLAGS])
+def test_train_flags(capsys, work, bad, what):
+    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out")] + bad, what, work)
 
 
 def test_train_records_the_sizes_it_used(work):
@@ -168,13 +183,13 @@ MODEL_CONFIGS = [
 @pytest.mark.parametrize("config, what", MODEL_CONFIGS, ids=[next(iter(c)) + "=" + str(next(iter(c.values())))
                                                             for c, _ in MODEL_CONFIGS])
 def test_train_bad_model_config(capsys, work, config, what):
-    model = model_with(work, **config)
+    model = model_copy(work, **config)
     line = refused(capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")], what, work)
     assert "config.json" in line
 
 
 def test_train_corrupt_config_json(capsys, work):
-    model = model_with(work)
+    model = model_copy(work)
     (work / "model" / "config.json").write_text('{"model_type": "opt", ')
     refused(capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")], "corrupt config file", work)
 
@@ -201,7 +216,7 @@ def test_train_output_folder_not_writable(capsys, work, monkeypatch):
 
 @pytest.mark.parametrize("where", ["the model", "inside the model", "holding the model"])
 def test_train_output_folder_overlapping_the_model_is_refused(capsys, work, where):
-    model = model_with(work)
+    model = model_copy(work)
     out = {"the model": model, "inside the model": os.path.join(model, "run"), "holding the model": str(work)}[where]
     refused(capsys, train.main, OPT + ["--model", model, "--output_dir", out, "--overwrite_output_dir"],
             "overlaps the model folder", work)
@@ -307,9 +322,9 @@ EVAL_FLAGS = [
 ]
 
 
-@pytest.mark.parametrize("flags, what", EVAL_FLAGS, ids=[" ".join(f) for f, _ in EVAL_FLAGS])
-def test_eval_flags(capsys, work, flags, what):
-    refused(capsys, evaluation.main, ["--num_eval", "4", "--output_dir", str(work / "out")] + flags, what, work)
+@pytest.mark.parametrize("bad, what", EVAL_FLAGS, ids=[" ".join(f) for f, _ in EVAL_FLAGS])
+def test_eval_flags(capsys, work, bad, what):
+    refused(capsys, evaluation.main, ["--num_eval", "4", "--output_dir", str(work / "out")] + bad, what, work)
 
 
 def test_eval_adapter_without_metadata(capsys, work):
@@ -321,7 +336,7 @@ def test_eval_adapter_without_metadata(capsys, work):
 
 
 def test_eval_bad_model_config(capsys, work):
-    refused(capsys, evaluation.main, ["--model", model_with(work, num_attention_heads=3), "--num_eval", "4"],
+    refused(capsys, evaluation.main, ["--model", model_copy(work, num_attention_heads=3), "--num_eval", "4"],
             "does not divide hidden_size", work)
 
 
@@ -362,9 +377,188 @@ def test_data_cli_non_utf8_byte(capsys, work):
     (["-m", "data", "SST2", "--show", "-1"], "--show -1"),
 ])
 def test_scripts_exit_2_with_one_line(tmp_path, command, what):
-    before = snapshot(tmp_path, *READ)
+    before = folder_hash(tmp_path, *READ)
     result = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONPATH": ROOT})
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and what in result.stderr
-    assert snapshot(tmp_path, *READ) == before
+    assert folder_hash(tmp_path, *READ) == before
+
+
+# ---------------------------------------------------------------- the model against the run
+
+def test_a_vocabulary_smaller_than_the_tokenizers_is_refused(capsys, work):
+    def shrink(t):
+        t["model.decoder.embed_tokens.weight"] = t["model.decoder.embed_tokens.weight"][:1000].clone()
+    model = model_copy(work, change=shrink, vocab_size=1000)
+    line = refused(capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")], "1500 ids", work)
+    assert "1000 rows" in line
+    refused(capsys, evaluation.main, ["--model", model, "--num_eval", "4", "--output_dir", str(work / "ev")],
+            "1500 ids", work)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_a_weight_of_a_non_floating_dtype_is_refused(capsys, work, dtype):
+    def to_int(t):
+        t["model.decoder.layers.0.fc1.weight"] = t["model.decoder.layers.0.fc1.weight"].to(dtype)
+    model = model_copy(work, change=to_int)
+    refused(capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")],
+            f"dtype {str(dtype).removeprefix('torch.')}, expected a floating-point dtype", work)
+
+
+def test_more_prefix_tokens_than_positions_is_refused(capsys, work):
+    refused(capsys, train.main, OPT + ["--mode", "prefix", "--num_prefix", "600", "--output_dir", str(work / "out")],
+            "600 prefix tokens, the model has 512 positions (--num_prefix 600)", work)
+
+
+def test_an_output_folder_name_over_255_bytes_is_refused(capsys, work):
+    refused(capsys, train.main, OPT + ["--output_dir", str(work / ("x" * 300))], "a name of 300 bytes", work)
+
+
+# ---------------------------------------------------------------- --resume reads everything first
+
+def test_resume_without_best_safetensors_is_refused_before_training(capsys, work, runs):
+    run = copy_run(runs, work)
+    os.remove(run / "best.safetensors")
+    refused(capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"],
+            "corrupt checkpoint: missing file", work)
+
+
+def test_resume_with_a_corrupt_best_safetensors_is_refused(capsys, work, runs):
+    run = copy_run(runs, work)
+    (run / "best.safetensors").write_bytes((run / "best.safetensors").read_bytes()[:100])
+    refused(capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"], "best.safetensors", work)
+
+
+@pytest.mark.parametrize("damage, what", [(b'{"step": 0, "seed": \n', "garbled trajectory line"),
+                                          (b"\xff\xfe\n", "not UTF-8")])
+def test_resume_with_a_garbled_trajectory_is_refused(capsys, work, runs, damage, what):
+    run = copy_run(runs, work)
+    with open(run / "trajectory.jsonl", "ab") as f:
+        f.write(damage)
+    refused(capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"], what, work)
+
+
+def test_resume_with_a_non_utf8_metrics_file_is_refused(capsys, work, runs):
+    run = copy_run(runs, work)
+    with open(run / "metrics.jsonl", "ab") as f:
+        f.write(b"\xff\n")
+    refused(capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"], "not UTF-8", work)
+
+
+def test_resume_onto_changed_base_weights_is_refused(capsys, work):
+    model = model_copy(work)
+    assert train.main(OPT + ["--model", model, "--output_dir", str(work / "run")]) == 0
+    model_copy(work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0))
+    shutil.rmtree(model)
+    os.rename(work / "other", model)
+    refused(capsys, train.main, ["--resume", "--output_dir", str(work / "run"), "--max_steps", "4"],
+            "base_fingerprint", work)
+
+
+# ---------------------------------------------------------------- the trajectory knows its base model
+
+def test_replay_onto_another_base_model_is_refused(capsys, work, runs):
+    run = copy_run(runs, work)
+    other = model_copy(work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0))
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": other}))
+    refused(capsys, train.main, ["--replay", str(run), "--output_dir", str(work / "replayed")],
+            "the trajectory was recorded on other base weights", work)
+
+
+def test_the_fingerprint_sees_names_shapes_dtypes_and_sampled_content():
+    model = models.load_model(models.TINY_OPT)
+    base = models.fingerprint(model)
+    assert models.fingerprint(models.load_model(models.TINY_OPT)) == base
+    assert models.fingerprint(models.load_model(models.TINY_OPT, dtype=torch.bfloat16)) != base
+    with torch.no_grad():
+        model.decoder.embed_tokens.weight[-1, -1] += 1  # the last block is sampled
+    assert models.fingerprint(model) != base
+
+
+# ---------------------------------------------------------------- strict JSON
+
+def strict(text):
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
+def test_nan_weights_give_strict_json_and_select_nothing(capsys, work):
+    model = model_copy(work, change=lambda t: t["model.decoder.final_layer_norm.weight"].fill_(float("nan")))
+    assert train.main(OPT + ["--model", model, "--output_dir", str(work / "out"), "--max_nonfinite", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "keeping the last model: no model selected: every dev loss was non-finite (NaN or inf)" in err
+    results = strict((work / "out" / "results.json").read_text())
+    assert results["dev"]["loss"] is None and results["dev"]["loss_nonfinite"] == "nan"
+    assert results["selection"] == "last" and not (work / "out" / "best.safetensors").exists()
+    for line in (work / "out" / "metrics.jsonl").read_text().splitlines():
+        strict(line)
+    for line in (work / "out" / "trajectory.jsonl").read_text().splitlines():
+        assert strict(line)["projected_grad"] is None
+    assert evaluation.main(["compare", str(work / "out")]) == 0  # the table reads the nulls
+    assert "| non-finite (step 2) | non-finite (step 2) |" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- torch's refusals
+
+def bin_model(work, **save_kwargs):
+    folder = work / "binmodel"
+    shutil.copytree(models.TINY_OPT, folder)
+    tensors = load_file(folder / "model.safetensors")
+    os.remove(folder / "model.safetensors")
+    torch.save(tensors, folder / "pytorch_model.bin", **save_kwargs)
+    return folder, tensors
+
+
+def test_an_old_format_pytorch_model_bin_loads(work):
+    folder, _ = bin_model(work, _use_new_zipfile_serialization=False)  # torch < 1.6's format
+    loaded, reference = models.load_model(folder).state_dict(), models.load_model(models.TINY_OPT).state_dict()
+    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in loaded)
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_pytorch_model_bin_that_weights_only_refuses_is_one_line(capsys, work):
+    folder, tensors = bin_model(work)
+    torch.save({**tensors, "extra": Payload()}, folder / "pytorch_model.bin")
+    line = refused(capsys, train.main, OPT + ["--model", str(folder), "--output_dir", str(work / "out")],
+                   "weight file holds Python objects besides tensors, which are never unpickled", work)
+    assert "pytorch_model.bin" in line and not (work / "pwned").exists()
+    with pytest.raises(pickle.UnpicklingError):  # what torch itself raises, in several lines
+        torch.load(folder / "pytorch_model.bin", weights_only=True)
+
+
+# ---------------------------------------------------------------- --device auto
+
+def test_eval_accepts_device_auto(capsys, work):
+    assert evaluation.main(["--device", "auto", "--num_eval", "4", "--output_dir", str(work / "ev")]) == 0
+    config = json.loads((work / "ev" / "config.json").read_text())
+    assert config["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_eval_overwrites_only_its_own_run_when_asked(capsys, work):
+    out = work / "ev-again"
+    assert evaluation.main(["--num_eval", "4", "--output_dir", str(out)]) == 0
+    (out / "notes.txt").write_text("the user's")
+    (out / "results.json").write_text("{}")  # to see it replaced
+    refused(capsys, evaluation.main, ["--num_eval", "4", "--output_dir", str(out)], "belongs to another run", work)
+    assert evaluation.main(["--num_eval", "3", "--output_dir", str(out), "--overwrite_output_dir"]) == 0
+    assert json.loads((out / "results.json").read_text())["num_test"] == 3
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
+# ---------------------------------------------------------------- a lost rank 0
+
+def test_when_the_store_died_with_rank_0_the_survivors_print_one_line(monkeypatch, capsys, tmp_path):
+    def gone():  # rank 0 (or its agent) held the job's store
+        raise RuntimeError("Connection closed by peer (TCPStore)")
+    monkeypatch.setattr(distributed.dist.distributed_c10d, "_get_default_store", gone)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    for rank in (2, 1, 3):
+        with pytest.raises(SystemExit):
+            with distributed.Dist(rank=rank, world_size=4).guard():
+                raise RuntimeError("[pair.cc:1] Connection closed by peer (gloo)")
+    assert capsys.readouterr().err.count("error:") == 1
