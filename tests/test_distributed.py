@@ -29,7 +29,8 @@ import numpy as np
 import pytest
 import torch
 
-import dist_worker as W
+from tests import dist_worker as W
+from zo import MeZO, MeZOConfig
 from zo import distributed as zd
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -173,3 +174,34 @@ def test_setup_without_torchrun_is_a_plain_process(monkeypatch):
     assert torch.equal(d.reduce_losses(losses), losses)  # no group: nothing to reduce
     with pytest.raises(ValueError, match="sharded DTensor"):
         zd.local_view(torch.zeros(3))  # an unsharded parameter would silently lose its update
+
+
+def test_sharded_on_one_process_equals_the_whole_model_bitwise():
+    """The fast twin of the two-rank tests: FSDP2 over a group of one, in this process, against the
+    whole model. One shard is the whole tensor and z reads global indices, so every loss, projected
+    gradient and weight is the same number, bitwise."""
+    batches, whole_d = W.global_batches(), zd.Dist()
+
+    def steps(model, mezo, d):
+        out = []
+        for ids, mask in batches:
+            loss, g = mezo.zo_step(model, W.loss_closure(ids, mask, d, single=False))
+            mezo.zo_update(model)
+            out.append((loss.item(), g.item()))
+        return out
+
+    config = MeZOConfig(lr=W.LR, eps=W.EPS, weight_decay=W.WD, seed=W.SEED)
+    model = W.tiny_opt()
+    expected = steps(model, MeZO(model, config), whole_d)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0,
+                                         world_size=1)
+    try:
+        d = zd.Dist()
+        sharded = zd.shard_model(W.tiny_opt(), d)
+        mezo = MeZO(sharded, config, local_view=zd.local_view, reduce_losses=d.reduce_losses)
+        assert steps(sharded, mezo, d) == expected
+        weights = zd.full_state_dict(sharded)
+    finally:
+        torch.distributed.destroy_process_group()
+    assert weights.keys() == model.state_dict().keys()
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
