@@ -23,7 +23,7 @@ from data import flags
 from data.evaluate import DTYPES, evaluate
 from data.files import write_json
 from data.paper import plots, report
-from data.paper.runs import load_finished, load_runs
+from data.paper.runs import files_read, load_finished, load_runs
 from zo.checkpoint import check_run_folder, prepare_run_folder
 from zo.folder_lock import FolderLock
 from zo.progress import peak_memory
@@ -63,7 +63,9 @@ def compare_main(argv):
         table = report.compare_markdown(runs)  # everything is read and checked before anything is written
         if args.plot:
             fig = plots.run_curves(figure, runs[-1], runs[0] if len(runs) > 1 else None, args.title)
-            report.save(os.path.dirname(os.path.abspath(args.plot)), {}, {os.path.basename(args.plot): fig})
+            folder, name = os.path.split(os.path.abspath(args.plot))
+            report.save(folder, {}, {name: fig}, reads=files_read(args.run_dirs),
+                        where=f"--plot {args.plot}")
     except data.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -90,7 +92,9 @@ def report_main(argv):
         runs = load_runs(args.run_dirs)
         markdown, files = report.build(runs)  # everything is read and checked before anything is written
         figures = plots.figures(figure, runs) if args.plot else {}
-        written = report.save(args.out, {"report.md": markdown, **files}, figures) if args.out is not None else []
+        written = [] if args.out is None else report.save(
+            args.out, {"report.md": markdown, **files}, figures,
+            reads=files_read(run.path for run in runs), where=f"--out {args.out}")
     except data.DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -141,8 +145,10 @@ def main(argv=None):
         if args.device == "auto":  # what is recorded is the device used
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         if args.output_dir:
+            reads = [("model", str(models.resolve_model_path(args.model))),
+                     ("adapter", args.adapter), ("data", args.data_dir or data.SAMPLES_DIR)]
             args.output_dir = check_run_folder(args.output_dir, resume=False, overwrite=args.overwrite_output_dir,
-                                               protected=[("model", args.model), ("data", args.data_dir)])
+                                               protected=reads)
             lock = FolderLock(args.output_dir).acquire()
         model, tok = load(args.model, args.adapter, args.dtype, args.device)
         args.max_length = min(args.max_length, models.max_positions(model.config))  # what it used

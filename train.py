@@ -332,9 +332,10 @@ def main(argv=None):
         # everything is checked before anything is written: folder, model, data, checkpoint
         args.model, args.data_dir = (os.path.realpath(p) if p and os.path.isdir(p) else p
                                      for p in (args.model, args.data_dir))
+        reads = [("model", str(models.resolve_model_path(args.model))),
+                 ("data", args.data_dir or data.SAMPLES_DIR)]
         args.output_dir = check_run_folder(args.output_dir, resume=args.resume, overwrite=args.overwrite_output_dir,
-                                           protected=[("model", str(models.resolve_model_path(args.model))),
-                                                      ("data", args.data_dir or data.SAMPLES_DIR)])
+                                           protected=reads)
         lock = hold(args.output_dir, dist)
         run = Run(args, dist)
         changed = resume_conflicts(saved, {**vars(args), "base_fingerprint": run.fingerprint},

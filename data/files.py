@@ -12,6 +12,8 @@ is built whole at `<path>.tmp` and swapped in by two renames (`<path>` -> `<path
         save_file(tensors, tmp)
     with atomic_dir("checkpoint") as tmp:          # a directory of such files
         ...
+
+`check_writes` is the one rule for every path a command writes, checked before its first write.
 """
 import contextlib
 import json
@@ -19,6 +21,31 @@ import math
 import os
 import re
 import shutil
+
+from . import DataError
+
+
+def check_writes(writes, reads, where) -> None:
+    """Refuse, before anything is written, a command whose output would replace or delete what it
+    reads: no path in `writes` (a file, or a folder the command owns whole) may be, hold or lie
+    inside a path in `reads` ((what, path) pairs; missing or None paths are skipped), compared by
+    real path; and none may be a symlink, which a write would follow out of its folder.
+    DataError `<what> (<where>)`: what is e.g. "model", where e.g. "--plot FILE"."""
+    for path in map(os.fspath, writes):
+        if os.path.islink(path):
+            raise DataError(f"{path} is a symlink: a command never writes through one ({where})")
+    real = [os.path.realpath(p) for p in writes]
+    for what, path in reads:
+        if path and os.path.lexists(path):
+            other = os.path.realpath(path)
+            if any(_within(mine, other) or _within(other, mine) for mine in real):
+                kind = "folder" if os.path.isdir(path) else "file"
+                raise DataError(f"output overlaps the {what} {kind} {os.fspath(path)}: a command "
+                                f"never writes over what it reads ({where})")
+
+
+def _within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
 
 def umask() -> int:

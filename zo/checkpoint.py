@@ -19,8 +19,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data.files import atomic_dir, atomic_path, is_temp_of, recover_dir
+from data.files import atomic_dir, atomic_path, check_writes, is_temp_of, recover_dir
 
+from .folder_lock import LOCK_NAME
 from .trajectory import read_trajectory
 
 RUN_KINDS = ("train", "replay", "eval")  # config.json's "kind": the folder holds such a run
@@ -213,10 +214,6 @@ def run_kind(folder) -> str | None:
     return kind if kind in RUN_KINDS else None
 
 
-def _within(inner: str, outer: str) -> bool:
-    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
-
-
 def _writable(path: str) -> bool:
     while not os.path.exists(path):
         path = os.path.dirname(path)
@@ -255,7 +252,9 @@ def _check_name_lengths(path: str, flag: str, folder: str) -> None:
 def check_run_folder(folder, *, resume: bool, overwrite: bool, protected=(), flag="--output_dir") -> str:
     """Refuse an output folder a run may not use; -> its canonical absolute path. Writes nothing.
 
-    protected: folders the run reads (model, data); the output may neither be, hold, nor be inside one.
+    protected: (what, path) the command reads (model, data, adapter, a replayed run): the folder
+    may neither be, hold, nor lie inside one, and the files a run writes in it are no symlinks
+    (data/files.py `check_writes`).
     Without resume or overwrite the folder must not hold a run, nor any file a run would replace.
     """
     canonical = os.path.realpath(folder)
@@ -264,12 +263,8 @@ def check_run_folder(folder, *, resume: bool, overwrite: bool, protected=(), fla
         raise ValueError(f"output folder is a file ({flag} {folder})")
     if not _writable(canonical):
         raise ValueError(f"output folder is not writable ({flag} {folder})")
-    for what, path in protected:
-        if path and os.path.exists(path):
-            other = os.path.realpath(path)
-            if _within(canonical, other) or _within(other, canonical):
-                raise ValueError(f"output folder overlaps the {what} folder {path}: a run never writes there "
-                                 f"({flag} {folder})")
+    own = [os.path.join(canonical, name) for name in (*RUN_FILES, LOCK_NAME)]
+    check_writes([canonical, *own], protected, f"{flag} {folder}")
     kind = run_kind(canonical)
     if resume:
         if kind != "train":

@@ -5,10 +5,13 @@ The OS releases a flock when its holder dies, even by kill -9, so no stale lock 
 a lock file left by a killed holder is simply locked again. The holder writes "pid host" into the
 file, which a second writer names in its error. `abandon` undoes the lock when the run fails before
 its first write (the folder is left exactly as it was, times included); `release` removes the file.
+The lock file is never opened through a symlink (it would be truncated outside the folder); one that
+is no regular file or cannot be opened is a ValueError, as a held lock is.
 """
 import fcntl
 import os
 import socket
+import stat
 
 LOCK_NAME = ".lock"
 
@@ -22,6 +25,21 @@ class FolderLock:
 
     def acquire(self) -> "FolderLock":
         """Take the lock, or raise ValueError naming its holder. Creates the folder if needed."""
+        try:
+            mode = os.lstat(self.path).st_mode
+        except FileNotFoundError:
+            mode = None
+        if mode is not None and not stat.S_ISREG(mode):
+            kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+            raise ValueError(f"lock file {self.path} is {kind}: remove it "
+                             f"({self.flag} {self.folder})")
+        try:
+            return self._acquire()
+        except OSError as e:  # e.g. a read-only lock file: one line, the folder as it was
+            self._restore_folder_times()
+            raise ValueError(f"cannot open the lock file: {e.strerror} ({self.path})") from None
+
+    def _acquire(self) -> "FolderLock":
         folder_existed, created = os.path.isdir(self.folder), []
         parent = self.folder
         while parent and not os.path.exists(parent):  # the folders makedirs will create, innermost first
@@ -32,7 +50,7 @@ class FolderLock:
                         "file": _read(self.path), "file_times": _times(self.path)}
         os.makedirs(self.folder, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -86,7 +104,7 @@ class FolderLock:
         self._restore_folder_times()
 
     def _restore_folder_times(self):
-        if self._before["folder_times"] is not None:
+        if self._before is not None and self._before["folder_times"] is not None:
             os.utime(self.folder, ns=self._before["folder_times"])
 
 

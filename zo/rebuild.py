@@ -25,7 +25,8 @@ def replay(args, dist, build_run, save_model):
         raise ValueError(f"only ZO runs have a trajectory to replay ({src}/config.json)")
     out = check_run_folder(args.output_dir or os.path.normpath(src) + "-replay", resume=False,
                            overwrite=args.overwrite_output_dir,
-                           protected=[("replayed run", src), ("model", config.get("model")), ("data", config.get("data_dir"))])
+                           protected=[("replayed run", src), ("model", config.get("model")),
+                                      ("data", config.get("data_dir"))])
     # --fsdp as given now: the update is elementwise at global indices, so one process replays a
     # sharded run bitwise, and a sharded replay a single-process run
     run_args = argparse.Namespace(**{**vars(flags.build_parser().parse_args([])), **config, "output_dir": out,

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from data import DataError
-from data.files import atomic_write
+from data.files import atomic_write, check_writes
 from data.flags import TRAIN_FLAGS, build_parser
 from data.paper import presets, report
 from data.paper.presets import run_name
@@ -93,11 +93,13 @@ def main(args, explicit, train_cmd):
     k = args.k if args.preset.startswith("roberta") else None
     points = [{**p, **explicit} for p in presets.grid_points(args.preset, args.task, k)]
     if args.slurm:
+        scripts = {os.path.join(args.slurm, run_name(point) + ".sbatch"): point for point in points}
+        check_writes(scripts, [("model", args.model), ("data", args.data_dir)],
+                     f"--slurm {args.slurm}")
         os.makedirs(args.slurm, exist_ok=True)
-        for point in points:
-            out = os.path.join(root, run_name(point))
-            atomic_write(os.path.join(args.slurm, run_name(point) + ".sbatch"),
-                         slurm_script({**point, "output_dir": out}, nproc=args.nproc, runs_dir=root))
+        for path, point in scripts.items():
+            point = {**point, "output_dir": os.path.join(root, run_name(point))}
+            atomic_write(path, slurm_script(point, nproc=args.nproc, runs_dir=root))
         print(f"wrote {len(points)} sbatch scripts to {args.slurm}; submit: for f in {args.slurm}/*.sbatch; do sbatch $f; done")
         return 0
     dirs = run_grid(points, root, train_cmd)

@@ -22,9 +22,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from data import DataError
-from data.files import atomic_path, atomic_write
+from data.files import atomic_path, atomic_write, check_writes
 from data.paper import numbers as paper
-from data.paper.runs import OPT_SIZES, SELECT_BY, load_runs, read_metrics
+from data.paper.runs import OPT_SIZES, SELECT_BY, files_read, load_runs, read_metrics
 
 _METHOD_ORDER = list(paper.METHOD_LABELS)
 
@@ -370,9 +370,11 @@ def estimators_markdown(rows, baseline):
     return "\n".join(lines)
 
 
-def save(out_dir, texts, figures=None):
-    """Write {name: text} and {name: Figure} (as PNG) into out_dir, each atomically."""
+def save(out_dir, texts, figures=None, *, reads, where):
+    """Write {name: text} and {name: Figure} (as PNG) into out_dir, each atomically, after
+    `check_writes` against `reads` (where: the flag that named the output, for its error)."""
     out = Path(out_dir)
+    check_writes([out / name for name in {**texts, **(figures or {})}], reads, where)
     out.mkdir(parents=True, exist_ok=True)
     for name, content in texts.items():
         atomic_write(out / name, content)
@@ -384,7 +386,9 @@ def save(out_dir, texts, figures=None):
 
 def render(run_dirs, out_dir=None):
     """Markdown report of the run folders; with out_dir also report.md and report_*.csv there."""
-    markdown, files = build(load_runs(run_dirs))
+    runs = load_runs(run_dirs)
+    markdown, files = build(runs)
     if out_dir is not None:
-        save(out_dir, {"report.md": markdown, **files})
+        save(out_dir, {"report.md": markdown, **files}, reads=files_read(run.path for run in runs),
+             where=f"report folder {out_dir}")
     return markdown

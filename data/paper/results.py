@@ -22,11 +22,11 @@ import sys
 import time
 
 from data import DataError
-from data.files import atomic_write, write_json
+from data.files import atomic_write, check_writes, write_json
 from data.paper import report
 from data.paper.grid import train_argv
 from data.paper.presets import run_name
-from data.paper.runs import load_finished
+from data.paper.runs import files_read, load_finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL, DATA = ".cache/smollm2-135m-instruct", ".cache/rotten-tomatoes"
@@ -160,6 +160,16 @@ def markdown(plan, out, walls):
     return "\n".join([report.seeds_markdown(cells), *commands])
 
 
+def inputs(plan, out):
+    """-> (what, path) of the model and data folders the runs read, and of the files the runner
+    reads under out (its wall times, each run's files): --out may hold the latter only, and
+    --write and --figure are none of them (data/files.py `check_writes`)."""
+    sources = list(dict.fromkeys((what, flags[key]) for *_, flags in plan
+                      for what, key in (("model", "model"), ("data", "data_dir"))))
+    folders = [folder_of(out, script, flags) for _, _, script, flags in plan]
+    return sources, [("wall-times", os.path.join(out, "wall_times.json")), *files_read(folders)]
+
+
 def estimators_markdown(plan, out, figure_path=None):
     """The estimators' table (report.estimators_markdown) and each row's command; with figure_path,
     their dev curves against forward passes as a PNG (plots.forward_pass_curves)."""
@@ -173,7 +183,9 @@ def estimators_markdown(plan, out, figure_path=None):
         from data.paper import plots
         fig = plots.forward_pass_curves(plots.figure_class(), rows, "SmolLM2-135M-Instruct, LoRA, Rotten Tomatoes "
                                         "snippets: MeZO, FZOO, Sparse-MeZO")
-        report.save(os.path.dirname(os.path.abspath(figure_path)), {}, {os.path.basename(figure_path): fig})
+        folder, name = os.path.split(os.path.abspath(figure_path))
+        report.save(folder, {}, {name: fig}, reads=sum(inputs(plan, out), []),
+                    where=f"--figure {figure_path}")
     return "\n".join([report.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
 
 
@@ -218,6 +230,10 @@ def main(argv=None):
             plan = grid_runs(**where)
         else:
             plan = runs(ESTIMATOR_ROWS if args.estimators else ROWS, **where)
+        sources, own = inputs(plan, args.out)  # every output checked before the first run
+        check_writes([args.out], sources, f"--out {args.out}")
+        for flag, path in (("--write", args.write), ("--figure", args.figure)):
+            check_writes([path] if path else [], sources + own, f"{flag} {path}")
         walls = run_all(plan, args.out)
         if args.grid:
             text, markers = grid_markdown(plan, args.out), (GRID_BEGIN, GRID_END)

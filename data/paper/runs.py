@@ -14,6 +14,7 @@ from data import DataError
 from data.paper.presets import canonical_task, method_id
 
 SELECT_BY = {"opt": "loss", "roberta": "accuracy"}
+RUN_READS = ("config.json", "results.json", "metrics.jsonl")  # what tables and figures read
 OPT_SIZES = {"125m": 125e6, "350m": 350e6, "1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
              "13b": 13e9, "30b": 30e9, "66b": 66e9}
 
@@ -108,6 +109,12 @@ def read_metrics(run):
             if line.endswith("\n"):
                 raise DataError(f"bad JSON line ({path}:{number})") from None
     return rows
+
+
+def files_read(run_dirs):
+    """(what, path) of each file the tables and figures read of these run folders, the inputs a
+    report, a comparison or a figure never writes over (data/files.py `check_writes`)."""
+    return [("run", Path(folder) / name) for folder in run_dirs for name in RUN_READS]
 
 
 def load_finished(run_dirs):
