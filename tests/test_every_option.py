@@ -1,11 +1,15 @@
 """Issue 32: the variance-modified variants on a step's micro-batches; the refusal of a crashed
-run's folder."""
+run's folder; a diverged seed in the results tables."""
 import json
+import math
+import statistics
 
 import pytest
 import torch
 
 import train
+from data.paper import report, seeds
+from data.paper.runs import Run
 from helpers_zo import lm_batch, lm_loss, tiny_lm
 from zo import MeZO, MeZOConfig
 from zo.checkpoint import check_run_folder
@@ -76,3 +80,60 @@ def test_the_same_command_after_a_crash_is_one_line_then_runs_with_overwrite(tmp
     assert "--overwrite_output_dir" in lines[0] and "--resume or" not in lines[0]
     assert train.main(argv + ["--overwrite_output_dir"]) == 0
     assert (out / "results.json").is_file() and (out / "notes.txt").read_text() == "the user's"
+
+
+# --- a diverged seed in the results tables --------------------------------------------------------
+def finished_run(path, seed, dev, test=0.5, selected_loss=0.7, nan=False):
+    """A finished MeZO-LoRA run; dev = [(forward passes, dev loss, dev accuracy)] in metrics.jsonl.
+    nan: an older file, written with NaN; else strict JSON's null (data/files.py dumps)."""
+    path.mkdir(parents=True)
+    config = {"family": "opt", "task": "SST2", "trainer": "zo", "mode": "lora", "seed": seed,
+              "max_steps": 4}
+    records = [{"step": i + 1, "dev_loss": loss, "dev_accuracy": acc, "forward_passes": passes}
+               for i, (passes, loss, acc) in enumerate(dev)]
+    lines = "".join(json.dumps(r, allow_nan=nan) + "\n" for r in records)
+    (path / "metrics.jsonl").write_text(lines)
+    results = {"dev": {"loss": selected_loss, "accuracy": 0.5}, "test": {"accuracy": test},
+               "best_step": 4}
+    (path / "results.json").write_text(json.dumps(results, allow_nan=nan))
+    return Run(path, config, json.loads((path / "results.json").read_text()))
+
+
+def seeds_cell(percents, diverged):
+    mark = f" ({seeds.DIVERGED}{diverged})" if diverged else ""
+    return f"{statistics.fmean(percents):.1f} ± {statistics.stdev(percents):.1f}{mark}"
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_a_diverged_seed_is_a_marked_cell_of_the_estimators_table(tmp_path, nan):
+    bad = math.nan if nan else None
+    runs = [finished_run(tmp_path / "s0", 0, [(2, 0.7, 0.5), (4, 0.6, 0.75)], test=0.5),
+            finished_run(tmp_path / "s1", 1, [(2, 0.8, 0.25), (4, 0.5, 0.5)], test=0.75),
+            finished_run(tmp_path / "s2", 2, [(2, 0.9, 0.5), (4, bad, 0.5)], test=0.25,
+                         selected_loss=bad, nan=nan)]
+    text = report.estimators_markdown({"mezo-lora": runs}, baseline="mezo-lora")
+    cells = text.splitlines()[2].split(" | ")
+    first, second = [50, 25, 50], [75, 50]  # every seed finite at 2 forward passes; seed 2 not at 4
+    assert cells[1] == f"2: {seeds_cell(first, 0)}, 4: {seeds_cell(second, 1)}"
+    # seed 2 kept a model whose dev loss is not finite: its test accuracy is left out too
+    assert cells[3] == seeds_cell([50, 75], 1)
+    assert f"({statistics.fmean(second):.1f}%)" in text  # the target: the finite seeds' peak
+    assert text.count(f"({seeds.DIVERGED}k)") == 1 and "seeds diverged" in text  # one footnote
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_a_diverged_seed_is_a_marked_cell_of_the_seeds_table(tmp_path, nan):
+    bad = math.nan if nan else None
+    runs = [finished_run(tmp_path / "s0", 0, [], test=0.5),
+            finished_run(tmp_path / "s1", 1, [], test=0.75),
+            finished_run(tmp_path / "s2", 2, [], test=bad, selected_loss=bad, nan=nan)]
+    text = report.seeds_markdown({"mezo-lora": [(run, None) for run in runs]})
+    cells = text.splitlines()[2].split(" | ")
+    assert cells[1] == seeds_cell([50, 75], 1) and cells[2] == "3"
+    assert text.count(f"({seeds.DIVERGED}k)") == 1 and "seeds diverged" in text
+
+
+def test_a_row_whose_every_seed_diverged_says_so():
+    assert seeds.over_seeds([None, math.nan]) == f"diverged ({seeds.DIVERGED}2)"
+    assert seeds.over_seeds([50.0]) == "50.0"
+    assert seeds.over_seeds([50.0], always_std=True) == "50.0 ± 0.0"
