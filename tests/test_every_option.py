@@ -1,5 +1,8 @@
-"""Issue 32: the variance-modified variants on a step's micro-batches; the refusal of a crashed
+"""Issue 32: every documented option of train.py runs end to end, its cases read from the code's own
+choices and registries (data/flags.py, zo/methods.py, MeZOConfig), so a new option without a run
+fails here; the variance-modified variants on a step's micro-batches; the refusal of a crashed
 run's folder; a diverged seed in the results tables."""
+import dataclasses
 import json
 import math
 import statistics
@@ -8,11 +11,12 @@ import pytest
 import torch
 
 import train
+from data import flags
 from data.paper import report, seeds
 from data.paper.runs import Run
 from helpers_zo import lm_batch, lm_loss, tiny_lm
-from zo import MeZO, MeZOConfig
-from zo.checkpoint import check_run_folder
+from zo import MeZO, MeZOConfig, methods
+from zo.checkpoint import check_run_folder, trainable
 
 OPT = ["--task", "SST2", "--num_train", "24", "--num_dev", "8", "--num_eval", "8",
        "--batch_size", "4"]
@@ -137,3 +141,115 @@ def test_a_row_whose_every_seed_diverged_says_so():
     assert seeds.over_seeds([None, math.nan]) == f"diverged ({seeds.DIVERGED}2)"
     assert seeds.over_seeds([50.0]) == "50.0"
     assert seeds.over_seeds([50.0], always_std=True) == "50.0 ± 0.0"
+
+
+# --- every documented option, end to end ----------------------------------------------------------
+ACTIONS = {a.dest: a for a in flags.build_parser()._actions if a.dest not in flags.CONTROL_FLAGS}
+# the switches of the variance-modified variants: run under each --zo_variant, not alone
+VARIANT_SWITCHES = [f.name for f in dataclasses.fields(MeZOConfig)
+                    if f.type is bool and f.name in ACTIONS]
+# c is recomputed at each epoch's start: one batch an epoch (16 training rows), so at step 1
+SWITCH_ARGS = {"recompute_norms": ["--batch_size", "16"]}
+BY_TRAINER = ("mode", "optimizer")  # flags whose values run under each --trainer
+# numbers that select a part of the step (zo/methods.py): Sparse-MeZO's direction, the momentum
+# update rule, n-SPSA, micro-batches (test_registered_parts_each_have_a_case: every part is reached)
+NUMBERS = [["--sparse_mezo", "0.5"], ["--momentum", "0.9"], ["--n_spsa", "2"],
+           ["--gradient_accumulation_steps", "2"]]
+
+
+def flag(dest):
+    return ACTIONS[dest].option_strings[0]
+
+
+def cases():
+    """Every value of every run flag with choices and every boolean switch, each under its trainer
+    or variant."""
+    out = []
+    for dest, action in ACTIONS.items():
+        if dest in ("trainer", "zo_variant", *BY_TRAINER, *VARIANT_SWITCHES):
+            continue
+        if action.choices:
+            out += [[flag(dest), value] for value in action.choices]
+        elif action.const is True:  # a boolean switch (flags.BOOL or store_true)
+            out.append([flag(dest)])
+    for trainer in ACTIONS["trainer"].choices:
+        out += [["--trainer", trainer, flag(dest), value]
+                for dest in BY_TRAINER for value in ACTIONS[dest].choices]
+        out.append(["--trainer", trainer, "--learning_rate", "0"])
+    for variant in ACTIONS["zo_variant"].choices:
+        out += [["--zo_variant", variant, *switch]
+                for switch in [[]] + [[flag(s), *SWITCH_ARGS.get(s, [])] for s in VARIANT_SWITCHES]]
+    return out + NUMBERS + [["--non_diff", "--task", "SQuAD"]]  # -F1 needs a generation task
+
+
+# refused by design, each with its one line: FSDP needs torchrun's ranks, -F1 generated text, CUDA
+# graphs a CUDA device
+REFUSED = {("--fsdp",): "environment variable RANK expected",
+           ("--non_diff",): "needs a generation task"}
+if not torch.cuda.is_available():
+    REFUSED[("--cuda_graphs",)] = "CUDA graphs need a CUDA device"
+
+
+def resolved(case):
+    args = flags.parse_args(OPT + SHORT + case)
+    flags.resolve(args, "opt")
+    return args
+
+
+def test_registered_parts_each_have_a_case():
+    """Every estimator, direction, update rule and perturbation zo/methods.py registers, every z
+    distribution and every variant is reached by a case that runs (not refused)."""
+    runs = [resolved(case) for case in cases() if tuple(case) not in REFUSED]
+    configs = [flags.mezo_config(args) for args in runs if args.trainer == "zo"]
+    used = {cls for cfg in configs for cls in (
+        methods.ESTIMATORS[cfg.estimator], methods.direction_class(cfg),
+        methods.UPDATE_RULES[cfg.optimizer], methods.perturbation_class(cfg))}
+    registered = {v for v in vars(methods).values() if isinstance(v, type) and
+                  (hasattr(v, "supports") or hasattr(v, "SUPPORTS"))}
+    assert used == registered
+    assert {cfg.estimator for cfg in configs} == set(methods.ESTIMATORS)
+    assert {cfg.optimizer for cfg in configs} == set(methods.UPDATE_RULES)
+    assert {cfg.distribution for cfg in configs} == set(ACTIONS["distribution"].choices)
+    assert {cfg.zo_variant for cfg in configs} == {None, *ACTIONS["zo_variant"].choices}
+    for switch in VARIANT_SWITCHES:
+        variants = {cfg.zo_variant for cfg in configs if getattr(cfg, switch)}
+        assert variants == set(ACTIONS["zo_variant"].choices), switch
+    assert {(a.trainer, a.mode) for a in runs} == {(t, m) for t in ACTIONS["trainer"].choices
+                                                   for m in ACTIONS["mode"].choices}
+
+
+class Recording(train.Run):
+    """train.Run, keeping each run's model and its trainable tensors before the first step."""
+    made = []
+
+    def __init__(self, args, dist):
+        super().__init__(args, dist)
+        self.before = {n: p.detach().clone() for n, p in trainable(self.model).items()}
+        Recording.made.append(self)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", cases(), ids=" ".join)
+def test_every_option_runs_end_to_end(tmp_path, monkeypatch, capsys, case):
+    out = tmp_path / "run"
+    monkeypatch.setattr(train, "Run", Recording)
+    monkeypatch.setattr(Recording, "made", [])
+    code = train.main(OPT + SHORT + ["--learning_rate", "1e-3", "--output_dir", str(out)] + case)
+    err = capsys.readouterr().err
+    if tuple(case) in REFUSED:
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+        assert REFUSED[tuple(case)] in lines[0] and not out.exists()
+        return
+    assert code == 0, err
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    losses = [r[k] for r in records for k in ("loss", "dev_loss") if k in r]
+    assert len([r for r in records if "loss" in r]) == 2, records  # --max_steps 2, logged each step
+    assert all(isinstance(v, float) and math.isfinite(v) for v in losses), records
+    [run] = Recording.made
+    after = trainable(run.model)
+    moved = [n for n, p in run.before.items() if not torch.equal(p, after[n].detach())]
+    if "--learning_rate" in case:  # lr 0: every parameter bitwise as it was
+        assert moved == []
+    else:
+        assert moved, "no trainable parameter changed"
