@@ -274,11 +274,14 @@ def check_run_folder(folder, *, resume: bool, overwrite: bool, protected=(), fla
                              f"--overwrite_output_dir ({flag} {folder})")
         return canonical
     foreign = os.path.exists(os.path.join(canonical, "config.json")) and kind is None
-    if (kind is not None or foreign) and not overwrite:
-        raise ValueError(f"output folder belongs to another run; pass --resume or --overwrite_output_dir "
-                         f"({flag} {folder})")
-    if foreign:
-        raise ValueError(f"output folder holds a config.json that no run wrote; never overwritten ({flag} {folder})")
+    if kind is not None and not overwrite:  # name only the flags that work (--resume: a checkpoint)
+        resumable = kind == "train" and find_checkpoint(os.path.join(canonical, "checkpoint"))
+        how = ("pass --resume or --overwrite_output_dir" if resumable else "it saved no checkpoint "
+               "to --resume; pass --overwrite_output_dir to replace its files")
+        raise ValueError(f"output folder belongs to another run; {how} ({flag} {folder})")
+    if foreign:  # neither flag works: not a run to resume, and not a run's own files to replace
+        raise ValueError(f"output folder belongs to another run: it holds a config.json that no run "
+                         f"wrote; never overwritten ({flag} {folder})")
     if kind is None:
         taken = [n for n in _own_entries(canonical) if n in RUN_FILES]
         if taken:

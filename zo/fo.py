@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .optim import WD_EXEMPT, build_optimizer, check_schedule, learning_rate, set_lr
+from .optim import WD_EXEMPT, build_optimizer, check_schedule, learning_rate, micro_batches, set_lr
 
 
 @dataclass
@@ -53,7 +53,7 @@ class FO:
     def step(self, model: nn.Module, loss_fn) -> torch.Tensor:
         """One optimizer step; `loss_fn` is a closure or a list of micro-batch closures (gradient
         accumulation: each loss divided by their number). Returns the mean loss (device tensor)."""
-        fns = list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
+        fns = micro_batches(loss_fn)
         model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = None

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from . import methods, variants
-from .optim import SAMPLE_SCHEDULES, WD_EXEMPT, check_schedule, learning_rate
+from .optim import SAMPLE_SCHEDULES, WD_EXEMPT, check_schedule, learning_rate, micro_batches
 from .perturb import ExactRestore, LocalView, StepScalar, collect_slots, whole
 from .reference import InPlace
 
@@ -189,7 +189,7 @@ class MeZO:
         model.eval()
         losses = []
         with torch.no_grad():
-            for fn in loss_fn if isinstance(loss_fn, (list, tuple)) else [loss_fn]:
+            for fn in micro_batches(loss_fn):
                 losses.append(torch.as_tensor(fn(model)).detach().reshape(()).to(self.device))
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 

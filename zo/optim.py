@@ -27,6 +27,11 @@ def num_samples(step: int, n: int, schedule: str, max_steps: int) -> int:
     return n
 
 
+def micro_batches(loss_fn) -> list:
+    """A step's loss closures: one, or the list of its micro-batches (gradient accumulation)."""
+    return list(loss_fn) if isinstance(loss_fn, (list, tuple)) else [loss_fn]
+
+
 def check_schedule(schedule: str, max_steps: int, warmup_steps: int, what: str = "lr_scheduler") -> None:
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"unknown schedule ({what}={schedule!r}; expected one of {LR_SCHEDULES})")

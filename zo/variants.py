@@ -17,6 +17,7 @@ A c of 0 (a group with zero norm) is replaced by 1, as the original's `zo_by_lay
 import torch
 from torch import nn
 
+from .optim import micro_batches
 from .perturb import ParamSlot
 
 # the c_g come from data (a backward pass or extra estimates), are not logged, and are per process
@@ -40,10 +41,13 @@ def param_norms(groups: dict[str, list[ParamSlot]]) -> dict[str, torch.Tensor]:
 
 
 def grad_norms(model: nn.Module, loss_fn, groups: dict[str, list[ParamSlot]]) -> dict[str, torch.Tensor]:
-    """One real backward pass in eval mode (as the original), then the gradient norm per group."""
+    """One real backward pass in eval mode (as the original), then the gradient norm per group. A
+    list of micro-batch closures (one step's) gives the gradient of their mean loss, as zo_forward."""
     model.eval()
     model.zero_grad(set_to_none=True)
-    loss_fn(model).backward()
+    fns = micro_batches(loss_fn)
+    for fn in fns:
+        (fn(model) / len(fns)).backward()
     cs = _norms(groups, lambda s: s.param.grad if s.param.grad is not None else s.param.new_zeros(()))
     model.zero_grad(set_to_none=True)
     return cs

@@ -111,7 +111,7 @@ def forward_pass_curves(figure, rows, title):
     fig = figure(figsize=(8, 6.5))
     acc_ax, loss_ax = fig.subplots(2, 1, sharex=True)
     for row, curve in dev_curve(rows).items():
-        passes, acc, std, loss = zip(*curve)
+        passes, acc, std, loss, _ = zip(*curve)  # NaN where every seed diverged: a gap
         name = f"{label(rows[row][0].method)} ({len(rows[row])} seeds)"
         line, = acc_ax.plot(passes, acc, "o-", label=name)
         acc_ax.fill_between(passes, [a - s for a, s in zip(acc, std)], [a + s for a, s in zip(acc, std)],

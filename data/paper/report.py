@@ -24,6 +24,7 @@ from pathlib import Path
 from data import DataError
 from data.files import atomic_path, atomic_write, check_writes
 from data.paper import numbers as paper
+from data.paper import seeds
 from data.paper.runs import OPT_SIZES, SELECT_BY, files_read, load_runs, read_metrics
 
 _METHOD_ORDER = list(paper.METHOD_LABELS)
@@ -39,8 +40,10 @@ def _score(metrics):
 
 
 def _dev_value(run, select_by):
+    """None when missing or not finite (null in strict JSON, NaN in an older file)."""
     dev = run.results.get("dev") or {}
-    return dev.get("loss") if select_by == "loss" else _score(dev)
+    value = dev.get("loss") if select_by == "loss" else _score(dev)
+    return value if seeds.finite(value) else None
 
 
 def select_best(runs, select_by, notes):
@@ -243,7 +246,7 @@ def _number(value, spec, scale=1):
 
 
 def _loss(value):
-    return "non-finite" if value is None else f"{value:.4f}"
+    return f"{value:.4f}" if seeds.finite(value) else "non-finite"
 
 
 def binomial_se(accuracy, n):
@@ -283,6 +286,11 @@ def _minutes(seconds):
     return "–" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def _test_over_seeds(runs):
+    """A row's test cell; a seed that diverged (seeds.diverged) is left out and marked."""
+    return seeds.over_seeds([None if seeds.diverged(r.results) else _test_percent(r) for r in runs])
+
+
 def seeds_markdown(rows):
     """{row: [(run, wall seconds or None)]} -> one line per row (`make results`, RESULTS.md): test
     accuracy mean ± std over the row's runs (sample std, n - 1), steps (max and selected), forward
@@ -291,8 +299,6 @@ def seeds_markdown(rows):
              "wall time per run (all) | peak memory (GB) |", "|---" * 7 + "|"]
     for row, cell in rows.items():
         runs = [run for run, _ in cell]
-        scores = [_test_percent(run) for run in runs]
-        spread = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
         config = runs[0].config
         name = label(runs[0].method) + (f", {config['num_train']} demonstrations" if runs[0].method == "icl" else "")
         if config.get("kind") == "eval":
@@ -309,9 +315,9 @@ def seeds_markdown(rows):
                                       + ("" if len(known) == len(walls) else f", {len(known)} of {len(walls)} timed")
                                       + ")")
         memory = max((r.results.get("peak_memory_bytes") or 0 for r in runs), default=0)
-        lines.append(f"| {name} | {statistics.fmean(scores):.1f}{spread} | {len(runs)} | {steps} | {passes} | "
+        lines.append(f"| {name} | {_test_over_seeds(runs)} | {len(runs)} | {steps} | {passes} | "
                      f"{wall} | {_number(memory or None, '{:.2f}', 2**-30)} |")
-    return "\n".join(lines)
+    return seeds.with_note(lines)
 
 
 def grid_markdown(rows):
@@ -333,16 +339,21 @@ def grid_markdown(rows):
 
 def dev_curve(rows):
     """{row: [runs, one per seed, one evaluation schedule]} -> {row: [(forward passes, mean dev accuracy,
-    its sample std, mean dev loss)]}: the rows' dev evaluations against training forward passes."""
+    its sample std, mean dev loss, seeds diverged)]}: the rows' dev evaluations against training
+    forward passes. A seed whose dev loss or accuracy is not finite there is left out (seeds.py)."""
     out = {}
     for row, runs in rows.items():
         per_run = [[m for m in read_metrics(run) if "dev_loss" in m] for run in runs]
         if not per_run[0] or len({tuple(m.get("forward_passes") for m in dev) for dev in per_run}) != 1:
             raise DataError(f"the {row} runs do not share one evaluation schedule in forward passes "
                             f"({runs[0].path / 'metrics.jsonl'})")
-        out[row] = [(points[0]["forward_passes"], statistics.fmean(p["dev_accuracy"] for p in points),
-                     statistics.stdev(p["dev_accuracy"] for p in points) if len(points) > 1 else 0.0,
-                     statistics.fmean(p["dev_loss"] for p in points)) for points in zip(*per_run)]
+        out[row] = []
+        for points in zip(*per_run):
+            kept = [p for p in points if seeds.finite(p.get("dev_loss")) and
+                    seeds.finite(p.get("dev_accuracy"))]
+            accuracy, std, _, _ = seeds.stats([p["dev_accuracy"] for p in kept])
+            loss, diverged = seeds.stats([p["dev_loss"] for p in kept])[0], len(points) - len(kept)
+            out[row].append((points[0]["forward_passes"], accuracy, std, loss, diverged))
     return out
 
 
@@ -353,21 +364,20 @@ def estimators_markdown(rows, baseline):
     seed that diverges late would lower that), as a ratio to the baseline's own, and the test accuracy
     of the selected models (mean ± std), all within one forward-pass budget."""
     curves = dev_curve(rows)
-    target = max(acc for _, acc, *_ in curves[baseline])
+    target = max((acc for _, acc, *_ in curves[baseline] if not math.isnan(acc)), default=math.nan)
     reached = {row: next((passes for passes, acc, *_ in curve if acc >= target), None) for row, curve in curves.items()}
     lines = [f"| method | dev accuracy (%) at forward passes | forward passes to the {label(rows[baseline][0].method)} "
              f"best mean dev accuracy ({100 * target:.1f}%), ratio | test accuracy (%) | runs |", "|---" * 5 + "|"]
     for row, runs in rows.items():
-        curve = ", ".join(f"{passes}: {100 * acc:.1f} ± {100 * std:.1f}" for passes, acc, std, _ in curves[row])
+        curve = ", ".join(f"{passes}: {seeds.cell(100 * acc, 100 * std, diverged, True)}"
+                          for passes, acc, std, _, diverged in curves[row])
         if reached[row] is None:
             to_target = f"not within {curves[row][-1][0]}"
         else:
             to_target = f"{reached[row]} ({reached[row] / reached[baseline]:.2f}x)"
-        scores = [_test_percent(run) for run in runs]
-        spread = f" ± {statistics.stdev(scores):.1f}" if len(scores) > 1 else ""
-        lines.append(f"| {label(runs[0].method)} | {curve} | {to_target} | {statistics.fmean(scores):.1f}{spread} | "
-                     f"{len(runs)} |")
-    return "\n".join(lines)
+        lines.append(f"| {label(runs[0].method)} | {curve} | {to_target} | "
+                     f"{_test_over_seeds(runs)} | {len(runs)} |")
+    return seeds.with_note(lines)
 
 
 def save(out_dir, texts, figures=None, *, reads, where):
