@@ -86,7 +86,12 @@ def slow_reason(func, seen: set) -> str | None:
         tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
     except (OSError, TypeError, SyntaxError):  # a lambda inside a larger expression: its names
         tree = ast.parse(" ; ".join(func.__code__.co_names) or "pass")
-    namespace = {**func.__globals__, **local_imports(tree)}
+    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
+    assigned |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
+                 for a in n.posonlyargs + n.args + n.kwonlyargs}
+    # a local variable is not the module global of the same name
+    namespace = {k: v for k, v in func.__globals__.items() if k not in assigned}
+    namespace.update(local_imports(tree))
     for node in ast.walk(tree):
         obj = resolve(node, namespace)
         if obj is None:

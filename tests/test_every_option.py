@@ -14,7 +14,7 @@ import train
 from data import flags
 from data.paper import report, seeds
 from data.paper.runs import Run
-from helpers_zo import lm_batch, lm_loss, tiny_lm
+from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import MeZO, MeZOConfig, methods
 from zo.checkpoint import check_run_folder, trainable
 

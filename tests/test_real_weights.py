@@ -7,7 +7,6 @@ tokenizer ids, greedy answers to chat questions, and a golden zero-shot SST-2 ac
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import data.evaluate
 from models import gguf as gguf_import
 from models import load_model, load_tokenizer
 from tests.helpers.models import bpe_dir, mask_positions, randomize_
-from tests.helpers.real import smollm2_dir
+from tests.helpers.real import realtext_dir, smollm2_dir
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
@@ -283,17 +282,12 @@ def test_real_shared_prompt_predictions_equal_per_candidate_on_the_sst2_sample(s
     assert len(got[0][0]) == 120 and got[0] == got[1]
 
 
-REAL_SNIPPETS = Path(__file__).resolve().parent.parent / ".cache" / "rotten-tomatoes"  # `make rotten-tomatoes`
-
-
 @torch.no_grad()
 def test_real_shared_prompt_predictions_equal_per_candidate_on_real_snippets(smollm2):
     """The first 300 real review snippets of dev.tsv (the zero-shot row of `make bench` checks 500)."""
-    if not (REAL_SNIPPETS / "dev.tsv").is_file():
-        pytest.skip("the real snippets are missing: `make rotten-tomatoes` writes them")
     path, ours, hf, tok, htok = smollm2
     task = data.get_task("SST2", family="llama")
-    test = task.load(str(REAL_SNIPPETS))["valid"][:300]
+    test = task.load(str(realtext_dir()))["valid"][:300]
     got = [data.evaluate.predict(ours, tok, task, test, batch_size=20, max_length=256, shared=shared)
            for shared in (True, False)]
     assert len(got[0][0]) == 300 and got[0] == got[1]

@@ -17,45 +17,13 @@ import models
 import train
 from data import SAMPLES_DIR, DataError, files
 from data.paper import results
+from tests.helpers.refusals import refused
 from zo.folder_lock import FolderLock
 
 # A two-step MeZO-LoRA run on the tiny OPT: an adapter, a checkpoint, a best model and a trajectory.
 LORA = ["--mode", "lora", "--perturbation", "eager", "--num_train", "16", "--num_dev", "8",
         "--num_eval", "4", "--batch_size", "4", "--max_steps", "2", "--eval_steps", "2",
         "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-3"]
-
-
-def contents(*roots) -> dict:
-    """Every file under roots (or the file a root is): its bytes, or a symlink's target."""
-    seen = {}
-    for root in map(str, roots):
-        paths = [root] if not os.path.isdir(root) else [os.path.join(folder, name)
-                                                        for folder, dirs, names in os.walk(root)
-                                                        for name in dirs + names]
-        for path in paths:
-            if os.path.islink(path):
-                seen[path] = "-> " + os.readlink(path)
-            elif os.path.isfile(path):
-                with open(path, "rb") as f:
-                    seen[path] = f.read()
-    return seen
-
-
-def refused_once(capsys, main, argv, inputs):
-    """main(argv) exits 2 with exactly one stderr line `error: ...`, no traceback, and leaves
-    the inputs byte-identical."""
-    before = contents(*inputs)
-    assert before, "nothing to protect"
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    assert contents(*inputs) == before, "an input changed"
-    return lines[0]
 
 
 # ---------------------------------------------------------------- the rule itself
@@ -146,7 +114,7 @@ def test_eval_never_deletes_the_run_whose_adapter_it_reads(capsys, work):
     run = work / "run"
     argv = ["--adapter", str(run / "model.adapter.safetensors"), "--output_dir", str(run),
             "--overwrite_output_dir"]
-    line = refused_once(capsys, evaluation.main, argv, [run])
+    line = refused(capsys, evaluation.main, argv, "", run)
     assert "overlaps the adapter file" in line
 
 
@@ -155,8 +123,8 @@ def test_resume_never_truncates_what_a_symlinked_lock_points_to(capsys, work):
     """Class 7 from the command line: train.py --resume truncated the file outside the run."""
     (work / "victim").write_text("user data")
     (work / "run" / ".lock").symlink_to(work / "victim")
-    line = refused_once(capsys, train.main, LORA + ["--output_dir", str(work / "run"), "--resume"],
-                        [work / "run", work / "victim"])
+    line = refused(capsys, train.main, LORA + ["--output_dir", str(work / "run"), "--resume"], "",
+                   work / "run", work / "victim")
     assert ".lock is a symlink" in line
 
 
@@ -165,7 +133,7 @@ def test_compare_plot_never_overwrites_a_compared_runs_file(capsys, work):
     """Class 8: --plot RUN/results.json used to replace the run's results with a PNG."""
     run = work / "run"
     argv = ["compare", str(run), "--plot", str(run / "results.json")]
-    line = refused_once(capsys, evaluation.main, argv, [run])
+    line = refused(capsys, evaluation.main, argv, "", run)
     assert "overlaps the run file" in line
 
 
@@ -203,5 +171,5 @@ def test_no_command_writes_over_its_own_input(capsys, work, monkeypatch, command
         (work / "report").mkdir()
         (work / "report" / "report.md").symlink_to(work / "run" / "results.json")
     monkeypatch.setattr(subprocess, "run", _no_launch)
-    line = refused_once(capsys, main, argv, [work / path for path in inputs])
+    line = refused(capsys, main, argv, "", *[work / path for path in inputs])
     assert "overlaps the" in line or "is a symlink" in line, line

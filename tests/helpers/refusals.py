@@ -11,23 +11,30 @@ READ = [os.path.dirname(models.TINY_OPT), SAMPLES_DIR]
 
 
 def folder_hash(*roots) -> str:
-    """Every path under roots: its name, mode, mtime and bytes."""
+    """Every path under roots (a root may be a file): its name, mode, mtime and bytes, or a
+    symlink's target."""
     h = hashlib.sha256()
-    for root in roots:
-        for folder, dirs, names in sorted(os.walk(root)):
-            for name in sorted(dirs + names):
-                path = os.path.join(folder, name)
-                st = os.lstat(path)
-                h.update(f"{path}:{st.st_mode}:{st.st_mtime_ns}".encode())
-                if os.path.isfile(path) and not os.path.islink(path):
-                    with open(path, "rb") as f:
-                        h.update(f.read())
+    for root in map(str, roots):
+        paths = [os.path.join(folder, name) for folder, dirs, names in sorted(os.walk(root))
+                 for name in sorted(dirs + names)] if os.path.isdir(root) else [root]
+        for path in paths:
+            if not os.path.lexists(path):
+                continue
+            st = os.lstat(path)
+            h.update(f"{path}:{st.st_mode}:{st.st_mtime_ns}".encode())
+            if os.path.islink(path):
+                h.update(os.readlink(path).encode())
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    h.update(f.read())
     return h.hexdigest()
 
 
-def refused(capsys, main, argv, what, root):
-    """main(argv) exits 2 with one `error:` line holding `what`; root and READ unchanged."""
-    before = folder_hash(root, *READ)
+def refused(capsys, main, argv, what, *roots):
+    """main(argv) exits 2 with one `error:` line holding `what` and no traceback; everything under
+    roots and READ is unchanged. -> the error line."""
+    assert all(os.path.lexists(root) for root in roots), roots  # something to protect
+    before = folder_hash(*roots, *READ)
     try:
         code = main(argv)
     except SystemExit as e:
@@ -37,5 +44,5 @@ def refused(capsys, main, argv, what, root):
     assert code == 2, err
     assert lines and lines[-1].startswith("error: ") and what in lines[-1], err
     assert sum("error:" in line for line in lines) == 1 and "Traceback" not in err, err
-    assert folder_hash(root, *READ) == before, "something was written"
+    assert folder_hash(*roots, *READ) == before, "something was written"
     return lines[-1]
