@@ -15,6 +15,7 @@ is built whole at `<path>.tmp` and swapped in by two renames (`<path>` -> `<path
 
 `check_writes` is the one rule for every path a command writes, checked before its first write.
 """
+
 import contextlib
 import json
 import math
@@ -40,8 +41,10 @@ def check_writes(writes, reads, where) -> None:
             other = os.path.realpath(path)
             if any(_within(mine, other) or _within(other, mine) for mine in real):
                 kind = "folder" if os.path.isdir(path) else "file"
-                raise DataError(f"output overlaps the {what} {kind} {os.fspath(path)}: a command "
-                                f"never writes over what it reads ({where})")
+                raise DataError(
+                    f"output overlaps the {what} {kind} {os.fspath(path)}: a command "
+                    f"never writes over what it reads ({where})"
+                )
 
 
 def _within(inner: str, outer: str) -> bool:
@@ -74,7 +77,8 @@ def temp_path(path) -> str:
 
 
 def is_temp_of(name: str, own: str) -> bool:
-    """Whether `name` is a temporary left by writing `own` (`own.tmp<pid>`, `own.tmp`, `own.old`)."""
+    """Whether `name` is a temporary left by writing `own` (`own.tmp<pid>`, `own.tmp`,
+    `own.old`)."""
     return re.fullmatch(re.escape(own) + r"\.(tmp\d*|old)", name) is not None
 
 

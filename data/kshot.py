@@ -16,6 +16,7 @@ Lookup for a RoBERTa task T (LM-BFF spelling), given `data_dir` D, k and seed (f
 `write_folder` writes a k-shot folder byte for byte as the original script does; the bundled
 `data/samples/k-shot-1k-test/*/16-42/` were written by it. Other seeds are generated on load.
 """
+
 import csv
 import os
 
@@ -68,16 +69,29 @@ def load_records(task, data_dir, k, seed):
     setting = f"{k}-{seed}"
     task_dir = _child(data_dir, task.name)
     shot_task_dir = _child(_child(data_dir, "k-shot-1k-test"), task.name)
-    folders = [_child(shot_task_dir, setting), _child(task_dir, setting), _child(data_dir, setting), data_dir]
+    folders = [
+        _child(shot_task_dir, setting),
+        _child(task_dir, setting),
+        _child(data_dir, setting),
+        data_dir,
+    ]
     for folder in filter(None, folders):
         if os.path.isfile(os.path.join(folder, files["test"])):
             return {split: _read(task, os.path.join(folder, name)) for split, name in files.items()}
-    for folder in filter(None, [_child(_child(data_dir, "original"), task.name), task_dir, data_dir]):
+    for folder in filter(
+        None, [_child(_child(data_dir, "original"), task.name), task_dir, data_dir]
+    ):
         if os.path.isfile(os.path.join(folder, "train" + (".csv" if task.csv else ".tsv"))):
             splits = generate(task, folder, k, seed)
-            return {"train": splits["train"], "dev": splits["dev"], "test": splits[files["test"][:-4]]}
-    raise DataError(f"no {task.name} data: no k-shot folder {task.name}/{setting} with {files['test']} and no "
-                    f"original train file under k-shot-1k-test/, original/, {task.name}/ ({data_dir})")
+            return {
+                "train": splits["train"],
+                "dev": splits["dev"],
+                "test": splits[files["test"][:-4]],
+            }
+    raise DataError(
+        f"no {task.name} data: no k-shot folder {task.name}/{setting} with {files['test']} and no "
+        f"original train file under k-shot-1k-test/, original/, {task.name}/ ({data_dir})"
+    )
 
 
 def read_original(task, folder):
@@ -87,7 +101,11 @@ def read_original(task, folder):
     of the dev file they come from (SNLI/MNLI dev files have more label columns than train).
     """
     if task.csv:
-        return {}, read_csv(os.path.join(folder, "train.csv")), {"test": read_csv(os.path.join(folder, "test.csv"))}
+        return (
+            {},
+            read_csv(os.path.join(folder, "train.csv")),
+            {"test": read_csv(os.path.join(folder, "test.csv"))},
+        )
     train = read_lines(os.path.join(folder, "train.tsv"))
     headers, tests = {"train": train[:1], "dev": train[:1]}, {}
     for name in task.original_eval:
@@ -101,7 +119,9 @@ def _cap_test(task, rows):
     if len(rows) <= 1000:
         return rows
     rs = np.random.RandomState(42)
-    order = rs.choice(len(rows), 1000, replace=False) if task.csv else rs.permutation(len(rows))[:1000]
+    order = (
+        rs.choice(len(rows), 1000, replace=False) if task.csv else rs.permutation(len(rows))[:1000]
+    )
     return [rows[i] for i in order]
 
 
@@ -110,9 +130,11 @@ def _split(task, train, tests, k, seed):
     by_label = {}  # insertion order = first-seen order, as the original's dict
     for where, raw in shuffled:
         by_label.setdefault(_label_key(task, where, raw), []).append((where, raw))
-    return {"train": [r for rows in by_label.values() for r in rows[:k]],
-            "dev": [r for rows in by_label.values() for r in rows[k:2 * k]],
-            **{name: _cap_test(task, rows) for name, rows in tests.items()}}
+    return {
+        "train": [r for rows in by_label.values() for r in rows[:k]],
+        "dev": [r for rows in by_label.values() for r in rows[k : 2 * k]],
+        **{name: _cap_test(task, rows) for name, rows in tests.items()},
+    }
 
 
 def generate(task, original_folder, k, seed):
@@ -127,12 +149,18 @@ def write_folder(task, original_folder, out_dir, k, seed):
     splits = _split(task, train, tests, k, seed)
     folder = os.path.join(out_dir, task.name, f"{k}-{seed}")
     os.makedirs(folder, exist_ok=True)
-    names = {**_files(task), **{s: s + (".csv" if task.csv else ".tsv") for s in splits if s.startswith("test")}}
+    names = {
+        **_files(task),
+        **{s: s + (".csv" if task.csv else ".tsv") for s in splits if s.startswith("test")},
+    }
     for split, rows in splits.items():
         path = os.path.join(folder, names[split])
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
             if task.csv:  # pandas to_csv(header=False, index=False): minimal quoting, "\n" lines
                 csv.writer(f, lineterminator="\n").writerows(raw for _, raw in rows)
             else:  # header, then the lines as read (a last line without "\n" gets one)
-                f.writelines(line if line.endswith("\n") else line + "\n" for _, line in headers[split] + rows)
+                f.writelines(
+                    line if line.endswith("\n") else line + "\n"
+                    for _, line in headers[split] + rows
+                )
     return folder

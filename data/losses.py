@@ -13,6 +13,7 @@ memory). Everything runs in the logits' dtype, as the original (fp16 with fp16 m
 RoBERTa (LM-BFF `model_for_prompting_forward`): cross-entropy over the label words' logits at
 the <mask> position.
 """
+
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +24,9 @@ def batch_logits(model, batch):
     """The model's logits at the positions the batch's losses read (`logits_to_keep`); a packed
     shared-prompt batch also passes its block mask and position_ids."""
     extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
-    return model(batch["input_ids"], batch["attention_mask"], logits_to_keep=batch["logits_to_keep"], **extra)
+    return model(
+        batch["input_ids"], batch["attention_mask"], logits_to_keep=batch["logits_to_keep"], **extra
+    )
 
 
 def option_logprobs(logits, batch):
@@ -42,14 +45,17 @@ def per_example(values, batch):
 
 
 def candidate_scores(logits, batch):
-    """[B, K] length-normalised option log-likelihoods; the original's prediction is their argmax."""
+    """[B, K] length-normalised option log-likelihoods; the original's prediction is their
+    argmax."""
     total, count = option_logprobs(logits, batch)
     return per_example(total / count, batch)
 
 
 def sfc_scores(logits, batch, sfc_logits, sfc_batch):
     """[B, K] SFC-calibrated scores: sum log p(option | prompt) - sum log p(option | SFC prompt)."""
-    return per_example(option_logprobs(logits, batch)[0] - option_logprobs(sfc_logits, sfc_batch)[0], batch)
+    return per_example(
+        option_logprobs(logits, batch)[0] - option_logprobs(sfc_logits, sfc_batch)[0], batch
+    )
 
 
 def classification_loss(logits, batch):
@@ -76,7 +82,9 @@ def mlm_loss(logits, batch):
 
 def predictions(logits, batch):
     """[B] predicted candidate / label index (classification and RoBERTa batches)."""
-    scores = label_word_logits(logits, batch) if "mask_pos" in batch else candidate_scores(logits, batch)
+    scores = (
+        label_word_logits(logits, batch) if "mask_pos" in batch else candidate_scores(logits, batch)
+    )
     return scores.argmax(-1)
 
 
@@ -86,7 +94,8 @@ def neg_accuracy(logits, batch):
 
 
 def task_loss(logits, batch):
-    """The training loss for any batch kind except "prompt" (which needs generation, see metrics.neg_f1)."""
+    """The training loss for any batch kind except "prompt" (which needs generation, see
+    metrics.neg_f1)."""
     if "mask_pos" in batch:
         return mlm_loss(logits, batch)
     if "option_index" in batch:

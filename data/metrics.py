@@ -5,6 +5,7 @@ exact match and token F1 taking the best gold, as the official SQuAD v1.1 evalua
 of the original: when the first gold is "CANNOTANSWER" or "no answer", F1 is exact match against it.
 DROP is scored with the same SQuAD F1, not the official DROP F1.
 """
+
 import re
 import string
 from collections import Counter
@@ -56,5 +57,8 @@ def calculate_metric(name, predicted, correct):
 
 
 def neg_f1(predictions, golds):
-    """The non-differentiable MeZO objective for SQuAD: -(mean F1 of the batch), a float32 0-d tensor."""
-    return -torch.tensor(sum(f1(p, g) for p, g in zip(predictions, golds)) / len(golds), dtype=torch.float32)
+    """The non-differentiable MeZO objective for SQuAD: -(mean F1 of the batch), a float32 0-d
+    tensor."""
+    return -torch.tensor(
+        sum(f1(p, g) for p, g in zip(predictions, golds)) / len(golds), dtype=torch.float32
+    )

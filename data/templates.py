@@ -8,6 +8,7 @@ byte; `encode_prompt` (data/encode.py) strips the spaces at the ends, as the ori
 
 Templates read `sample.data`, which holds the Hugging Face dataset's fields (data/tasks.py).
 """
+
 from . import DataError
 
 
@@ -54,18 +55,19 @@ class RTETemplate(Template):
     verbalizer = {0: "Yes", 1: "No"}
 
     def prompt(self, d):
-        return f"{d['premise']}\nDoes this mean that \"{d['hypothesis']}\" is true? Yes or No?\n"
+        return f'{d["premise"]}\nDoes this mean that "{d["hypothesis"]}" is true? Yes or No?\n'
 
 
 class CBTemplate(Template):
     verbalizer = {0: "Yes", 1: "No", 2: "Maybe"}
 
     def prompt(self, d):
-        return f"Suppose {d['premise']} Can we infer that \"{d['hypothesis']}\"? Yes, No, or Maybe?\n"
+        return f'Suppose {d["premise"]} Can we infer that "{d["hypothesis"]}"? Yes, No, or Maybe?\n'
 
 
 class BoolQTemplate(Template):
-    """The original's default `BoolQTemplateV3` (template_version=2): a real newline before the answer."""
+    """The original's default `BoolQTemplateV3` (template_version=2): a real newline before the
+    answer."""
 
     def prompt(self, d):
         question = d["question"]
@@ -82,28 +84,35 @@ class MultiRCTemplate(Template):
     verbalizer = {0: "No", 1: "Yes"}
 
     def prompt(self, d):
-        return (f"{d['paragraph']}\nQuestion: {d['question']}\n"
-                f"I found this answer \"{d['answer']}\". Is that correct? Yes or No?\n")
+        return (
+            f"{d['paragraph']}\nQuestion: {d['question']}\n"
+            f'I found this answer "{d["answer"]}". Is that correct? Yes or No?\n'
+        )
 
 
 class WICTemplate(Template):
     verbalizer = {0: "No", 1: "Yes"}
 
     def prompt(self, d):
-        return (f"Does the word \"{d['word']}\" have the same meaning in these two sentences? Yes, No?\n"
-                f"{d['sentence1']}\n{d['sentence2']}\n")
+        return (
+            f'Does the word "{d["word"]}" have the same meaning in these two sentences? Yes, No?\n'
+            f"{d['sentence1']}\n{d['sentence2']}\n"
+        )
 
 
 class WSCTemplate(Template):
     verbalizer = {0: "No", 1: "Yes"}
 
     def prompt(self, d):
-        return (f"{d['text']}\nIn the previous sentence, does the pronoun \"{d['span2_text'].lower()}\" "
-                f"refer to {d['span1_text']}? Yes or No?\n")
+        return (
+            f'{d["text"]}\nIn the previous sentence, does the pronoun "{d["span2_text"].lower()}" '
+            f"refer to {d['span1_text']}? Yes or No?\n"
+        )
 
 
 class CopaTemplate(Template):
-    """`CopaTemplate` with capitalization="correct": the candidate's first word is lower-cased unless "I"."""
+    """`CopaTemplate` with capitalization="correct": the candidate's first word is lower-cased
+    unless "I"."""
 
     def _conjunction(self, d):
         return {"effect": " so ", "cause": " because "}[d["question"]]
@@ -140,7 +149,8 @@ class ReCoRDTemplate(Template):
 
 
 class _GenerationTemplate(Template):
-    """SQuAD / DROP: the option is always the first gold answer plus "\\n" (the candidate is ignored)."""
+    """SQuAD / DROP: the option is always the first gold answer plus "\\n" (the candidate is
+    ignored)."""
 
     def option(self, d, candidate):
         return f" {d['answers'][0]}\n"

@@ -1,13 +1,14 @@
 """Hugging Face checkpoint directories in and out, without transformers.
 
 Reading: config.json + `model.safetensors`, a sharded `model.safetensors.index.json`, or
-`pytorch_model.bin` (optionally sharded with `pytorch_model.bin.index.json`). The model is built on the
-meta device and every tensor is loaded straight into place (`load_state_dict(assign=True)`): no
-randomly initialised copy and no second full copy in memory.
-Writing: the layout transformers writes (canonical names, tied weights stored once, shards + index above
-`max_shard_size`), in a temporary directory swapped into place (data/files.py `atomic_dir`), so a crash
-never leaves half a checkpoint.
+`pytorch_model.bin` (optionally sharded with `pytorch_model.bin.index.json`). The model is built on
+the meta device and every tensor is loaded straight into place (`load_state_dict(assign=True)`): no
+randomly initialised copy and no second full copy in memory. Writing: the layout transformers writes
+(canonical names, tied weights stored once, shards + index above `max_shard_size`), in a temporary
+directory swapped into place (data/files.py `atomic_dir`), so a crash never leaves half a
+checkpoint.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,16 +34,33 @@ from .opt import ACTIVATIONS, OPT, OPTConfig
 from .peft import LoRALinear
 from .roberta import RobertaConfig, RobertaMLM
 
-ARCHITECTURES = {"opt": (OPTConfig, OPT), "roberta": (RobertaConfig, RobertaMLM),
-                 "llama": (LlamaConfig, LLaMA), "qwen2": (LlamaConfig, LLaMA), "mistral": (LlamaConfig, LLaMA)}
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors",
-                "pytorch_model.bin.index.json", "pytorch_model.bin")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
-IGNORED = re.compile(r"(^|\.)pooler\.|position_ids$")  # pooler unused by the MLM head; legacy buffers
+ARCHITECTURES = {
+    "opt": (OPTConfig, OPT),
+    "roberta": (RobertaConfig, RobertaMLM),
+    "llama": (LlamaConfig, LLaMA),
+    "qwen2": (LlamaConfig, LLaMA),
+    "mistral": (LlamaConfig, LLaMA),
+}
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+# pooler unused by the MLM head; legacy buffers
+IGNORED = re.compile(r"(^|\.)pooler\.|position_ids$")
 
 
 # ---------------------------------------------------------------- locating a checkpoint
+
 
 def hub_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
@@ -65,10 +83,14 @@ def resolve(path) -> Path:
     ref = repo / "refs" / "main"
     if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
         return snapshots / ref.read_text().strip()
-    candidates = sorted(snapshots.iterdir(), key=lambda s: s.stat().st_mtime) if snapshots.is_dir() else []
+    candidates = (
+        sorted(snapshots.iterdir(), key=lambda s: s.stat().st_mtime) if snapshots.is_dir() else []
+    )
     if candidates:
         return candidates[-1]
-    raise ModelError(f"missing model directory, not found in the Hugging Face cache {hub_cache_dir()} ({path})")
+    raise ModelError(
+        f"missing model directory, not found in the Hugging Face cache {hub_cache_dir()} ({path})"
+    )
 
 
 def read_config(directory: Path):
@@ -82,32 +104,55 @@ def read_config(directory: Path):
         raise ModelError(f"corrupt config file: {e} ({file})") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
     if model_type not in ARCHITECTURES:
-        raise ModelError(f"unknown model_type {model_type!r}, expected one of {sorted(ARCHITECTURES)} ({file})")
+        raise ModelError(
+            f"unknown model_type {model_type!r}, expected one of {sorted(ARCHITECTURES)} ({file})"
+        )
     config_cls = ARCHITECTURES[model_type][0]
     _check_sizes(raw, file)
     try:
-        cfg = config_cls(**{f.name: raw[f.name] for f in dataclasses.fields(config_cls) if f.name in raw})
+        cfg = config_cls(
+            **{f.name: raw[f.name] for f in dataclasses.fields(config_cls) if f.name in raw}
+        )
     except (TypeError, ValueError, ArithmeticError) as e:
         raise ModelError(f"bad config value: {e} ({file})") from None
     heads = cfg.num_attention_heads
     if getattr(cfg, "head_dim", None) is None and cfg.hidden_size % heads:
-        raise ModelError(f"num_attention_heads {heads} does not divide hidden_size {cfg.hidden_size} ({file})")
+        raise ModelError(
+            f"num_attention_heads {heads} does not divide hidden_size {cfg.hidden_size} ({file})"
+        )
     if heads % getattr(cfg, "num_key_value_heads", heads):
-        raise ModelError(f"num_key_value_heads {cfg.num_key_value_heads} does not divide num_attention_heads "
-                         f"{heads} ({file})")
+        raise ModelError(
+            f"num_key_value_heads {cfg.num_key_value_heads} does not divide num_attention_heads "
+            f"{heads} ({file})"
+        )
     if max_positions(cfg) < 2:
-        raise ModelError(f"max_position_embeddings {cfg.max_position_embeddings} leaves no room for a sequence "
-                         f"({file})")
+        raise ModelError(
+            f"max_position_embeddings {cfg.max_position_embeddings} leaves no room for a sequence "
+            f"({file})"
+        )
     act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
     if act not in ACTIVATIONS:
         raise ModelError(f"unsupported activation {act!r} ({file})")
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
-        raise ModelError(f"unsupported position_embedding_type {cfg.position_embedding_type!r} ({file})")
+        raise ModelError(
+            f"unsupported position_embedding_type {cfg.position_embedding_type!r} ({file})"
+        )
     return cfg
 
 
-SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "ffn_dim", "intermediate_size", "num_attention_heads",
-         "num_key_value_heads", "head_dim", "max_position_embeddings", "word_embed_proj_dim", "type_vocab_size")
+SIZES = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "ffn_dim",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "word_embed_proj_dim",
+    "type_vocab_size",
+)
 
 
 def _check_sizes(raw: dict, file: Path) -> None:
@@ -128,19 +173,25 @@ def max_positions(config) -> int:
 
 # ---------------------------------------------------------------- names in files vs. ours
 
+
 def our_name(model_type: str, key: str) -> str:
     if model_type == "opt":
-        return key.removeprefix("model.")  # OPTForCausalLM saves `model.decoder.*`, hub OPT `decoder.*`
+        # OPTForCausalLM saves `model.decoder.*`, hub OPT `decoder.*`
+        return key.removeprefix("model.")
     return "lm_head.decoder.bias" if key == "lm_head.bias" else key
 
 
 def _hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Our tensors under the names transformers writes; LoRA merged into W; the tied head omitted."""
+    """Our tensors under the names transformers writes; LoRA merged into W; the tied head
+    omitted."""
     cfg = model.config
     if any(name.endswith("prefix_keys") for name, _ in model.named_parameters()):
-        raise ModelError("a prefix-tuned model has no Hugging Face layout; save adapter_state_dict(model) "
-                         "instead (save_model)")
-    tensors = model.state_dict()  # references, no copies; plain tensors swapped in for Parameters work too
+        raise ModelError(
+            "a prefix-tuned model has no Hugging Face layout; save adapter_state_dict(model) "
+            "instead (save_model)"
+        )
+    # references, no copies; plain tensors swapped in for Parameters work too
+    tensors = model.state_dict()
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             tensors[f"{name}.weight"] = module.merged_weight().detach()
@@ -161,6 +212,7 @@ def _hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- reading
+
 
 class _Weights:
     """The tensors of a checkpoint directory by file key, read lazily from one or several files."""
@@ -187,11 +239,17 @@ class _Weights:
                 raise ModelError(f"missing weight file ({file})")
             try:  # mmap only for the zip format: torch cannot map an old-format (pre-1.6) .bin
                 self._handles[file] = (
-                    safe_open(file, framework="pt", device=self.device) if file.suffix == ".safetensors"
-                    else torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)))
+                    safe_open(file, framework="pt", device=self.device)
+                    if file.suffix == ".safetensors"
+                    else torch.load(
+                        file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)
+                    )
+                )
             except pickle.UnpicklingError:  # weights_only refused an object: never unpickled
-                raise ModelError(f"weight file holds Python objects besides tensors, which are never unpickled; "
-                                 f"convert it to safetensors ({file})") from None
+                raise ModelError(
+                    f"weight file holds Python objects besides tensors, which are never unpickled; "
+                    f"convert it to safetensors ({file})"
+                ) from None
             except Exception as e:  # safetensors / zip / pickle errors of a damaged file
                 raise ModelError(f"corrupt weight file: {_first_line(e)} ({file})") from None
         return self._handles[file]
@@ -202,7 +260,9 @@ class _Weights:
         try:
             return handle.get_tensor(key) if file.suffix == ".safetensors" else handle[key]
         except Exception as e:
-            raise ModelError(f"corrupt weight file: cannot read {key}: {_first_line(e)} ({file})") from None
+            raise ModelError(
+                f"corrupt weight file: cannot read {key}: {_first_line(e)} ({file})"
+            ) from None
 
 
 def _first_line(error: Exception) -> str:
@@ -211,7 +271,8 @@ def _first_line(error: Exception) -> str:
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
-    """OPT, RoBERTa-MLM or a LLaMA-family model (ARCHITECTURES) from a checkpoint directory or a hub name in
+    """OPT, RoBERTa-MLM or a LLaMA-family model (ARCHITECTURES) from a checkpoint directory or a hub
+    name in
     the local HF cache, in eval mode."""
     directory = resolve(path)
     cfg = read_config(directory)
@@ -221,7 +282,8 @@ def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
         cfg.tie_word_embeddings = False  # e.g. roberta-large: the decoder is its own matrix
     with torch.device("meta"):
         model = ARCHITECTURES[cfg.model_type][1](cfg)
-    expected = dict(model.named_parameters())  # a tied weight appears once, under its embedding name
+    # a tied weight appears once, under its embedding name
+    expected = dict(model.named_parameters())
     # Skipped: pooler, legacy buffers, the stored copy of a tied head. Of `lm_head.bias` and
     # `lm_head.decoder.bias` the decoder's own wins (the one transformers uses when untied).
     key_of = {}
@@ -233,16 +295,23 @@ def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
     for name, key in key_of.items():
         tensor = weights.get(key)
         if tensor.shape != expected[name].shape:
-            raise ModelError(f"tensor {key} has shape {tuple(tensor.shape)}, expected "
-                             f"{tuple(expected[name].shape)} ({weights.file_of[key]})")
-        if not tensor.is_floating_point():  # the model computes in floating point: a cast would hide it
-            raise ModelError(f"tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected a "
-                             f"floating-point dtype ({weights.file_of[key]})")
+            raise ModelError(
+                f"tensor {key} has shape {tuple(tensor.shape)}, expected "
+                f"{tuple(expected[name].shape)} ({weights.file_of[key]})"
+            )
+        # the model computes in floating point: a cast would hide it
+        if not tensor.is_floating_point():
+            raise ModelError(
+                f"tensor {key} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected a "
+                f"floating-point dtype ({weights.file_of[key]})"
+            )
         state[name] = tensor.to(device=device, dtype=dtype)
     missing = sorted(expected.keys() - state.keys())
     if missing:
-        raise ModelError(f"missing tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
-                         f"({weights.source})")
+        raise ModelError(
+            f"missing tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+            f"({weights.source})"
+        )
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     return model.eval()
@@ -252,8 +321,10 @@ def check_tokenizer(model: nn.Module, tokenizer, directory) -> None:
     """Every id the tokenizer can produce must have an embedding row."""
     rows = model.config.vocab_size
     if tokenizer.vocab_size > rows:
-        raise ModelError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {rows} rows "
-                         f"(vocab_size in {Path(directory) / 'config.json'})")
+        raise ModelError(
+            f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {rows} rows "
+            f"(vocab_size in {Path(directory) / 'config.json'})"
+        )
 
 
 FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 8, 4096
@@ -267,14 +338,18 @@ def fingerprint(model: nn.Module) -> str:
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
         flat = p.detach().reshape(-1).view(torch.uint8) if p.numel() else p.detach().reshape(-1)
         block = FINGERPRINT_BLOCK_BYTES
-        starts = sorted({(len(flat) - block) * i // (FINGERPRINT_BLOCKS - 1) for i in range(FINGERPRINT_BLOCKS)}
-                        if len(flat) > block else {0})
+        starts = sorted(
+            {(len(flat) - block) * i // (FINGERPRINT_BLOCKS - 1) for i in range(FINGERPRINT_BLOCKS)}
+            if len(flat) > block
+            else {0}
+        )
         for start in starts:
-            h.update(flat[start:start + block].cpu().numpy().tobytes())
+            h.update(flat[start : start + block].cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- writing
+
 
 def _parse_size(size) -> int:
     if isinstance(size, int):
@@ -287,7 +362,8 @@ def _parse_size(size) -> int:
 
 
 def _shards(tensors: dict[str, torch.Tensor], limit: int) -> list[list[str]]:
-    """Consecutive groups under `limit` bytes; a tensor larger than the limit gets a shard of its own."""
+    """Consecutive groups under `limit` bytes; a tensor larger than the limit gets a shard of its
+    own."""
     shards, size = [[]], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -307,8 +383,11 @@ def _to_cpu(t: torch.Tensor) -> torch.Tensor:
 
 def _config_json(model: nn.Module, tensors) -> dict:
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
-    return {**dataclasses.asdict(model.config), "architectures": [model.hf_architecture],
-            "torch_dtype": str(dtype).removeprefix("torch.")}
+    return {
+        **dataclasses.asdict(model.config),
+        "architectures": [model.hf_architecture],
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
 
 
 def save_model(model: nn.Module, path, max_shard_size="5GB", tokenizer_dir=None) -> Path:
@@ -325,16 +404,29 @@ def save_model(model: nn.Module, path, max_shard_size="5GB", tokenizer_dir=None)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_dir(path) as tmp:
         tmp = Path(tmp)
-        (tmp / "config.json").write_text(json.dumps(_config_json(model, tensors), indent=2, sort_keys=True) + "\n")
-        files = ["model.safetensors"] if len(shards) == 1 else [
-            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        (tmp / "config.json").write_text(
+            json.dumps(_config_json(model, tensors), indent=2, sort_keys=True) + "\n"
+        )
+        files = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
         for file, names in zip(files, shards):
-            save_file({n: _to_cpu(tensors[n]) for n in names}, tmp / file, metadata={"format": "pt"})
+            save_file(
+                {n: _to_cpu(tensors[n]) for n in names}, tmp / file, metadata={"format": "pt"}
+            )
         if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
-                                  "total_parameters": sum(t.numel() for t in tensors.values())},
-                     "weight_map": {n: f for f, names in zip(files, shards) for n in names}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            index = {
+                "metadata": {
+                    "total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
+                    "total_parameters": sum(t.numel() for t in tensors.values()),
+                },
+                "weight_map": {n: f for f, names in zip(files, shards) for n in names},
+            }
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n"
+            )
         for name in TOKENIZER_FILES if tokenizer_dir is not None else ():
             if (Path(tokenizer_dir) / name).is_file():
                 shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)

@@ -11,6 +11,7 @@ the tied head is a module `lm_head` whose `.weight` IS `model.embed_tokens.weigh
 rotary frequencies are recomputed from the config at each forward (head_dim / 2 numbers), so a model
 built on the meta device needs nothing besides its checkpoint tensors.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,11 @@ import torch.nn as nn
 from . import ModelError
 from .opt import ACTIVATIONS, CausalLM, KVCache, attend, query_key_mask
 
-HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -31,8 +36,10 @@ class LlamaConfig:
     """Hugging Face `config.json` fields of the family (defaults are transformers' LlamaConfig's).
 
     transformers 5 writes `rope_parameters` ({"rope_type", "rope_theta", ...}); older files write
-    `rope_theta` and `rope_scaling`. Both are read; the older spelling is kept (both versions load it).
+    `rope_theta` and `rope_scaling`. Both are read; the older spelling is kept (both versions load
+    it).
     """
+
     vocab_size: int = 32000
     hidden_size: int = 4096
     intermediate_size: int = 11008
@@ -70,14 +77,20 @@ class LlamaConfig:
             self.rope_parameters = None
         rope_type = self.rope_type
         if rope_type not in ROPE_TYPES:
-            raise ModelError(f"unsupported rope_scaling type {rope_type!r}, expected one of {ROPE_TYPES} (config.json)")
+            raise ModelError(
+                f"unsupported rope_scaling type {rope_type!r}, expected one of {ROPE_TYPES} (config.json)"
+            )
         if self.model_type == "qwen2" and self.use_sliding_window:
-            raise ModelError("unsupported Qwen2 sliding-window attention (use_sliding_window) (config.json)")
+            raise ModelError(
+                "unsupported Qwen2 sliding-window attention (use_sliding_window) (config.json)"
+            )
         if self.model_type != "mistral":  # Llama has none; Qwen2's is off (refused above when on)
             self.sliding_window = None
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ModelError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads} (config.json)")
+            raise ModelError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads} (config.json)"
+            )
 
     @property
     def rope_type(self) -> str:
@@ -86,13 +99,17 @@ class LlamaConfig:
 
 
 def rope_inv_freq(cfg: LlamaConfig, device) -> torch.Tensor:
-    """Inverse frequencies [head_dim / 2] in fp32, as transformers' rope initialisation functions."""
+    """Inverse frequencies [head_dim / 2] in fp32, as transformers' rope initialisation
+    functions."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    inv_freq = 1.0 / (
+        cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim)
+    )
     s = cfg.rope_scaling or {}
     if cfg.rope_type == "linear":
         return inv_freq / s["factor"]
-    if cfg.rope_type == "llama3":  # Llama 3.1: stretch low frequencies by `factor`, blend the middle band
+    # Llama 3.1: stretch low frequencies by `factor`, blend the middle band
+    if cfg.rope_type == "llama3":
         factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
         old_len = s["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -132,7 +149,11 @@ class LlamaAttention(nn.Module):
         d, hd = cfg.hidden_size, cfg.head_dim
         qkv_bias = cfg.attention_bias or cfg.model_type == "qwen2"
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            hd,
+        )
         self.dropout = cfg.attention_dropout
         self.q_proj = nn.Linear(d, self.num_heads * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(d, self.num_kv_heads * hd, bias=qkv_bias)
@@ -150,7 +171,15 @@ class LlamaAttention(nn.Module):
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v, mask, self.prefix_keys, self.prefix_values, self.dropout if self.training else 0.0)
+        y = attend(
+            q,
+            k,
+            v,
+            mask,
+            self.prefix_keys,
+            self.prefix_values,
+            self.dropout if self.training else 0.0,
+        )
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -192,8 +221,11 @@ class LlamaModel(nn.Module):
         """input_ids [B, T] (the new tokens); attention_mask [B, cached + T] or a block mask (see
         CausalLM.forward) -> hidden [B, T, D]."""
         T = input_ids.shape[1]
-        if position_ids is None:  # positions count real tokens only, so left padding works (as transformers' generate)
-            position_ids = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, 1)[:, -T:]
+        # positions count real tokens only, so left padding works (as transformers' generate)
+        if position_ids is None:
+            position_ids = (attention_mask.cumsum(1) - 1).masked_fill(attention_mask == 0, 1)[
+                :, -T:
+            ]
         x = self.embed_tokens(input_ids)
         freqs = position_ids[..., None].float() * rope_inv_freq(self.config, x.device)
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # [B, 1, T, head_dim]
@@ -204,7 +236,7 @@ class LlamaModel(nn.Module):
         if self.config.sliding_window is not None:
             S = mask.shape[-1]
             kpos = torch.arange(S, device=mask.device)
-            mask = mask & (kpos > kpos[S - T:, None] - self.config.sliding_window)
+            mask = mask & (kpos > kpos[S - T :, None] - self.config.sliding_window)
         for layer in self.layers:
             x = layer(x, mask, cos, sin, cache)
         if cache is not None:

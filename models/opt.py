@@ -1,9 +1,10 @@
 """OPT (Zhang et al. 2022) for causal LM, every public size, in the style of nanoGPT / gpt-fast.
 
-Module and parameter names follow the Hugging Face checkpoints (`decoder.layers.{i}.self_attn.q_proj`
-...) so weights load without a renaming table, and modules are registered in transformers' order, so
-named_parameters() lists them as OPTForCausalLM does: the original draws one z per parameter in that
-order (large_models/trainer.py zo_perturb_parameters). Two layouts exist:
+Module and parameter names follow the Hugging Face checkpoints
+(`decoder.layers.{i}.self_attn.q_proj` ...) so weights load without a renaming table, and modules
+are registered in transformers' order, so named_parameters() lists them as OPTForCausalLM does: the
+original draws one z per parameter in that order (large_models/trainer.py zo_perturb_parameters).
+Two layouts exist:
   * 125m and 1.3b ... 66b: pre-LayerNorm blocks and a final LayerNorm;
   * 350m: post-LayerNorm blocks, no final LayerNorm, and `project_in` / `project_out` between the
     512-wide embeddings and the 1024-wide blocks (`word_embed_proj_dim != hidden_size`).
@@ -11,6 +12,7 @@ order (large_models/trainer.py zo_perturb_parameters). Two layouts exist:
 Contract kept for zo/: every parameter is used only inside the forward of the module that owns it.
 The tied LM head is therefore a module `lm_head` whose `.weight` IS `decoder.embed_tokens.weight`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,6 +40,7 @@ POSITION_OFFSET = 2
 @dataclass
 class OPTConfig:
     """Hugging Face `config.json` fields of OPT (defaults are opt-125m's, as in transformers)."""
+
     vocab_size: int = 50272
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -67,27 +70,39 @@ def attend(q, k, v, mask, prefix_keys=None, prefix_values=None, dropout_p=0.0, s
     """Scaled dot-product attention over [prefix slots] + keys, shared by OPT and RoBERTa.
 
     q, k, v: [B, H, T, hd]; mask: bool, broadcastable to [B, 1, Tq, Tk] (True = may attend) or None.
-    prefix_keys / prefix_values: [P, H*hd] (prefix tuning, Li & Liang 2021; MeZO `prefix.py`) or None.
-    Every query sees every prefix slot: the original puts zeros in front of the additive mask.
+    prefix_keys / prefix_values: [P, H*hd] (prefix tuning, Li & Liang 2021; MeZO `prefix.py`) or
+    None. Every query sees every prefix slot: the original puts zeros in front of the additive mask.
     """
     if prefix_keys is not None:
         B, H, _, hd = k.shape
         P = prefix_keys.shape[0]
         k = torch.cat([prefix_keys.view(1, P, H, hd).transpose(1, 2).expand(B, H, P, hd), k], dim=2)
-        v = torch.cat([prefix_values.view(1, P, H, hd).transpose(1, 2).expand(B, H, P, hd), v], dim=2)
+        v = torch.cat(
+            [prefix_values.view(1, P, H, hd).transpose(1, 2).expand(B, H, P, hd), v], dim=2
+        )
         if mask is not None:
             mask = F.pad(mask, (P, 0), value=True)
     # Grouped-query attention (LLaMA family): fewer key/value heads than query heads.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
 
 
 def keep_positions(h, logits_to_keep):
-    """h [B, T, D] -> the positions whose logits are asked for: an int k keeps the last k (0: all), as
-    transformers; a 1-D index tensor [W] the same positions of every row, as transformers; a 2-D one
+    """h [B, T, D] -> the positions whose logits are asked for: an int k keeps the last k (0: all),
+    as transformers; a 1-D index tensor [W] the same positions of every row, as transformers; a
+    2-D one
     [B, W] its own positions in each row."""
-    if isinstance(logits_to_keep, int):  # contiguous: F.linear on a strided slice and a non-Parameter
-        return h[:, -logits_to_keep:].contiguous() if logits_to_keep else h  # weight runs as a slow bmm
+    # contiguous: F.linear on a strided slice and a non-Parameter
+    if isinstance(logits_to_keep, int):
+        # weight runs as a slow bmm
+        return h[:, -logits_to_keep:].contiguous() if logits_to_keep else h
     if logits_to_keep.dim() == 2:
         return h[torch.arange(h.shape[0], device=h.device)[:, None], logits_to_keep]
     return h[:, logits_to_keep]
@@ -114,8 +129,8 @@ class KVCache:
             self.keys[layer] = k.new_zeros(B, H, self.max_len, hd)
             self.values[layer] = v.new_zeros(B, H, self.max_len, hd)
         end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -130,8 +145,8 @@ class OPTAttention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.head_dim = d // cfg.num_attention_heads
         self.dropout = cfg.attention_dropout
-        # Registration order is transformers' OPTAttention (k, v, q, out): named_parameters() order is
-        # the order the original draws z in (large_models/trainer.py zo_perturb_parameters).
+        # Registration order is transformers' OPTAttention (k, v, q, out): named_parameters() order
+        # is the order the original draws z in (large_models/trainer.py zo_perturb_parameters).
         self.k_proj = nn.Linear(d, d, bias=bias)
         self.v_proj = nn.Linear(d, d, bias=bias)
         self.q_proj = nn.Linear(d, d, bias=bias)
@@ -149,8 +164,16 @@ class OPTAttention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        y = attend(q, k, v, mask, self.prefix_keys, self.prefix_values,
-                   self.dropout if self.training else 0.0, scale=1.0)
+        y = attend(
+            q,
+            k,
+            v,
+            mask,
+            self.prefix_keys,
+            self.prefix_values,
+            self.dropout if self.training else 0.0,
+            scale=1.0,
+        )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -189,7 +212,7 @@ def causal_padding_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Ten
     """
     S = attention_mask.shape[1]
     kpos = torch.arange(S, device=attention_mask.device)
-    qpos = kpos[S - num_new:, None]
+    qpos = kpos[S - num_new :, None]
     valid = attention_mask.bool()[:, None, None, :]
     return (kpos <= qpos) & (valid | (kpos == qpos))
 
@@ -197,28 +220,43 @@ def causal_padding_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Ten
 def query_key_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
     """The bool mask the attention takes: a block mask [B, 1, T, T] as given, else the causal
     padding mask of a padding mask [B, S]."""
-    return attention_mask if attention_mask.dim() == 4 else causal_padding_mask(attention_mask, num_new)
+    return (
+        attention_mask
+        if attention_mask.dim() == 4
+        else causal_padding_mask(attention_mask, num_new)
+    )
 
 
 class OPTDecoder(nn.Module):
     def __init__(self, cfg: OPTConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim, cfg.pad_token_id)
-        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
+        self.embed_positions = nn.Embedding(
+            cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size
+        )
         projected = cfg.word_embed_proj_dim != cfg.hidden_size
-        # project_out before project_in, as transformers' OPTDecoder registers them (parameter order).
-        self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False) if projected else None
-        self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
+        # project_out before project_in, as transformers' OPTDecoder registers them (parameter
+        # order).
+        self.project_out = (
+            nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False) if projected else None
+        )
+        self.project_in = (
+            nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if projected else None
+        )
         has_final_norm = cfg.do_layer_norm_before and not cfg._remove_final_layer_norm
-        self.final_layer_norm = (nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.layer_norm_elementwise_affine)
-                                 if has_final_norm else None)
+        self.final_layer_norm = (
+            nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.layer_norm_elementwise_affine)
+            if has_final_norm
+            else None
+        )
         self.layers = nn.ModuleList(OPTDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
 
     def forward(self, input_ids, attention_mask, cache: KVCache | None = None, position_ids=None):
         """input_ids [B, T] (the new tokens); attention_mask [B, cached + T] or a block mask (see
         CausalLM.forward) -> hidden [B, T, D]."""
         T = input_ids.shape[1]
-        if position_ids is None:  # learned positions count real tokens only, so left padding works (pads: row 1)
+        # learned positions count real tokens only, so left padding works (pads: row 1)
+        if position_ids is None:
             position_ids = (attention_mask.cumsum(1) * attention_mask - 1)[:, -T:]
         x = self.embed_tokens(input_ids)
         if self.project_in is not None:
@@ -240,6 +278,7 @@ class CausalLM(nn.Module):
     """A decoder body under an LM head: the head, its tying, the forward and greedy generation,
     shared by OPT and the LLaMA family. `body` names the decoder attribute (Hugging Face's name:
     `decoder` for OPT, `model` for LLaMA), so checkpoints load without a renaming table."""
+
     body = "decoder"
 
     def tie_weights(self):
@@ -247,22 +286,31 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = getattr(self, self.body).embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None, logits_to_keep=0,
-                position_ids=None):
-        """Logits [B, T, V] of the positions the caller reads. With a cache, input_ids are the new tokens
-        and attention_mask [B, cached + T] covers cached + new tokens (left padding, as in transformers).
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        cache: KVCache | None = None,
+        logits_to_keep=0,
+        position_ids=None,
+    ):
+        """Logits [B, T, V] of the positions the caller reads. With a cache, input_ids are the new
+        tokens and attention_mask [B, cached + T] covers cached + new tokens (left padding, as in
+        transformers).
 
         logits_to_keep (transformers' argument, see keep_positions): the positions whose logits are
         computed; the LM head, about a fifth to a third of a forward's multiply-adds for the
-        125m-135m models, then runs on those alone.
-        A packed layout (several sequences sharing a prefix in one row, data/collate.py) passes
-        attention_mask as a bool block mask [B, 1, T, T] (True = may attend) with its position_ids [B, T].
+        125m-135m models, then runs on those alone. A packed layout (several sequences sharing a
+        prefix in one row, data/collate.py) passes attention_mask as a bool block mask [B, 1, T, T]
+        (True = may attend) with its position_ids [B, T].
         """
         if attention_mask is None:
             past = cache.length if cache is not None else 0
             attention_mask = input_ids.new_ones(input_ids.shape[0], past + input_ids.shape[1])
         if attention_mask.dim() == 4 and (position_ids is None or cache is not None):
-            raise ModelError("a block attention mask needs position_ids and no KV cache (CausalLM.forward)")
+            raise ModelError(
+                "a block attention mask needs position_ids and no KV cache (CausalLM.forward)"
+            )
         if attention_mask.dim() == 2:
             attention_mask = attention_mask.long()
         h = getattr(self, self.body)(input_ids, attention_mask, cache, position_ids)
@@ -270,7 +318,8 @@ class CausalLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens=32, eos_token_ids=()):
-        """Greedy decoding of a left-padded batch with a KV cache, as transformers' greedy `generate`.
+        """Greedy decoding of a left-padded batch with a KV cache, as transformers' greedy
+        `generate`.
 
         Returns only the new tokens [B, <= max_new_tokens]; a row keeps its stop token and is padded
         with pad_token_id after it; decoding ends when every row has stopped.
@@ -278,15 +327,25 @@ class CausalLM(nn.Module):
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        mask = torch.cat([attention_mask.long(), attention_mask.new_ones(B, max_new_tokens).long()], 1)
+        mask = torch.cat(
+            [attention_mask.long(), attention_mask.new_ones(B, max_new_tokens).long()], 1
+        )
         eos = torch.as_tensor(list(eos_token_ids or ()), dtype=torch.long, device=input_ids.device)
         cache = KVCache(self.config.num_hidden_layers, T + max_new_tokens)
         # transformers pads finished rows with the first stop token when the model has no pad token
-        pad = self.config.pad_token_id if self.config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
+        pad = (
+            self.config.pad_token_id
+            if self.config.pad_token_id is not None
+            else int(eos[0])
+            if len(eos)
+            else 0
+        )
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens, out = input_ids, []
         for _ in range(max_new_tokens):
-            logits = self(tokens, mask[:, :cache.length + tokens.shape[1]], cache, logits_to_keep=1)
+            logits = self(
+                tokens, mask[:, : cache.length + tokens.shape[1]], cache, logits_to_keep=1
+            )
             nxt = logits[:, -1].argmax(-1).masked_fill(done, pad)
             out.append(nxt)
             done |= torch.isin(nxt, eos)

@@ -1,11 +1,12 @@
-"""Parameter-efficient fine-tuning used with MeZO (paper section 3; the original's large_models/lora.py and
-prefix.py): LoRA and prefix tuning.
+"""Parameter-efficient fine-tuning used with MeZO (paper section 3; the original's
+large_models/lora.py and prefix.py): LoRA and prefix tuning.
 
-Both work on every family here (OPT, RoBERTa, the LLaMA family) through two class attributes of their
-attention modules: `lora_targets` (q/v projection names) and `kv_projections` (k/v projection names).
-Both freeze every other parameter, so zo/ perturbs only the adapter (it walks the parameters with
-requires_grad).
+Both work on every family here (OPT, RoBERTa, the LLaMA family) through two class attributes of
+their attention modules: `lora_targets` (q/v projection names) and `kv_projections` (k/v projection
+names). Both freeze every other parameter, so zo/ perturbs only the adapter (it walks the parameters
+with requires_grad).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,14 @@ ADAPTER_NAMES = ("lora_A", "lora_B", "prefix_keys", "prefix_values")
 
 class LoRALinear(nn.Module):
     """y = x W^T + b + (x A^T B^T) * alpha/r (Hu et al. 2021), never merged: MeZO's `LoRALinear`
-    with merge_weights=False. (loralib's default merge_weights=True, used by medium_models, folds B A into
-    W at model.eval(), after which perturbing A and B no longer changes the forward: training stalls.)
+    with merge_weights=False. (loralib's default merge_weights=True, used by medium_models, folds B
+    A into W at model.eval(), after which perturbing A and B no longer changes the forward: training
+    stalls.)
 
     Owns W, b, A and B directly, so a perturbation hook on this module sees all four. They are
-    registered in that order, as in the original's LoRALinear (an nn.Linear that adds lora_A, lora_B),
-    and apply_lora puts it in the replaced projection's slot: named_parameters() order is the original's.
+    registered in that order, as in the original's LoRALinear (an nn.Linear that adds lora_A,
+    lora_B), and apply_lora puts it in the replaced projection's slot: named_parameters() order is
+    the original's.
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, generator=None):
@@ -40,10 +43,13 @@ class LoRALinear(nn.Module):
         like = dict(dtype=base.weight.dtype, device=base.weight.device)
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **like))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # U(-1/sqrt(in), 1/sqrt(in))
+        # U(-1/sqrt(in), 1/sqrt(in))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)
 
     def forward(self, x):
-        return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        return (
+            F.linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
+        )
 
     def merged_weight(self) -> torch.Tensor:
         """W + (alpha/r) B A, for saving a plain checkpoint."""
@@ -70,7 +76,8 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, generator=None) -> nn.Module:
-    """Replace the q and v projections of every attention by LoRALinear (in place) and freeze the rest."""
+    """Replace the q and v projections of every attention by LoRALinear (in place) and freeze the
+    rest."""
     for attn in _attention_modules(model):
         for name in attn.lora_targets:
             base = getattr(attn, name)
@@ -81,26 +88,35 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, generator=None) 
 
 
 @torch.no_grad()
-def apply_prefix(model: nn.Module, num_prefix: int = 5, init_by_real_act: bool = True, generator=None) -> nn.Module:
-    """Give every attention `prefix_keys` / `prefix_values` [num_prefix, hidden] and freeze the rest.
+def apply_prefix(
+    model: nn.Module, num_prefix: int = 5, init_by_real_act: bool = True, generator=None
+) -> nn.Module:
+    """Give every attention `prefix_keys` / `prefix_values` [num_prefix, hidden] and freeze the
+    rest.
 
     init_by_real_act (the paper's setting): run the model once on num_prefix random tokens (no BOS,
-    as `prefix.py` does) and take each layer's raw key / value projections of them. Otherwise N(0, 1).
-    No MLP reparameterisation (`--no_reparam`).
+    as `prefix.py` does) and take each layer's raw key / value projections of them. Otherwise N(0,
+    1). No MLP reparameterisation (`--no_reparam`).
     """
     attns = _attention_modules(model)
     if init_by_real_act:
         device = next(model.parameters()).device
-        tokens = torch.randint(0, model.config.vocab_size, (1, num_prefix), generator=generator).to(device)
+        tokens = torch.randint(0, model.config.vocab_size, (1, num_prefix), generator=generator).to(
+            device
+        )
         captured = {}
 
         def keep(key):
             def hook(module, args, out):
                 captured[key] = out[0].clone()  # [num_prefix, hidden] of the single sequence
+
             return hook
 
-        hooks = [getattr(attn, proj).register_forward_hook(keep((i, j)))
-                 for i, attn in enumerate(attns) for j, proj in enumerate(attn.kv_projections)]
+        hooks = [
+            getattr(attn, proj).register_forward_hook(keep((i, j)))
+            for i, attn in enumerate(attns)
+            for j, proj in enumerate(attn.kv_projections)
+        ]
         was_training = model.training
         try:
             model.eval()
@@ -112,8 +128,11 @@ def apply_prefix(model: nn.Module, num_prefix: int = 5, init_by_real_act: bool =
     for i, attn in enumerate(attns):
         weight = getattr(attn, attn.kv_projections[0]).weight
         for j, name in enumerate(("prefix_keys", "prefix_values")):
-            init = (captured[i, j] if init_by_real_act else
-                    torch.randn(num_prefix, weight.shape[0], generator=generator).to(weight.device))
+            init = (
+                captured[i, j]
+                if init_by_real_act
+                else torch.randn(num_prefix, weight.shape[0], generator=generator).to(weight.device)
+            )
             setattr(attn, name, nn.Parameter(init.to(weight.dtype)))
     _freeze_all_but_adapters(model)
     return model
@@ -126,19 +145,23 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Copy adapter tensors into a model already prepared with the same apply_lora / apply_prefix."""
+    """Copy adapter tensors into a model already prepared with the same apply_lora /
+    apply_prefix."""
     own = {name: p for name, p in model.named_parameters() if _is_adapter(name)}
     missing, unknown = own.keys() - state.keys(), state.keys() - own.keys()
     if missing or unknown:
-        raise ModelError(f"adapter does not match the model: missing {sorted(missing)[:3]}, "
-                         f"unexpected {sorted(unknown)[:3]} (adapter state)")
+        raise ModelError(
+            f"adapter does not match the model: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unknown)[:3]} (adapter state)"
+        )
     for name, p in own.items():
         if p.shape != state[name].shape:
-            raise ModelError(f"adapter tensor {name} has shape {tuple(state[name].shape)}, "
-                             f"expected {tuple(p.shape)} (adapter state)")
+            raise ModelError(
+                f"adapter tensor {name} has shape {tuple(state[name].shape)}, "
+                f"expected {tuple(p.shape)} (adapter state)"
+            )
         p.copy_(state[name])
     return model
-
 
 
 def save_adapter(model: nn.Module, path, meta: dict[str, str]) -> None:
@@ -149,8 +172,10 @@ def save_adapter(model: nn.Module, path, meta: dict[str, str]) -> None:
 
     from data.files import atomic_write
 
-    data = save({k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()},
-                metadata={k: str(v) for k, v in meta.items()})
+    data = save(
+        {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()},
+        metadata={k: str(v) for k, v in meta.items()},
+    )
     atomic_write(path, _sorted_metadata(data))
 
 
@@ -159,15 +184,16 @@ def _sorted_metadata(data: bytes) -> bytes:
     the header with its keys sorted, space-padded to 8 bytes as safetensors pads it (data offsets
     count from the end of the header, so they stay valid)."""
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text = text.ljust(-(-len(text) // 8) * 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + n:]
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
 
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """-> (metadata, tensors) of a file written by save_adapter; the sizes in the metadata as numbers."""
+    """-> (metadata, tensors) of a file written by save_adapter; the sizes in the metadata as
+    numbers."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -189,6 +215,8 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
         else:
             raise ValueError(f"mode {meta.get('mode')!r}")
     except (KeyError, ValueError) as e:
-        raise ModelError(f"adapter file without valid metadata (mode, lora_r, lora_alpha / num_prefix: {e}); "
-                         f"train.py writes it ({path})") from None
+        raise ModelError(
+            f"adapter file without valid metadata (mode, lora_r, lora_alpha / num_prefix: {e}); "
+            f"train.py writes it ({path})"
+        ) from None
     return meta, state

@@ -1,12 +1,14 @@
-"""RoBERTa (Liu et al. 2019) encoder with its masked-LM head: MeZO's medium models (`medium_models/`).
+"""RoBERTa (Liu et al. 2019) encoder with its masked-LM head: MeZO's medium models
+(`medium_models/`).
 
-Module and parameter names follow the Hugging Face checkpoints (`roberta.encoder.layer.{i}.attention.self.query`
-...), so weights load without a renaming table. Post-LayerNorm blocks; the MLM head is
-dense -> GELU (exact erf) -> LayerNorm -> decoder + bias. The decoder weight is tied to the word
-embeddings (the same Parameter, owned by two modules) unless the checkpoint stores its own copy,
-as roberta-large's does (the original's `RobertaModelForPromptFinetuning` in medium_models/src/models.py
-never ties them).
+Module and parameter names follow the Hugging Face checkpoints
+(`roberta.encoder.layer.{i}.attention.self.query` ...), so weights load without a renaming table.
+Post-LayerNorm blocks; the MLM head is dense -> GELU (exact erf) -> LayerNorm -> decoder + bias. The
+decoder weight is tied to the word embeddings (the same Parameter, owned by two modules) unless the
+checkpoint stores its own copy, as roberta-large's does (the original's
+`RobertaModelForPromptFinetuning` in medium_models/src/models.py never ties them).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +23,10 @@ from .opt import ACTIVATIONS, attend, keep_positions
 @dataclass
 class RobertaConfig:
     """Hugging Face `config.json` fields of RoBERTa. Defaults are transformers' `RobertaConfig()`
-    defaults, so a config.json that omits a field reads as transformers reads it (careful: roberta-base
+    defaults, so a config.json that omits a field reads as transformers reads it (careful:
+    roberta-base
     itself has type_vocab_size 1, layer_norm_eps 1e-5, max_position_embeddings 514)."""
+
     vocab_size: int = 50265
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -48,10 +52,13 @@ class RobertaEmbeddings(nn.Module):
         d = cfg.hidden_size
         self.padding_idx = cfg.pad_token_id
         self.dropout = cfg.hidden_dropout_prob
-        # Order word, position, token_type, LayerNorm: the original's (medium_models/src/modeling_roberta.py
-        # and transformers 4 RobertaEmbeddings); transformers 5 registers position_embeddings last.
+        # Order word, position, token_type, LayerNorm: the original's
+        # (medium_models/src/modeling_roberta.py and transformers 4 RobertaEmbeddings); transformers
+        # 5 registers position_embeddings last.
         self.word_embeddings = nn.Embedding(cfg.vocab_size, d, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, d, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(
+            cfg.max_position_embeddings, d, padding_idx=cfg.pad_token_id
+        )
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, d)
         self.LayerNorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
@@ -61,8 +68,11 @@ class RobertaEmbeddings(nn.Module):
         positions = real.cumsum(1) * real + self.padding_idx
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
-             + self.position_embeddings(positions))
+        x = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(token_type_ids)
+            + self.position_embeddings(positions)
+        )
         return F.dropout(self.LayerNorm(x), self.dropout, self.training)
 
 
@@ -88,7 +98,15 @@ class RobertaSelfAttention(nn.Module):
         q = self.query(x).view(shape).transpose(1, 2)
         k = self.key(x).view(shape).transpose(1, 2)
         v = self.value(x).view(shape).transpose(1, 2)
-        y = attend(q, k, v, mask, self.prefix_keys, self.prefix_values, self.dropout if self.training else 0.0)
+        y = attend(
+            q,
+            k,
+            v,
+            mask,
+            self.prefix_keys,
+            self.prefix_values,
+            self.dropout if self.training else 0.0,
+        )
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -155,7 +173,8 @@ class RobertaModel(nn.Module):
         self.encoder = RobertaEncoder(cfg)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
-        # Bidirectional: only padded keys are hidden. [B, 1, 1, S] broadcasts over heads and queries.
+        # Bidirectional: only padded keys are hidden. [B, 1, 1, S] broadcasts over heads and
+        # queries.
         mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
 
@@ -163,10 +182,10 @@ class RobertaModel(nn.Module):
 class RobertaLMHead(nn.Module):
     def __init__(self, cfg: RobertaConfig):
         super().__init__()
-        # The decoder's bias is the checkpoint's `lm_head.bias`, which transformers' RobertaLMHead owns
-        # directly, so it is the head's first parameter in named_parameters(). Registering the decoder
-        # first puts it there too (its tied weight is listed under the word embeddings; an untied decoder
-        # weight comes first here, where transformers lists it after layer_norm).
+        # The decoder's bias is the checkpoint's `lm_head.bias`, which transformers' RobertaLMHead
+        # owns directly, so it is the head's first parameter in named_parameters(). Registering the
+        # decoder first puts it there too (its tied weight is listed under the word embeddings; an
+        # untied decoder weight comes first here, where transformers lists it after layer_norm).
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -192,5 +211,8 @@ class RobertaMLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, logits_to_keep=0):
         """Masked-LM logits [B, T, V] (right padding is the convention, any padding works) of the
-        positions kept: logits_to_keep as in CausalLM.forward (int k: the last k, 0: all; or indices)."""
-        return self.lm_head(keep_positions(self.roberta(input_ids, attention_mask, token_type_ids), logits_to_keep))
+        positions kept: logits_to_keep as in CausalLM.forward (int k: the last k, 0: all; or
+        indices)."""
+        return self.lm_head(
+            keep_positions(self.roberta(input_ids, attention_mask, token_type_ids), logits_to_keep)
+        )

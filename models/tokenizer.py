@@ -1,31 +1,56 @@
-"""Tokenizers of Hugging Face checkpoint directories, without transformers: the same ids as transformers.
+"""Tokenizers of Hugging Face checkpoint directories, without transformers: the same ids as
+transformers.
 
-Files, in order of preference: `tokenizer.json`; `vocab.json` + `merges.txt` (byte-level BPE, as OPT and
-RoBERTa ship); `tokenizer.model` (sentencepiece). `tokenizer_config.json` and `special_tokens_map.json`
-name the special tokens and whether BOS / EOS are added. Special tokens are added here, not by a
-tokenizer.json post-processor, so a caller may override `bos_token_id` (MeZO's OPT code forces id 0 in
-large_models/run.py; that choice belongs to data/, which reads `model_type` to apply it to OPT only).
+Files, in order of preference: `tokenizer.json`; `vocab.json` + `merges.txt` (byte-level BPE, as OPT
+and RoBERTa ship); `tokenizer.model` (sentencepiece). `tokenizer_config.json` and
+`special_tokens_map.json` name the special tokens and whether BOS / EOS are added. Special tokens
+are added here, not by a tokenizer.json post-processor, so a caller may override `bos_token_id`
+(MeZO's OPT code forces id 0 in large_models/run.py; that choice belongs to data/, which reads
+`model_type` to apply it to OPT only).
   OPT:     [</s>] + text              (bos = eos = `</s>`, id 2; `add_bos_token`)
   RoBERTa: [<s>] + text + [</s>]      (`<mask>` swallows the space before it: lstrip=True)
   LLaMA family: as tokenizer_config.json says (`add_bos_token`; Llama 2 / 3 add BOS, SmolLM2 none)
 """
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import sentencepiece
-from tokenizers import AddedToken, Tokenizer as BackendTokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
 
 from . import ModelError
 from .checkpoint import resolve
 
-SPECIAL_ROLES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+SPECIAL_ROLES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 DEFAULTS = {  # what transformers' OPT (GPT2) and RoBERTa tokenizers use when the files say nothing
-    "opt": {"bos_token": "</s>", "eos_token": "</s>", "unk_token": "</s>", "pad_token": "<pad>",
-            "add_bos_token": True, "add_eos_token": False},
-    "roberta": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-                "mask_token": {"content": "<mask>", "lstrip": True}, "add_bos_token": True, "add_eos_token": True},
+    "opt": {
+        "bos_token": "</s>",
+        "eos_token": "</s>",
+        "unk_token": "</s>",
+        "pad_token": "<pad>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+    },
+    "roberta": {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": {"content": "<mask>", "lstrip": True},
+        "add_bos_token": True,
+        "add_eos_token": True,
+    },
 }
 
 
@@ -42,7 +67,9 @@ def _model_type(directory: Path, settings: dict) -> str | None:
     model_type = _read_json(directory / "config.json").get("model_type")
     if model_type is None:  # a tokenizer-only directory: guess from transformers' class name
         cls = str(settings.get("tokenizer_class", ""))
-        model_type = "roberta" if cls.startswith("Roberta") else "opt" if cls.startswith("GPT2") else None
+        model_type = (
+            "roberta" if cls.startswith("Roberta") else "opt" if cls.startswith("GPT2") else None
+        )
     return model_type
 
 
@@ -51,11 +78,14 @@ def _content(token) -> str | None:
 
 
 class Tokenizer:
-    """encode / decode with the special-token rules of the checkpoint's model type (`model_type` names the family)."""
+    """encode / decode with the special-token rules of the checkpoint's model type (`model_type`
+    names the family)."""
 
     def __init__(self, directory: Path):
-        settings = {**_read_json(directory / "tokenizer_config.json"),
-                    **_read_json(directory / "special_tokens_map.json")}
+        settings = {
+            **_read_json(directory / "tokenizer_config.json"),
+            **_read_json(directory / "special_tokens_map.json"),
+        }
         self.model_type = _model_type(directory, settings)
         settings = {**DEFAULTS.get(self.model_type, {}), **settings}
         if (directory / "tokenizer.json").is_file() or (directory / "vocab.json").is_file():
@@ -64,23 +94,43 @@ class Tokenizer:
             to_id = self._bpe.token_to_id
         elif (directory / "tokenizer.model").is_file():
             self._bpe = None
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
+            self._sp = sentencepiece.SentencePieceProcessor(
+                model_file=str(directory / "tokenizer.model")
+            )
             sp = self._sp
-            settings = {"bos_token": sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
-                        "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
-                        "unk_token": sp.id_to_piece(sp.unk_id()),
-                        "pad_token": sp.id_to_piece(sp.pad_id()) if sp.pad_id() >= 0 else None,
-                        "add_bos_token": True, "add_eos_token": False, **settings}  # LLaMA's convention
+            settings = {
+                "bos_token": sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
+                "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
+                "unk_token": sp.id_to_piece(sp.unk_id()),
+                "pad_token": sp.id_to_piece(sp.pad_id()) if sp.pad_id() >= 0 else None,
+                # LLaMA's convention
+                "add_bos_token": True,
+                "add_eos_token": False,
+                **settings,
+            }
             to_id = sp.piece_to_id
         else:
-            raise ModelError(f"missing tokenizer files: tokenizer.json, vocab.json + merges.txt, or "
-                             f"tokenizer.model ({directory})")
-        ids = {role: to_id(_content(settings[role])) if settings.get(role) else None for role in SPECIAL_ROLES}
+            raise ModelError(
+                f"missing tokenizer files: tokenizer.json, vocab.json + merges.txt, or "
+                f"tokenizer.model ({directory})"
+            )
+        ids = {
+            role: to_id(_content(settings[role])) if settings.get(role) else None
+            for role in SPECIAL_ROLES
+        }
         self.bos_token_id, self.eos_token_id = ids["bos_token"], ids["eos_token"]
-        self.pad_token_id, self.mask_token_id, self.unk_token_id = ids["pad_token"], ids["mask_token"], ids["unk_token"]
+        self.pad_token_id, self.mask_token_id, self.unk_token_id = (
+            ids["pad_token"],
+            ids["mask_token"],
+            ids["unk_token"],
+        )
         self.add_bos_token = bool(settings.get("add_bos_token", False))
         self.add_eos_token = bool(settings.get("add_eos_token", False))
-        self.vocab_size = self._bpe.get_vocab_size(with_added_tokens=True) if self._bpe else self._sp.get_piece_size()
+        self.vocab_size = (
+            self._bpe.get_vocab_size(with_added_tokens=True)
+            if self._bpe
+            else self._sp.get_piece_size()
+        )
 
     @staticmethod
     def _load_bpe(directory: Path, settings: dict) -> BackendTokenizer:
@@ -89,31 +139,52 @@ class Tokenizer:
         if not full and not (directory / "merges.txt").is_file():
             raise ModelError(f"missing tokenizer file ({directory / 'merges.txt'})")
         try:
-            tok = (BackendTokenizer.from_file(str(source)) if full else
-                   BackendTokenizer(models.BPE.from_file(str(source), str(directory / "merges.txt"))))
+            tok = (
+                BackendTokenizer.from_file(str(source))
+                if full
+                else BackendTokenizer(
+                    models.BPE.from_file(str(source), str(directory / "merges.txt"))
+                )
+            )
         except Exception as e:  # the tokenizers library reports malformed files as plain exceptions
             raise ModelError(f"corrupt tokenizer file: {e} ({source})") from None
         if full:
             tok.no_truncation()
             tok.no_padding()
         else:  # what transformers' GPT2 / RoBERTa tokenizers build from vocab.json + merges.txt
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=settings.get("add_prefix_space", False))
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(
+                add_prefix_space=settings.get("add_prefix_space", False)
+            )
             tok.decoder = decoders.ByteLevel()
-        # Register the named special tokens; flags already stored in tokenizer.json win (as in transformers).
+        # Register the named special tokens; flags already stored in tokenizer.json win (as in
+        # transformers).
         known = {t.content for t in tok.get_added_tokens_decoder().values()}
-        named = [settings.get(role) for role in SPECIAL_ROLES] + list(settings.get("additional_special_tokens", []))
+        named = [settings.get(role) for role in SPECIAL_ROLES] + list(
+            settings.get("additional_special_tokens", [])
+        )
         for token in named:
             if token and _content(token) not in known:
-                given = token if isinstance(token, dict) else {}  # {"content": ..., "lstrip": true, ...}
+                # {"content": ..., "lstrip": true, ...}
+                given = token if isinstance(token, dict) else {}
                 flags = {k: given[k] for k in ("lstrip", "rstrip", "single_word") if k in given}
-                tok.add_special_tokens([AddedToken(_content(token), special=True, normalized=False, **flags)])
+                tok.add_special_tokens(
+                    [AddedToken(_content(token), special=True, normalized=False, **flags)]
+                )
                 known.add(_content(token))
         return tok
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._bpe.encode(text, add_special_tokens=False).ids if self._bpe else self._sp.encode(text)
+        ids = (
+            self._bpe.encode(text, add_special_tokens=False).ids
+            if self._bpe
+            else self._sp.encode(text)
+        )
         if add_special_tokens:
-            ids = [self.bos_token_id] * self.add_bos_token + ids + [self.eos_token_id] * self.add_eos_token
+            ids = (
+                [self.bos_token_id] * self.add_bos_token
+                + ids
+                + [self.eos_token_id] * self.add_eos_token
+            )
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:

@@ -42,7 +42,9 @@ def triggers() -> dict:
 
     found = {module: "starts a process" for module in PROCESS_MODULES | PROCESS_CALLS}
     found.update({originals()[name]: what for name, what in MAINS.items()})
-    found.update({real.smollm2_dir: "reads the real model", real.realtext_dir: "reads the real text"})
+    found.update(
+        {real.smollm2_dir: "reads the real model", real.realtext_dir: "reads the real text"}
+    )
     return found
 
 
@@ -86,9 +88,15 @@ def slow_reason(func, seen: set) -> str | None:
         tree = ast.parse(textwrap.dedent(inspect.getsource(func)))
     except (OSError, TypeError, SyntaxError):  # a lambda inside a larger expression: its names
         tree = ast.parse(" ; ".join(func.__code__.co_names) or "pass")
-    assigned = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)}
-    assigned |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.arguments)
-                 for a in n.posonlyargs + n.args + n.kwonlyargs}
+    assigned = {
+        n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)
+    }
+    assigned |= {
+        a.arg
+        for n in ast.walk(tree)
+        if isinstance(n, ast.arguments)
+        for a in n.posonlyargs + n.args + n.kwonlyargs
+    }
     # a local variable is not the module global of the same name
     namespace = {k: v for k, v in func.__globals__.items() if k not in assigned}
     namespace.update(local_imports(tree))
@@ -133,7 +141,7 @@ def item_reason(item) -> str | None:
         if why:
             return why
     fixtures = getattr(item, "_fixtureinfo", None)
-    for defs in (fixtures.name2fixturedefs.values() if fixtures else ()):
+    for defs in fixtures.name2fixturedefs.values() if fixtures else ():
         for fixture in defs:
             why = called_reason(fixture.func, seen)
             if why:

@@ -4,9 +4,10 @@
     torchrun --nproc_per_node 2 --standalone tests/dist_worker.py replicated|sharded OUT
     torchrun ... tests/dist_worker.py replicated OUT --fail-at 2 --failure exit|hang
 
-Each rank writes OUT/<mode>.rank<r>.json (losses, projected grads and the checks below); rank 0 writes
-the final full weights to OUT/<mode>.pt. The test asserts on them.
+Each rank writes OUT/<mode>.rank<r>.json (losses, projected grads and the checks below); rank 0
+writes the final full weights to OUT/<mode>.pt. The test asserts on them.
 """
+
 import argparse
 import copy
 import json
@@ -23,10 +24,11 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
+from comm_counter import CommCounter  # noqa: E402
+
 import models  # noqa: E402
 from zo import MeZO, MeZOConfig, whole  # noqa: E402
 from zo import distributed as zd  # noqa: E402
-from comm_counter import CommCounter  # noqa: E402
 
 LR, EPS, WD, SEED, STEPS, RESUME_AT = 1e-3, 1e-3, 0.1, 7, 5, 3
 VOCAB, POSITIONS = 1499, 513  # odd row counts: the tied embedding/head splits 750/749 over 2 ranks
@@ -40,7 +42,9 @@ def tiny_opt() -> nn.Module:
     vocab = nn.Parameter(dec.embed_tokens.weight.detach()[:VOCAB].clone())
     dec.embed_tokens.weight = model.lm_head.weight = vocab
     dec.embed_tokens.num_embeddings = model.lm_head.out_features = model.config.vocab_size = VOCAB
-    dec.embed_positions.weight = nn.Parameter(dec.embed_positions.weight.detach()[:POSITIONS].clone())
+    dec.embed_positions.weight = nn.Parameter(
+        dec.embed_positions.weight.detach()[:POSITIONS].clone()
+    )
     dec.embed_positions.num_embeddings = POSITIONS
     model.config.max_position_embeddings = POSITIONS - 2  # OPT's learned positions are offset by 2
     return model
@@ -61,17 +65,23 @@ def global_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def loss_closure(ids, mask, d: zd.Dist, single: bool):
     """Token-mean next-token cross-entropy of the GLOBAL batch. One process: the plain mean. Ranks:
-    the sum over this rank's rows divided by the global number of target tokens (zo/distributed.py)."""
+    the sum over this rank's rows divided by the global number of target tokens
+    (zo/distributed.py)."""
     rows = zd.split(len(ids), d.rank, d.world_size)
     n_tokens = int(mask[:, 1:].sum())
     ids, mask = ids[rows].to(d.device), mask[rows].to(d.device)
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
 
     def loss_fn(model):
-        logits = model(ids, mask)[:, :-1].float().flatten(0, 1)  # also on an empty slice (collectives)
+        # also on an empty slice (collectives)
+        logits = model(ids, mask)[:, :-1].float().flatten(0, 1)
         if single:
             return F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
-        return F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum") / n_tokens
+        return (
+            F.cross_entropy(logits, targets.flatten(), ignore_index=-100, reduction="sum")
+            / n_tokens
+        )
+
     return loss_fn
 
 
@@ -88,7 +98,9 @@ def run_steps(mezo, model, batches, d, single, steps, record, fail=None):
         record["loss"].append(loss.item())
         record["projected_grad"].append(g.item())
         record["comm"].append({"calls": comm.calls, "bytes": comm.bytes})
-        record["all_dtensor_after_step"].append(all(isinstance(p, DTensor) for p in model.parameters()))
+        record["all_dtensor_after_step"].append(
+            all(isinstance(p, DTensor) for p in model.parameters())
+        )
 
 
 def check_z_slices(mezo) -> list[dict]:
@@ -101,8 +113,15 @@ def check_z_slices(mezo) -> list[dict]:
         z_local, z_full = torch.zeros(local.numel()), torch.zeros(s.param.numel())
         k.perturb_(z_local, seed=seed, key=s.key_t, offset=torch.tensor(offset), scale=one)
         k.perturb_(z_full, seed=seed, key=s.key_t, offset=torch.tensor(0), scale=one)
-        rows.append({"name": s.name, "rows": s.param.shape[0], "local_rows": local.shape[0], "offset": offset,
-                     "equal": torch.equal(z_local, z_full[offset:offset + local.numel()])})
+        rows.append(
+            {
+                "name": s.name,
+                "rows": s.param.shape[0],
+                "local_rows": local.shape[0],
+                "offset": offset,
+                "equal": torch.equal(z_local, z_full[offset : offset + local.numel()]),
+            }
+        )
     return rows
 
 
@@ -111,8 +130,13 @@ def probe_hooks(model) -> tuple[list, object]:
     seen, handles = [], []
     for name in ("decoder.embed_tokens", "lm_head", "decoder.layers.0.fc1"):
         module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(
-            lambda m, a, name=name: seen.append([name, type(m.weight).__name__, list(m.weight.shape)])))
+        handles.append(
+            module.register_forward_pre_hook(
+                lambda m, a, name=name: seen.append(
+                    [name, type(m.weight).__name__, list(m.weight.shape)]
+                )
+            )
+        )
     return seen, lambda: [h.remove() for h in handles]
 
 
@@ -128,13 +152,22 @@ def sharded_checks(d, model, mezo, batches, record, out):
     # resume: a fresh sharded model (original weights) loads the step-3 state and continues
     resumed = zd.shard_model(tiny_opt(), d)
     # rank 0's full state dict, broadcast; every rank keeps its shard
-    set_model_state_dict(resumed, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    mezo2 = MeZO(resumed, MeZOConfig(lr=LR, eps=EPS, weight_decay=WD, seed=SEED), local_view=zd.local_view,
-                 reduce_losses=d.reduce_losses)
+    set_model_state_dict(
+        resumed, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    mezo2 = MeZO(
+        resumed,
+        MeZOConfig(lr=LR, eps=EPS, weight_decay=WD, seed=SEED),
+        local_view=zd.local_view,
+        reduce_losses=d.reduce_losses,
+    )
     mezo2.load_state_dict(mezo_state)
     again = {"loss": [], "projected_grad": [], "comm": [], "all_dtensor_after_step": []}
     run_steps(mezo2, resumed, batches, d, False, range(RESUME_AT, STEPS), again)
-    record["resumed_loss"], record["resumed_projected_grad"] = again["loss"], again["projected_grad"]
+    record["resumed_loss"], record["resumed_projected_grad"] = (
+        again["loss"],
+        again["projected_grad"],
+    )
     final, final_resumed = zd.full_state_dict(model), zd.full_state_dict(resumed)
     record["resumed_weights_equal"] = all(torch.equal(final[n], final_resumed[n]) for n in final)
 
@@ -147,7 +180,9 @@ def sharded_checks(d, model, mezo, batches, record, out):
     if d.is_main:
         models.save_model(plain, out / "hf")
         loaded = models.load_model(out / "hf")
-        record["hf_roundtrip_equal"] = all(torch.equal(loaded.state_dict()[n], final[n]) for n in final)
+        record["hf_roundtrip_equal"] = all(
+            torch.equal(loaded.state_dict()[n], final[n]) for n in final
+        )
         record["plain_tied"] = plain.lm_head.weight is plain.decoder.embed_tokens.weight
         plain_out = plain.generate(ids[:2], mask[:2], max_new_tokens=3)
         record["generate_equal"] = torch.equal(plain_out, sharded_out)
@@ -168,15 +203,25 @@ def main():
     single = args.mode == "single"
     assert (d.world_size == 1 and not d.grouped) if single else d.world_size == 2
     batches = global_batches()
-    record = {"rank": d.rank, "world_size": d.world_size, "loss": [], "projected_grad": [], "comm": [],
-              "all_dtensor_after_step": []}
+    record = {
+        "rank": d.rank,
+        "world_size": d.world_size,
+        "loss": [],
+        "projected_grad": [],
+        "comm": [],
+        "all_dtensor_after_step": [],
+    }
     with d.guard():
         model = tiny_opt().to(d.device)
         if args.mode == "sharded":
             model = zd.shard_model(model, d)
         local_view = zd.local_view if args.mode == "sharded" else whole
-        mezo = MeZO(model, MeZOConfig(lr=LR, eps=EPS, weight_decay=WD, seed=SEED), local_view=local_view,
-                    reduce_losses=d.reduce_losses)
+        mezo = MeZO(
+            model,
+            MeZOConfig(lr=LR, eps=EPS, weight_decay=WD, seed=SEED),
+            local_view=local_view,
+            reduce_losses=d.reduce_losses,
+        )
         if args.mode == "sharded":
             final = sharded_checks(d, model, mezo, batches, record, args.out)
         else:

@@ -5,6 +5,7 @@ mode and mtime before and after.
 
 Each case runs the command's main() in-process (a subprocess costs seconds of torch import); a few
 run as real subprocesses to check the scripts' exit status and stderr as a user sees them."""
+
 import json
 import os
 import pickle
@@ -28,8 +29,28 @@ from zo import checkpoint as ck
 from zo import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPT = ["--perturbation", "eager", "--num_train", "16", "--num_dev", "8", "--num_eval", "4", "--batch_size", "4", "--max_steps", "2",
-       "--eval_steps", "2", "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-3"]
+OPT = [
+    "--perturbation",
+    "eager",
+    "--num_train",
+    "16",
+    "--num_dev",
+    "8",
+    "--num_eval",
+    "4",
+    "--batch_size",
+    "4",
+    "--max_steps",
+    "2",
+    "--eval_steps",
+    "2",
+    "--save_steps",
+    "1",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +161,9 @@ def test_train_records_the_sizes_it_used(work):
     """A split smaller than --num_train + --num_dev is used whole, as the original does (CB, Copa);
     config.json says how many examples the run had, not the number asked for."""
     out = work / "out"
-    assert train.main(OPT + ["--num_train", "5000", "--max_steps", "1", "--output_dir", str(out)]) == 0
+    assert (
+        train.main(OPT + ["--num_train", "5000", "--max_steps", "1", "--output_dir", str(out)]) == 0
+    )
     config = json.loads((out / "config.json").read_text())
     rows = len(get_task("SST2").load(None)["train"])
     assert 16 < rows - 8 < 5000 and (config["num_train"], config["num_dev"]) == (rows - 8, 8)
@@ -149,26 +172,44 @@ def test_train_records_the_sizes_it_used(work):
 
 
 @pytest.mark.parametrize("task, demos", [("SST2", "32"), ("SQuAD", "4")])
-def test_prompts_longer_than_the_models_positions_are_cut_as_the_original_cuts(capsys, work, task, demos):
+def test_prompts_longer_than_the_models_positions_are_cut_as_the_original_cuts(
+    capsys, work, task, demos
+):
     """The README's ICL line on the embedded model (512 positions): demonstrations cut on the left,
     BOS kept, room left for the 50 generated tokens; it used to end in an IndexError."""
     out = work / "out"
-    assert evaluation.main(["--task", task, "--num_train", demos, "--num_eval", "2", "--output_dir", str(out)]) == 0
+    assert (
+        evaluation.main(
+            ["--task", task, "--num_train", demos, "--num_eval", "2", "--output_dir", str(out)]
+        )
+        == 0
+    )
     assert json.loads((out / "config.json").read_text())["max_length"] == 512
 
 
 def test_presets_fit_the_bundled_samples(capsys):
-    """`make grid` on the embedded model: the paper's 500 dev examples would leave no training rows."""
-    assert train.main(["--preset", "opt-mezo-ft", "--task", "SST2", "--model", models.TINY_OPT, "--dry-run"]) == 0
+    """`make grid` on the embedded model: the paper's 500 dev examples would leave no training
+    rows."""
+    assert (
+        train.main(
+            ["--preset", "opt-mezo-ft", "--task", "SST2", "--model", models.TINY_OPT, "--dry-run"]
+        )
+        == 0
+    )
     rows = len(data.get_task("SST2").load(None)["train"])
     assert json.loads(capsys.readouterr().out)["num_dev"] == rows // 3 < 500
     assert train.main(["--task", "SST2", "--model", models.TINY_OPT, "--dry-run"]) == 0
     assert json.loads(capsys.readouterr().out)["num_dev"] == 16
-    assert train.main(["--preset", "opt-mezo-ft", "--task", "SST2", "--data_dir", "/data", "--dry-run"]) == 0
+    assert (
+        train.main(
+            ["--preset", "opt-mezo-ft", "--task", "SST2", "--data_dir", "/data", "--dry-run"]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["num_dev"] == 500
 
 
-# ---------------------------------------------------------------- train.py: model, data and output folders
+# --------------------------------------------------------- train.py: model, data and output folders
 
 MODEL_CONFIGS = [
     ({"hidden_size": -16}, "hidden_size must be a positive integer, got -16"),
@@ -180,33 +221,60 @@ MODEL_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("config, what", MODEL_CONFIGS, ids=[next(iter(c)) + "=" + str(next(iter(c.values())))
-                                                            for c, _ in MODEL_CONFIGS])
+@pytest.mark.parametrize(
+    "config, what",
+    MODEL_CONFIGS,
+    ids=[next(iter(c)) + "=" + str(next(iter(c.values()))) for c, _ in MODEL_CONFIGS],
+)
 def test_train_bad_model_config(capsys, work, config, what):
     model = model_copy(work, **config)
-    line = refused(capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")], what, work)
+    line = refused(
+        capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")], what, work
+    )
     assert "config.json" in line
 
 
 def test_train_corrupt_config_json(capsys, work):
     model = model_copy(work)
     (work / "model" / "config.json").write_text('{"model_type": "opt", ')
-    refused(capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")], "corrupt config file", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        "corrupt config file",
+        work,
+    )
 
 
 def test_train_non_utf8_data_file_names_file_and_line(capsys, work):
     folder = work / "data" / "RTE"
     folder.mkdir(parents=True)
-    good = open(os.path.join(SAMPLES_DIR, "RTE", "train.jsonl"), "rb").read().splitlines(keepends=True)
-    (folder / "train.jsonl").write_bytes(b"".join(good[:2]) + b'{"premise": "caf\xe9"}\n' + b"".join(good[2:]))
+    good = (
+        open(os.path.join(SAMPLES_DIR, "RTE", "train.jsonl"), "rb").read().splitlines(keepends=True)
+    )
+    (folder / "train.jsonl").write_bytes(
+        b"".join(good[:2]) + b'{"premise": "caf\xe9"}\n' + b"".join(good[2:])
+    )
     shutil.copy(os.path.join(SAMPLES_DIR, "RTE", "val.jsonl"), folder)
-    refused(capsys, train.main, OPT + ["--task", "RTE", "--data_dir", str(work / "data"),
-                                       "--output_dir", str(work / "out")], f"{folder / 'train.jsonl'}:3", work)
+    refused(
+        capsys,
+        train.main,
+        OPT
+        + ["--task", "RTE", "--data_dir", str(work / "data"), "--output_dir", str(work / "out")],
+        f"{folder / 'train.jsonl'}:3",
+        work,
+    )
 
 
 def test_train_output_folder_is_a_file(capsys, work):
     (work / "out").write_text("mine")
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out")], "output folder is a file", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--output_dir", str(work / "out")],
+        "output folder is a file",
+        work,
+    )
 
 
 def test_train_output_folder_not_writable(capsys, work, monkeypatch):
@@ -217,43 +285,79 @@ def test_train_output_folder_not_writable(capsys, work, monkeypatch):
 @pytest.mark.parametrize("where", ["the model", "inside the model", "holding the model"])
 def test_train_output_folder_overlapping_the_model_is_refused(capsys, work, where):
     model = model_copy(work)
-    out = {"the model": model, "inside the model": os.path.join(model, "run"), "holding the model": str(work)}[where]
-    refused(capsys, train.main, OPT + ["--model", model, "--output_dir", out, "--overwrite_output_dir"],
-            "overlaps the model folder", work)
+    out = {
+        "the model": model,
+        "inside the model": os.path.join(model, "run"),
+        "holding the model": str(work),
+    }[where]
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--model", model, "--output_dir", out, "--overwrite_output_dir"],
+        "overlaps the model folder",
+        work,
+    )
 
 
 def test_train_output_folder_inside_the_data_folder_is_refused(capsys, work):
     data_dir = work / "data"
     shutil.copytree(os.path.join(SAMPLES_DIR, "original", "SST-2"), data_dir / "SST-2")
-    refused(capsys, train.main, OPT + ["--data_dir", str(data_dir), "--output_dir", str(data_dir / "run")],
-            "overlaps the data folder", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--data_dir", str(data_dir), "--output_dir", str(data_dir / "run")],
+        "overlaps the data folder",
+        work,
+    )
 
 
 def test_train_output_folder_with_a_foreign_config_json(capsys, work):
     (work / "out").mkdir()
     (work / "out" / "config.json").write_text('{"model_type": "opt"}')
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out"), "--overwrite_output_dir"],
-            "config.json that no run wrote", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--output_dir", str(work / "out"), "--overwrite_output_dir"],
+        "config.json that no run wrote",
+        work,
+    )
 
 
 def test_train_output_folder_of_another_run(capsys, work, runs):
     shutil.copytree(runs / "zo", work / "out")
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out")], "pass --resume or --overwrite_output_dir",
-            work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--output_dir", str(work / "out")],
+        "pass --resume or --overwrite_output_dir",
+        work,
+    )
 
 
 # ---------------------------------------------------------------- train.py --resume
 
+
 def test_resume_without_a_checkpoint(capsys, work, runs):
     shutil.copytree(runs / "zo", work / "out")
     shutil.rmtree(work / "out" / "checkpoint")
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out"), "--resume"], "nothing to resume", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--output_dir", str(work / "out"), "--resume"],
+        "nothing to resume",
+        work,
+    )
 
 
 def test_resume_with_other_settings(capsys, work, runs):
     shutil.copytree(runs / "zo", work / "out")
-    refused(capsys, train.main, OPT[:-1] + ["1e-2", "--output_dir", str(work / "out"), "--resume"],
-            "other settings than the run's: learning_rate", work)
+    refused(
+        capsys,
+        train.main,
+        OPT[:-1] + ["1e-2", "--output_dir", str(work / "out"), "--resume"],
+        "other settings than the run's: learning_rate",
+        work,
+    )
 
 
 @pytest.mark.parametrize("damage", ["state.json", "state.safetensors", "trainable.safetensors"])
@@ -261,30 +365,48 @@ def test_resume_with_a_corrupt_checkpoint(capsys, work, runs, damage):
     shutil.copytree(runs / "zo", work / "out")
     target = work / "out" / "checkpoint" / damage
     target.write_bytes(target.read_bytes()[:30])
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out"), "--resume"], str(target.parent), work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--output_dir", str(work / "out"), "--resume"],
+        str(target.parent),
+        work,
+    )
 
 
 def test_resume_refuses_a_pickle_payload_in_one_line(capsys, work, runs):
     import pickle
+
     shutil.copytree(runs / "zo", work / "out")
     marker = work / "pwned"
 
     class Payload:
         def __reduce__(self):
             return (open, (str(marker), "w"))
+
     (work / "out" / "checkpoint" / "state.pt").write_bytes(pickle.dumps(Payload()))
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out"), "--resume"], "holds a pickle", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--output_dir", str(work / "out"), "--resume"],
+        "holds a pickle",
+        work,
+    )
     assert not marker.exists()
 
 
 # ---------------------------------------------------------------- train.py --replay
 
-@pytest.mark.parametrize("damage, what", [
-    ("empty", "trajectory ends before step 0"),
-    ("truncated", "trajectory ends before step 1"),
-    ("garbled", "garbled trajectory line"),
-    ("missing", "missing trajectory"),
-])
+
+@pytest.mark.parametrize(
+    "damage, what",
+    [
+        ("empty", "trajectory ends before step 0"),
+        ("truncated", "trajectory ends before step 1"),
+        ("garbled", "garbled trajectory line"),
+        ("missing", "missing trajectory"),
+    ],
+)
 def test_replay_with_a_damaged_trajectory(capsys, work, runs, damage, what):
     shutil.copytree(runs / "zo", work / "src")
     path = work / "src" / "trajectory.jsonl"
@@ -292,19 +414,37 @@ def test_replay_with_a_damaged_trajectory(capsys, work, runs, damage, what):
     if damage == "missing":
         os.remove(path)
     else:
-        path.write_text({"empty": "", "truncated": lines[0], "garbled": "{oops\n" + "".join(lines[1:])}[damage])
-    refused(capsys, train.main, ["--replay", str(work / "src"), "--output_dir", str(work / "again")], what, work)
+        path.write_text(
+            {"empty": "", "truncated": lines[0], "garbled": "{oops\n" + "".join(lines[1:])}[damage]
+        )
+    refused(
+        capsys,
+        train.main,
+        ["--replay", str(work / "src"), "--output_dir", str(work / "again")],
+        what,
+        work,
+    )
 
 
 def test_replay_of_a_backprop_run(capsys, work, runs):
-    refused(capsys, train.main, ["--replay", str(runs / "fo"), "--output_dir", str(work / "again")],
-            "only ZO runs have a trajectory", work)
+    refused(
+        capsys,
+        train.main,
+        ["--replay", str(runs / "fo"), "--output_dir", str(work / "again")],
+        "only ZO runs have a trajectory",
+        work,
+    )
 
 
 def test_replay_of_a_folder_that_is_no_run(capsys, work):
     (work / "src").mkdir()
-    refused(capsys, train.main, ["--replay", str(work / "src"), "--output_dir", str(work / "again")],
-            "missing file", work)
+    refused(
+        capsys,
+        train.main,
+        ["--replay", str(work / "src"), "--output_dir", str(work / "again")],
+        "missing file",
+        work,
+    )
 
 
 # ---------------------------------------------------------------- eval.py
@@ -324,35 +464,63 @@ EVAL_FLAGS = [
 
 @pytest.mark.parametrize("bad, what", EVAL_FLAGS, ids=[" ".join(f) for f, _ in EVAL_FLAGS])
 def test_eval_flags(capsys, work, bad, what):
-    refused(capsys, evaluation.main, ["--num_eval", "4", "--output_dir", str(work / "out")] + bad, what, work)
+    refused(
+        capsys,
+        evaluation.main,
+        ["--num_eval", "4", "--output_dir", str(work / "out")] + bad,
+        what,
+        work,
+    )
 
 
 def test_eval_adapter_without_metadata(capsys, work):
     import torch
     from safetensors.torch import save_file
+
     save_file({"x": torch.zeros(2)}, str(work / "a.safetensors"))
-    refused(capsys, evaluation.main, ["--adapter", str(work / "a.safetensors"), "--num_eval", "4"],
-            "adapter file without valid metadata", work)
+    refused(
+        capsys,
+        evaluation.main,
+        ["--adapter", str(work / "a.safetensors"), "--num_eval", "4"],
+        "adapter file without valid metadata",
+        work,
+    )
 
 
 def test_eval_bad_model_config(capsys, work):
-    refused(capsys, evaluation.main, ["--model", model_copy(work, num_attention_heads=3), "--num_eval", "4"],
-            "does not divide hidden_size", work)
+    refused(
+        capsys,
+        evaluation.main,
+        ["--model", model_copy(work, num_attention_heads=3), "--num_eval", "4"],
+        "does not divide hidden_size",
+        work,
+    )
 
 
 def test_eval_output_folder_is_a_file(capsys, work):
     (work / "out").write_text("mine")
-    refused(capsys, evaluation.main, ["--num_eval", "4", "--output_dir", str(work / "out")],
-            "output folder is a file", work)
+    refused(
+        capsys,
+        evaluation.main,
+        ["--num_eval", "4", "--output_dir", str(work / "out")],
+        "output folder is a file",
+        work,
+    )
 
 
 def test_eval_compare_on_a_folder_that_is_not_a_training_run(capsys, work, runs):
     (work / "plain").mkdir()
-    refused(capsys, evaluation.main, ["compare", str(runs / "zo"), str(work / "plain")], "not a finished training run",
-            work)
+    refused(
+        capsys,
+        evaluation.main,
+        ["compare", str(runs / "zo"), str(work / "plain")],
+        "not a finished training run",
+        work,
+    )
 
 
 # ---------------------------------------------------------------- python -m data
+
 
 def test_data_cli_bad_flags(capsys, work):
     refused(capsys, data_cli.main, ["SST2", "--bogus"], "unrecognized arguments", work)
@@ -365,106 +533,193 @@ def test_data_cli_non_utf8_byte(capsys, work):
     folder.mkdir(parents=True)
     (folder / "train.jsonl").write_bytes(b'{"premise": "ok"}\n{"premise": "\xff"}\n')
     shutil.copy(os.path.join(SAMPLES_DIR, "RTE", "val.jsonl"), folder)
-    refused(capsys, data_cli.main, ["RTE", "--family", "opt", "--data_dir", str(work / "d")],
-            f"byte 0xff at column 14 ({folder / 'train.jsonl'}:2)", work)
+    refused(
+        capsys,
+        data_cli.main,
+        ["RTE", "--family", "opt", "--data_dir", str(work / "d")],
+        f"byte 0xff at column 14 ({folder / 'train.jsonl'}:2)",
+        work,
+    )
 
 
 # ---------------------------------------------------------------- as a user runs them
 
-@pytest.mark.parametrize("command, what", [
-    ([os.path.join(ROOT, "train.py"), "--learning_rate", "nan"], "--learning_rate nan"),
-    ([os.path.join(ROOT, "eval.py"), "--num_eval", "0", "--bogus"], "unrecognized arguments"),
-    (["-m", "data", "SST2", "--show", "-1"], "--show -1"),
-])
+
+@pytest.mark.parametrize(
+    "command, what",
+    [
+        ([os.path.join(ROOT, "train.py"), "--learning_rate", "nan"], "--learning_rate nan"),
+        ([os.path.join(ROOT, "eval.py"), "--num_eval", "0", "--bogus"], "unrecognized arguments"),
+        (["-m", "data", "SST2", "--show", "-1"], "--show -1"),
+    ],
+)
 def test_scripts_exit_2_with_one_line(tmp_path, command, what):
     before = folder_hash(tmp_path, *READ)
-    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONPATH": ROOT})
+    result = subprocess.run(
+        [sys.executable, *command],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
     assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and what in result.stderr
+    assert (
+        result.stderr.count("\n") == 1
+        and result.stderr.startswith("error: ")
+        and what in result.stderr
+    )
     assert folder_hash(tmp_path, *READ) == before
 
 
 # ---------------------------------------------------------------- the model against the run
 
+
 def test_a_vocabulary_smaller_than_the_tokenizers_is_refused(capsys, work):
     def shrink(t):
-        t["model.decoder.embed_tokens.weight"] = t["model.decoder.embed_tokens.weight"][:1000].clone()
+        t["model.decoder.embed_tokens.weight"] = t["model.decoder.embed_tokens.weight"][
+            :1000
+        ].clone()
+
     model = model_copy(work, change=shrink, vocab_size=1000)
-    line = refused(capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")], "1500 ids", work)
+    line = refused(
+        capsys,
+        train.main,
+        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        "1500 ids",
+        work,
+    )
     assert "1000 rows" in line
-    refused(capsys, evaluation.main, ["--model", model, "--num_eval", "4", "--output_dir", str(work / "ev")],
-            "1500 ids", work)
+    refused(
+        capsys,
+        evaluation.main,
+        ["--model", model, "--num_eval", "4", "--output_dir", str(work / "ev")],
+        "1500 ids",
+        work,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
 def test_a_weight_of_a_non_floating_dtype_is_refused(capsys, work, dtype):
     def to_int(t):
         t["model.decoder.layers.0.fc1.weight"] = t["model.decoder.layers.0.fc1.weight"].to(dtype)
+
     model = model_copy(work, change=to_int)
-    refused(capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")],
-            f"dtype {str(dtype).removeprefix('torch.')}, expected a floating-point dtype", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        f"dtype {str(dtype).removeprefix('torch.')}, expected a floating-point dtype",
+        work,
+    )
 
 
 def test_more_prefix_tokens_than_positions_is_refused(capsys, work):
-    refused(capsys, train.main, OPT + ["--mode", "prefix", "--num_prefix", "600", "--output_dir", str(work / "out")],
-            "600 prefix tokens, the model has 512 positions (--num_prefix 600)", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--mode", "prefix", "--num_prefix", "600", "--output_dir", str(work / "out")],
+        "600 prefix tokens, the model has 512 positions (--num_prefix 600)",
+        work,
+    )
 
 
 def test_an_output_folder_name_over_255_bytes_is_refused(capsys, work):
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / ("x" * 300))], "a name of 300 bytes", work)
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--output_dir", str(work / ("x" * 300))],
+        "a name of 300 bytes",
+        work,
+    )
 
 
 # ---------------------------------------------------------------- --resume reads everything first
 
+
 def test_resume_without_best_safetensors_is_refused_before_training(capsys, work, runs):
     run = copy_run(runs, work)
     os.remove(run / "best.safetensors")
-    refused(capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"],
-            "corrupt checkpoint: missing file", work)
+    refused(
+        capsys,
+        train.main,
+        ["--resume", "--output_dir", str(run), "--max_steps", "4"],
+        "corrupt checkpoint: missing file",
+        work,
+    )
 
 
 def test_resume_with_a_corrupt_best_safetensors_is_refused(capsys, work, runs):
     run = copy_run(runs, work)
     (run / "best.safetensors").write_bytes((run / "best.safetensors").read_bytes()[:100])
-    refused(capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"], "best.safetensors", work)
+    refused(
+        capsys,
+        train.main,
+        ["--resume", "--output_dir", str(run), "--max_steps", "4"],
+        "best.safetensors",
+        work,
+    )
 
 
-@pytest.mark.parametrize("damage, what", [(b'{"step": 0, "seed": \n', "garbled trajectory line"),
-                                          (b"\xff\xfe\n", "not UTF-8")])
+@pytest.mark.parametrize(
+    "damage, what",
+    [(b'{"step": 0, "seed": \n', "garbled trajectory line"), (b"\xff\xfe\n", "not UTF-8")],
+)
 def test_resume_with_a_garbled_trajectory_is_refused(capsys, work, runs, damage, what):
     run = copy_run(runs, work)
     with open(run / "trajectory.jsonl", "ab") as f:
         f.write(damage)
-    refused(capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"], what, work)
+    refused(
+        capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"], what, work
+    )
 
 
 def test_resume_with_a_non_utf8_metrics_file_is_refused(capsys, work, runs):
     run = copy_run(runs, work)
     with open(run / "metrics.jsonl", "ab") as f:
         f.write(b"\xff\n")
-    refused(capsys, train.main, ["--resume", "--output_dir", str(run), "--max_steps", "4"], "not UTF-8", work)
+    refused(
+        capsys,
+        train.main,
+        ["--resume", "--output_dir", str(run), "--max_steps", "4"],
+        "not UTF-8",
+        work,
+    )
 
 
 def test_resume_onto_changed_base_weights_is_refused(capsys, work):
     model = model_copy(work)
     assert train.main(OPT + ["--model", model, "--output_dir", str(work / "run")]) == 0
-    model_copy(work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0))
+    model_copy(
+        work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0)
+    )
     shutil.rmtree(model)
     os.rename(work / "other", model)
-    refused(capsys, train.main, ["--resume", "--output_dir", str(work / "run"), "--max_steps", "4"],
-            "base_fingerprint", work)
+    refused(
+        capsys,
+        train.main,
+        ["--resume", "--output_dir", str(work / "run"), "--max_steps", "4"],
+        "base_fingerprint",
+        work,
+    )
 
 
-# ---------------------------------------------------------------- the trajectory knows its base model
+# -------------------------------------------------------------- the trajectory knows its base model
+
 
 def test_replay_onto_another_base_model_is_refused(capsys, work, runs):
     run = copy_run(runs, work)
-    other = model_copy(work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0))
+    other = model_copy(
+        work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0)
+    )
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "model": other}))
-    refused(capsys, train.main, ["--replay", str(run), "--output_dir", str(work / "replayed")],
-            "the trajectory was recorded on other base weights", work)
+    refused(
+        capsys,
+        train.main,
+        ["--replay", str(run), "--output_dir", str(work / "replayed")],
+        "the trajectory was recorded on other base weights",
+        work,
+    )
 
 
 def test_the_fingerprint_sees_names_shapes_dtypes_and_sampled_content():
@@ -479,15 +734,26 @@ def test_the_fingerprint_sees_names_shapes_dtypes_and_sampled_content():
 
 # ---------------------------------------------------------------- strict JSON
 
+
 def strict(text):
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
 
 
 def test_nan_weights_give_strict_json_and_select_nothing(capsys, work):
-    model = model_copy(work, change=lambda t: t["model.decoder.final_layer_norm.weight"].fill_(float("nan")))
-    assert train.main(OPT + ["--model", model, "--output_dir", str(work / "out"), "--max_nonfinite", "100"]) == 0
+    model = model_copy(
+        work, change=lambda t: t["model.decoder.final_layer_norm.weight"].fill_(float("nan"))
+    )
+    assert (
+        train.main(
+            OPT + ["--model", model, "--output_dir", str(work / "out"), "--max_nonfinite", "100"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
-    assert "keeping the last model: no model selected: every dev loss was non-finite (NaN or inf)" in err
+    assert (
+        "keeping the last model: no model selected: every dev loss was non-finite (NaN or inf)"
+        in err
+    )
     results = strict((work / "out" / "results.json").read_text())
     assert results["dev"]["loss"] is None and results["dev"]["loss_nonfinite"] == "nan"
     assert results["selection"] == "last" and not (work / "out" / "best.safetensors").exists()
@@ -501,6 +767,7 @@ def test_nan_weights_give_strict_json_and_select_nothing(capsys, work):
 
 # ---------------------------------------------------------------- torch's refusals
 
+
 def bin_model(work, **save_kwargs):
     folder = work / "binmodel"
     shutil.copytree(models.TINY_OPT, folder)
@@ -512,8 +779,13 @@ def bin_model(work, **save_kwargs):
 
 def test_an_old_format_pytorch_model_bin_loads(work):
     folder, _ = bin_model(work, _use_new_zipfile_serialization=False)  # torch < 1.6's format
-    loaded, reference = models.load_model(folder).state_dict(), models.load_model(models.TINY_OPT).state_dict()
-    assert loaded.keys() == reference.keys() and all(torch.equal(loaded[k], reference[k]) for k in loaded)
+    loaded, reference = (
+        models.load_model(folder).state_dict(),
+        models.load_model(models.TINY_OPT).state_dict(),
+    )
+    assert loaded.keys() == reference.keys() and all(
+        torch.equal(loaded[k], reference[k]) for k in loaded
+    )
 
 
 class Payload:
@@ -524,8 +796,13 @@ class Payload:
 def test_a_pytorch_model_bin_that_weights_only_refuses_is_one_line(capsys, work):
     folder, tensors = bin_model(work)
     torch.save({**tensors, "extra": Payload()}, folder / "pytorch_model.bin")
-    line = refused(capsys, train.main, OPT + ["--model", str(folder), "--output_dir", str(work / "out")],
-                   "weight file holds Python objects besides tensors, which are never unpickled", work)
+    line = refused(
+        capsys,
+        train.main,
+        OPT + ["--model", str(folder), "--output_dir", str(work / "out")],
+        "weight file holds Python objects besides tensors, which are never unpickled",
+        work,
+    )
     assert "pytorch_model.bin" in line and not (work / "pwned").exists()
     with pytest.raises(pickle.UnpicklingError):  # what torch itself raises, in several lines
         torch.load(folder / "pytorch_model.bin", weights_only=True)
@@ -533,8 +810,12 @@ def test_a_pytorch_model_bin_that_weights_only_refuses_is_one_line(capsys, work)
 
 # ---------------------------------------------------------------- --device auto
 
+
 def test_eval_accepts_device_auto(capsys, work):
-    assert evaluation.main(["--device", "auto", "--num_eval", "4", "--output_dir", str(work / "ev")]) == 0
+    assert (
+        evaluation.main(["--device", "auto", "--num_eval", "4", "--output_dir", str(work / "ev")])
+        == 0
+    )
     config = json.loads((work / "ev" / "config.json").read_text())
     assert config["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -544,17 +825,30 @@ def test_eval_overwrites_only_its_own_run_when_asked(capsys, work):
     assert evaluation.main(["--num_eval", "4", "--output_dir", str(out)]) == 0
     (out / "notes.txt").write_text("the user's")
     (out / "results.json").write_text("{}")  # to see it replaced
-    refused(capsys, evaluation.main, ["--num_eval", "4", "--output_dir", str(out)], "belongs to another run", work)
-    assert evaluation.main(["--num_eval", "3", "--output_dir", str(out), "--overwrite_output_dir"]) == 0
+    refused(
+        capsys,
+        evaluation.main,
+        ["--num_eval", "4", "--output_dir", str(out)],
+        "belongs to another run",
+        work,
+    )
+    assert (
+        evaluation.main(["--num_eval", "3", "--output_dir", str(out), "--overwrite_output_dir"])
+        == 0
+    )
     assert json.loads((out / "results.json").read_text())["num_test"] == 3
     assert (out / "notes.txt").read_text() == "the user's"
 
 
 # ---------------------------------------------------------------- a lost rank 0
 
-def test_when_the_store_died_with_rank_0_the_survivors_print_one_line(monkeypatch, capsys, tmp_path):
+
+def test_when_the_store_died_with_rank_0_the_survivors_print_one_line(
+    monkeypatch, capsys, tmp_path
+):
     def gone():  # rank 0 (or its agent) held the job's store
         raise RuntimeError("Connection closed by peer (TCPStore)")
+
     monkeypatch.setattr(distributed.dist.distributed_c10d, "_get_default_store", gone)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     for rank in (2, 1, 3):

@@ -4,6 +4,7 @@ nothing; what is checked is the shape of the result, plus the facts that do not 
 the communication counts (replicated: one 8-byte all-reduce per step; sharded: the all-gathers the
 model implies), and our forward's logits equal to transformers' on the same weights.
 """
+
 import json
 import math
 import subprocess
@@ -14,33 +15,67 @@ import pytest
 
 RUN = Path(__file__).parent / "bench" / "run.py"
 ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
-    "perturb.vs_original", "perturb.vs_randn", "perturb.extra_memory", "perturb.vs_add",
-    "forward.vs_transformers", "step.fused", "step.reference", "memory.tiny.sst2",
-    "comm.replicated", "comm.sharded", "forward.llama.vs_transformers", "step.llama.fused",
-    "step.llama.fused.last_position", "step.llama.rademacher.last_position",
-    "scoring.lora_step", "scoring.ft_step", "scoring.zero_shot", "scoring.icl16", "scoring.Copa", "scoring.CB",
-    "scoring.memory.step", "scoring.memory.eval", "estimators.fzoo", "estimators.sparse-mezo",
+    "perturb.vs_original",
+    "perturb.vs_randn",
+    "perturb.extra_memory",
+    "perturb.vs_add",
+    "forward.vs_transformers",
+    "step.fused",
+    "step.reference",
+    "memory.tiny.sst2",
+    "comm.replicated",
+    "comm.sharded",
+    "forward.llama.vs_transformers",
+    "step.llama.fused",
+    "step.llama.fused.last_position",
+    "step.llama.rademacher.last_position",
+    "scoring.lora_step",
+    "scoring.ft_step",
+    "scoring.zero_shot",
+    "scoring.icl16",
+    "scoring.Copa",
+    "scoring.CB",
+    "scoring.memory.step",
+    "scoring.memory.eval",
+    "estimators.fzoo",
+    "estimators.sparse-mezo",
 }
 
 
 @pytest.mark.slow
 def test_quick_bench_produces_every_row(tmp_path):
     out = tmp_path / "bench-results.json"
-    proc = subprocess.run([sys.executable, str(RUN), "--quick", "--out", str(out)], capture_output=True,
-                          text=True, timeout=900)  # a hang guard only: about 20 s idle, minutes on a busy machine
+    proc = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--out", str(out)],
+        capture_output=True,
+        # a hang guard only: about 20 s idle, minutes on a busy machine
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     rows = {r["id"]: r for r in result["rows"] if r["device"] != "cuda"}
     assert set(rows) == ROWS
     for r in rows.values():
         assert math.isfinite(r["measured"]) and r["measured"] >= 0, r
-        met = r["op"] and {">=": r["measured"] >= r["target"], "<=": r["measured"] <= r["target"],
-                           "==": r["measured"] == r["target"]}[r["op"]]
-        assert r["verdict"].split()[0] == ("info" if r["op"] is None else "meets" if met else "misses"), r
+        met = (
+            r["op"]
+            and {
+                ">=": r["measured"] >= r["target"],
+                "<=": r["measured"] <= r["target"],
+                "==": r["measured"] == r["target"],
+            }[r["op"]]
+        )
+        assert r["verdict"].split()[0] == (
+            "info" if r["op"] is None else "meets" if met else "misses"
+        ), r
         assert f"] {r['row']} |" in proc.stdout  # printed in the one table
-    assert rows["comm.replicated"]["measured"] == 8 and rows["comm.replicated"]["verdict"] == "meets"
+    assert (
+        rows["comm.replicated"]["measured"] == 8 and rows["comm.replicated"]["verdict"] == "meets"
+    )
     assert rows["comm.sharded"]["verdict"] == "meets"
-    assert result["raw"]["comm"]["sharded"]["per_step"]["all_gather_single"]["calls"] == 2 * 3  # 2 blocks + root
+    # 2 blocks + root
+    assert result["raw"]["comm"]["sharded"]["per_step"]["all_gather_single"]["calls"] == 2 * 3
     assert result["raw"]["forward"]["max_abs_logit_diff"] < 1e-4
     scoring = result["raw"]["scoring"]  # the layouts predict alike whatever the timing
     assert all(scoring[k]["same_predictions"] for k in ("zero_shot", "icl16", "Copa", "CB"))
@@ -50,5 +85,10 @@ def test_quick_bench_produces_every_row(tmp_path):
     assert set(memory) == {"inference", "mezo", "backprop_adamw"}
     assert all(m["peak_MiB"] >= m["pre_step_MiB"] > 0 for m in memory.values())
     hardware = result["hardware"]
-    assert hardware["cpu_model"] and hardware["cores"] >= 1 and hardware["torch"] and "cuda_device" in hardware
+    assert (
+        hardware["cpu_model"]
+        and hardware["cores"] >= 1
+        and hardware["torch"]
+        and "cuda_device" in hardware
+    )
     assert result["command"].endswith("--quick --out " + str(out)) and result["quick"] is True

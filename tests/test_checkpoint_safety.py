@@ -1,5 +1,7 @@
-"""Checkpoints hold tensors and JSON only, survive a crash at every point of a save, and a run folder
+"""Checkpoints hold tensors and JSON only, survive a crash at every point of a save, and a run
+folder
 is only ever replaced when it holds a run, and then only the run's own files."""
+
 import json
 import os
 import pickle
@@ -16,19 +18,40 @@ from zo import distributed as zd
 
 
 def trained(kind, steps=3):
-    """A model and its trainer after a few steps; Adam state (int keys, tuple betas) and RNG states."""
+    """A model and its trainer after a few steps; Adam state (int keys, tuple betas) and RNG
+    states."""
     model, ids = tiny_lm(), lm_batch()
-    trainer = (MeZO(model, MeZOConfig(lr=1e-3, eps=1e-2, optimizer="adam", seed_source="numpy_global",
-                                         perturbation="eager"))
-               if kind == "mezo" else FO(model, FOConfig(lr=1e-3, optimizer="adam", max_steps=10)))
+    trainer = (
+        MeZO(
+            model,
+            MeZOConfig(
+                lr=1e-3,
+                eps=1e-2,
+                optimizer="adam",
+                seed_source="numpy_global",
+                perturbation="eager",
+            ),
+        )
+        if kind == "mezo"
+        else FO(model, FOConfig(lr=1e-3, optimizer="adam", max_steps=10))
+    )
     for _ in range(steps):
         trainer.step(model, lm_loss(ids))
     return model, trainer
 
 
 def state_of(trainer, best=1.5):
-    return {"trainer": trainer.state_dict(), "torch_rng": torch.get_rng_state(),
-            "loop": {"best": best, "best_step": 2, "nonfinite": 0, "metrics_lines": 4, "window": [0.5, float("inf")]}}
+    return {
+        "trainer": trainer.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "loop": {
+            "best": best,
+            "best_step": 2,
+            "nonfinite": 0,
+            "metrics_lines": 4,
+            "window": [0.5, float("inf")],
+        },
+    }
 
 
 def continue_from(kind, directory, steps=2):
@@ -77,7 +100,9 @@ class Payload:
         return (open, (self.path, "w"))
 
 
-@pytest.mark.parametrize("where", ["state.pt", "state.safetensors", "trainable.safetensors", "state.json"])
+@pytest.mark.parametrize(
+    "where", ["state.pt", "state.safetensors", "trainable.safetensors", "state.json"]
+)
 def test_a_pickle_payload_is_never_run(tmp_path, where):
     model, trainer = trained("mezo", steps=1)
     directory, marker = tmp_path / "checkpoint", tmp_path / "pwned"
@@ -104,7 +129,8 @@ class Crash(Exception):
 
 
 def crash_at(monkeypatch, name, k):
-    """Make the k-th call (1-based) of files.<os.replace | shutil.rmtree> raise, as a kill would stop there."""
+    """Make the k-th call (1-based) of files.<os.replace | shutil.rmtree> raise, as a kill would
+    stop there."""
     module, attr = (files.os, "replace") if name == "replace" else (files.shutil, "rmtree")
     real, calls = getattr(module, attr), []
 
@@ -113,15 +139,16 @@ def crash_at(monkeypatch, name, k):
         if len(calls) == k:
             raise Crash(f"{name} #{k}")
         return real(*args, **kwargs)
+
     monkeypatch.setattr(module, attr, fake)
 
 
 # each point of the save sequence: (what to break, at which call, which checkpoint survives)
 CRASH_POINTS = [
-    ("partial tmp", 0, "old"),    # killed while writing checkpoint.tmp
-    ("replace", 1, "old"),        # tmp complete, old not yet renamed
-    ("replace", 2, "old"),        # old renamed to checkpoint.old, new not yet in place
-    ("rmtree", 1, "new"),         # new renamed into place, checkpoint.old not yet removed
+    ("partial tmp", 0, "old"),  # killed while writing checkpoint.tmp
+    ("replace", 1, "old"),  # tmp complete, old not yet renamed
+    ("replace", 2, "old"),  # old renamed to checkpoint.old, new not yet in place
+    ("rmtree", 1, "new"),  # new renamed into place, checkpoint.old not yet removed
 ]
 
 
@@ -141,7 +168,8 @@ def test_every_crash_point_of_a_save_resumes(tmp_path, monkeypatch, what, k, sur
         with pytest.raises(Crash):
             ck.save_checkpoint(directory, model, state_of(trainer, best=2.0))
         monkeypatch.undo()
-    assert ck.check_run_folder(out, resume=True, overwrite=False) == str(out)  # resumable, and nothing changed
+    # resumable, and nothing changed
+    assert ck.check_run_folder(out, resume=True, overwrite=False) == str(out)
     ck.prepare_run_folder(str(out), resume=True)
     assert sorted(os.listdir(out)) == ["checkpoint", "config.json"]  # no temporary left behind
     loop = ck.restore(directory, *trained("mezo", steps=0))
@@ -166,8 +194,16 @@ def test_a_save_after_a_crash_needs_no_resume_first(tmp_path, monkeypatch):
     assert ck.restore(directory, *trained("mezo", steps=0))["best"] == 7.0
 
 
-@pytest.mark.parametrize("damage", ["missing state.json", "torn state.json", "torn tensors", "wrong shapes",
-                                    "missing trainer state"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "missing state.json",
+        "torn state.json",
+        "torn tensors",
+        "wrong shapes",
+        "missing trainer state",
+    ],
+)
 def test_a_corrupt_checkpoint_is_one_value_error_naming_it(tmp_path, damage):
     model, trainer = trained("mezo", steps=1)
     directory = tmp_path / "checkpoint"
@@ -180,7 +216,9 @@ def test_a_corrupt_checkpoint_is_one_value_error_naming_it(tmp_path, damage):
     elif damage == "torn state.json":
         (directory / "state.json").write_text((directory / "state.json").read_text()[:40])
     elif damage == "torn tensors":
-        (directory / "state.safetensors").write_bytes((directory / "state.safetensors").read_bytes()[:100])
+        (directory / "state.safetensors").write_bytes(
+            (directory / "state.safetensors").read_bytes()[:100]
+        )
     with pytest.raises(ValueError, match="checkpoint|JSON") as e:
         ck.restore(directory, *trained("mezo", steps=0))
     assert "\n" not in str(e.value) and str(directory) in str(e.value)
@@ -188,8 +226,16 @@ def test_a_corrupt_checkpoint_is_one_value_error_naming_it(tmp_path, damage):
 
 def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     out = run_folder(tmp_path)
-    own = ["metrics.jsonl", "trajectory.jsonl", "results.json", "best.safetensors", "model.adapter.safetensors",
-           "best.safetensors.tmp123", "config.json.tmp9", "trajectory.jsonl.tmp"]
+    own = [
+        "metrics.jsonl",
+        "trajectory.jsonl",
+        "results.json",
+        "best.safetensors",
+        "model.adapter.safetensors",
+        "best.safetensors.tmp123",
+        "config.json.tmp9",
+        "trajectory.jsonl.tmp",
+    ]
     for name in own:
         (out / name).write_text("x")
     for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model", "model.tmp"):
@@ -199,7 +245,9 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     (out / "plots").mkdir()
     (out / "plots" / "config.json").write_text("{}")
     (out / "best.safetensors.bak").write_text("mine too")
-    with pytest.raises(ValueError, match="belongs to another run; pass --resume or --overwrite_output_dir"):
+    with pytest.raises(
+        ValueError, match="belongs to another run; pass --resume or --overwrite_output_dir"
+    ):
         ck.check_run_folder(out, resume=False, overwrite=False)
     ck.prepare_run_folder(ck.check_run_folder(out, resume=False, overwrite=True), resume=False)
     assert sorted(os.listdir(out)) == ["best.safetensors.bak", "notes.txt", "plots"]
@@ -212,7 +260,9 @@ def test_a_folder_that_holds_no_run_is_never_overwritten(tmp_path):
     before = sorted(os.listdir(model))
     for out in (model, model / "run", tmp_path):  # is, is inside, holds the model directory
         with pytest.raises(ValueError, match="overlaps the model folder"):
-            ck.check_run_folder(out, resume=False, overwrite=True, protected=[("model", str(model))])
+            ck.check_run_folder(
+                out, resume=False, overwrite=True, protected=[("model", str(model))]
+            )
     with pytest.raises(ValueError, match="config.json that no run wrote"):
         ck.check_run_folder(model, resume=False, overwrite=True)  # not even without the protection
     plain = tmp_path / "plain"
@@ -251,10 +301,17 @@ def test_resume_recognises_its_folder_however_spelled(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for spelling in ("run", "run/", str(out) + "/", "./run/../run"):
         assert ck.check_run_folder(spelling, resume=True, overwrite=False) == str(out)
-    saved = {"output_dir": str(out), "model": str(tmp_path / "m"), "learning_rate": 1e-3, "device": "cpu"}
+    saved = {
+        "output_dir": str(out),
+        "model": str(tmp_path / "m"),
+        "learning_rate": 1e-3,
+        "device": "cpu",
+    }
     moved = {**saved, "output_dir": "elsewhere/", "model": "./m/", "device": "cuda"}
     assert ck.resume_conflicts(saved, moved, free={"device"}) == []
-    assert ck.resume_conflicts(saved, {**moved, "learning_rate": 1e-2}, free={"device"}) == ["learning_rate"]
+    assert ck.resume_conflicts(saved, {**moved, "learning_rate": 1e-2}, free={"device"}) == [
+        "learning_rate"
+    ]
 
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
@@ -273,13 +330,24 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     assert not files.is_temp_of("best.safetensors.bak", "best.safetensors")
 
 
-@pytest.mark.parametrize("message, cause", [
-    ("[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:59574: Connection reset by peer. This is "
-     "typically caused by a remote worker hanging", "connection dropped: that rank died or was killed"),
-    ("[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6032", "connection dropped"),
-    ("[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete",
-     "collective timeout 8 s"),
-])
+@pytest.mark.parametrize(
+    "message, cause",
+    [
+        (
+            "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:59574: Connection reset by peer. This is "
+            "typically caused by a remote worker hanging",
+            "connection dropped: that rank died or was killed",
+        ),
+        (
+            "[../gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6032",
+            "connection dropped",
+        ),
+        (
+            "[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete",
+            "collective timeout 8 s",
+        ),
+    ],
+)
 def test_a_lost_rank_is_named_with_the_cause_seen(message, cause):
     line = zd.lost_rank_line(0, 8, message)
     assert line.startswith("error: rank 0 lost contact with the group (") and cause in line
@@ -297,6 +365,7 @@ def test_only_the_first_rank_to_notice_reports(monkeypatch, capsys):
         def add(self, key, n):
             Store.count += n
             return Store.count
+
     monkeypatch.setattr(zd.dist.distributed_c10d, "_get_default_store", Store)
     for rank in (1, 0, 2):
         with pytest.raises(SystemExit):
@@ -305,15 +374,35 @@ def test_only_the_first_rank_to_notice_reports(monkeypatch, capsys):
     assert capsys.readouterr().err.count("error:") == 1
 
 
-# ---------------------------------------------------------------- backprop runs: seeded, resumed bitwise
+# ----------------------------------------------------------- backprop runs: seeded, resumed bitwise
 
-FO_RUN = ["--trainer", "fo", "--num_train", "16", "--num_dev", "8", "--num_eval", "4", "--batch_size", "4",
-          "--max_steps", "6", "--eval_steps", "6", "--save_steps", "2", "--logging_steps", "1",
-          "--learning_rate", "1e-3"]
+FO_RUN = [
+    "--trainer",
+    "fo",
+    "--num_train",
+    "16",
+    "--num_dev",
+    "8",
+    "--num_eval",
+    "4",
+    "--batch_size",
+    "4",
+    "--max_steps",
+    "6",
+    "--eval_steps",
+    "6",
+    "--save_steps",
+    "2",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
+]
 
 
 def weights(out):
     from safetensors.torch import load_file
+
     return load_file(os.path.join(out, "model", "model.safetensors"))
 
 
@@ -327,6 +416,7 @@ def test_backprop_runs_are_seeded_and_resume_bitwise(tmp_path, monkeypatch):
     import signal
 
     import train
+
     a, b, parts = (str(tmp_path / name) for name in ("a", "b", "parts"))
     assert train.main(FO_RUN + ["--output_dir", a]) == 0
     torch.manual_seed(1234)  # whatever ran before in the process must not matter
@@ -340,6 +430,7 @@ def test_backprop_runs_are_seeded_and_resume_bitwise(tmp_path, monkeypatch):
         if step == 3 and not self.args.resume:
             os.kill(os.getpid(), signal.SIGINT)
         return batch(self, step)
+
     monkeypatch.setattr(train.Run, "batch", interrupted)
     assert train.main(FO_RUN + ["--output_dir", parts]) == 130
     torch.manual_seed(99)

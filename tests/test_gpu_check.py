@@ -1,5 +1,7 @@
-"""`make gpu-check` (tests/bench/gpu_check.py) cannot rot on a machine without a GPU: it refuses with
+"""`make gpu-check` (tests/bench/gpu_check.py) cannot rot on a machine without a GPU: it refuses
+with
 one error line, and its rows run at tiny sizes on the CPU, where the CUDA-graph rows fail loudly."""
+
 import json
 import sys
 from pathlib import Path
@@ -22,16 +24,27 @@ def test_refuses_without_cuda(tmp_path, capsys):
 
 def test_rows_run_on_the_cpu_and_graph_rows_fail_loudly(tmp_path, capsys):
     out = tmp_path / "gpu-results.json"
-    status = gpu_check.main(["--cpu-smoke", "--only", "perturb", "step.opt", "memory", "--out", str(out)])
+    status = gpu_check.main(
+        ["--cpu-smoke", "--only", "perturb", "step.opt", "memory", "--out", str(out)]
+    )
     result = json.loads(out.read_text())
     rows = {r["id"]: r for r in result["rows"]}
     assert set(rows) == {"perturb.bandwidth", "step.opt.eager", "step.opt.graphed", "memory.tiny"}
     for id in ("perturb.bandwidth", "step.opt.eager", "memory.tiny"):
-        op, target = rows[id]["goal"].split()  # the verdict follows from the measured value and the goal
-        met = {">=": rows[id]["measured"] >= float(target), "<=": rows[id]["measured"] <= float(target)}[op]
-        assert rows[id]["measured"] > 0 and rows[id]["verdict"] == ("meets" if met else "misses"), rows[id]
+        # the verdict follows from the measured value and the goal
+        op, target = rows[id]["goal"].split()
+        met = {
+            ">=": rows[id]["measured"] >= float(target),
+            "<=": rows[id]["measured"] <= float(target),
+        }[op]
+        assert rows[id]["measured"] > 0 and rows[id]["verdict"] == ("meets" if met else "misses"), (
+            rows[id]
+        )
     graphed = rows["step.opt.graphed"]
-    assert graphed["verdict"].startswith("FAILED: ValueError") and "no CUDA device" in graphed["verdict"]
+    assert (
+        graphed["verdict"].startswith("FAILED: ValueError")
+        and "no CUDA device" in graphed["verdict"]
+    )
     assert status == 1  # a failed row fails the command
     table = capsys.readouterr().out
     assert "| MeZO step captured as CUDA graphs, OPT-tiny shape" in table and "FAILED" in table

@@ -1,4 +1,6 @@
-"""Checkpoint I/O: every layout we read, what we write loads in transformers, hub-cache lookup, errors."""
+"""Checkpoint I/O: every layout we read, what we write loads in transformers, hub-cache lookup,
+errors."""
+
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ def _copy(src, dst):
 
 def _hf_logits(path, kind, ids, mask):
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
     cls = AutoModelForMaskedLM if kind == "roberta" else AutoModelForCausalLM
     with torch.no_grad():
         return cls.from_pretrained(path).eval()(input_ids=ids, attention_mask=mask).logits
@@ -42,8 +45,11 @@ def test_saved_model_loads_in_transformers_sharded_or_not(kind, tmp_path):
     with torch.no_grad():
         expected = ours(ids, mask)
     for layout in ("single", "sharded"):
-        assert (_hf_logits(tmp_path / layout, kind, ids, mask) - expected)[mask.bool()].abs().max() <= 1e-5
-    stored = load_file(tmp_path / "single" / "model.safetensors")  # canonical names, tied head stored once
+        assert (_hf_logits(tmp_path / layout, kind, ids, mask) - expected)[
+            mask.bool()
+        ].abs().max() <= 1e-5
+    # canonical names, tied head stored once
+    stored = load_file(tmp_path / "single" / "model.safetensors")
     head = "lm_head.decoder.weight" if kind == "roberta" else "lm_head.weight"
     assert head not in stored and ("lm_head.bias" in stored) == (kind == "roberta")
     config = json.loads((tmp_path / "single" / "config.json").read_text())
@@ -62,7 +68,8 @@ def test_pytorch_model_bin_and_keys_without_model_prefix(tmp_path):
     tensors = load_file(path / "model.safetensors")
     _copy(path, tmp_path / "bin").joinpath("model.safetensors").unlink()
     torch.save(tensors, tmp_path / "bin" / "pytorch_model.bin")
-    hub_style = {k.removeprefix("model."): v for k, v in tensors.items()}  # hub OPT stores `decoder.*`
+    # hub OPT stores `decoder.*`
+    hub_style = {k.removeprefix("model."): v for k, v in tensors.items()}
     _copy(path, tmp_path / "bare")
     save_file(hub_style, tmp_path / "bare" / "model.safetensors")
     reference = load_model(path)
@@ -82,7 +89,9 @@ def test_roberta_untied_decoder_and_pooler(tmp_path):
     save_model(model, tmp_path / "out")  # transformers must read it untied, with the same logits
     ids, mask = padded_batch([6, 3], "right")
     with torch.no_grad():
-        assert (_hf_logits(tmp_path / "out", "roberta", ids, mask) - model(ids, mask)).abs().max() <= 1e-5
+        assert (
+            _hf_logits(tmp_path / "out", "roberta", ids, mask) - model(ids, mask)
+        ).abs().max() <= 1e-5
 
 
 def test_dtype_device_and_tied_parameter_identity():
@@ -100,13 +109,14 @@ def test_save_plain_tensors_bf16_and_merged_lora(tmp_path):
     offset = 0
     for name, p in list(model.named_parameters()):
         owner = model.get_submodule(name.rpartition(".")[0])
-        view = flat[offset:offset + p.numel()].view_as(p)
+        view = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
         owner._parameters[name.rpartition(".")[2]] = view
     save_model(model, tmp_path / "plain")
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    assert _same_weights(load_model(tmp_path / "plain", dtype=torch.bfloat16),
-                         load_model(path, dtype=torch.bfloat16))
+    assert _same_weights(
+        load_model(tmp_path / "plain", dtype=torch.bfloat16), load_model(path, dtype=torch.bfloat16)
+    )
 
     lora = apply_lora(load_model(path))
     with torch.no_grad():
@@ -126,15 +136,18 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
+
     monkeypatch.setattr(models.checkpoint, "save_file", crash)
     with pytest.raises(OSError):
         save_model(model, target)
-    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the old checkpoint, intact
+    # the old checkpoint, intact
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert os.listdir(tmp_path) == ["ckpt"]  # no temporary directory left behind
 
 
 def _hub_layout(cache, repo, source, revisions):
-    """models--org--name/{blobs, snapshots/<rev>/<file -> blob>, refs/main}, as huggingface_hub writes it."""
+    """models--org--name/{blobs, snapshots/<rev>/<file -> blob>, refs/main}, as huggingface_hub
+    writes it."""
     root = cache / f"models--{repo.replace('/', '--')}"
     (root / "blobs").mkdir(parents=True)
     for rev in revisions:
@@ -142,7 +155,9 @@ def _hub_layout(cache, repo, source, revisions):
         for file in source.iterdir():
             blob = root / "blobs" / f"{rev}-{file.name}"
             shutil.copyfile(file, blob)
-            (root / "snapshots" / rev / file.name).symlink_to(os.path.relpath(blob, root / "snapshots" / rev))
+            (root / "snapshots" / rev / file.name).symlink_to(
+                os.path.relpath(blob, root / "snapshots" / rev)
+            )
     (root / "refs").mkdir()
     (root / "refs" / "main").write_text(revisions[0])
 
@@ -163,7 +178,8 @@ def test_hub_name_resolves_to_refs_main_snapshot(tmp_path, monkeypatch):
         load_model("facebook/opt-absent")
 
 
-# ---------------------------------------------------------------- user mistakes -> ModelError naming the file
+# ------------------------------------------------------ user mistakes -> ModelError naming the file
+
 
 def _damaged(tmp_path, damage):
     directory = _copy(hf_opt()[0], tmp_path / "ckpt")
@@ -187,7 +203,8 @@ def test_missing_weight_file(tmp_path):
 def test_truncated_weight_file(tmp_path):
     def truncate(d):
         data = (d / "model.safetensors").read_bytes()
-        (d / "model.safetensors").write_bytes(data[:len(data) // 2])
+        (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+
     msg = _damaged(tmp_path, truncate)
     assert msg.startswith("corrupt weight file") and msg.endswith("model.safetensors)")
 
@@ -197,6 +214,7 @@ def test_wrong_shape_and_missing_tensors(tmp_path):
         t = load_file(d / "model.safetensors")
         t["model.decoder.layers.0.fc1.weight"] = t["model.decoder.layers.0.fc1.weight"][:-1]
         save_file(t, d / "model.safetensors")
+
     msg = _damaged(tmp_path, reshape)
     assert "model.decoder.layers.0.fc1.weight has shape (127, 64), expected (128, 64)" in msg
     assert msg.endswith("model.safetensors)")
@@ -205,15 +223,19 @@ def test_wrong_shape_and_missing_tensors(tmp_path):
         t = load_file(d / "model.safetensors")
         del t["model.decoder.final_layer_norm.bias"]
         save_file(t, d / "model.safetensors")
+
     shutil.rmtree(tmp_path / "ckpt")
     msg = _damaged(tmp_path, drop)
-    assert "missing tensors decoder.final_layer_norm.bias" in msg and msg.endswith("model.safetensors)")
+    assert "missing tensors decoder.final_layer_norm.bias" in msg and msg.endswith(
+        "model.safetensors)"
+    )
 
 
 def test_unknown_model_type_and_missing_shard(tmp_path):
     def retype(d):
         config = json.loads((d / "config.json").read_text())
         (d / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+
     msg = _damaged(tmp_path, retype)
     assert "unknown model_type 'gpt2'" in msg and msg.endswith("config.json)")
 

@@ -1,12 +1,22 @@
 """Our models against transformers on the same tiny random weights (transformers is the oracle),
 over one table of families: OPT's layouts, RoBERTa and the LLaMA family's variants."""
+
 import pytest
 import torch
 
 from models import load_model
 from models.checkpoint import our_name
-from tests.helpers.models import (LLAMA_LAYOUTS, OPT_LAYOUTS, hf_as_original, hf_llama, hf_opt,
-                                  hf_roberta, llama_logits, padded_batch, trainable)
+from tests.helpers.models import (
+    LLAMA_LAYOUTS,
+    OPT_LAYOUTS,
+    hf_as_original,
+    hf_llama,
+    hf_opt,
+    hf_roberta,
+    llama_logits,
+    padded_batch,
+    trainable,
+)
 
 LENGTHS = [7, 3, 5, 7]  # rows of different lengths; the full row checks the unpadded case too
 
@@ -52,7 +62,10 @@ def test_parameter_order_is_the_transformers_models(kind):
     ours = trainable(model)
     assert ours == trainable(hf, lambda name: our_name(hf.config.model_type, name))
     if kind == "opt350":
-        assert [n for n, _ in ours[2:4]] == ["decoder.project_out.weight", "decoder.project_in.weight"]
+        assert [n for n, _ in ours[2:4]] == [
+            "decoder.project_out.weight",
+            "decoder.project_in.weight",
+        ]
     if kind == "roberta":  # the tied decoder weight is listed once, under the word embeddings
         assert [n for n, _ in ours[-5:-3]] == ["lm_head.decoder.bias", "lm_head.dense.weight"]
     if kind in LLAMA_LAYOUTS:
@@ -81,7 +94,12 @@ def test_low_precision_runs_and_stays_close(kind, dtype):
     logits = ours(ids, mask)
     assert logits.dtype == dtype
     ref = hf(input_ids=ids, attention_mask=mask).logits
-    ref_low = type(hf).from_pretrained(path, dtype=dtype).eval()(input_ids=ids, attention_mask=mask).logits
+    ref_low = (
+        type(hf)
+        .from_pretrained(path, dtype=dtype)
+        .eval()(input_ids=ids, attention_mask=mask)
+        .logits
+    )
     m = mask.bool()
     scale = ref.abs().max()
     assert (logits.float() - ref).abs()[m].max() <= 0.02 * scale
@@ -106,9 +124,15 @@ def test_dropout_only_in_train_mode():
 
 
 def greedy(hf, ids, mask, eos):
-    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                      pad_token_id=1, eos_token_id=eos)
-    return out[:, ids.shape[1]:]
+    out = hf.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=False,
+        pad_token_id=1,
+        eos_token_id=eos,
+    )
+    return out[:, ids.shape[1] :]
 
 
 @torch.no_grad()
@@ -139,6 +163,7 @@ def perturb_by_hooks(model, delta):
 
         def restore(mod, args, out):
             mod._parameters.update(mod._kept)
+
         handles += [module.register_forward_pre_hook(swap), module.register_forward_hook(restore)]
     return handles
 
@@ -147,6 +172,7 @@ def perturb_by_hooks(model, delta):
 @torch.no_grad()
 def test_every_parameter_is_used_inside_its_owners_forward(kind):
     from models import apply_lora, apply_prefix
+
     path, _ = oracle(kind.split("-")[0])
     ids, mask = padded_batch(LENGTHS, "left")
     g = torch.Generator().manual_seed(0)
@@ -154,11 +180,15 @@ def test_every_parameter_is_used_inside_its_owners_forward(kind):
     def build():
         model = load_model(path)
         if kind.endswith("lora-prefix"):
-            apply_prefix(apply_lora(model, generator=torch.Generator().manual_seed(1)),
-                         generator=torch.Generator().manual_seed(2))
+            apply_prefix(
+                apply_lora(model, generator=torch.Generator().manual_seed(1)),
+                generator=torch.Generator().manual_seed(2),
+            )
         return model
+
     hooked, moved = build(), build()
-    delta = {p: 0.01 * torch.randn(p.shape, generator=g) for p in hooked.parameters()}  # tied: one entry
+    # tied: one entry
+    delta = {p: 0.01 * torch.randn(p.shape, generator=g) for p in hooked.parameters()}
     for p, q in zip(hooked.parameters(), moved.parameters()):
         q.add_(delta[p])
     handles = perturb_by_hooks(hooked, delta)

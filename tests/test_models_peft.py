@@ -1,11 +1,27 @@
-"""LoRA and prefix tuning: direct formulas, transformers fed explicit prefix key/values, generation."""
+"""LoRA and prefix tuning: direct formulas, transformers fed explicit prefix key/values,
+generation."""
+
 import pytest
 import torch
 
-from models import ModelError, adapter_state_dict, apply_lora, apply_prefix, load_adapter, load_model
+from models import (
+    ModelError,
+    adapter_state_dict,
+    apply_lora,
+    apply_prefix,
+    load_adapter,
+    load_model,
+)
 from models.checkpoint import our_name
-from tests.helpers.models import (hf_as_original, hf_opt, hf_roberta, original_lora, original_prefix, padded_batch,
-                                  trainable)
+from tests.helpers.models import (
+    hf_as_original,
+    hf_opt,
+    hf_roberta,
+    original_lora,
+    original_prefix,
+    padded_batch,
+    trainable,
+)
 
 KINDS = ["opt125", "opt350", "roberta"]
 
@@ -31,12 +47,18 @@ def test_lora_starts_as_the_base_model_and_trains_only_lora(kind):
     model = apply_lora(load_model(path), r=8, alpha=16)
     assert torch.equal(model(ids, mask), base)  # B = 0
     targets = ("q_proj", "v_proj") if kind != "roberta" else ("query", "value")
-    expected = sorted(f"{attn}.{t}.{ab}" for attn, m in model.named_modules() if hasattr(m, "lora_targets")
-                      for t in targets for ab in ("lora_A", "lora_B"))
+    expected = sorted(
+        f"{attn}.{t}.{ab}"
+        for attn, m in model.named_modules()
+        if hasattr(m, "lora_targets")
+        for t in targets
+        for ab in ("lora_A", "lora_B")
+    )
     assert _trainable(model) == expected and len(expected) == 2 * 2 * 2
     a = model.get_submodule(expected[0].rpartition(".")[0]).lora_A
-    assert a.shape == (8, 64) and a.abs().max() <= 64 ** -0.5  # kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(in))
-    assert a.abs().max() > 0.8 * 64 ** -0.5
+    # kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(in))
+    assert a.shape == (8, 64) and a.abs().max() <= 64**-0.5
+    assert a.abs().max() > 0.8 * 64**-0.5
 
 
 @torch.no_grad()
@@ -48,7 +70,8 @@ def test_lora_forward_equals_merged_weight_formula():
     for name, module in model.named_modules():
         if hasattr(module, "lora_B"):
             module.lora_B.normal_()
-            w = module.weight + (16 / 8) * module.lora_B @ module.lora_A  # (W + (alpha/r) B A) x + b
+            # (W + (alpha/r) B A) x + b
+            w = module.weight + (16 / 8) * module.lora_B @ module.lora_A
             merged.get_submodule(name).weight.copy_(w)
             x = torch.randn(3, 64)
             assert torch.allclose(module(x), x @ w.T + module.bias, atol=1e-5)
@@ -57,13 +80,17 @@ def test_lora_forward_equals_merged_weight_formula():
 
 
 def _transformers_with_prefix(hf, model, ids, mask, kind):
-    """transformers' logits with our prefix fed as past key/values, real-token positions given explicitly."""
+    """transformers' logits with our prefix fed as past key/values, real-token positions given
+    explicitly."""
     from transformers import DynamicCache
+
     B, P, H = ids.shape[0], 5, 4
     cache = DynamicCache(config=hf.config)
     for i, attn in enumerate(m for m in model.modules() if hasattr(m, "prefix_keys")):
-        k, v = (t.detach().view(1, P, H, -1).transpose(1, 2).expand(B, -1, -1, -1)
-                for t in (attn.prefix_keys, attn.prefix_values))
+        k, v = (
+            t.detach().view(1, P, H, -1).transpose(1, 2).expand(B, -1, -1, -1)
+            for t in (attn.prefix_keys, attn.prefix_values)
+        )
         cache.update(k, v, i)
     if kind == "roberta":
         real = (ids != 1).long()
@@ -71,7 +98,9 @@ def _transformers_with_prefix(hf, model, ids, mask, kind):
     else:
         positions = mask.cumsum(1) * mask - 1
     full_mask = torch.cat([torch.ones(B, P, dtype=mask.dtype), mask], 1)
-    return hf(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache).logits
+    return hf(
+        input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache
+    ).logits
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -93,15 +122,25 @@ def test_prefix_matches_transformers_fed_the_prefix_as_past_key_values(kind):
 def test_prefix_init_is_the_key_value_projection_of_random_tokens(kind):
     path, hf = _oracle(kind)
     model = apply_prefix(load_model(path), num_prefix=5, generator=torch.Generator().manual_seed(7))
-    tokens = torch.randint(0, hf.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(7))
+    tokens = torch.randint(
+        0, hf.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(7)
+    )
     names = ("key", "value") if kind == "roberta" else ("k_proj", "v_proj")
     seen = []
-    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
-             for n, m in hf.named_modules() if n.endswith(names)]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: seen.append(out[0]))
+        for n, m in hf.named_modules()
+        if n.endswith(names)
+    ]
     hf(input_ids=tokens)  # no BOS, as MeZO's prefix.py does
     for h in hooks:
         h.remove()
-    ours = [t for m in model.modules() if hasattr(m, "prefix_keys") for t in (m.prefix_keys, m.prefix_values)]
+    ours = [
+        t
+        for m in model.modules()
+        if hasattr(m, "prefix_keys")
+        for t in (m.prefix_keys, m.prefix_values)
+    ]
     assert len(ours) == len(seen) == 4
     for a, b in zip(ours, seen):
         assert a.shape == (5, 64) and torch.allclose(a, b, atol=1e-5)
@@ -109,7 +148,8 @@ def test_prefix_init_is_the_key_value_projection_of_random_tokens(kind):
 
 @torch.no_grad()
 def test_prefix_generation_with_cache_equals_recomputing_without_cache():
-    """Cached decoding with a prefix must not shift positions by num_prefix (the original's bug, 10.6)."""
+    """Cached decoding with a prefix must not shift positions by num_prefix (the original's bug,
+    10.6)."""
     path, _ = hf_opt()
     model = apply_prefix(load_model(path), num_prefix=5, generator=torch.Generator().manual_seed(0))
     ids, mask = padded_batch([6, 2, 4], "left", seed=3)
@@ -117,7 +157,9 @@ def test_prefix_generation_with_cache_equals_recomputing_without_cache():
     for _ in range(8):  # reference: the whole sequence again at every step, positions from the mask
         nxt = model(seq, full)[:, -1].argmax(-1, keepdim=True)
         seq, full = torch.cat([seq, nxt], 1), torch.cat([full, torch.ones_like(nxt)], 1)
-    assert torch.equal(model.generate(ids, mask, max_new_tokens=8, eos_token_ids=()), seq[:, ids.shape[1]:])
+    assert torch.equal(
+        model.generate(ids, mask, max_new_tokens=8, eos_token_ids=()), seq[:, ids.shape[1] :]
+    )
 
 
 @torch.no_grad()
@@ -142,7 +184,8 @@ def _all_parameters(model, rename=lambda name: name):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_lora_parameter_order_is_the_originals(kind):
-    """large_models/lora.py on the transformers model: v_proj's adapter before q_proj's (OPT registers
+    """large_models/lora.py on the transformers model: v_proj's adapter before q_proj's (OPT
+    registers
     k, v, q), and inside each wrapped projection the frozen weight, bias, then lora_A, lora_B."""
     path, hf = hf_as_original(kind)
     rename = lambda name: our_name(hf.config.model_type, name)  # noqa: E731
@@ -150,17 +193,26 @@ def test_lora_parameter_order_is_the_originals(kind):
     assert _all_parameters(ours) == _all_parameters(original_lora(hf, r=8, alpha=16), rename)
     if kind != "roberta":
         assert [n.removeprefix("decoder.layers.0.") for n, _ in trainable(ours)[:4]] == [
-            "self_attn.v_proj.lora_A", "self_attn.v_proj.lora_B", "self_attn.q_proj.lora_A", "self_attn.q_proj.lora_B"]
+            "self_attn.v_proj.lora_A",
+            "self_attn.v_proj.lora_B",
+            "self_attn.q_proj.lora_A",
+            "self_attn.q_proj.lora_B",
+        ]
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefix_parameter_order_is_the_originals(kind):
-    """The original's prefix.py adds prefix_keys then prefix_values to each attention module, so they come
-    before its projections. RoBERTa's live one level down here (`attention.self`, the module that
+    """The original's prefix.py adds prefix_keys then prefix_values to each attention module, so
+    they come before its projections. RoBERTa's live one level down here (`attention.self`, the
+    module that
     attends) where medium_models/src/prefix.py puts them on `attention`: same order, other names."""
     path, hf = hf_as_original(kind)
     rename = lambda name: our_name(hf.config.model_type, name).replace(  # noqa: E731
-        ".attention.prefix_", ".attention.self.prefix_")
+        ".attention.prefix_", ".attention.self.prefix_"
+    )
     ours = apply_prefix(load_model(path), num_prefix=5, generator=torch.Generator().manual_seed(0))
     assert _all_parameters(ours) == _all_parameters(original_prefix(hf, num_prefix=5), rename)
-    assert [n.rsplit(".", 1)[-1] for n, _ in trainable(ours)] == ["prefix_keys", "prefix_values"] * 2
+    assert [n.rsplit(".", 1)[-1] for n, _ in trainable(ours)] == [
+        "prefix_keys",
+        "prefix_values",
+    ] * 2

@@ -1,5 +1,6 @@
 """With real processes: one writer per run folder (zo/folder_lock.py), a lock that dies with its
 holder, and run folders that are the same bytes when the same command runs twice."""
+
 import json
 import os
 import re
@@ -16,17 +17,32 @@ from data.files import MEASUREMENTS
 from zo.folder_lock import LOCK_NAME, FolderLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = ["--num_train", "16", "--num_dev", "8", "--num_eval", "4", "--batch_size", "4", "--logging_steps", "1",
-        "--learning_rate", "1e-3"]
+ARGS = [
+    "--num_train",
+    "16",
+    "--num_dev",
+    "8",
+    "--num_eval",
+    "4",
+    "--batch_size",
+    "4",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def train(*argv, wait=True):
-    """A finished train.py (its returncode, stdout, stderr), or the running process with wait=False."""
+    """A finished train.py (its returncode, stdout, stderr), or the running process with
+    wait=False."""
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *argv]
     if wait:
         return subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    return subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, env=ENV, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_for(path, proc, timeout=240):
@@ -43,10 +59,14 @@ def test_a_second_writer_is_refused_and_the_first_run_replays_bitwise(tmp_path):
     wait_for(out / "checkpoint", first)
     os.kill(first.pid, signal.SIGSTOP)  # the first run is still training while the others try
     try:
-        line = (f"error: output folder is in use by another run: pid {first.pid} on host {socket.gethostname()} "
-                f"holds its lock; wait for it to end or stop it (--output_dir {out})")
-        for argv in (["--resume", "--output_dir", str(out)],  # a SLURM requeue, a second terminal
-                     [*ARGS, *steps, "--output_dir", str(out), "--overwrite_output_dir"]):
+        line = (
+            f"error: output folder is in use by another run: pid {first.pid} on host {socket.gethostname()} "
+            f"holds its lock; wait for it to end or stop it (--output_dir {out})"
+        )
+        for argv in (
+            ["--resume", "--output_dir", str(out)],  # a SLURM requeue, a second terminal
+            [*ARGS, *steps, "--output_dir", str(out), "--overwrite_output_dir"],
+        ):
             second = train(*argv)
             stderr = second.stderr
             assert second.returncode == 2 and stderr.strip() == line, stderr[-3000:]
@@ -81,12 +101,19 @@ def test_a_refused_lock_names_its_holder_and_abandon_restores_the_folder(tmp_pat
     folder.mkdir()
     (folder / LOCK_NAME).write_text("1 elsewhere\n")  # left by a killed run: not held
     os.utime(folder / LOCK_NAME, ns=(10**9, 10**9))
-    before = {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in [folder, folder / LOCK_NAME]}
+    before = {
+        p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None)
+        for p in [folder, folder / LOCK_NAME]
+    }
     held = FolderLock(str(folder)).acquire()  # flock: a second open file description conflicts
-    with pytest.raises(ValueError, match=f"pid {os.getpid()} on host {socket.gethostname()} holds its lock"):
+    with pytest.raises(
+        ValueError, match=f"pid {os.getpid()} on host {socket.gethostname()} holds its lock"
+    ):
         FolderLock(str(folder)).acquire()
     held.abandon()
-    assert {p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in before} == before
+    assert {
+        p: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in before
+    } == before
     fresh = FolderLock(str(tmp_path / "new" / "run")).acquire()
     fresh.abandon()
     assert not (tmp_path / "new").exists()
@@ -94,9 +121,12 @@ def test_a_refused_lock_names_its_holder_and_abandon_restores_the_folder(tmp_pat
 
 # ---------------------------------------------------------------- the same command, the same bytes
 
+
 def without_measurements(path):
-    """A file's bytes; in JSON files, each MEASUREMENTS field's value (a number: times, memory) replaced by
-    null in the text itself, so that key order and number formatting are compared byte for byte too."""
+    """A file's bytes; in JSON files, each MEASUREMENTS field's value (a number: times, memory)
+    replaced by
+    null in the text itself, so that key order and number formatting are compared byte for byte
+    too."""
     data = path.read_bytes()
     if path.suffix not in (".json", ".jsonl"):
         return data
@@ -108,11 +138,23 @@ def without_measurements(path):
 def test_the_same_run_twice_writes_the_same_bytes(tmp_path, mode):
     out, folders = tmp_path / "run", []
     for i in range(2):  # the same command line, output folder included
-        proc = train(*ARGS, "--mode", mode, "--max_steps", "3", "--eval_steps", "2", "--eval_final_step",
-                     "--output_dir", str(out))
+        proc = train(
+            *ARGS,
+            "--mode",
+            mode,
+            "--max_steps",
+            "3",
+            "--eval_steps",
+            "2",
+            "--eval_final_step",
+            "--output_dir",
+            str(out),
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         folders.append(out.rename(tmp_path / f"done{i}"))
     files = [sorted(p.relative_to(f) for p in f.rglob("*") if p.is_file()) for f in folders]
     assert files[0] == files[1] and any(p.name.endswith(".safetensors") for p in files[0])
     for name in files[0]:
-        assert without_measurements(folders[0] / name) == without_measurements(folders[1] / name), name
+        assert without_measurements(folders[0] / name) == without_measurements(folders[1] / name), (
+            name
+        )

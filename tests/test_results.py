@@ -1,5 +1,7 @@
 """`make results` (data/paper/results.py) on the embedded tiny OPT and the bundled sample: every row
-runs, finished runs are skipped, the table is built from the run folders, RESULTS.md keeps its text."""
+runs, finished runs are skipped, the table is built from the run folders, RESULTS.md keeps its
+text."""
+
 import json
 import statistics
 
@@ -11,11 +13,27 @@ import train
 from data import DataError
 from data.paper import report, results
 
-ROWS = {"zero-shot": {"kind": "eval", "num_train": 0},
-        "icl": {"kind": "eval", "num_train": 2},
-        "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 4, "learning_rate": 1e-3, "zo_eps": 1e-3,
-                      "max_steps": 2, "eval_steps": 1},
-        "ft": {"trainer": "fo", "mode": "ft", "batch_size": 4, "learning_rate": 1e-3, "max_steps": 2, "eval_steps": 2}}
+ROWS = {
+    "zero-shot": {"kind": "eval", "num_train": 0},
+    "icl": {"kind": "eval", "num_train": 2},
+    "mezo-lora": {
+        "trainer": "zo",
+        "mode": "lora",
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "zo_eps": 1e-3,
+        "max_steps": 2,
+        "eval_steps": 1,
+    },
+    "ft": {
+        "trainer": "fo",
+        "mode": "ft",
+        "batch_size": 4,
+        "learning_rate": 1e-3,
+        "max_steps": 2,
+        "eval_steps": 2,
+    },
+}
 DATA = {"task": "SST2", "num_train": 16, "num_dev": 8, "num_eval": 8, "train_set_seed": 0}
 
 
@@ -23,31 +41,54 @@ def in_process(calls):
     def launch(argv):
         calls.append(argv)
         return (train.main if argv[0] == "train.py" else evaluation.main)(argv[1:])
+
     return launch
 
 
 def test_runner_runs_skips_and_writes_the_table(tmp_path):
-    plan = results.runs(ROWS, seeds=(0, 1), model=models.TINY_OPT, data_dir=None, data_flags=DATA,
-                        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1})
+    plan = results.runs(
+        ROWS,
+        seeds=(0, 1),
+        model=models.TINY_OPT,
+        data_dir=None,
+        data_flags=DATA,
+        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1},
+    )
     assert [(row, seed, script) for row, seed, script, _ in plan] == [
-        ("zero-shot", None, "eval.py"), ("icl", None, "eval.py"), ("mezo-lora", 0, "train.py"),
-        ("mezo-lora", 1, "train.py"), ("ft", 0, "train.py"), ("ft", 1, "train.py")]
+        ("zero-shot", None, "eval.py"),
+        ("icl", None, "eval.py"),
+        ("mezo-lora", 0, "train.py"),
+        ("mezo-lora", 1, "train.py"),
+        ("ft", 0, "train.py"),
+        ("ft", 1, "train.py"),
+    ]
     calls = []
     walls = results.run_all(plan, str(tmp_path), in_process(calls))
     assert len(calls) == 6 and len(walls) == 6
-    assert results.run_all(plan, str(tmp_path), in_process(calls)) == walls and len(calls) == 6  # all skipped
+    # all skipped
+    assert results.run_all(plan, str(tmp_path), in_process(calls)) == walls and len(calls) == 6
     text = results.markdown(plan, str(tmp_path), walls)
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:6]}
     assert list(rows) == ["Zero-shot", "ICL, 2 demonstrations", "MeZO (LoRA)", "FT"]
 
     def test_percent(row):
-        return [100 * json.load(open(results.folder_of(str(tmp_path), s, f) + "/results.json"))["test"]["accuracy"]
-                for r, _, s, f in plan if r == row]
+        return [
+            100
+            * json.load(open(results.folder_of(str(tmp_path), s, f) + "/results.json"))["test"][
+                "accuracy"
+            ]
+            for r, _, s, f in plan
+            if r == row
+        ]
+
     for name, row in (("MeZO (LoRA)", "mezo-lora"), ("FT", "ft")):
         scores = test_percent(row)
         assert rows[name][1] == f"{statistics.fmean(scores):.1f} ± {statistics.stdev(scores):.1f}"
         assert rows[name][2] == "2"
-    assert rows["Zero-shot"][1] == f"{test_percent('zero-shot')[0]:.1f}" and rows["Zero-shot"][3] == "–"
+    assert (
+        rows["Zero-shot"][1] == f"{test_percent('zero-shot')[0]:.1f}"
+        and rows["Zero-shot"][3] == "–"
+    )
     assert rows["MeZO (LoRA)"][4] == "4 (2 per step)" and rows["FT"][4] == "2 + as many backward"
     assert "- MeZO (LoRA): `python train.py --task SST2" in text and "--seed 0" in text
 
@@ -55,7 +96,10 @@ def test_runner_runs_skips_and_writes_the_table(tmp_path):
     doc.write_text(f"# Results\n\nprose\n\n{results.BEGIN}\nold\n{results.END}\n\nmore prose\n")
     results.write_between_markers(doc, text)
     results.write_between_markers(doc, text)
-    assert doc.read_text() == f"# Results\n\nprose\n\n{results.BEGIN}\n{text}\n{results.END}\n\nmore prose\n"
+    assert (
+        doc.read_text()
+        == f"# Results\n\nprose\n\n{results.BEGIN}\n{text}\n{results.END}\n\nmore prose\n"
+    )
     doc.write_text("no markers\n")
     with pytest.raises(DataError, match="expected one"):
         results.write_between_markers(doc, text)
@@ -63,7 +107,9 @@ def test_runner_runs_skips_and_writes_the_table(tmp_path):
 
 
 def test_a_failed_run_is_one_error_and_an_interrupted_evaluation_is_rerun(tmp_path):
-    plan = results.runs({"zero-shot": ROWS["zero-shot"]}, model=models.TINY_OPT, data_dir=None, data_flags=DATA)
+    plan = results.runs(
+        {"zero-shot": ROWS["zero-shot"]}, model=models.TINY_OPT, data_dir=None, data_flags=DATA
+    )
     with pytest.raises(DataError, match=r"zero-shot run failed, rerun to resume it \("):
         results.run_all(plan, str(tmp_path), lambda argv: 2)
     (tmp_path / results.folder_of(str(tmp_path), *plan[0][2:])).mkdir(parents=True)
@@ -74,22 +120,52 @@ def test_a_failed_run_is_one_error_and_an_interrupted_evaluation_is_rerun(tmp_pa
 
 def test_the_estimators_table_and_figure_follow_from_the_logged_dev_curves(tmp_path):
     pytest.importorskip("matplotlib")
-    lora = {"trainer": "zo", "mode": "lora", "batch_size": 4, "learning_rate": 1e-2, "zo_eps": 1e-2,
-            "max_steps": 3, "eval_steps": 1}
-    rows = {"mezo-lora": lora,  # 2 forward passes a step; FZOO with N = 2: 3, so dev points at 2, 4, 6 and 3, 6
-            "fzoo-lora": {**lora, "estimator": "fzoo", "fzoo_n": 2, "max_steps": 2}}
-    plan = results.runs(rows, seeds=(0, 1), model=models.TINY_OPT, data_dir=None, data_flags=DATA,
-                        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1})
+    lora = {
+        "trainer": "zo",
+        "mode": "lora",
+        "batch_size": 4,
+        "learning_rate": 1e-2,
+        "zo_eps": 1e-2,
+        "max_steps": 3,
+        "eval_steps": 1,
+    }
+    # 2 forward passes a step; FZOO with N = 2: 3, so dev points at 2, 4, 6 and 3, 6
+    rows = {
+        "mezo-lora": lora,
+        "fzoo-lora": {**lora, "estimator": "fzoo", "fzoo_n": 2, "max_steps": 2},
+    }
+    plan = results.runs(
+        rows,
+        seeds=(0, 1),
+        model=models.TINY_OPT,
+        data_dir=None,
+        data_flags=DATA,
+        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1},
+    )
     results.run_all(plan, str(tmp_path), in_process([]))
     figure = tmp_path / "fig" / "curves.png"
     text = results.estimators_markdown(plan, str(tmp_path), str(figure))
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def dev(row):  # [(forward passes, [dev accuracy per seed])]
-        logs = [[json.loads(line) for line in open(results.folder_of(str(tmp_path), s, f) + "/metrics.jsonl")
-                 if "dev_loss" in line] for r, _, s, f in plan if r == row]
-        return [(points[0]["forward_passes"], [p["dev_accuracy"] for p in points]) for points in zip(*logs)]
-    assert [p for p, _ in dev("mezo-lora")] == [2, 4, 6] and [p for p, _ in dev("fzoo-lora")] == [3, 6]
+        logs = [
+            [
+                json.loads(line)
+                for line in open(results.folder_of(str(tmp_path), s, f) + "/metrics.jsonl")
+                if "dev_loss" in line
+            ]
+            for r, _, s, f in plan
+            if r == row
+        ]
+        return [
+            (points[0]["forward_passes"], [p["dev_accuracy"] for p in points])
+            for points in zip(*logs)
+        ]
+
+    assert [p for p, _ in dev("mezo-lora")] == [2, 4, 6] and [p for p, _ in dev("fzoo-lora")] == [
+        3,
+        6,
+    ]
     target = max(statistics.fmean(a) for _, a in dev("mezo-lora"))  # the peak of MeZO's mean curve
     lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:4]}
     assert list(lines) == ["MeZO (LoRA)", "MeZO (LoRA), FZOO N=2"]
@@ -97,27 +173,45 @@ def test_the_estimators_table_and_figure_follow_from_the_logged_dev_curves(tmp_p
     reached = {}
     for row, key in zip(rows, lines):
         curve = dev(row)
-        assert lines[key][1] == ", ".join(f"{p}: {100 * statistics.fmean(a):.1f} ± {100 * statistics.stdev(a):.1f}"
-                                          for p, a in curve)
+        assert lines[key][1] == ", ".join(
+            f"{p}: {100 * statistics.fmean(a):.1f} ± {100 * statistics.stdev(a):.1f}"
+            for p, a in curve
+        )
         reached[row] = next((p for p, a in curve if statistics.fmean(a) >= target), None)
         assert lines[key][-1] == "2 |"
     assert reached["mezo-lora"] is not None  # its own peak
     for row, key in zip(rows, lines):
-        expected = (f"not within {dev(row)[-1][0]}" if reached[row] is None else
-                    f"{reached[row]} ({reached[row] / reached['mezo-lora']:.2f}x)")
+        expected = (
+            f"not within {dev(row)[-1][0]}"
+            if reached[row] is None
+            else f"{reached[row]} ({reached[row] / reached['mezo-lora']:.2f}x)"
+        )
         assert lines[key][2] == expected
     assert "- fzoo-lora: `python train.py" in text and "--estimator fzoo" in text
 
 
-def test_the_grid_runs_each_point_once_keeps_the_lowest_dev_loss_and_shares_the_tables_first_run(tmp_path):
+def test_the_grid_runs_each_point_once_keeps_the_lowest_dev_loss_and_shares_the_tables_first_run(
+    tmp_path,
+):
     grid = {"mezo-lora": {"learning_rate": (1e-3, 3e-2)}, "ft": {"learning_rate": (1e-4, 1e-3)}}
-    where = {"model": models.TINY_OPT, "data_dir": None, "data_flags": DATA,
-             "train_flags": {"max_length": 64, "eval_batch_size": 8, "logging_steps": 1}}
+    where = {
+        "model": models.TINY_OPT,
+        "data_dir": None,
+        "data_flags": DATA,
+        "train_flags": {"max_length": 64, "eval_batch_size": 8, "logging_steps": 1},
+    }
     plan = results.grid_runs(grid, ROWS, **where)
     assert [(row, seed, f["learning_rate"]) for row, seed, _, f in plan] == [
-        ("mezo-lora", 0, 1e-3), ("mezo-lora", 0, 3e-2), ("ft", 0, 1e-4), ("ft", 0, 1e-3)]
-    table_first = {results.folder_of(str(tmp_path), s, f)
-                   for row, seed, s, f in results.runs(ROWS, seeds=(0,), **where) if row in grid}
+        ("mezo-lora", 0, 1e-3),
+        ("mezo-lora", 0, 3e-2),
+        ("ft", 0, 1e-4),
+        ("ft", 0, 1e-3),
+    ]
+    table_first = {
+        results.folder_of(str(tmp_path), s, f)
+        for row, seed, s, f in results.runs(ROWS, seeds=(0,), **where)
+        if row in grid
+    }
     grid_folders = [results.folder_of(str(tmp_path), s, f) for _, _, s, f in plan]
     assert table_first <= set(grid_folders)  # ROWS' own point is the row's seed-0 run: run once
     results.run_all(plan, str(tmp_path), in_process([]))

@@ -1,6 +1,8 @@
 """Shared-prompt scoring (data/collate.py `shared_rows`) against the original's one sequence per
-candidate, `logits_to_keep` against slicing the full logits, and evaluation batches taken shortest first,
+candidate, `logits_to_keep` against slicing the full logits, and evaluation batches taken shortest
+first,
 on the tiny parity models."""
+
 import dataclasses
 
 import pytest
@@ -8,25 +10,34 @@ import torch
 
 import data
 import models
-from data.collate import split_prompt
 from data import evaluate
+from data.collate import split_prompt
 from data.evaluate import encode_samples, predict
 from models import load_model, load_tokenizer
-from tests.helpers.models import LLAMA_LAYOUTS, OPT_LAYOUTS, hf_llama, hf_opt, hf_roberta, padded_batch, tiny_llama_dir
+from tests.helpers.models import (
+    LLAMA_LAYOUTS,
+    OPT_LAYOUTS,
+    hf_llama,
+    hf_opt,
+    hf_roberta,
+    padded_batch,
+    tiny_llama_dir,
+)
 
 CLASSIFICATION = [name for name, task in data.OPT_TASKS.items() if not task.generation]
 
 # Shared and per-candidate rows compute the same function of the weights; only the order of fp
 # additions differs (another number of padded keys in each softmax, other matmul shapes). In float64
-# a reordered sum of n terms moves by at most n * u * sum|terms| (u = 1.1e-16): with n <= 1500
-# (the vocabulary of the log-softmax; the blocks' sums are shorter), sums of |terms| <= 1e2 for
-# these tiny random models, and 2 blocks + the head compounding it, <= 3 * 1500 * 1.1e-16 * 1e2 = 5e-11.
+# a reordered sum of n terms moves by at most n * u * sum|terms| (u = 1.1e-16): with n <= 1500 (the
+# vocabulary of the log-softmax; the blocks' sums are shorter), sums of |terms| <= 1e2 for these
+# tiny random models, and 2 blocks + the head compounding it, <= 3 * 1500 * 1.1e-16 * 1e2 = 5e-11.
 FP64_BOUND = 5e-11
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """{family: (model in float64, its tokenizer)}: the embedded tiny OPT and a tiny Qwen2 (LLaMA family)."""
+    """{family: (model in float64, its tokenizer)}: the embedded tiny OPT and a tiny Qwen2 (LLaMA
+    family)."""
     out = {}
     for family, path in (("opt", models.TINY_OPT), ("llama", str(tiny_llama_dir()))):
         out[family] = load_model(path).eval(), load_tokenizer(path)
@@ -35,13 +46,19 @@ def tiny():
 
 # ---------------------------------------------------------------- logits only where they are read
 
-@pytest.mark.parametrize("path", [lambda: hf_opt(layout)[0] for layout in OPT_LAYOUTS]
-                         + [lambda: hf_llama(layout)[0] for layout in LLAMA_LAYOUTS], ids=[*OPT_LAYOUTS, *LLAMA_LAYOUTS])
+
+@pytest.mark.parametrize(
+    "path",
+    [lambda: hf_opt(layout)[0] for layout in OPT_LAYOUTS]
+    + [lambda: hf_llama(layout)[0] for layout in LLAMA_LAYOUTS],
+    ids=[*OPT_LAYOUTS, *LLAMA_LAYOUTS],
+)
 @torch.no_grad()
 def test_kept_logits_equal_slices_of_the_full_logits_bitwise(path):
     """The LM head is row-wise (each logit is one dot product of one position's hidden state), so
-    keeping fewer rows changes no number as long as the matmul's per-row reduction does not depend on
-    how many rows it gets; on CPU fp32 it does not for these shapes (a GPU kernel may choose another
+    keeping fewer rows changes no number as long as the matmul's per-row reduction does not depend
+    on how many rows it gets; on CPU fp32 it does not for these shapes (a GPU kernel may choose
+    another
     split-K for another row count, so there equality holds within rounding only)."""
     model = load_model(path()).eval()
     ids, mask = padded_batch([7, 3, 5, 6], "left")
@@ -51,7 +68,9 @@ def test_kept_logits_equal_slices_of_the_full_logits_bitwise(path):
     at = torch.tensor([0, 4, 6])
     assert torch.equal(model(ids, mask, logits_to_keep=at), full[:, at])
     per_row = torch.tensor([[6], [4], [5], [6]])
-    assert torch.equal(model(ids, mask, logits_to_keep=per_row), full[torch.arange(4)[:, None], per_row])
+    assert torch.equal(
+        model(ids, mask, logits_to_keep=per_row), full[torch.arange(4)[:, None], per_row]
+    )
 
 
 @torch.no_grad()
@@ -60,7 +79,9 @@ def test_roberta_keeps_the_mask_positions_bitwise():
     ids, mask = padded_batch([7, 3, 5, 6], "right")
     full = model(ids, mask)
     mask_pos = torch.tensor([[3], [1], [4], [0]])
-    assert torch.equal(model(ids, mask, logits_to_keep=mask_pos), full[torch.arange(4)[:, None], mask_pos])
+    assert torch.equal(
+        model(ids, mask, logits_to_keep=mask_pos), full[torch.arange(4)[:, None], mask_pos]
+    )
 
 
 def test_a_block_mask_needs_position_ids():
@@ -71,6 +92,7 @@ def test_a_block_mask_needs_position_ids():
 
 
 # ---------------------------------------------------------------- shared prompt = per candidate
+
 
 def _scores(model, encoded, pad_token_id, shared):
     batch = data.collate(encoded, "classification", pad_token_id, shared=shared)
@@ -90,7 +112,9 @@ def test_shared_prompt_scores_equal_per_candidate_scores_in_fp64(tiny, family, t
     assert batch["input_ids"].shape[0] == len(encoded) < per_batch["input_ids"].shape[0]
     assert batch["input_ids"].numel() < per_batch["input_ids"].numel()  # fewer positions computed
     # a block mask only where a candidate has more than one token after the shared prompt
-    packed = any(len(rest) > 1 for e in encoded for rest in split_prompt(e.input_ids, e.option_len)[1])
+    packed = any(
+        len(rest) > 1 for e in encoded for rest in split_prompt(e.input_ids, e.option_len)[1]
+    )
     assert ("position_ids" in batch) == packed
     assert torch.isfinite(per).any(1).all()
     assert (shared - per).nan_to_num(posinf=0, neginf=0).abs().max() <= FP64_BOUND
@@ -100,18 +124,27 @@ def test_shared_prompt_scores_equal_per_candidate_scores_in_fp64(tiny, family, t
 
 def _random_examples(gen, vocab, count=6):
     """Prompts of 1..8 tokens and 1..3 candidates whose rests (1..4 tokens) hold 1..len option
-    tokens (so some rests start with non-option tokens); the last example shares no prefix at all."""
+    tokens (so some rests start with non-option tokens); the last example shares no prefix at
+    all."""
     out = []
     for i in range(count):
-        prompt = torch.randint(5, vocab, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen).tolist()
+        prompt = torch.randint(
+            5, vocab, (int(torch.randint(1, 9, (1,), generator=gen)),), generator=gen
+        ).tolist()
         if i == count - 1:
             prompt = []
         seqs, lens = [], []
         for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
-            rest = torch.randint(5, vocab, (int(torch.randint(2 if not prompt else 1, 5, (1,), generator=gen)),),
-                                 generator=gen).tolist()
+            rest = torch.randint(
+                5,
+                vocab,
+                (int(torch.randint(2 if not prompt else 1, 5, (1,), generator=gen)),),
+                generator=gen,
+            ).tolist()
             seqs.append(prompt + rest)
-            lens.append(int(torch.randint(1, len(rest) + (1 if prompt else 0), (1,), generator=gen)))
+            lens.append(
+                int(torch.randint(1, len(rest) + (1 if prompt else 0), (1,), generator=gen))
+            )
         out.append(data.Encoded(seqs, lens, correct=[0]))
     return out
 
@@ -141,39 +174,60 @@ def test_predictions_are_identical_on_every_bundled_evaluation_row(tiny, family,
         test, demos = data.icl_splits(splits, num_demos=4, num_eval=None)
         runs += [(splits["valid"], dict(sfc=True)), (test, dict(demo_sets=demos))]
     for samples, options in runs:
-        got = {shared: predict(model, tok, task, samples, batch_size=16, max_length=512, shared=shared, **options)[0]
-               for shared in (True, False)}
+        got = {
+            shared: predict(
+                model, tok, task, samples, batch_size=16, max_length=512, shared=shared, **options
+            )[0]
+            for shared in (True, False)
+        }
         assert got[True] == got[False], options
 
 
-# ---------------------------------------------------------------- evaluation batches, shortest first
+# --------------------------------------------------------------- evaluation batches, shortest first
 
-def test_evaluation_batches_rows_by_length_and_predicts_and_weighs_as_in_file_order(tiny, monkeypatch):
+
+def test_evaluation_batches_rows_by_length_and_predicts_and_weighs_as_in_file_order(
+    tiny, monkeypatch
+):
     """predict and dev_loss take rows shortest first (less padding), and give back each row's own
     prediction in file order: the same as one row at a time (no padding at all). dev_loss keeps file
-    order when examples have different numbers of candidates (HF's weighting then depends on the grouping)."""
+    order when examples have different numbers of candidates (HF's weighting then depends on the
+    grouping)."""
     model, tok = tiny["llama"]
     task = data.get_task("SST2", family="llama")
     samples = task.load(None)["valid"]
     widths, options = [], []
     real_batch_logits = evaluate.batch_logits
-    monkeypatch.setattr(evaluate, "batch_logits", lambda m, b: widths.append(b["input_ids"].shape[1])
-                        or options.append(b["num_options"].tolist()) or real_batch_logits(m, b))
+    monkeypatch.setattr(
+        evaluate,
+        "batch_logits",
+        lambda m, b: (
+            widths.append(b["input_ids"].shape[1])
+            or options.append(b["num_options"].tolist())
+            or real_batch_logits(m, b)
+        ),
+    )
     batched = predict(model, tok, task, samples, batch_size=16, max_length=512)
     assert widths == sorted(widths) and len(widths) == -(-len(samples) // 16)
     encoded = encode_samples(task, samples, tok, max_length=512)
     lengths = [len(e.input_ids[0]) for e in encoded]
-    file_order = sum(-(-max(lengths[i:i + 16]) // 8) * 8 for i in range(0, len(lengths), 16))
+    file_order = sum(-(-max(lengths[i : i + 16]) // 8) * 8 for i in range(0, len(lengths), 16))
     assert sum(widths) < file_order  # the sample's rows vary in length: sorting must pad less
     widths.clear()
     one_by_one = predict(model, tok, task, samples, batch_size=1, max_length=512)
     assert batched == one_by_one and len(widths) == len(samples)
 
-    # only fp32 rounding differs (a reordered sum of 120 losses < 1, other padded shapes): ~1e-7 relative each
-    assert (evaluate.dev_loss(model, encoded, "classification", tok.pad_token_id, 16)["loss"]
-            == pytest.approx(evaluate.dev_loss(model, encoded, "classification", tok.pad_token_id, 1)["loss"], rel=1e-5))
+    # only fp32 rounding differs (a reordered sum of 120 losses < 1, other padded shapes): ~1e-7
+    # relative each
+    assert evaluate.dev_loss(model, encoded, "classification", tok.pad_token_id, 16)[
+        "loss"
+    ] == pytest.approx(
+        evaluate.dev_loss(model, encoded, "classification", tok.pad_token_id, 1)["loss"], rel=1e-5
+    )
     mixed = sorted(encoded[:6], key=lambda e: -len(e.input_ids[0]))  # longest first in file order
-    mixed[0] = dataclasses.replace(mixed[0], input_ids=mixed[0].input_ids[:1], option_len=mixed[0].option_len[:1], correct=[0])
+    mixed[0] = dataclasses.replace(
+        mixed[0], input_ids=mixed[0].input_ids[:1], option_len=mixed[0].option_len[:1], correct=[0]
+    )
     assert len(mixed[0].input_ids[0]) > len(mixed[-1].input_ids[0])  # sorting would move it last
     options.clear()
     evaluate.dev_loss(model, mixed, "classification", tok.pad_token_id, 2)

@@ -17,7 +17,7 @@ pytest_plugins = ["pytester"]
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
-SUITE = '''
+SUITE = """
 import subprocess
 import sys
 
@@ -70,23 +70,23 @@ def test_object_level():
 @pytest.mark.smoke
 def test_kept_on_purpose():
     assert train.main(["--max_steps", "0"]) == 2
-'''
+"""
 
-SUITE += '''
+SUITE += """
 
 def test_imports_main_itself():
     import train as t
 
     assert t.main(["--max_steps", "0"]) == 2
-'''
+"""
 
-HIDDEN = '''
+HIDDEN = """
 import importlib
 
 
 def test_reaches_main_where_the_reading_cannot_see():
     importlib.import_module("train").main(["--max_steps", "0"])
-'''
+"""
 
 
 @pytest.fixture
@@ -112,16 +112,22 @@ def test_the_fast_tier_leaves_out_every_test_that_forgot_its_marker(suite):
     assert not failed and not skipped
     deselected = [i.nodeid.rpartition("::")[2] for i in result.getcall("pytest_deselected").items]
     assert sorted(deselected) == [
-        "test_calls_train_main", "test_imports_main_itself", "test_reads_the_real_model",
+        "test_calls_train_main",
+        "test_imports_main_itself",
+        "test_reads_the_real_model",
         "test_starts_a_process",
-        "test_through_a_fixture", "test_through_a_helper", "test_through_a_parameter[main]",
+        "test_through_a_fixture",
+        "test_through_a_helper",
+        "test_through_a_parameter[main]",
     ]
 
 
 def test_the_reasons_are_named(suite):
     items, _ = suite.inline_genitems("test_suite.py", "-p", "no:cacheprovider")
-    reasons = {i.name: (i.get_closest_marker("slow") or pytest.mark.slow()).kwargs.get("reason")
-               for i in items}
+    reasons = {
+        i.name: (i.get_closest_marker("slow") or pytest.mark.slow()).kwargs.get("reason")
+        for i in items
+    }
     assert reasons["test_calls_train_main"] == "train.py's main"
     assert reasons["test_through_a_helper"] == "run: train.py's main"
     assert reasons["test_through_a_fixture"] == "finished_run: eval.py's main"
@@ -138,7 +144,9 @@ def test_the_tripwire_fails_what_the_reading_missed(suite):
 
 
 def test_the_full_tier_runs_everything(suite):
-    result = suite.inline_run("test_suite.py", "-p", "no:cacheprovider", "-k", "not process and not real")
+    result = suite.inline_run(
+        "test_suite.py", "-p", "no:cacheprovider", "-k", "not process and not real"
+    )
     passed, _, failed = result.listoutcomes()
     assert len(passed) == 7 and not failed, failed
 
@@ -160,14 +168,21 @@ def private_names(path: Path):
     modules = set()  # local names bound to this project's modules
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            modules |= {(a.asname or a.name).split(".")[0] for a in node.names
-                        if a.name.split(".")[0] in ours}
+            modules |= {
+                (a.asname or a.name).split(".")[0]
+                for a in node.names
+                if a.name.split(".")[0] in ours
+            }
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ours:
             modules |= {a.asname or a.name for a in node.names}
             yield from (f"{node.module}.{a.name}" for a in node.names if private(a.name))
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Attribute) and private(node.attr)
-                and isinstance(node.value, ast.Name) and node.value.id in modules):
+        if (
+            isinstance(node, ast.Attribute)
+            and private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+        ):
             yield f"{node.value.id}.{node.attr}"
 
 
@@ -185,8 +200,11 @@ def test_helpers_are_imported_one_way():
     for path in TESTS.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
-                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
-                    a.name for a in node.names]
+                modules = (
+                    [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else [a.name for a in node.names]
+                )
                 for module in modules:
                     top = module.split(".")[0]
                     assert not top.startswith(("helpers", "test_")), (os.fspath(path), module)

@@ -1,4 +1,6 @@
-"""`torchrun --nproc 2 train.py` (gloo, CPU) against one process, replicated and --fsdp, and resume."""
+"""`torchrun --nproc 2 train.py` (gloo, CPU) against one process, replicated and --fsdp, and
+resume."""
+
 import json
 import os
 import signal
@@ -12,8 +14,22 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 23 examples in batches of 5: the last batch of an epoch has 3 rows, split 2/1 across the ranks
-ARGS = ["--num_train", "23", "--num_dev", "8", "--num_eval", "8", "--batch_size", "5", "--logging_steps", "1",
-        "--learning_rate", "1e-4", "--eval_batch_size", "16"]
+ARGS = [
+    "--num_train",
+    "23",
+    "--num_dev",
+    "8",
+    "--num_eval",
+    "8",
+    "--batch_size",
+    "5",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "1e-4",
+    "--eval_batch_size",
+    "16",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -21,8 +37,14 @@ def launch(out, *extra, nproc=None, wait=True):
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *ARGS, "--output_dir", str(out), *extra]
     if nproc:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     if not wait:
         return proc
     stdout, stderr = proc.communicate(timeout=300)
@@ -31,7 +53,11 @@ def launch(out, *extra, nproc=None, wait=True):
 
 
 def losses(out):
-    return [json.loads(line)["loss"] for line in open(os.path.join(out, "metrics.jsonl")) if '"loss"' in line]
+    return [
+        json.loads(line)["loss"]
+        for line in open(os.path.join(out, "metrics.jsonl"))
+        if '"loss"' in line
+    ]
 
 
 def weights(out):
@@ -51,7 +77,8 @@ def test_two_ranks_replicated_and_sharded_match_one_process(tmp_path):
     assert one == pytest.approx(rep, rel=2e-6, abs=0)
     # Replicated and sharded compute the same per-rank terms and the same update: bitwise.
     assert rep == shard
-    launch(tmp_path / "replayed", "--replay", str(tmp_path / "sharded"))  # one process replays a sharded run
+    # one process replays a sharded run
+    launch(tmp_path / "replayed", "--replay", str(tmp_path / "sharded"))
     w1, w2, w3 = (weights(tmp_path / d) for d in ("one", "replicated", "sharded"))
     w4 = weights(tmp_path / "replayed")
     assert all(torch.equal(w3[k], w4[k]) for k in w3)
@@ -70,9 +97,12 @@ def test_sharded_resume_after_sigint_continues_identically(tmp_path):
     proc = launch(tmp_path / "parts", *steps, nproc=2, wait=False)
     metrics = tmp_path / "parts" / "metrics.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 3):
+    while time.time() < deadline and not (
+        metrics.exists() and metrics.read_text().count('"loss"') >= 3
+    ):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: every rank gets it, at slightly different steps
+    # what Ctrl-C does: every rank gets it, at slightly different steps
+    os.killpg(proc.pid, signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert "checkpoint saved" in stderr, stderr[-3000:]
     stopped = len(losses(tmp_path / "parts"))
@@ -81,19 +111,28 @@ def test_sharded_resume_after_sigint_continues_identically(tmp_path):
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with open(tmp_path / "whole" / "trajectory.jsonl") as f, open(tmp_path / "parts" / "trajectory.jsonl") as g:
+    with (
+        open(tmp_path / "whole" / "trajectory.jsonl") as f,
+        open(tmp_path / "parts" / "trajectory.jsonl") as g,
+    ):
         assert f.read() == g.read()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", [["--optimizer", "adam"], ["--momentum", "0.9"]], ids=["adam", "momentum"])
+@pytest.mark.parametrize(
+    "optimizer", [["--optimizer", "adam"], ["--momentum", "0.9"]], ids=["adam", "momentum"]
+)
 def test_sharded_optimizer_state_is_resharded_on_resume(tmp_path, optimizer):
     """The checkpoint holds the optimizer's moments whole; a sharded resume must give each rank its
-    shard again. A run stopped at step 4 and resumed to step 8 equals the run of 8 steps, bitwise."""
+    shard again. A run stopped at step 4 and resumed to step 8 equals the run of 8 steps,
+    bitwise."""
     steps = ["--eval_steps", "2", "--save_steps", "2", "--fsdp", *optimizer]
     launch(tmp_path / "whole", "--max_steps", "8", *steps, nproc=2)
     launch(tmp_path / "parts", "--max_steps", "4", *steps, nproc=2)
     launch(tmp_path / "parts", "--max_steps", "8", "--resume", nproc=2)
-    assert losses(tmp_path / "parts") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 8
+    assert (
+        losses(tmp_path / "parts") == losses(tmp_path / "whole")
+        and len(losses(tmp_path / "whole")) == 8
+    )
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -5,6 +5,7 @@ before its first write (data/files.py `check_writes`).
 Before the rule: eval.py --overwrite_output_dir deleted the run whose adapter it read (class 1),
 --resume truncated the file a symlinked RUN/.lock points to (class 7), and `eval.py compare --plot`
 overwrote a compared run's results.json (class 8)."""
+
 import os
 import shutil
 import subprocess
@@ -21,12 +22,34 @@ from tests.helpers.refusals import refused
 from zo.folder_lock import FolderLock
 
 # A two-step MeZO-LoRA run on the tiny OPT: an adapter, a checkpoint, a best model and a trajectory.
-LORA = ["--mode", "lora", "--perturbation", "eager", "--num_train", "16", "--num_dev", "8",
-        "--num_eval", "4", "--batch_size", "4", "--max_steps", "2", "--eval_steps", "2",
-        "--save_steps", "1", "--logging_steps", "1", "--learning_rate", "1e-3"]
+LORA = [
+    "--mode",
+    "lora",
+    "--perturbation",
+    "eager",
+    "--num_train",
+    "16",
+    "--num_dev",
+    "8",
+    "--num_eval",
+    "4",
+    "--batch_size",
+    "4",
+    "--max_steps",
+    "2",
+    "--eval_steps",
+    "2",
+    "--save_steps",
+    "1",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
+]
 
 
 # ---------------------------------------------------------------- the rule itself
+
 
 def test_a_written_file_that_is_read_is_refused(tmp_path):
     read = tmp_path / "results.json"
@@ -54,9 +77,11 @@ def test_a_symlink_is_never_written_through(tmp_path):
 
 def test_separate_paths_and_missing_inputs_pass(tmp_path):
     (tmp_path / "model").mkdir()
-    files.check_writes([tmp_path / "run", tmp_path / "run.png"],
-                       [("model", tmp_path / "model"), ("data", None),
-                        ("adapter", tmp_path / "missing")], "--output_dir run")
+    files.check_writes(
+        [tmp_path / "run", tmp_path / "run.png"],
+        [("model", tmp_path / "model"), ("data", None), ("adapter", tmp_path / "missing")],
+        "--output_dir run",
+    )
 
 
 def test_the_lock_is_never_opened_through_a_symlink(tmp_path):
@@ -85,12 +110,14 @@ def test_an_unwritable_lock_is_one_error(tmp_path, monkeypatch):
         if str(path).endswith(".lock") and flags & os.O_RDWR:
             raise PermissionError(13, "Permission denied", path)
         return real_open(path, flags, *args)
+
     monkeypatch.setattr(os, "open", denied)
     with pytest.raises(ValueError, match=r"cannot open the lock file: Permission denied"):
         FolderLock(str(tmp_path / "run")).acquire()
 
 
 # ---------------------------------------------------------------- every command
+
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
@@ -112,8 +139,13 @@ def test_eval_never_deletes_the_run_whose_adapter_it_reads(capsys, work):
     """Class 1: --overwrite_output_dir used to remove the adapter, checkpoint, best model and
     trajectory, and exit 0."""
     run = work / "run"
-    argv = ["--adapter", str(run / "model.adapter.safetensors"), "--output_dir", str(run),
-            "--overwrite_output_dir"]
+    argv = [
+        "--adapter",
+        str(run / "model.adapter.safetensors"),
+        "--output_dir",
+        str(run),
+        "--overwrite_output_dir",
+    ]
     line = refused(capsys, evaluation.main, argv, "", run)
     assert "overlaps the adapter file" in line
 
@@ -123,8 +155,14 @@ def test_resume_never_truncates_what_a_symlinked_lock_points_to(capsys, work):
     """Class 7 from the command line: train.py --resume truncated the file outside the run."""
     (work / "victim").write_text("user data")
     (work / "run" / ".lock").symlink_to(work / "victim")
-    line = refused(capsys, train.main, LORA + ["--output_dir", str(work / "run"), "--resume"], "",
-                   work / "run", work / "victim")
+    line = refused(
+        capsys,
+        train.main,
+        LORA + ["--output_dir", str(work / "run"), "--resume"],
+        "",
+        work / "run",
+        work / "victim",
+    )
     assert ".lock is a symlink" in line
 
 
@@ -144,22 +182,40 @@ def _no_launch(*args, **kwargs):
 RESULTS = ["--model", "model", "--data_dir", SAMPLES_DIR]
 # command id -> (main, argv, the inputs it must leave byte-identical), run inside `work`
 COMMANDS = {
-    "train": (train.main, [*LORA, "--model", "model", "--output_dir", "model",
-                           "--overwrite_output_dir"], ["model"]),
-    "train --replay": (train.main, ["--replay", "run", "--output_dir", "run",
-                                    "--overwrite_output_dir"], ["run"]),
-    "train --slurm": (train.main, ["--preset", "opt-mezo-prefix", "--task", "SQuAD",
-                                   "--model", "model", "--slurm", "model"], ["model"]),
+    "train": (
+        train.main,
+        [*LORA, "--model", "model", "--output_dir", "model", "--overwrite_output_dir"],
+        ["model"],
+    ),
+    "train --replay": (
+        train.main,
+        ["--replay", "run", "--output_dir", "run", "--overwrite_output_dir"],
+        ["run"],
+    ),
+    "train --slurm": (
+        train.main,
+        ["--preset", "opt-mezo-prefix", "--task", "SQuAD", "--model", "model", "--slurm", "model"],
+        ["model"],
+    ),
     "eval": (evaluation.main, ["--model", "model", "--output_dir", "model/run"], ["model"]),
-    "eval compare --plot": (evaluation.main, ["compare", "run", "--plot", "run/config.json"],
-                            ["run"]),
+    "eval compare --plot": (
+        evaluation.main,
+        ["compare", "run", "--plot", "run/config.json"],
+        ["run"],
+    ),
     "eval report --out": (evaluation.main, ["report", "run", "--out", "report"], ["run"]),
-    "data.rotten_tomatoes": (rotten_tomatoes.main, ["run/results.json", "--source",
-                                                    "run/results.json"], ["run"]),
+    "data.rotten_tomatoes": (
+        rotten_tomatoes.main,
+        ["run/results.json", "--source", "run/results.json"],
+        ["run"],
+    ),
     "results --out": (results.main, [*RESULTS, "--out", "model"], ["model"]),
     "results --write": (results.main, [*RESULTS, "--write", "model/config.json"], ["model"]),
-    "results --figure": (results.main, [*RESULTS, "--estimators", "--figure", "model/config.json"],
-                         ["model"]),
+    "results --figure": (
+        results.main,
+        [*RESULTS, "--estimators", "--figure", "model/config.json"],
+        ["model"],
+    ),
 }
 
 

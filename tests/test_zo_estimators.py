@@ -1,6 +1,8 @@
-"""FZOO and Sparse-MeZO against dense transcriptions of their papers' updates (the authors' trainer.py
-for FZOO), on a quadratic and on the tiny LM; deliberate breaks of each transcription must fail the
+"""FZOO and Sparse-MeZO against dense transcriptions of their papers' updates (the authors'
+trainer.py for FZOO), on a quadratic and on the tiny LM; deliberate breaks of each transcription
+must fail the
 same comparison (negative controls). Also: the one check of what the parts support together."""
+
 import math
 
 import pytest
@@ -20,7 +22,8 @@ def dense_rademacher(slot, seed) -> torch.Tensor:
 
 
 def quadratic(d=64, seed=0):
-    """loss = 0.5 * ||W x - y||^2 / n: a smooth function of every weight (known gradient W x x^T - y x^T)."""
+    """loss = 0.5 * ||W x - y||^2 / n: a smooth function of every weight (known gradient W x x^T - y
+    x^T)."""
     gen = torch.Generator().manual_seed(seed)
     x, y = torch.randn(32, d, generator=gen), torch.randn(32, 4, generator=gen)
     torch.manual_seed(seed)
@@ -29,7 +32,8 @@ def quadratic(d=64, seed=0):
 
 
 def loss_at(model, slots, loss_fn, shifts: dict) -> torch.Tensor:
-    """loss_fn at theta + shifts (a dense copy per parameter, restored after), dropout off as zo_forward."""
+    """loss_fn at theta + shifts (a dense copy per parameter, restored after), dropout off as
+    zo_forward."""
     model.eval()
     saved = {s: s.param.detach().clone() for s in slots}
     with torch.no_grad():
@@ -42,14 +46,17 @@ def loss_at(model, slots, loss_fn, shifts: dict) -> torch.Tensor:
 
 
 def fzoo_transcription(model, slots, loss_fn, seeds, *, std_over="n", sided="one"):
-    """The authors' trainer.py zo_step / zo_update, densely: N Rademacher z, l_i = L(theta + eps z_i),
-    l_0 = L(theta), g_i = (l_i - l_0) / (N * std(l_1..l_N), population), theta -= lr * sum_i g_i z_i.
+    """The authors' trainer.py zo_step / zo_update, densely: N Rademacher z, l_i = L(theta + eps
+    z_i), l_0 = L(theta), g_i = (l_i - l_0) / (N * std(l_1..l_N), population), theta -= lr *
+    sum_i g_i z_i.
     std_over="n+1" and sided="two" are the deliberate breaks."""
     zs = [{s: dense_rademacher(s, seed) for s in slots} for seed in seeds]
     l0 = loss_at(model, slots, loss_fn, {s: 0.0 for s in slots})
     plus = torch.stack([loss_at(model, slots, loss_fn, {s: EPS * z[s] for s in slots}) for z in zs])
     if sided == "two":  # MeZO's two-sided difference in place of the clean forward
-        minus = torch.stack([loss_at(model, slots, loss_fn, {s: -EPS * z[s] for s in slots}) for z in zs])
+        minus = torch.stack(
+            [loss_at(model, slots, loss_fn, {s: -EPS * z[s] for s in slots}) for z in zs]
+        )
         diffs = (plus - minus) / 2
     else:
         diffs = plus - l0
@@ -62,7 +69,9 @@ def fzoo_transcription(model, slots, loss_fn, seeds, *, std_over="n", sided="one
     return l0, gs
 
 
-def sparse_transcription(model, slots, loss_fn, seed, sparsity, *, keep="small", masked_update=True):
+def sparse_transcription(
+    model, slots, loss_fn, seed, sparsity, *, keep="small", masked_update=True
+):
     """Sparse-MeZO densely: m = 1[|theta| <= h], h the k-th smallest |theta| of the parameter
     (k = ceil((1 - sparsity) * numel)); SPSA with m * z; theta -= lr * g * m * z. keep="large" (the
     wrong end) and masked_update=False are the deliberate breaks."""
@@ -73,7 +82,9 @@ def sparse_transcription(model, slots, loss_fn, seed, sparsity, *, keep="small",
         if keep == "small":
             masks[s] = (s.param.detach().abs() <= torch.kthvalue(mag, k).values).float()
         else:
-            masks[s] = (s.param.detach().abs() >= torch.kthvalue(mag, mag.numel() - k + 1).values).float()
+            masks[s] = (
+                s.param.detach().abs() >= torch.kthvalue(mag, mag.numel() - k + 1).values
+            ).float()
     z = {s: dense_z(s, seed) for s in slots}
     plus = loss_at(model, slots, loss_fn, {s: EPS * masks[s] * z[s] for s in slots})
     minus = loss_at(model, slots, loss_fn, {s: -EPS * masks[s] * z[s] for s in slots})
@@ -88,8 +99,9 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[n] - b[n]).abs().max()) for n in a)
 
 
-# FZOO is compared bitwise: Rademacher z is the hash alone (the same eager and compiled, zo/rng.py), and the
-# fused kernels round theta + eps*z and theta - lr*g*z once in fp32 as the transcription does.
+# FZOO is compared bitwise: Rademacher z is the hash alone (the same eager and compiled, zo/rng.py),
+# and the fused kernels round theta + eps*z and theta - lr*g*z once in fp32 as the transcription
+# does.
 
 
 def run_ours(model, cfg, loss_fn, steps=3):
@@ -105,15 +117,25 @@ def run_ours(model, cfg, loss_fn, steps=3):
 @pytest.mark.parametrize("problem", ["quadratic", "tiny_lm"])
 def test_fzoo_matches_the_authors_update_and_breaks_fail(problem):
     n = 4
-    make = (lambda: quadratic()) if problem == "quadratic" else (lambda: (tiny_lm(), lm_loss(lm_batch())))
+    make = (
+        (lambda: quadratic())
+        if problem == "quadratic"
+        else (lambda: (tiny_lm(), lm_loss(lm_batch())))
+    )
     ours, loss_fn = make()
     cfg = MeZOConfig(estimator="fzoo", fzoo_n=n, eps=EPS, lr=LR)
     refs = {how: make()[0] for how in ("right", "std_n+1", "two_sided")}
     for seeds, gs in run_ours(ours, cfg, loss_fn):
         for how, ref in refs.items():
             slots = MeZO(ref, cfg).slots
-            _, ref_gs = fzoo_transcription(ref, slots, loss_fn, seeds, std_over="n+1" if how == "std_n+1" else "n",
-                                           sided="two" if how == "two_sided" else "one")
+            _, ref_gs = fzoo_transcription(
+                ref,
+                slots,
+                loss_fn,
+                seeds,
+                std_over="n+1" if how == "std_n+1" else "n",
+                sided="two" if how == "two_sided" else "one",
+            )
             if how == "right":
                 assert torch.equal(torch.stack(gs), ref_gs), (gs, ref_gs)
     assert max_diff(params(ours), params(refs["right"])) == 0
@@ -150,24 +172,36 @@ def test_fzoo_returns_the_clean_loss():
 @pytest.mark.parametrize("problem", ["quadratic", "tiny_lm"])
 def test_sparse_mezo_matches_the_dense_masked_update_and_breaks_fail(problem):
     sparsity = 0.75
-    make = (lambda: quadratic()) if problem == "quadratic" else (lambda: (tiny_lm(), lm_loss(lm_batch())))
+    make = (
+        (lambda: quadratic())
+        if problem == "quadratic"
+        else (lambda: (tiny_lm(), lm_loss(lm_batch())))
+    )
     ours, loss_fn = make()
     cfg = MeZOConfig(sparse_mezo=sparsity, eps=EPS, lr=LR)
     refs = {how: make()[0] for how in ("right", "large", "unmasked_update")}
     for seeds, gs in run_ours(ours, cfg, loss_fn):
         for how, ref in refs.items():
             slots = MeZO(ref, cfg).slots
-            _, g, masks = sparse_transcription(ref, slots, loss_fn, seeds[0], sparsity,
-                                               keep="large" if how == "large" else "small",
-                                               masked_update=how != "unmasked_update")
+            _, g, masks = sparse_transcription(
+                ref,
+                slots,
+                loss_fn,
+                seeds[0],
+                sparsity,
+                keep="large" if how == "large" else "small",
+                masked_update=how != "unmasked_update",
+            )
             if how == "right":
-                # normal z: compiled and eager z differ by <= NORMAL_Z_IMPL_BOUND = 2.75e-6 (tests/helpers/zo.py);
-                # through eps*grad.dz / (2 eps) that moves g by <= |grad|_1 * 2.75e-6 / 2, under 1e-5 relative
-                # on these O(1)-gradient losses
+                # normal z: compiled and eager z differ by <= NORMAL_Z_IMPL_BOUND = 2.75e-6
+                # (tests/helpers/zo.py); through eps*grad.dz / (2 eps) that moves g by <= |grad|_1 *
+                # 2.75e-6 / 2, under 1e-5 relative on these O(1)-gradient losses
                 assert torch.allclose(gs[0], g, rtol=1e-4, atol=1e-6), (gs[0], g)
-    # each weight moves by lr * (g dz + dg z): <= 1e-2 * (5 * 2.75e-6 + 1e-4 * 5) = 5.1e-6 per step, 3 steps: < 2e-5
+    # each weight moves by lr * (g dz + dg z): <= 1e-2 * (5 * 2.75e-6 + 1e-4 * 5) = 5.1e-6 per step,
+    # 3 steps: < 2e-5
     assert max_diff(params(ours), params(refs["right"])) <= 2e-5
-    for broken in ("large", "unmasked_update"):  # the negative controls: more than 100x that bound apart
+    # the negative controls: more than 100x that bound apart
+    for broken in ("large", "unmasked_update"):
         assert max_diff(params(ours), params(refs[broken])) > 100 * 2e-5, broken
 
 
@@ -184,10 +218,18 @@ def test_sparse_mezo_updates_exactly_the_small_magnitude_fraction_and_stores_no_
     assert all(h.dim() == 0 for h in thresholds.values())  # one number per parameter, no dense mask
 
 
-@pytest.mark.parametrize("cfg", [dict(estimator="fzoo", fzoo_n=3), dict(sparse_mezo=0.5),
-                                 dict(estimator="fzoo", fzoo_n=2, sparse_mezo=0.5, distribution="normal")])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(estimator="fzoo", fzoo_n=3),
+        dict(sparse_mezo=0.5),
+        dict(estimator="fzoo", fzoo_n=2, sparse_mezo=0.5, distribution="normal"),
+    ],
+)
 def test_fzoo_and_sparse_mezo_replay_bitwise(tmp_path, cfg):
-    config = MeZOConfig(lr=1e-2, eps=1e-2, weight_decay=0.1, lr_scheduler="linear", max_steps=6, **cfg)
+    config = MeZOConfig(
+        lr=1e-2, eps=1e-2, weight_decay=0.1, lr_scheduler="linear", max_steps=6, **cfg
+    )
     model, ids = tiny_lm(), lm_batch()
     trajectory = Trajectory(tmp_path / "t.jsonl", keep_before_step=0)
     mezo = MeZO(model, config, trajectory=trajectory)
@@ -201,17 +243,42 @@ def test_fzoo_and_sparse_mezo_replay_bitwise(tmp_path, cfg):
         assert torch.equal(p, q), n
 
 
-@pytest.mark.parametrize("cfg, features, what", [
-    (dict(perturbation="reference"), dict(fsdp=True), "perturbation=reference does not support FSDP"),
-    (dict(estimator="fzoo"), dict(cuda_graphs=True), "estimator=fzoo with fzoo_n=8 does not support CUDA graphs"),
-    (dict(estimator="fzoo", perturbation="reference", distribution="normal"), {}, "estimator=fzoo with fzoo_n=8 "
-     "does not support perturbation=reference"),
-    (dict(sparse_mezo=0.5), dict(fsdp=True), "sparse_mezo=0.5 does not support FSDP"),
-    (dict(sparse_mezo=0.5, optimizer="adam"), {}, "sparse_mezo=0.5 does not support a materialised p.grad"),
-    (dict(distribution="rademacher", perturbation="reference"), {}, "distribution=rademacher does not support "
-     "perturbation=reference"),
-    (dict(zo_variant="param_norm"), dict(replay=True), "zo_variant=param_norm does not support trajectory replay"),
-])
+@pytest.mark.parametrize(
+    "cfg, features, what",
+    [
+        (
+            dict(perturbation="reference"),
+            dict(fsdp=True),
+            "perturbation=reference does not support FSDP",
+        ),
+        (
+            dict(estimator="fzoo"),
+            dict(cuda_graphs=True),
+            "estimator=fzoo with fzoo_n=8 does not support CUDA graphs",
+        ),
+        (
+            dict(estimator="fzoo", perturbation="reference", distribution="normal"),
+            {},
+            "estimator=fzoo with fzoo_n=8 does not support perturbation=reference",
+        ),
+        (dict(sparse_mezo=0.5), dict(fsdp=True), "sparse_mezo=0.5 does not support FSDP"),
+        (
+            dict(sparse_mezo=0.5, optimizer="adam"),
+            {},
+            "sparse_mezo=0.5 does not support a materialised p.grad",
+        ),
+        (
+            dict(distribution="rademacher", perturbation="reference"),
+            {},
+            "distribution=rademacher does not support perturbation=reference",
+        ),
+        (
+            dict(zo_variant="param_norm"),
+            dict(replay=True),
+            "zo_variant=param_norm does not support trajectory replay",
+        ),
+    ],
+)
 def test_one_check_refuses_unsupported_combinations(cfg, features, what):
     with pytest.raises(ValueError, match=f"unsupported combination: .*{what}"):
         check_supported(MeZOConfig(**cfg), **features)
@@ -255,4 +322,5 @@ def test_unseen_parameters_are_checked_after_a_resume_too():
 
 def test_mezo_config_default_lr_is_the_command_line_default():
     from data import flags
+
     assert MeZOConfig().lr == flags.build_parser().parse_args([]).learning_rate

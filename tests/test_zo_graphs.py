@@ -2,6 +2,7 @@
 runs in tests/test_cuda.py): the captured region turns no per-step Python value into a tensor, the
 per-step tensors keep their storage, the graph's step functions are MeZO.step, and unsupported runs
 are refused with a clear ValueError."""
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -10,11 +11,13 @@ from torch.utils._pytree import tree_leaves
 from tests.helpers.zo import least_squares, lm_batch, lm_loss, params, tiny_lm
 from zo import MeZO, MeZOConfig, Trajectory, graphs
 
-FACTORIES = ("aten.full", "aten.scalar_tensor", "aten.lift_fresh", "aten.tensor")  # a tensor from a host value
+# a tensor from a host value
+FACTORIES = ("aten.full", "aten.scalar_tensor", "aten.lift_fresh", "aten.tensor")
 
 
 class OpTrace(TorchDispatchMode):
-    """Every ATen op with its non-tensor arguments (what a CUDA graph bakes in) and output shapes."""
+    """Every ATen op with its non-tensor arguments (what a CUDA graph bakes in) and output
+    shapes."""
 
     def __init__(self):
         super().__init__()
@@ -22,8 +25,11 @@ class OpTrace(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        constants = tuple(x for x in tree_leaves((args, kwargs))
-                          if not isinstance(x, (torch.Tensor, torch.UntypedStorage)))
+        constants = tuple(
+            x
+            for x in tree_leaves((args, kwargs))
+            if not isinstance(x, (torch.Tensor, torch.UntypedStorage))
+        )
         self.ops.append((str(func), constants))
         return out
 
@@ -40,15 +46,25 @@ def captured_region(mezo, model, loss_fn) -> list:
 
 def test_captured_region_bakes_in_no_per_step_value():
     model, ids = tiny_lm(), lm_batch()
-    mezo = MeZO(model, MeZOConfig(perturbation="eager", lr=1e-2, lr_scheduler="linear", max_steps=9,
-                                  weight_decay=0.1, eps=1e-2))
+    mezo = MeZO(
+        model,
+        MeZOConfig(
+            perturbation="eager",
+            lr=1e-2,
+            lr_scheduler="linear",
+            max_steps=9,
+            weight_decay=0.1,
+            eps=1e-2,
+        ),
+    )
     mezo.step(model, lm_loss(ids))  # warm-up: constants cached, hooks' pool sized
     first = captured_region(mezo, model, lm_loss(ids))
     seeds_lrs = [(mezo.zo_random_seed, mezo.lr.value)]
     second = captured_region(mezo, model, lm_loss(ids))
     seeds_lrs.append((mezo.zo_random_seed, mezo.lr.value))
     assert seeds_lrs[0][0] != seeds_lrs[1][0] and seeds_lrs[0][1] != seeds_lrs[1][1]
-    assert len(first) > 100 and first == second  # same ops, same constants: one graph replays both steps
+    # same ops, same constants: one graph replays both steps
+    assert len(first) > 100 and first == second
     created = [op for op, _ in first if op.startswith(FACTORIES)]
     assert created == []  # and no tensor is made from a host value at all
 
@@ -64,9 +80,14 @@ def test_step_scalars_keep_their_storage_and_change_value():
     for _ in range(3):
         mezo.step(model, lm_loss(ids))
         assert [t.data_ptr() for t in persistent()] == ptrs
-        assert {k: v.data_ptr() for k, v in exact.consts.items()} == consts  # nothing new after warm-up
-    assert int(mezo.seed.tensor) == mezo.zo_random_seed and not torch.equal(mezo.seed.tensor, values[0])
-    assert float(mezo.lr.tensor) == pytest.approx(mezo.lr.value) and not torch.equal(mezo.lr.tensor, values[1])
+        # nothing new after warm-up
+        assert {k: v.data_ptr() for k, v in exact.consts.items()} == consts
+    assert int(mezo.seed.tensor) == mezo.zo_random_seed and not torch.equal(
+        mezo.seed.tensor, values[0]
+    )
+    assert float(mezo.lr.tensor) == pytest.approx(mezo.lr.value) and not torch.equal(
+        mezo.lr.tensor, values[1]
+    )
 
 
 @pytest.mark.parametrize("keep_pool", [False, True])
@@ -80,12 +101,14 @@ def test_hooks_keep_their_buffers_only_when_asked(keep_pool):
     assert bool(pool) == keep_pool  # the default drops the buffers at the end of a step
     mezo.step(model, lm_loss(ids))
     if keep_pool:  # the same addresses at every step, as a replayed graph needs
-        assert {k: sorted(v) for k, v in pool.items()} == \
-            {k: sorted(b.data_ptr() for b in v) for k, v in hooks.pool.items()}
+        assert {k: sorted(v) for k, v in pool.items()} == {
+            k: sorted(b.data_ptr() for b in v) for k, v in hooks.pool.items()
+        }
 
 
 def test_graph_step_functions_are_mezo_step(tmp_path):
-    """MeZO.begin_step + step_on_device + MeZO.finish_step (what CudaGraphStep runs around a replay) == MeZO.step,
+    """MeZO.begin_step + step_on_device + MeZO.finish_step (what CudaGraphStep runs around a replay)
+    == MeZO.step,
     bitwise, trajectory included."""
     batches = [lm_batch(seed=s) for s in range(4)]
     cfg = MeZOConfig(lr=1e-2, eps=1e-2, weight_decay=0.1, lr_scheduler="linear", max_steps=6)
@@ -104,21 +127,47 @@ def test_graph_step_functions_are_mezo_step(tmp_path):
                 mezo.finish_step([(seeds[0], g)])
                 losses.append(loss)
         trajectory.flush()
-        runs[how] = (params(model), torch.stack(losses), trajectory.path.read_text(), mezo.global_step)
+        runs[how] = (
+            params(model),
+            torch.stack(losses),
+            trajectory.path.read_text(),
+            mezo.global_step,
+        )
     (w1, l1, t1, s1), (w2, l2, t2, s2) = runs.values()
     assert torch.equal(l1, l2) and t1 == t2 and s1 == s2 == 4 and len(t1.splitlines()) == 4
     assert all(torch.equal(w1[n], w2[n]) for n in w1)
 
 
-@pytest.mark.parametrize("cfg,why", [
-    (dict(perturbation="reference"), "unsupported combination: perturbation=reference does not support CUDA graphs"),
-    (dict(optimizer="adam"), "unsupported combination: optimizer=adam does not support CUDA graphs"),
-    (dict(n_spsa=2), "unsupported combination: estimator=spsa with n_spsa=2 does not support CUDA graphs"),
-    (dict(estimator="fzoo"), "unsupported combination: estimator=fzoo with fzoo_n=8 does not support CUDA graphs"),
-    (dict(sparse_mezo=0.5), "unsupported combination: sparse_mezo=0.5 does not support CUDA graphs"),
-    (dict(zo_variant="param_norm"), "unsupported combination: zo_variant=param_norm does not support CUDA graphs"),
-    (dict(), "no CUDA device" if not torch.cuda.is_available() else None),
-])
+@pytest.mark.parametrize(
+    "cfg,why",
+    [
+        (
+            dict(perturbation="reference"),
+            "unsupported combination: perturbation=reference does not support CUDA graphs",
+        ),
+        (
+            dict(optimizer="adam"),
+            "unsupported combination: optimizer=adam does not support CUDA graphs",
+        ),
+        (
+            dict(n_spsa=2),
+            "unsupported combination: estimator=spsa with n_spsa=2 does not support CUDA graphs",
+        ),
+        (
+            dict(estimator="fzoo"),
+            "unsupported combination: estimator=fzoo with fzoo_n=8 does not support CUDA graphs",
+        ),
+        (
+            dict(sparse_mezo=0.5),
+            "unsupported combination: sparse_mezo=0.5 does not support CUDA graphs",
+        ),
+        (
+            dict(zo_variant="param_norm"),
+            "unsupported combination: zo_variant=param_norm does not support CUDA graphs",
+        ),
+        (dict(), "no CUDA device" if not torch.cuda.is_available() else None),
+    ],
+)
 def test_cuda_graph_step_refuses_what_it_cannot_capture(cfg, why):
     model, loss_fn = least_squares()
     mezo = MeZO(model, MeZOConfig(**cfg))
@@ -135,6 +184,8 @@ def test_one_graph_per_batch_shape_and_tensors_only():
     ids = lm_batch(n=4, t=16)
     key = graphs.batch_key({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     assert key == graphs.batch_key({"attention_mask": torch.zeros_like(ids), "input_ids": ids + 1})
-    assert key != graphs.batch_key({"input_ids": ids[:, :8], "attention_mask": torch.ones_like(ids[:, :8])})
+    assert key != graphs.batch_key(
+        {"input_ids": ids[:, :8], "attention_mask": torch.ones_like(ids[:, :8])}
+    )
     with pytest.raises(ValueError, match="tensors only"):
         graphs.batch_key({"input_ids": ids, "gold": [["an answer"]] * 4})

@@ -1,4 +1,6 @@
-"""z(seed, key, index): statistics, independence, shard invariance, eager vs compiled, recompiles."""
+"""z(seed, key, index): statistics, independence, shard invariance, eager vs compiled,
+recompiles."""
+
 import math
 
 import pytest
@@ -6,10 +8,10 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
+from tests.helpers.zo import NORMAL_Z_IMPL_BOUND
 from zo import MeZO, MeZOConfig, name_key
 from zo.kernels import get_kernels
 from zo.rng import hash32, normal, rademacher
-from tests.helpers.zo import NORMAL_Z_IMPL_BOUND
 
 K = get_kernels("normal")  # compiled; shared by every zo test in the process
 N = 1 << 20  # >= 1M samples for the statistics
@@ -48,7 +50,8 @@ def z():
 
 
 def test_name_key_is_fnv1a_of_the_name():
-    # Published FNV-1a 64 test vectors (offset basis for "", 0xaf63dc4c8601ec8c for "a"); top bit dropped.
+    # Published FNV-1a 64 test vectors (offset basis for "", 0xaf63dc4c8601ec8c for "a"); top bit
+    # dropped.
     assert name_key("") == 0xCBF29CE484222325 >> 1
     assert name_key("a") == 0xAF63DC4C8601EC8C >> 1
 
@@ -79,7 +82,7 @@ def test_no_correlation_across_seeds_keys_and_neighbours(z):
     assert abs(corr(z, z_compiled(123456789, name_key("decoder.layers.0.fc2.weight")))) < bound
     assert abs(corr(z[:-1], z[1:])) < bound  # neighbouring indices
     assert abs(corr(z[:-64], z[64:])) < bound
-    assert abs(corr(z[: N // 2], z[N // 2:])) < bound
+    assert abs(corr(z[: N // 2], z[N // 2 :])) < bound
 
 
 def _mix32_int(x: int) -> int:
@@ -91,7 +94,8 @@ def _mix32_int(x: int) -> int:
 
 
 def hash32_int(seed: int, key: int, i: int) -> int:
-    """zo/rng.py's hash of global index i, spelled in Python integers (unbounded, so no lane can wrap)."""
+    """zo/rng.py's hash of global index i, spelled in Python integers (unbounded, so no lane can
+    wrap)."""
     k1 = _mix32_int(_mix32_int((seed & 0xFFFFFFFF) ^ 0x9E3779B9) ^ (seed >> 32))
     m = (_mix32_int(_mix32_int(k1 ^ (key & 0xFFFFFFFF) ^ 0x85EBCA6B) ^ (key >> 32)) >> 1) | 1
     return _mix32_int(((i ^ k1) * m) & 0xFFFFFFFF)
@@ -99,22 +103,29 @@ def hash32_int(seed: int, key: int, i: int) -> int:
 
 @pytest.mark.parametrize("offset", [0, (1 << 31) - 20, (1 << 32) - 45])
 def test_the_int32_lane_hash_is_the_32_bit_hash_of_python_integers(offset):
-    """The hash runs in int32 lanes (products modulo 2^32, masked logical shifts): every bit must be the
-    32-bit hash's, across the index's sign bit (2^31) up to the last index (2^32 - 1), eagerly, and compiled
-    in the vector body and its scalar tail (45 elements; compiled, the top bit shows as Rademacher z)."""
+    """The hash runs in int32 lanes (products modulo 2^32, masked logical shifts): every bit must be
+    the 32-bit hash's, across the index's sign bit (2^31) up to the last index (2^32 - 1),
+    32-bit hash's, across the index's sign bit (2^31) up to the last index (2^32 - 1), eagerly, and
+    compiled in the vector body and its scalar tail (45 elements; compiled, the top bit shows as
+    Rademacher z)."""
     seed, key, n = 0x0123456789ABCDEF >> 1, name_key("model.layers.3.mlp.up_proj.weight"), 45
-    want = torch.tensor([float(2 * (hash32_int(seed, key, offset + i) >> 31) - 1) for i in range(n)])
+    want = torch.tensor(
+        [float(2 * (hash32_int(seed, key, offset + i) >> 31) - 1) for i in range(n)]
+    )
     assert 0 < (want > 0).sum() < n
     assert torch.equal(rademacher(T(seed), T(key), T(offset), n, "cpu"), want)
     assert torch.equal(z_compiled(seed, key, n, offset, kernels=get_kernels("rademacher")), want)
     bits = hash32(T(seed), T(key), T(offset), n, "cpu")
-    assert [v & 0xFFFFFFFF for v in bits.tolist()] == [hash32_int(seed, key, offset + i) for i in range(n)]
+    assert [v & 0xFFFFFFFF for v in bits.tolist()] == [
+        hash32_int(seed, key, offset + i) for i in range(n)
+    ]
 
 
 def test_shard_equals_slice_of_whole_bitwise():
     n, seed, key = 100_003, 99, name_key("w")
     whole = z_compiled(seed, key, n)
-    # torch.chunk-style uneven splits (FSDP2), odd boundaries that hit the vector tails, a 2-D row shard
+    # torch.chunk-style uneven splits (FSDP2), odd boundaries that hit the vector tails, a 2-D row
+    # shard
     for bounds in ([0, 33_335, 66_670, n], [0, 7, 17, 50_001, n]):
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             assert torch.equal(z_compiled(seed, key, hi - lo, offset=lo), whole[lo:hi])
@@ -125,15 +136,19 @@ def test_shard_equals_slice_of_whole_bitwise():
 def test_eager_and_compiled_normal_agree_within_the_derived_bound():
     """ATen's and Inductor's log/cos differ in the last bits (which ones depends on the CPU's vector
     instructions), so eager and compiled z may differ, but never by more than NORMAL_Z_IMPL_BOUND
-    (derived in tests/helpers/zo.py). Negative controls: an off-by-one offset, another key and a bf16 round
+    (derived in tests/helpers/zo.py). Negative controls: an off-by-one offset, another key and a
+    bf16 round
     trip (a precision regression) each break that same bound."""
     key = name_key("decoder.layers.0.fc1.weight")
     for seed in (0, 999_999_999):
         eager = normal(T(seed), T(key), T(12345), N // 2, "cpu")
         compiled = z_compiled(seed, key, N // 2, offset=12345)
         assert (eager - compiled).abs().max().item() <= NORMAL_Z_IMPL_BOUND
-        for wrong in (z_compiled(seed, key, N // 2, offset=12346), z_compiled(seed, key ^ 1, N // 2, offset=12345),
-                      compiled.bfloat16().float()):
+        for wrong in (
+            z_compiled(seed, key, N // 2, offset=12346),
+            z_compiled(seed, key ^ 1, N // 2, offset=12345),
+            compiled.bfloat16().float(),
+        ):
             assert (eager - wrong).abs().max().item() > NORMAL_Z_IMPL_BOUND
 
 
@@ -144,19 +159,32 @@ def test_rademacher_values_and_balance():
     assert abs(z.mean().item()) < 5 / math.sqrt(n)
     assert abs(corr(z[:-1], z[1:])) < 5 / math.sqrt(n)
     compiled = z_compiled(3, name_key("x"), 1000, kernels=get_kernels("rademacher"))
-    assert torch.equal(compiled, z[:1000])  # the integer hash is bitwise the same eager and compiled
+    # the integer hash is bitwise the same eager and compiled
+    assert torch.equal(compiled, z[:1000])
 
 
 def test_new_seed_scale_offset_lr_never_recompile():
     p = torch.randn(1000)
     K.perturb_(p, seed=T(1), key=T(2), offset=T(0), scale=T(0.1, torch.float32))
-    K.update_(p, seed=T(1), key=T(2), offset=T(0), lr=T(0.1, torch.float32), grad=T(1.0, torch.float32),
-              wd=T(0.0, torch.float32))
+    K.update_(
+        p,
+        seed=T(1),
+        key=T(2),
+        offset=T(0),
+        lr=T(0.1, torch.float32),
+        grad=T(1.0, torch.float32),
+        wd=T(0.0, torch.float32),
+    )
     before = dict(counters["stats"])
     for i in range(5):
         q = torch.randn(1000 + 17 * i)
-        K.perturb_(q, seed=T(10**9 - i), key=T(name_key(f"p{i}")), offset=T(i * 12345),
-                   scale=T(1e-3 * (i + 1), torch.float32))
+        K.perturb_(
+            q,
+            seed=T(10**9 - i),
+            key=T(name_key(f"p{i}")),
+            offset=T(i * 12345),
+            scale=T(1e-3 * (i + 1), torch.float32),
+        )
         lr, g, wd = (T(v, torch.float32) for v in (1e-4 * i, -3.0 * i, 0.1 * i))
         K.update_(q, seed=T(i), key=T(i), offset=T(i), lr=lr, grad=g, wd=wd)
     assert dict(counters["stats"]) == before
@@ -195,7 +223,8 @@ def test_many_shapes_one_graph():
     mezo = MeZO(model, MeZOConfig(lr=1e-3, lr_scheduler="linear", max_steps=10))
     graphs = counters["stats"]["unique_graphs"]
     mezo.step(model, lambda m: m(x))  # 20 tensors, 20 shapes
-    assert counters["stats"]["unique_graphs"] - graphs <= 2  # fp32 perturbed + update_, if not built yet
+    # fp32 perturbed + update_, if not built yet
+    assert counters["stats"]["unique_graphs"] - graphs <= 2
     before = dict(counters["stats"])
     for _ in range(3):  # new seeds and learning rates
         mezo.step(model, lambda m: m(x))

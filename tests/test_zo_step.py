@@ -1,5 +1,6 @@
 """The MeZO step: hooks vs dense perturbation, exact restore, fused vs dense update, faithfulness to
 the original formulas, unbiasedness and convergence."""
+
 import copy
 import warnings
 
@@ -8,8 +9,17 @@ import torch
 from torch import nn
 
 from tests.helpers.original import OriginalStep
-from tests.helpers.zo import (NORMAL_Z_IMPL_BOUND, Z_MAX, dense_z, least_squares, lm_batch, lm_loss, params,
-                        perturbed_loss_tolerance, tiny_lm)
+from tests.helpers.zo import (
+    NORMAL_Z_IMPL_BOUND,
+    Z_MAX,
+    dense_z,
+    least_squares,
+    lm_batch,
+    lm_loss,
+    params,
+    perturbed_loss_tolerance,
+    tiny_lm,
+)
 from zo import MeZO, MeZOConfig
 
 
@@ -32,13 +42,17 @@ def test_hooked_forward_equals_dense_perturbed_model(sign):
         p.data = p.data + sign * eps * dense_z(slot, seed)
     assert dense.lm_head.weight is dense.embed_tokens.weight
     expected = mezo.zo_forward(dense, lm_loss(ids))
-    tol = perturbed_loss_tolerance(copy.deepcopy(model), lm_loss(ids), eps)  # derived in tests/helpers/zo.py
+    # derived in tests/helpers/zo.py
+    tol = perturbed_loss_tolerance(copy.deepcopy(model), lm_loss(ids), eps)
     assert (hooked - expected).abs() <= tol
 
-    # the oracle can tell a missed owner apart: perturbing the embedding but not the tied head differs
+    # the oracle can tell a missed owner apart: perturbing the embedding but not the tied head
+    # differs
     untied = copy.deepcopy(model)
     untied.lm_head.weight = nn.Parameter(untied.lm_head.weight.detach().clone())
-    for slot, p in zip(mezo.slots, (p for n, p in untied.named_parameters() if n != "lm_head.weight")):
+    for slot, p in zip(
+        mezo.slots, (p for n, p in untied.named_parameters() if n != "lm_head.weight")
+    ):
         p.data = p.data + sign * eps * dense_z(slot, seed)
     assert (hooked - mezo.zo_forward(untied, lm_loss(ids))).abs() > tol
 
@@ -70,7 +84,8 @@ def test_lr0_step_restores_bitwise(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reference_mode_drifts_in_half_precision(dtype):
     """Why exact restore matters: the original's +1, -2, +1 in-place sequence rounds three times in
-    the weight dtype, so even with lr=0 the weights random-walk (behind the original's fp16 divergences)."""
+    the weight dtype, so even with lr=0 the weights random-walk (behind the original's fp16
+    divergences)."""
     model, ids = tiny_lm(dtype), lm_batch()
     before = params(model)
     mezo = MeZO(model, MeZOConfig(lr=0.0, eps=1e-2, perturbation="reference"))
@@ -90,13 +105,16 @@ def test_fused_update_equals_dense_update():
     for slot in mezo.slots:
         p0 = before[slot.name]
         expected = p0 - lr * (g * dense_z(slot, seed) + (wd if slot.decay else 0.0) * p0)
-        # eager vs compiled z moves g z by |g| NORMAL_Z_IMPL_BOUND; each side rounds g z, the decay term and
-        # the subtraction (3 roundings of at most u times the largest operand)
-        bound = lr * g.abs() * NORMAL_Z_IMPL_BOUND + 3 * 2.0**-24 * (p0.abs().max() + lr * g.abs() * Z_MAX)
+        # eager vs compiled z moves g z by |g| NORMAL_Z_IMPL_BOUND; each side rounds g z, the decay
+        # term and the subtraction (3 roundings of at most u times the largest operand)
+        bound = lr * g.abs() * NORMAL_Z_IMPL_BOUND + 3 * 2.0**-24 * (
+            p0.abs().max() + lr * g.abs() * Z_MAX
+        )
         assert (slot.param.detach() - expected).abs().max() <= bound, slot.name
         assert not torch.equal(slot.param.detach(), p0)
     assert [s.decay for s in mezo.slots] == [
-        not any(x in s.name for x in ("bias", "layer_norm", "layernorm")) for s in mezo.slots]
+        not any(x in s.name for x in ("bias", "layer_norm", "layernorm")) for s in mezo.slots
+    ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -104,8 +122,17 @@ def test_reference_mode_equals_original_transcription(dtype):
     ids = lm_batch()
     lr, eps, wd, steps = 1e-2, 1e-2, 0.1, 4
     ours, theirs = tiny_lm(dtype), tiny_lm(dtype)
-    mezo = MeZO(ours, MeZOConfig(lr=lr, eps=eps, weight_decay=wd, perturbation="reference", seed=42,
-                                 seed_source="numpy_global"))
+    mezo = MeZO(
+        ours,
+        MeZOConfig(
+            lr=lr,
+            eps=eps,
+            weight_decay=wd,
+            perturbation="reference",
+            seed=42,
+            seed_source="numpy_global",
+        ),
+    )
     our_losses = [mezo.step(ours, lm_loss(ids)) for _ in range(steps)]
     their_losses = list(OriginalStep(lr, eps, wd).run(theirs, [lm_loss(ids)] * steps, seed=42))
     assert torch.equal(torch.stack(our_losses), torch.stack(their_losses))
@@ -125,12 +152,17 @@ class Quadratic(nn.Module):
 
 
 def test_projected_grad_times_z_is_unbiased():
-    """E[g z] = grad: measured on the update itself (lr=1: theta0 - theta1 = g z), so the perturbation
+    """E[g z] = grad: measured on the update itself (lr=1: theta0 - theta1 = g z), so the
+    perturbation
     and the update must draw the same z."""
     gen = torch.Generator().manual_seed(0)
     d, n = 6, 2000
     m = torch.randn(d, d, generator=gen)
-    a, b, theta0 = m @ m.T / d + torch.eye(d), torch.randn(d, generator=gen), torch.randn(d, generator=gen)
+    a, b, theta0 = (
+        m @ m.T / d + torch.eye(d),
+        torch.randn(d, generator=gen),
+        torch.randn(d, generator=gen),
+    )
     model = Quadratic(a, b, theta0)
     grad = a @ theta0 + b
     mezo = MeZO(model, MeZOConfig(lr=1.0, eps=1e-2, seed=1))

@@ -9,6 +9,7 @@ directory of three files, swapped in whole (`atomic_dir`):
 Nothing in it is a pickle: reading it runs no code. A folder holds one run: `check_run_folder`
 refuses any other folder, and `prepare_run_folder` only ever removes a run's own files.
 """
+
 import json
 import os
 import shutil
@@ -25,8 +26,16 @@ from .folder_lock import LOCK_NAME
 from .trajectory import read_trajectory
 
 RUN_KINDS = ("train", "replay", "eval")  # config.json's "kind": the folder holds such a run
-RUN_FILES = ("config.json", "metrics.jsonl", "trajectory.jsonl", "results.json", "best.safetensors",
-             "model.adapter.safetensors", "checkpoint", "model")
+RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "trajectory.jsonl",
+    "results.json",
+    "best.safetensors",
+    "model.adapter.safetensors",
+    "checkpoint",
+    "model",
+)
 STATE_FILES = ("trainable.safetensors", "state.safetensors", "state.json")
 
 
@@ -75,12 +84,14 @@ def load_trainable(model: nn.Module, path) -> None:
     for name, p in own.items():
         if hasattr(p, "device_mesh"):  # DTensor: distribute the full tensor the way p is placed
             from torch.distributed.tensor import distribute_tensor
+
             p.copy_(distribute_tensor(saved[name].to(p.dtype), p.device_mesh, p.placements))
         else:
             p.copy_(saved[name])
 
 
 # ---------------------------------------------------------------- state as JSON + tensors
+
 
 def to_json(obj, tensors: dict):
     """Nested dicts / lists / tuples of scalars and tensors -> JSON, tensors moved into `tensors`.
@@ -128,6 +139,7 @@ def from_json(obj, tensors: dict):
 
 # ---------------------------------------------------------------- checkpoints
 
+
 def save_checkpoint(directory, model: nn.Module, state: dict, write: bool = True) -> None:
     """directory/{trainable.safetensors, state.safetensors, state.json}, swapped in whole: the old
     checkpoint stays valid until the new one is complete. Every rank calls (shards are gathered)."""
@@ -148,8 +160,10 @@ def find_checkpoint(directory) -> str | None:
     two renames of a save (prepare_run_folder then puts it back). Reads only."""
     for candidate in (directory, f"{directory}.old"):
         if os.path.isfile(os.path.join(candidate, "state.pt")):
-            raise ValueError(f"checkpoint holds a pickle (state.pt) from an older version, which is never "
-                             f"loaded; start the run again with --overwrite_output_dir ({candidate})")
+            raise ValueError(
+                f"checkpoint holds a pickle (state.pt) from an older version, which is never "
+                f"loaded; start the run again with --overwrite_output_dir ({candidate})"
+            )
         if os.path.isdir(candidate):
             return candidate
     return None
@@ -168,7 +182,8 @@ def load_checkpoint(directory, model: nn.Module) -> dict:
 
 def _shard_like_params(optimizer) -> None:
     """A checkpoint holds whole tensors (gathered on save): give each sharded parameter's optimizer
-    state (Adam's moments, the momentum buffer) the parameter's own placement again. Every rank holds
+    state (Adam's moments, the momentum buffer) the parameter's own placement again. Every rank
+    holds
     the whole tensor, so each takes its slice without communication (src_data_rank=None)."""
     if optimizer is None:
         return
@@ -177,11 +192,17 @@ def _shard_like_params(optimizer) -> None:
             if not hasattr(p, "device_mesh"):
                 continue
             from torch.distributed.tensor import distribute_tensor
+
             state = optimizer.state.get(p, {})
             for key, value in state.items():
-                if isinstance(value, torch.Tensor) and not hasattr(value, "device_mesh") and value.shape == p.shape:
-                    state[key] = distribute_tensor(value.to(p.device, p.dtype), p.device_mesh, p.placements,
-                                                   src_data_rank=None)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and not hasattr(value, "device_mesh")
+                    and value.shape == p.shape
+                ):
+                    state[key] = distribute_tensor(
+                        value.to(p.device, p.dtype), p.device_mesh, p.placements, src_data_rank=None
+                    )
 
 
 def restore(directory, model: nn.Module, trainer) -> dict:
@@ -192,7 +213,9 @@ def restore(directory, model: nn.Module, trainer) -> dict:
         trainer.load_state_dict(saved["trainer"])
         # the torch optimizer: FO's own, or MeZO's update rule's (fused ZO-SGD has none)
         update_rule = getattr(trainer, "update_rule", None)
-        _shard_like_params(getattr(trainer, "optimizer", None) or getattr(update_rule, "optimizer", None))
+        _shard_like_params(
+            getattr(trainer, "optimizer", None) or getattr(update_rule, "optimizer", None)
+        )
         torch.set_rng_state(saved["torch_rng"])
         loop = saved["loop"]
         if not isinstance(loop, dict) or not isinstance(loop.get("metrics_lines"), int):
@@ -203,6 +226,7 @@ def restore(directory, model: nn.Module, trainer) -> dict:
 
 
 # ---------------------------------------------------------------- run folders
+
 
 def run_kind(folder) -> str | None:
     """The kind of run a folder holds ("train", "replay", "eval"), or None if no run wrote it."""
@@ -242,14 +266,20 @@ def _check_name_lengths(path: str, flag: str, folder: str) -> None:
     name_max, path_max = (os.pathconf(existing, f"PC_{what}_MAX") for what in ("NAME", "PATH"))
     longest = max(path.split(os.sep), key=lambda part: len(part.encode()))
     if len(longest.encode()) > name_max:
-        raise ValueError(f"output folder has a name of {len(longest.encode())} bytes, the file system allows "
-                         f"{name_max} ({flag} {folder})")
+        raise ValueError(
+            f"output folder has a name of {len(longest.encode())} bytes, the file system allows "
+            f"{name_max} ({flag} {folder})"
+        )
     if len(path.encode()) + 64 > path_max:  # room for the files a run writes inside it
-        raise ValueError(f"output folder path has {len(path.encode())} bytes, the file system allows {path_max} "
-                         f"with the run's files inside ({flag} {folder})")
+        raise ValueError(
+            f"output folder path has {len(path.encode())} bytes, the file system allows {path_max} "
+            f"with the run's files inside ({flag} {folder})"
+        )
 
 
-def check_run_folder(folder, *, resume: bool, overwrite: bool, protected=(), flag="--output_dir") -> str:
+def check_run_folder(
+    folder, *, resume: bool, overwrite: bool, protected=(), flag="--output_dir"
+) -> str:
     """Refuse an output folder a run may not use; -> its canonical absolute path. Writes nothing.
 
     protected: (what, path) the command reads (model, data, adapter, a replayed run): the folder
@@ -270,22 +300,32 @@ def check_run_folder(folder, *, resume: bool, overwrite: bool, protected=(), fla
         if kind != "train":
             raise ValueError(f"nothing to resume: not a training run's folder ({flag} {folder})")
         if find_checkpoint(os.path.join(canonical, "checkpoint")) is None:
-            raise ValueError(f"nothing to resume: the run saved no checkpoint; start it again with "
-                             f"--overwrite_output_dir ({flag} {folder})")
+            raise ValueError(
+                f"nothing to resume: the run saved no checkpoint; start it again with "
+                f"--overwrite_output_dir ({flag} {folder})"
+            )
         return canonical
     foreign = os.path.exists(os.path.join(canonical, "config.json")) and kind is None
     if kind is not None and not overwrite:  # name only the flags that work (--resume: a checkpoint)
         resumable = kind == "train" and find_checkpoint(os.path.join(canonical, "checkpoint"))
-        how = ("pass --resume or --overwrite_output_dir" if resumable else "it saved no checkpoint "
-               "to --resume; pass --overwrite_output_dir to replace its files")
+        how = (
+            "pass --resume or --overwrite_output_dir"
+            if resumable
+            else "it saved no checkpoint "
+            "to --resume; pass --overwrite_output_dir to replace its files"
+        )
         raise ValueError(f"output folder belongs to another run; {how} ({flag} {folder})")
     if foreign:  # neither flag works: not a run to resume, and not a run's own files to replace
-        raise ValueError(f"output folder belongs to another run: it holds a config.json that no run "
-                         f"wrote; never overwritten ({flag} {folder})")
+        raise ValueError(
+            f"output folder belongs to another run: it holds a config.json that no run "
+            f"wrote; never overwritten ({flag} {folder})"
+        )
     if kind is None:
         taken = [n for n in _own_entries(canonical) if n in RUN_FILES]
         if taken:
-            raise ValueError(f"output folder already holds {taken[0]}, which a run would replace ({flag} {folder})")
+            raise ValueError(
+                f"output folder already holds {taken[0]}, which a run would replace ({flag} {folder})"
+            )
     return canonical
 
 
@@ -305,12 +345,15 @@ def prepare_run_folder(folder: str, *, resume: bool) -> None:
 def check_resumable(folder: str, model: nn.Module, loop: dict, trajectory: bool) -> None:
     """On --resume, before anything is written: the files the resumed run reads or extends are
     readable and agree with the checkpoint (its loop state `loop`); ValueError naming the file."""
-    if loop.get("best_step") is not None:  # finish() loads it; refuse now, not after the remaining steps
+    # finish() loads it; refuse now, not after the remaining steps
+    if loop.get("best_step") is not None:
         path = os.path.join(folder, "best.safetensors")
         saved, own = _load_tensors(path), trainable(model)
         if saved.keys() != own.keys() or any(saved[n].shape != p.shape for n, p in own.items()):
-            raise ValueError(f"corrupt checkpoint: best.safetensors does not match the model's trainable "
-                             f"parameters ({path})")
+            raise ValueError(
+                f"corrupt checkpoint: best.safetensors does not match the model's trainable "
+                f"parameters ({path})"
+            )
     if trajectory:
         read_trajectory(os.path.join(folder, "trajectory.jsonl"))
     path = os.path.join(folder, "metrics.jsonl")
@@ -322,14 +365,19 @@ def check_resumable(folder: str, model: nn.Module, loop: dict, trajectory: bool)
     except UnicodeDecodeError as e:
         raise ValueError(f"garbled metrics file: not UTF-8 at byte {e.start} ({path})") from None
     if lines < loop["metrics_lines"]:
-        raise ValueError(f"metrics file has {lines} lines, the checkpoint counts {loop['metrics_lines']} ({path})")
+        raise ValueError(
+            f"metrics file has {lines} lines, the checkpoint counts {loop['metrics_lines']} ({path})"
+        )
 
 
 def resume_conflicts(saved: dict, now: dict, free) -> list[str]:
-    """The settings a resumed run would change, ignoring `free` ones; folders compared by real path."""
+    """The settings a resumed run would change, ignoring `free` ones; folders compared by real
+    path."""
+
     def same(key):
         a, b = saved[key], now.get(key, saved[key])
         if key in ("model", "data_dir") and isinstance(a, str) and isinstance(b, str):
             return os.path.realpath(a) == os.path.realpath(b)
         return a == b
+
     return sorted(k for k in saved if k not in free and k != "output_dir" and not same(k))

@@ -1,43 +1,48 @@
-"""Data-parallel MeZO under torchrun, replicated or sharded (FSDP2), with the numbers of one process.
+"""Data-parallel MeZO under torchrun, replicated or sharded (FSDP2), with the numbers of one
+process.
 
-    d = setup(timeout_s=600)                    # torchrun's environment -> a process group (none alone)
-    rows = split(global_batch_size, d.rank, d.world_size)   # this rank's examples of the GLOBAL batch
+    d = setup(timeout_s=600)                    # torchrun's environment -> a process group (none
+    alone) rows = split(global_batch_size, d.rank, d.world_size)   # this rank's examples of the
+    GLOBAL batch
     # replicated: every rank holds the whole model
     mezo = MeZO(model.to(d.device), cfg, reduce_losses=d.reduce_losses)
-    # sharded: FSDP2 on every block and the root; fp32 master shards, bf16 compute on GPU
-    model = shard_model(model, d)
-    mezo = MeZO(model, cfg, local_view=local_view, reduce_losses=d.reduce_losses)
-    with d.guard():                             # a lost peer ends this rank with one clear error line
+    # sharded: FSDP2 on every block and the root; fp32 master shards, bf16 compute on GPU model =
+    shard_model(model, d) mezo = MeZO(model, cfg, local_view=local_view,
+    reduce_losses=d.reduce_losses) with d.guard():                             # a lost peer ends
+    this rank with one clear error line
         loss, projected_grad = mezo.zo_step(model, loss_fn); mezo.zo_update(model)
-    plain = full_model(model)                   # rank 0: a plain CPU model for models.save_model; else None
-    d.shutdown()
+    plain = full_model(model)                   # rank 0: a plain CPU model for models.save_model;
+    else None d.shutdown()
 
-The loss contract (--batch_size is the global batch, and 1, 2 or N ranks give the same step).
-MeZO only needs the two losses L(theta + eps z), L(theta - eps z) of the global batch. Rank r computes
+The loss contract (--batch_size is the global batch, and 1, 2 or N ranks give the same step). MeZO
+only needs the two losses L(theta + eps z), L(theta - eps z) of the global batch. Rank r computes
 its TERM of that loss from its slice `split(n, r, world)` of the global batch, pre-weighted by its
 share of the global normaliser, and `Dist.reduce_losses` SUMs the terms across ranks:
 
-    example-mean losses (classification CE, label-word CE):  term_r = sum_{examples of r} loss_i / n_examples
-    token-mean losses (LM loss over option tokens):          term_r = sum_{tokens of r} nll_t / n_tokens
+    example-mean losses (classification CE, label-word CE):  term_r = sum_{examples of r} loss_i /
+    n_examples token-mean losses (LM loss over option tokens):          term_r = sum_{tokens of r}
+    nll_t / n_tokens
 
-where n_examples / n_tokens count the GLOBAL batch; every rank sees the global batch, so it counts them
-itself, without communication. (With a loss that returns the local mean: mean_r * n_r / n, except that
-a rank with an empty slice contributes 0, not NaN.) In sharded mode that rank must still run the
-forward, on its empty batch: FSDP's all-gathers are collectives every rank joins.
-The sum equals the single-process loss up to floating-point summation order, the only difference
-between world sizes: z is a function of (seed, parameter key, global element index) (zo/rng.py), so the
+where n_examples / n_tokens count the GLOBAL batch; every rank sees the global batch, so it counts
+them itself, without communication. (With a loss that returns the local mean: mean_r * n_r / n,
+except that a rank with an empty slice contributes 0, not NaN.) In sharded mode that rank must still
+run the forward, on its empty batch: FSDP's all-gathers are collectives every rank joins. The sum
+equals the single-process loss up to floating-point summation order, the only difference between
+world sizes: z is a function of (seed, parameter key, global element index) (zo/rng.py), so the
 perturbation and the update are the same numbers on any number of ranks.
 
-Communication per z (tests/bench/comm_counter.py measures it): replicated, one all-reduce of two fp32 scalars (8 bytes);
-sharded, in each of the two forwards one all-gather per FSDP unit (each block, then the root's own
-parameters), plus the same 8-byte all-reduce. No reduce-scatter (no gradients) and no restore pass:
-the perturbation is applied by zo/perturb.py's hooks to the transient all-gathered copy, and the
-update writes each rank's local shard with the z of its global indices (`local_view`).
-Sharded mode therefore needs MeZOConfig(perturbation="fused" or "eager"): the "reference" mode draws
-torch.normal over whole tensors in place. Build MeZO after shard_model (it holds the DTensor
-parameters). With bf16 compute the hooks perturb the bf16 all-gathered copy (theta rounded to bf16,
-then theta + eps z rounded again), while the update writes the fp32 master shards.
+Communication per z (tests/bench/comm_counter.py measures it): replicated, one all-reduce of two
+fp32 scalars (8 bytes); sharded, in each of the two forwards one all-gather per FSDP unit (each
+block, then the root's own parameters), plus the same 8-byte all-reduce. No reduce-scatter (no
+gradients) and no restore pass: the perturbation is applied by zo/perturb.py's hooks to the
+transient all-gathered copy, and the update writes each rank's local shard with the z of its global
+indices (`local_view`). Sharded mode therefore needs MeZOConfig(perturbation="fused" or "eager"):
+the "reference" mode draws torch.normal over whole tensors in place. Build MeZO after shard_model
+(it holds the DTensor parameters). With bf16 compute the hooks perturb the bf16 all-gathered copy
+(theta rounded to bf16, then theta + eps z rounded again), while the update writes the fp32 master
+shards.
 """
+
 import contextlib
 import copy
 import math
@@ -57,8 +62,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, Shard
 
-
 # ---------------------------------------------------------------- processes
+
 
 @dataclass
 class Dist:
@@ -84,8 +89,9 @@ class Dist:
             dist.barrier()
 
     def shutdown(self) -> None:
-        """Every rank reaches this barrier before any tears its group down: a gloo rank that destroyed
-        its group and exited while rank 0 was still writing the run's files was seen to abort
+        """Every rank reaches this barrier before any tears its group down: a gloo rank that
+        destroyed its group and exited while rank 0 was still writing the run's files was seen to
+        abort
         ("terminate called without an active exception")."""
         if self.grouped:
             with self.guard():
@@ -93,7 +99,8 @@ class Dist:
             dist.destroy_process_group()
 
     def reduce_losses(self, losses: torch.Tensor) -> torch.Tensor:
-        """MeZO's `reduce_losses`: SUM across ranks of each rank's pre-weighted [loss1, loss2] (module
+        """MeZO's `reduce_losses`: SUM across ranks of each rank's pre-weighted [loss1, loss2]
+        (module
         docstring); fp32, so the step's only replicated communication is 8 bytes."""
         losses = losses.float()
         if self.grouped:
@@ -113,24 +120,28 @@ class Dist:
     def guard(self):
         """End this rank with exit status 1 when a collective fails (a peer died: its connection was
         reset or closed) or times out (a peer hangs: timeout_s), instead of a traceback or a hang;
-        torchrun then stops the other ranks. The first rank to notice prints the one line of the job,
-        `error: rank R lost contact with the group (<cause>): <detail> (torch.distributed)`.
+        torchrun then stops the other ranks. The first rank to notice prints the one line of the
+        job, `error: rank R lost contact with the group (<cause>): <detail> (torch.distributed)`.
         SystemExit, so the caller's `finally` blocks (log flushes) still run."""
         try:
             yield
         except RuntimeError as e:
-            # NCCL raises DistError subclasses; gloo plain RuntimeErrors whose message names its source
+            # NCCL raises DistError subclasses; gloo plain RuntimeErrors whose message names its
+            # source
             if not (isinstance(e, dist.DistError) or "gloo" in str(e)):
                 raise
             if _first_to_report():
-                print(lost_rank_line(self.rank, self.timeout_s, str(e)), file=sys.stderr, flush=True)
+                print(
+                    lost_rank_line(self.rank, self.timeout_s, str(e)), file=sys.stderr, flush=True
+                )
             raise SystemExit(1) from None
 
 
 def lost_rank_line(rank: int, timeout_s: float, message: str) -> str:
     """The error line for a failed collective, naming the cause the message shows."""
     detail = (message.strip().splitlines() or ["no message"])[0]
-    detail = re.sub(r"^\[[^\]]*\] ", "", detail).split(". This is typically")[0]  # gloo's source location, advice
+    # gloo's source location, advice
+    detail = re.sub(r"^\[[^\]]*\] ", "", detail).split(". This is typically")[0]
     lowered = detail.lower()
     if "reset by peer" in lowered or "closed by peer" in lowered or "broken pipe" in lowered:
         cause = "a peer's connection dropped: that rank died or was killed"
@@ -151,7 +162,9 @@ def _first_to_report() -> bool:
         return store.add("lost_contact_reports", 1) == 1
     except Exception:  # noqa: BLE001 (any failure of the store: fall back to the marker file)
         job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.environ.get('MASTER_PORT', 'none')}-{os.getppid()}"
-        marker = os.path.join(tempfile.gettempdir(), f"mezo-lost-contact-{re.sub(r'[^A-Za-z0-9_.-]', '_', job)}")
+        marker = os.path.join(
+            tempfile.gettempdir(), f"mezo-lost-contact-{re.sub(r'[^A-Za-z0-9_.-]', '_', job)}"
+        )
         try:
             os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
             return True
@@ -165,8 +178,8 @@ def setup(timeout_s: float = 600.0, device: str | None = None) -> Dist:
     """Join the job torchrun started (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
     environment): NCCL on cuda:LOCAL_RANK, gloo on CPU. Without torchrun: a plain single process.
 
-    timeout_s bounds every collective: a rank whose peer died or hangs fails after it (see Dist.guard).
-    device: "cpu" or "cuda" to override the automatic choice (cuda when available).
+    timeout_s bounds every collective: a rank whose peer died or hangs fails after it (see
+    Dist.guard). device: "cpu" or "cuda" to override the automatic choice (cuda when available).
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
@@ -178,8 +191,11 @@ def setup(timeout_s: float = 600.0, device: str | None = None) -> Dist:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
-                            device_id=dev if use_cuda else None)
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        timeout=timedelta(seconds=timeout_s),
+        device_id=dev if use_cuda else None,
+    )
     return Dist(rank, world_size, local_rank, dev, timeout_s)
 
 
@@ -193,27 +209,35 @@ def split(n_items: int, rank: int, world_size: int) -> slice:
 
 # ---------------------------------------------------------------- sharded mode (FSDP2)
 
-# A meta-device copy of each sharded model's module tree (no storage): full_model fills it on rank 0.
+# A meta-device copy of each sharded model's module tree (no storage): full_model fills it on rank
+# 0.
 _SKELETONS: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
 
 
-def shard_model(model: nn.Module, d: Dist, mixed_precision: bool | None = None,
-                forward_methods: tuple[str, ...] = ("generate",)) -> nn.Module:
+def shard_model(
+    model: nn.Module,
+    d: Dist,
+    mixed_precision: bool | None = None,
+    forward_methods: tuple[str, ...] = ("generate",),
+) -> nn.Module:
     """Shard `model` in place with FSDP2 over all ranks and return it; build MeZO on it afterwards.
 
     Units: every child of every nn.ModuleList (the transformer blocks), innermost first, then the
-    root (embeddings, final norm, tied head: one unit, so a tied Parameter stays one sharded tensor).
-    reshard_after_forward=True on every unit: FSDP2 otherwise keeps the root unsharded after a no-grad
-    forward, and an update written then is silently dropped at the next reshard (seen with torch 2.13;
-    tests/test_distributed.py compares sharded updates with one process).
-    mixed_precision (default: on CUDA): fp32 master shards, bf16 all-gather and compute, fp32 reduce.
-    forward_methods: methods other than forward that call submodules directly (OPT.generate), made
-    to all-gather like forward does.
+    root (embeddings, final norm, tied head: one unit, so a tied Parameter stays one sharded
+    tensor). reshard_after_forward=True on every unit: FSDP2 otherwise keeps the root unsharded
+    after a no-grad forward, and an update written then is silently dropped at the next reshard
+    (seen with torch 2.13; tests/test_distributed.py compares sharded updates with one process).
+    mixed_precision (default: on CUDA): fp32 master shards, bf16 all-gather and compute, fp32
+    reduce. forward_methods: methods other than forward that call submodules directly
+    (OPT.generate), made to all-gather like forward does.
     """
     if mixed_precision is None:
         mixed_precision = d.device.type == "cuda"
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
-              else MixedPrecisionPolicy())
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision
+        else MixedPrecisionPolicy()
+    )
     mesh = init_device_mesh(d.device.type, (d.world_size,))
     _SKELETONS[model] = _meta_copy(model)
     for module in reversed(list(model.modules())):  # descendants before ancestors
@@ -232,11 +256,15 @@ def local_view(t: torch.Tensor) -> tuple[torch.Tensor, int]:
     element). FSDP2 shards dim 0 in torch.chunk blocks, so the shard is one contiguous run of the
     row-major flattened tensor starting at row_offset * (elements per row)."""
     if not isinstance(t, DTensor):
-        raise ValueError(f"expected a sharded DTensor parameter, got {type(t).__name__} of shape "
-                         f"{tuple(t.shape)}: FSDP2 leaves a unit unsharded unless reshard_after_forward=True "
-                         "(shard_model)")
+        raise ValueError(
+            f"expected a sharded DTensor parameter, got {type(t).__name__} of shape "
+            f"{tuple(t.shape)}: FSDP2 leaves a unit unsharded unless reshard_after_forward=True "
+            "(shard_model)"
+        )
     if any(not (p.is_replicate() or (isinstance(p, Shard) and p.dim == 0)) for p in t.placements):
-        raise ValueError(f"only dim-0 sharding maps a shard to one run of global indices ({t.placements})")
+        raise ValueError(
+            f"only dim-0 sharding maps a shard to one run of global indices ({t.placements})"
+        )
     row_offset = _global_offset(t)[0] if t.ndim else 0
     return t.to_local().detach(), row_offset * math.prod(t.shape[1:])
 
@@ -252,12 +280,14 @@ def _global_offset(t: DTensor) -> tuple[int, ...]:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full, plain state dict gathered to CPU on rank 0 ({} on the other ranks); every rank must
     call it (it all-gathers each sharded tensor)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def full_model(model: nn.Module) -> nn.Module | None:
-    """On rank 0, a plain model to hand to models.save_model (a Hugging Face checkpoint); None on the
-    other ranks. Sharded: a CPU copy holding the gathered weights, tied parameters still tied
+    """On rank 0, a plain model to hand to models.save_model (a Hugging Face checkpoint); None on
+    the other ranks. Sharded: a CPU copy holding the gathered weights, tied parameters still tied
     (collective: every rank calls it). Not sharded (replicated or one process): the model itself."""
     if model not in _SKELETONS:
         return model if not dist.is_initialized() or dist.get_rank() == 0 else None
@@ -285,5 +315,9 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     memo = {}
     for t in list(model.parameters()) + list(model.buffers()):
         meta = torch.empty_like(t, device="meta")
-        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+        memo[id(t)] = (
+            nn.Parameter(meta, requires_grad=t.requires_grad)
+            if isinstance(t, nn.Parameter)
+            else meta
+        )
     return copy.deepcopy(model, memo)

@@ -7,6 +7,7 @@ zo.optim.decays, `wd_exempt`). Same small interface as zo.MeZO, so the
 training loop can swap trainers: `step(model, loss_fn) -> loss`, `learning_rate()`, `global_step`,
 `state_dict()` / `load_state_dict()`.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,8 @@ class FOConfig:
     lr: float = 1e-5
     optimizer: str = "adam"  # "adam" (AdamW) | "sgd"
     weight_decay: float = 0.0
-    wd_exempt: tuple[str, ...] = WD_EXEMPT  # names exempt from weight decay (zo.optim.decays); () decays all
+    # names exempt from weight decay (zo.optim.decays); () decays all
+    wd_exempt: tuple[str, ...] = WD_EXEMPT
     momentum: float = 0.0  # sgd
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -31,7 +33,9 @@ class FOConfig:
 
     def __post_init__(self):
         if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown optimizer (optimizer={self.optimizer!r}; expected 'adam' or 'sgd')")
+            raise ValueError(
+                f"unknown optimizer (optimizer={self.optimizer!r}; expected 'adam' or 'sgd')"
+            )
         check_schedule(self.lr_scheduler, self.max_steps, self.warmup_steps)
 
 
@@ -42,8 +46,16 @@ class FO:
         if not named:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.params = [p for _, p in named]
-        self.optimizer = build_optimizer(cfg.optimizer, named, cfg.lr, cfg.weight_decay, cfg.wd_exempt,
-                                         cfg.momentum, cfg.adam_betas, cfg.adam_eps)
+        self.optimizer = build_optimizer(
+            cfg.optimizer,
+            named,
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.wd_exempt,
+            cfg.momentum,
+            cfg.adam_betas,
+            cfg.adam_eps,
+        )
         self.global_step = 0
 
     def learning_rate(self) -> float:
@@ -61,7 +73,8 @@ class FO:
             loss = fn(model)
             (loss / len(fns)).backward()
             total = loss.detach() if total is None else total + loss.detach()
-        if torch.isfinite(total):  # a non-finite loss skips the update (a host sync; backprop is not sync-free)
+        # a non-finite loss skips the update (a host sync; backprop is not sync-free)
+        if torch.isfinite(total):
             if self.cfg.clip_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
             set_lr(self.optimizer, self.learning_rate())

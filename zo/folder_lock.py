@@ -1,5 +1,5 @@
-"""One writer per run folder: an exclusive `fcntl.flock` on `<folder>/.lock`, held for the whole life
-of a run, resume, replay or eval that writes the folder.
+"""One writer per run folder: an exclusive `fcntl.flock` on `<folder>/.lock`, held for the whole
+life of a run, resume, replay or eval that writes the folder.
 
 The OS releases a flock when its holder dies, even by kill -9, so no stale lock can wedge a resume;
 a lock file left by a killed holder is simply locked again. The holder writes "pid host" into the
@@ -8,6 +8,7 @@ its first write (the folder is left exactly as it was, times included); `release
 The lock file is never opened through a symlink (it would be truncated outside the folder); one that
 is no regular file or cannot be opened is a ValueError, as a held lock is.
 """
+
 import fcntl
 import os
 import socket
@@ -31,8 +32,9 @@ class FolderLock:
             mode = None
         if mode is not None and not stat.S_ISREG(mode):
             kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
-            raise ValueError(f"lock file {self.path} is {kind}: remove it "
-                             f"({self.flag} {self.folder})")
+            raise ValueError(
+                f"lock file {self.path} is {kind}: remove it ({self.flag} {self.folder})"
+            )
         try:
             return self._acquire()
         except OSError as e:  # e.g. a read-only lock file: one line, the folder as it was
@@ -42,12 +44,16 @@ class FolderLock:
     def _acquire(self) -> "FolderLock":
         folder_existed, created = os.path.isdir(self.folder), []
         parent = self.folder
-        while parent and not os.path.exists(parent):  # the folders makedirs will create, innermost first
+        # the folders makedirs will create, innermost first
+        while parent and not os.path.exists(parent):
             created.append(parent)
             parent = os.path.dirname(parent)
-        self._before = {"created": created,
-                        "folder_times": _times(self.folder) if folder_existed else None,
-                        "file": _read(self.path), "file_times": _times(self.path)}
+        self._before = {
+            "created": created,
+            "folder_times": _times(self.folder) if folder_existed else None,
+            "file": _read(self.path),
+            "file_times": _times(self.path),
+        }
         os.makedirs(self.folder, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
@@ -58,9 +64,12 @@ class FolderLock:
                 os.close(fd)
                 self._restore_folder_times()
                 pid, host = (holder + ["?", "?"])[:2]
-                raise ValueError(f"output folder is in use by another run: pid {pid} on host {host} holds its "
-                                 f"lock; wait for it to end or stop it ({self.flag} {self.folder})") from None
-            try:  # a holder that released between our open and flock removed the file: lock the new one
+                raise ValueError(
+                    f"output folder is in use by another run: pid {pid} on host {host} holds its "
+                    f"lock; wait for it to end or stop it ({self.flag} {self.folder})"
+                ) from None
+            # a holder that released between our open and flock removed the file: lock the new one
+            try:
                 same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
@@ -73,7 +82,8 @@ class FolderLock:
         return self
 
     def release(self) -> None:
-        """The run is over: remove the file, then let go (a waiter then sees the file gone and retries)."""
+        """The run is over: remove the file, then let go (a waiter then sees the file gone and
+        retries)."""
         if self.fd is None:
             return
         try:
@@ -98,7 +108,8 @@ class FolderLock:
         self.fd = None
         try:
             for folder in before["created"]:
-                os.rmdir(folder)  # only those we created, and only while nothing else appeared in them
+                # only those we created, and only while nothing else appeared in them
+                os.rmdir(folder)
         except OSError:
             pass
         self._restore_folder_times()
@@ -125,8 +136,10 @@ def _times(path) -> tuple[int, int] | None:
 
 
 def hold(folder: str, dist, flag: str = "--output_dir") -> FolderLock:
-    """Under torchrun rank 0 takes the lock (an unacquired FolderLock elsewhere: release and abandon do
-    nothing); every rank learns whether it could, so all of them stop together, rank 0 with the line."""
+    """Under torchrun rank 0 takes the lock (an unacquired FolderLock elsewhere: release and abandon
+    do
+    nothing); every rank learns whether it could, so all of them stop together, rank 0 with the
+    line."""
     lock, error = FolderLock(folder, flag), None
     if dist.is_main:
         try:

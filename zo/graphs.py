@@ -1,13 +1,15 @@
 """The MeZO step captured as CUDA graphs (`--cuda_graphs`).
 
-A step of MeZO on a small model is mostly Python: at RoBERTa-large size about 200 modules x 2 hooks x
-2 forwards, plus the loss and the update loop, launch kernels that each run for microseconds. A CUDA
-graph records those launches once and replays them with one call. Per batch shape, one graph holds
-the two perturbed forwards, the projected gradient and the update pass:
+A step of MeZO on a small model is mostly Python: at RoBERTa-large size about 200 modules x 2 hooks
+x 2 forwards, plus the loss and the update loop, launch kernels that each run for microseconds. A
+CUDA graph records those launches once and replays them with one call. Per batch shape, one graph
+holds the two perturbed forwards, the projected gradient and the update pass:
 
-    graphed = CudaGraphStep(mezo, model, loss_of_batch)     # loss_of_batch(model, batch) -> 0-d loss
-    for batch in batches:                                   # dict of CUDA tensors (or CPU: copied)
-        loss = graphed(batch)                               # = mezo.step(model, lambda m: loss_of_batch(m, batch))
+    graphed = CudaGraphStep(mezo, model, loss_of_batch)     # loss_of_batch(model, batch) -> 0-d
+    loss for batch in batches:                                   # dict of CUDA tensors (or CPU:
+    copied)
+        loss = graphed(batch)                               # = mezo.step(model, lambda m:
+        loss_of_batch(m, batch))
 
 A replay reads everything that changes between steps from persistent device memory written before
 it: the seed and the learning rate (MeZO's StepScalar tensors), and the batch (input buffers of the
@@ -22,10 +24,11 @@ memory pool. The trajectory log, the step counter and resume are those of the Me
 replay is the eager step, bitwise (tests/test_cuda.py).
 
 Supported: what zo.methods.check_supported allows with cuda_graphs=True (today ZO-SGD with exact
-restore, dense z, one z per step), one batch per step (no gradient accumulation), in a single process.
-Anything else raises ValueError at construction; a loss that syncs with the host (a
+restore, dense z, one z per step), one batch per step (no gradient accumulation), in a single
+process. Anything else raises ValueError at construction; a loss that syncs with the host (a
 non-differentiable objective) at its first capture.
 """
+
 from typing import Callable
 
 import torch
@@ -39,10 +42,15 @@ LossOfBatch = Callable[[nn.Module, dict], torch.Tensor]
 
 
 def unsupported(mezo: MeZO, model: nn.Module) -> str | None:
-    """Why this MeZO run cannot be captured, or None (the parts' limits: zo.methods.check_supported)."""
-    sharded = mezo.local_view is not whole or any(hasattr(p, "device_mesh") for p in model.parameters())
+    """Why this MeZO run cannot be captured, or None (the parts' limits:
+    zo.methods.check_supported)."""
+    sharded = mezo.local_view is not whole or any(
+        hasattr(p, "device_mesh") for p in model.parameters()
+    )
     try:
-        methods.check_supported(mezo.cfg, cuda_graphs=True, fsdp=sharded, data_parallel=mezo.reduce_losses is not None)
+        methods.check_supported(
+            mezo.cfg, cuda_graphs=True, fsdp=sharded, data_parallel=mezo.reduce_losses is not None
+        )
     except ValueError as e:
         return str(e)
     if mezo.device.type != "cuda" or not torch.cuda.is_available():
@@ -58,7 +66,9 @@ def batch_key(batch: dict[str, torch.Tensor]) -> tuple:
     return tuple(sorted((name, tuple(t.shape), t.dtype) for name, t in batch.items()))
 
 
-def step_on_device(mezo: MeZO, model: nn.Module, loss_fn, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def step_on_device(
+    mezo: MeZO, model: nn.Module, loss_fn, seeds: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What a graph captures: the estimate and the update of MeZO.zo_step and zo_update, between
     MeZO.begin_step (seed and lr already written, so nothing here writes a per-step value) and
     MeZO.finish_step."""
@@ -86,27 +96,34 @@ class CudaGraphStep:
             for name, t in batch.items():
                 inputs[name].copy_(t, non_blocking=True)
             graph.replay()
-            loss1, projected_grad = (t.clone() for t in outputs)  # the next replay overwrites outputs
+            # the next replay overwrites outputs
+            loss1, projected_grad = (t.clone() for t in outputs)
         else:
             loss1, projected_grad = self._eager_then_capture(key, batch, seeds)
         self.mezo.finish_step([(seeds[0], projected_grad)])
         return loss1
 
-    def _eager_then_capture(self, key: tuple, batch: dict, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _eager_then_capture(
+        self, key: tuple, batch: dict, seeds: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.mezo.device
         inputs = {name: t.to(device, copy=True) for name, t in batch.items()}
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # this step's real work, eagerly (warm-up before a capture)
-            loss1, projected_grad = step_on_device(self.mezo, self.model, self._loss_fn(inputs), seeds)
+            loss1, projected_grad = step_on_device(
+                self.mezo, self.model, self._loss_fn(inputs), seeds
+            )
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 outputs = step_on_device(self.mezo, self.model, self._loss_fn(inputs), seeds)
         except RuntimeError as e:
-            raise ValueError("the MeZO step cannot be captured as a CUDA graph: the loss or the model syncs "
-                             f"with the host (e.g. a non-differentiable objective) ({e})") from e
+            raise ValueError(
+                "the MeZO step cannot be captured as a CUDA graph: the loss or the model syncs "
+                f"with the host (e.g. a non-differentiable objective) ({e})"
+            ) from e
         self.graphs[key] = (graph, inputs, outputs)
         return loss1.clone(), projected_grad.clone()
 

@@ -1,33 +1,38 @@
 """Fused perturbation and update kernels: one compiled pass over a parameter, z never materialised.
 
-z is generated inside the loop from (seed, key, global index) (zo/rng.py), so a perturbation costs no
-memory beyond the tensor it writes. All arithmetic is done in fp32 (fp64 for fp64 parameters) and
+z is generated inside the loop from (seed, key, global index) (zo/rng.py), so a perturbation costs
+no memory beyond the tensor it writes. All arithmetic is done in fp32 (fp64 for fp64 parameters) and
 rounded to the parameter's dtype once.
 
-    perturb_(p, seed=, key=, offset=, scale=)             p += scale * z
-    perturbed_(out, src=, seed=, key=, offset=, scale=)   out = src + scale * z   (bitwise = copy_ + perturb_)
-    update_(p, seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
-                                                          (the update of large_models/trainer.py zo_update)
+    perturb_(p, seed=, key=, offset=, scale=)             p += scale * z perturbed_(out, src=,
+    seed=, key=, offset=, scale=)   out = src + scale * z   (bitwise = copy_ + perturb_) update_(p,
+    seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
+                                                          (the update of large_models/trainer.py
+                                                          zo_update)
 
-Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and use
-z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no mask is stored.
+Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and
+use z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no
+mask is stored.
 
-`p` / `out` is any contiguous tensor (a Parameter, a shard, a buffer), `src` a contiguous tensor of its
-size and dtype; every other argument is a 0-d tensor on p's device, so a new seed, scale or learning
-rate never recompiles and a step never syncs with the host.
+`p` / `out` is any contiguous tensor (a Parameter, a shard, a buffer), `src` a contiguous tensor of
+its size and dtype; every other argument is a 0-d tensor on p's device, so a new seed, scale or
+learning rate never recompiles and a step never syncs with the host.
 
 What the compiler needs stays in this file. Dynamo guards on a view's base (its ndim, its 0/1-sized
 dims), on nn.Parameter vs Tensor and on inference-mode tensors, so each call hands the compiled
 function a plain 1-D alias of p's memory (`_flat`): with `dynamic=True` one graph then serves every
 parameter shape (one more for 1-element tensors, one more for CPU tensors below `_SERIAL_BELOW`
-elements) per dtype. Each dtype and size class adds a graph per kernel, so the first call of each (dtype, device, size class) raises Dynamo's recompile
-limit above its default of 8, for that call only (the process-wide setting is left alone). Kernels run under `torch.no_grad()` (global grad mode is guarded too).
+elements) per dtype. Each dtype and size class adds a graph per kernel, so the first call of each
+(dtype, device, size class) raises Dynamo's recompile limit above its default of 8, for that call
+only (the process-wide setting is left alone). Kernels run under `torch.no_grad()` (global grad mode
+is guarded too).
 
 `compiled=False` runs the same Python functions eagerly: identical integer hashes, normal z within
 the bound zo/rng.py states, much slower and with large int64 temporaries; it exists for debugging.
-When torch.compile cannot build a kernel (e.g. no C++ compiler on a CPU machine) the call fails with a
-RuntimeError that names this switch, rather than silently falling back to a much slower path.
+When torch.compile cannot build a kernel (e.g. no C++ compiler on a CPU machine) the call fails with
+a RuntimeError that names this switch, rather than silently falling back to a much slower path.
 """
+
 import contextlib
 import functools
 from typing import Callable, NamedTuple
@@ -42,17 +47,21 @@ from .rng import DISTRIBUTIONS
 # one loop as local temporaries (same speed, no extra memory: tests/bench/bench_perturb.py).
 _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
 _RECOMPILE_LIMIT = 32  # per kernel: a graph per dtype, and per dtype one for 1-element tensors
-# ATen's at::internal::GRAIN_SIZE: its own CPU loops stay on one thread below this many elements. The
-# compiled kernel opens an OpenMP region at every call whatever the size, and its barrier waits for the
-# slowest thread (on a shared CPU, for a descheduled one), so smaller CPU tensors (norm weights, biases)
-# get a single-threaded build of the same kernel: the same code per element, bitwise the same result.
+# ATen's at::internal::GRAIN_SIZE: its own CPU loops stay on one thread below this many elements.
+# The compiled kernel opens an OpenMP region at every call whatever the size, and its barrier waits
+# for the slowest thread (on a shared CPU, for a descheduled one), so smaller CPU tensors (norm
+# weights, biases) get a single-threaded build of the same kernel: the same code per element,
+# bitwise the same result.
 _SERIAL_BELOW = 32768
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A plain 1-D tensor over t's memory (not a view, not a Parameter): what Dynamo guards least on."""
+    """A plain 1-D tensor over t's memory (not a view, not a Parameter): what Dynamo guards least
+    on."""
     if not t.is_contiguous():
-        raise ValueError(f"ZO kernels need contiguous tensors (shape {tuple(t.shape)}, stride {t.stride()})")
+        raise ValueError(
+            f"ZO kernels need contiguous tensors (shape {tuple(t.shape)}, stride {t.stride()})"
+        )
     out = torch.empty((0,), dtype=t.dtype, device=t.device)
     return out.set_(t.untyped_storage(), t.storage_offset(), (t.numel(),), (1,))
 
@@ -72,13 +81,16 @@ def _build(dist: str, masked: bool):
         pf = p.to(_compute_dtype(p.dtype))
         p.copy_((pf + scale * direction(pf, seed, key, offset, threshold)).to(p.dtype))
 
-    def perturbed_(out, src, seed, key, offset, scale, threshold=None):  # one pass: read src, write out
+    # one pass: read src, write out
+    def perturbed_(out, src, seed, key, offset, scale, threshold=None):
         sf = src.to(_compute_dtype(src.dtype))
         out.copy_((sf + scale * direction(sf, seed, key, offset, threshold)).to(src.dtype))
 
     def update_(p, seed, key, offset, lr, grad, wd, threshold=None):
         pf = p.to(_compute_dtype(p.dtype))
-        p.copy_((pf - lr * (grad * direction(pf, seed, key, offset, threshold) + wd * pf)).to(p.dtype))
+        p.copy_(
+            (pf - lr * (grad * direction(pf, seed, key, offset, threshold) + wd * pf)).to(p.dtype)
+        )
 
     return perturb_, perturbed_, update_
 
@@ -91,7 +103,11 @@ class Kernels(NamedTuple):
 
 def _wrap(fn: Callable, compiled: bool) -> Callable:
     def build(options):
-        return torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS | options) if compiled else fn
+        return (
+            torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS | options)
+            if compiled
+            else fn
+        )
 
     run, run_serial = build({}), build({"cpp.threads": 1})
     seen_kinds = set()  # (dtype, device, 1 element, serial): a new kind may compile a new graph
@@ -102,11 +118,19 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
         kind = (p.dtype, p.device, p.numel() == 1, serial)
         if src is not None:
             if (src.numel(), src.dtype, src.device) != (p.numel(), p.dtype, p.device):
-                raise ValueError(f"src must match out ({src.numel()} {src.dtype} {src.device} vs "
-                                 f"{p.numel()} {p.dtype} {p.device})")
+                raise ValueError(
+                    f"src must match out ({src.numel()} {src.dtype} {src.device} vs "
+                    f"{p.numel()} {p.dtype} {p.device})"
+                )
             scalars["src"] = _flat(src)
-        with torch.no_grad(), (contextlib.nullcontext() if kind in seen_kinds else
-                               torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)):
+        with (
+            torch.no_grad(),
+            (
+                contextlib.nullcontext()
+                if kind in seen_kinds
+                else torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT)
+            ),
+        ):
             try:
                 (run_serial if serial else run)(_flat(p), **scalars)
             except torch._dynamo.exc.BackendCompilerFailed as e:

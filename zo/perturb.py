@@ -1,9 +1,9 @@
 """Trainable parameters as slots, and the exact-restore perturbation through forward hooks.
 
 The original perturbs the stored weights in place (+eps z, -2 eps z, +eps z; `zo_perturb_parameters`
-in large_models/trainer.py), which does not restore them bitwise: each step leaves a rounding residue,
-a random walk behind the original's fp16 runs that diverge. Here the stored parameters are never
-written by a perturbed forward (exact restore, `ExactRestore` below):
+in large_models/trainer.py), which does not restore them bitwise: each step leaves a rounding
+residue, a random walk behind the original's fp16 runs that diverge. Here the stored parameters are
+never written by a perturbed forward (exact restore, `ExactRestore` below):
 
 - a forward-pre-hook on every module that directly owns a trainable parameter swaps
   `module._parameters[name]` for a transient tensor `p + s*z` (one fused kernel), and
@@ -21,6 +21,7 @@ owns it, as `self.weight` at call time. One read elsewhere (nn.MultiheadAttentio
 Wrapping the whole model in torch.compile is not supported with these hooks (they are added and
 removed at every perturbation, which would re-trace the model).
 """
+
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -63,7 +64,8 @@ class ParamSlot:
     key: int  # name_key(name): selects the z stream
     decay: bool  # weight decay applies (name not exempt)
     group: str | None  # control-variate group
-    owners: list[tuple[nn.Module, str]] = field(default_factory=list)  # (module, attribute) holding it
+    # (module, attribute) holding it
+    owners: list[tuple[nn.Module, str]] = field(default_factory=list)
     key_t: torch.Tensor | None = None  # 0-d int64 copy of `key` on the parameter's device
 
 
@@ -112,7 +114,9 @@ class StepScalar:
         if value == self.value:
             return
         if self.tensor.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"a per-step value changed inside a CUDA graph capture ({self.value} -> {value})")
+            raise RuntimeError(
+                f"a per-step value changed inside a CUDA graph capture ({self.value} -> {value})"
+            )
         self.tensor.fill_(value)
         self.value = value
 
@@ -120,16 +124,16 @@ class StepScalar:
 class PerturbHooks:
     """While active, each owning module sees theta + scale*z in its forward; storage is untouched.
 
-    The transient copies are built in pooled buffers by one pass that reads the weight and writes the
-    buffer (`perturbed_`): a fresh CPU allocation of a large tensor page-faults on first touch,
+    The transient copies are built in pooled buffers by one pass that reads the weight and writes
+    the buffer (`perturbed_`): a fresh CPU allocation of a large tensor page-faults on first touch,
     Inductor's kernel returning a new tensor writes through a temporary, and a `copy_` before an
     in-place `perturb_` is a second pass over the memory (BENCHMARKS.md, "Measurements behind design
-    choices", has the timings).
-    A tied parameter's copy (OPT's embedding and LM head) is made once per perturbation and shared by
-    its owners. The pool holds about one buffer per parameter size (the largest is the embedding's,
-    alive at the LM head, the forward's peak, in any case). `deactivate` at the end of a step drops
-    it, so nothing is held between steps, unless `keep_pool`: a captured CUDA graph keeps reading and
-    writing those addresses at every replay, so they live as long as the graph.
+    choices", has the timings). A tied parameter's copy (OPT's embedding and LM head) is made once
+    per perturbation and shared by its owners. The pool holds about one buffer per parameter size
+    (the largest is the embedding's, alive at the LM head, the forward's peak, in any case).
+    `deactivate` at the end of a step drops it, so nothing is held between steps, unless
+    `keep_pool`: a captured CUDA graph keeps reading and writing those addresses at every replay, so
+    they live as long as the graph.
     """
 
     def __init__(self, slots: list[ParamSlot], direction, keep_pool: bool = False):
@@ -142,7 +146,8 @@ class PerturbHooks:
         self.pool: dict[tuple, list[torch.Tensor]] = {}  # free buffers by (numel, dtype, device)
         self.shared: dict[ParamSlot, torch.Tensor] = {}  # copies of tied slots, this activation
         self.handles: list = []
-        self.seen: set[ParamSlot] = set()  # slots some forward has perturbed (see MeZO.warn_unseen_parameters)
+        # slots some forward has perturbed (see MeZO.warn_unseen_parameters)
+        self.seen: set[ParamSlot] = set()
         self.saved: dict[nn.Module, list] = {}
         self.seed, self.scales = None, {}
 
@@ -153,7 +158,9 @@ class PerturbHooks:
         if not self.handles:
             for module in self.owned:
                 self.handles.append(module.register_forward_pre_hook(self._swap_in))
-                self.handles.append(module.register_forward_hook(self._swap_out, prepend=True, always_call=True))
+                self.handles.append(
+                    module.register_forward_hook(self._swap_out, prepend=True, always_call=True)
+                )
 
     def deactivate(self, end_of_step: bool = True) -> None:
         """Hooks off; the pool is dropped at the end of a step only (FZOO returns to theta between
@@ -176,8 +183,15 @@ class PerturbHooks:
             buf = self.shared.get(slot)
             if buf is None:
                 buf = self._buffer(current)
-                self.direction.kernels.perturbed_(buf, src=current.detach(), seed=self.seed, key=slot.key_t,
-                                                  offset=self.zero, scale=scale, **self.direction.args(slot))
+                self.direction.kernels.perturbed_(
+                    buf,
+                    src=current.detach(),
+                    seed=self.seed,
+                    key=slot.key_t,
+                    offset=self.zero,
+                    scale=scale,
+                    **self.direction.args(slot),
+                )
                 if len(slot.owners) > 1:
                     self.shared[slot] = buf
             saved.append((attr, current, None if slot in self.shared else buf))
@@ -193,7 +207,9 @@ class PerturbHooks:
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
         free = self.pool.get((like.numel(), like.dtype, like.device))
-        return free.pop() if free else torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        return (
+            free.pop() if free else torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+        )
 
     def _free(self, buf: torch.Tensor) -> None:
         self.pool.setdefault((buf.numel(), buf.dtype, buf.device), []).append(buf)
@@ -221,13 +237,19 @@ class ExactRestore:
         self.hooks = PerturbHooks(slots, direction)
         self.shift = 0
         device = slots[0].param.device
-        self.finite = torch.ones((), dtype=torch.bool, device=device)  # all estimates of this step finite
-        self.lr_applied = torch.zeros((), dtype=torch.float32, device=device)  # lr, or 0 to skip the update
-        self.consts: dict = {}  # 0-d device tensors of values fixed for the run (scales, offsets, wd)
+        # all estimates of this step finite
+        self.finite = torch.ones((), dtype=torch.bool, device=device)
+        # lr, or 0 to skip the update
+        self.lr_applied = torch.zeros((), dtype=torch.float32, device=device)
+        # 0-d device tensors of values fixed for the run (scales, offsets, wd)
+        self.consts: dict = {}
         self._divided_for, self._divided = None, {}  # cs -> {(shift * eps, group): shift * eps / c}
 
-    def perturb(self, seed: StepScalar, scaling_factor: float, eps: float, cs: dict, slots: list[ParamSlot]):
-        """Forwards now see theta + shift * eps * z (z / c with a variant); the weights are not written."""
+    def perturb(
+        self, seed: StepScalar, scaling_factor: float, eps: float, cs: dict, slots: list[ParamSlot]
+    ):
+        """Forwards now see theta + shift * eps * z (z / c with a variant); the weights are not
+        written."""
         self.shift += scaling_factor
         if self.shift == 0:
             self.hooks.deactivate(end_of_step=False)  # reset() ends the step
@@ -248,7 +270,8 @@ class ExactRestore:
 
     def skip_non_finite(self, gs: list[torch.Tensor]) -> list[torch.Tensor]:
         """A NaN/inf estimate (a NaN loss) skips the update, decided on the device (no host sync):
-        every g becomes 0 and the SGD pass runs with lr 0 (momentum/Adam still step on their state)."""
+        every g becomes 0 and the SGD pass runs with lr 0 (momentum/Adam still step on their
+        state)."""
         self.finite.copy_(torch.stack([g.isfinite() for g in gs]).all())
         return [torch.where(self.finite, g, self._const(0.0)) for g in gs]
 
@@ -258,23 +281,40 @@ class ExactRestore:
         for s in self.slots:
             local, offset = self.local_view(s.param)
             if local.numel():
-                self.direction.kernels.update_(local, seed=seed.tensor, key=s.key_t, lr=lr, grad=grads[s],
-                                               offset=self._const(offset, torch.int64),
-                                               wd=self._const(wd if s.decay else 0.0), **self.direction.args(s))
+                self.direction.kernels.update_(
+                    local,
+                    seed=seed.tensor,
+                    key=s.key_t,
+                    lr=lr,
+                    grad=grads[s],
+                    offset=self._const(offset, torch.int64),
+                    wd=self._const(wd if s.decay else 0.0),
+                    **self.direction.args(s),
+                )
 
     def accumulate_grad(self, seed: StepScalar, grads: dict) -> None:
-        """p.grad += g * z, materialised for a torch optimizer (dense directions only: a mask is read
-        from the weights, not from the gradient; zo.methods.check_supported refuses the combination)."""
+        """p.grad += g * z, materialised for a torch optimizer (dense directions only: a mask is
+        read
+        from the weights, not from the gradient; zo.methods.check_supported refuses the
+        combination)."""
         for s in self.slots:
             if s.param.grad is None:
                 s.param.grad = torch.zeros_like(s.param)
             local, offset = self.local_view(s.param.grad)
             if local.numel():
-                self.direction.kernels.perturb_(local, seed=seed.tensor, key=s.key_t, scale=grads[s],
-                                                offset=self._const(offset, torch.int64))
+                self.direction.kernels.perturb_(
+                    local,
+                    seed=seed.tensor,
+                    key=s.key_t,
+                    scale=grads[s],
+                    offset=self._const(offset, torch.int64),
+                )
 
-    def _scales(self, base: float, cs: dict, slots: list[ParamSlot]) -> dict[ParamSlot, torch.Tensor]:
-        """shift * eps per slot, divided by its group's control variate c (variants), computed once per cs."""
+    def _scales(
+        self, base: float, cs: dict, slots: list[ParamSlot]
+    ) -> dict[ParamSlot, torch.Tensor]:
+        """shift * eps per slot, divided by its group's control variate c (variants), computed once
+        per cs."""
         if not cs:
             return {s: self._const(base) for s in slots}
         if cs is not self._divided_for:
@@ -286,5 +326,7 @@ class ExactRestore:
 
     def _const(self, value, dtype=torch.float32) -> torch.Tensor:
         if (value, dtype) not in self.consts:
-            self.consts[(value, dtype)] = torch.full((), value, dtype=dtype, device=self.slots[0].param.device)
+            self.consts[(value, dtype)] = torch.full(
+                (), value, dtype=dtype, device=self.slots[0].param.device
+            )
         return self.consts[(value, dtype)]

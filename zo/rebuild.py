@@ -1,9 +1,10 @@
-"""`train.py --replay RUN_DIR`: a MeZO run's selected model, rebuilt from the base model and the run's
-trajectory (its seeds and projected grads), bitwise, without a forward pass.
+"""`train.py --replay RUN_DIR`: a MeZO run's selected model, rebuilt from the base model and the
+run's trajectory (its seeds and projected grads), bitwise, without a forward pass.
 
 train.py hands over its Run (which builds the model as the run did: PEFT, sharding) and its model
 writer, so the rebuilt model is saved exactly as the run saved its own.
 """
+
 import argparse
 import os
 import sys
@@ -13,45 +14,71 @@ from data.files import write_json
 
 from .checkpoint import check_run_folder, prepare_run_folder, read_json, run_kind
 from .folder_lock import hold
-from .trajectory import records_up_to, replay as replay_updates
+from .trajectory import records_up_to
+from .trajectory import replay as replay_updates
 
 
 def replay(args, dist, build_run, save_model):
-    """RUN_DIR/trajectory.jsonl up to the selected step, applied to the base model, into --output_dir
+    """RUN_DIR/trajectory.jsonl up to the selected step, applied to the base model, into
+    --output_dir
     (default RUN_DIR-replay); everything is checked before anything is written."""
     src = args.replay
     config, results = (read_json(os.path.join(src, f)) for f in ("config.json", "results.json"))
     if run_kind(src) != "train" or config.get("trainer") != "zo":
         raise ValueError(f"only ZO runs have a trajectory to replay ({src}/config.json)")
-    out = check_run_folder(args.output_dir or os.path.normpath(src) + "-replay", resume=False,
-                           overwrite=args.overwrite_output_dir,
-                           protected=[("replayed run", src), ("model", config.get("model")),
-                                      ("data", config.get("data_dir"))])
+    out = check_run_folder(
+        args.output_dir or os.path.normpath(src) + "-replay",
+        resume=False,
+        overwrite=args.overwrite_output_dir,
+        protected=[
+            ("replayed run", src),
+            ("model", config.get("model")),
+            ("data", config.get("data_dir")),
+        ],
+    )
     # --fsdp as given now: the update is elementwise at global indices, so one process replays a
     # sharded run bitwise, and a sharded replay a single-process run
-    run_args = argparse.Namespace(**{**vars(flags.build_parser().parse_args([])), **config, "output_dir": out,
-                                     "device": args.device, "resume": False, "fsdp": args.fsdp})
+    run_args = argparse.Namespace(
+        **{
+            **vars(flags.build_parser().parse_args([])),
+            **config,
+            "output_dir": out,
+            "device": args.device,
+            "resume": False,
+            "fsdp": args.fsdp,
+        }
+    )
     lock = hold(out, dist)
     try:
         run = build_run(run_args, dist)
         if config.get("base_fingerprint", run.fingerprint) != run.fingerprint:
-            raise ValueError(f"the trajectory was recorded on other base weights (fingerprint "
-                             f"{config['base_fingerprint']}, this model's {run.fingerprint}) ({src}/config.json)")
+            raise ValueError(
+                f"the trajectory was recorded on other base weights (fingerprint "
+                f"{config['base_fingerprint']}, this model's {run.fingerprint}) ({src}/config.json)"
+            )
         # every step up to the selected one, each once, checked before anything is written
-        records = records_up_to(os.path.join(src, "trajectory.jsonl"), results["best_step"],
-                                flags.mezo_config(run_args))
+        records = records_up_to(
+            os.path.join(src, "trajectory.jsonl"), results["best_step"], flags.mezo_config(run_args)
+        )
     except BaseException:
         lock.abandon()
         raise
     try:
-        replay_updates(run.model, records, flags.mezo_config(run_args),
-                       **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"})
+        replay_updates(
+            run.model,
+            records,
+            flags.mezo_config(run_args),
+            **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"},
+        )
         if dist.is_main:
             prepare_run_folder(out, resume=False)
             os.makedirs(out, exist_ok=True)
         save_model(run, os.path.join(run.out, "model"))
         if dist.is_main:
-            write_json(os.path.join(run.out, "config.json"), {**vars(run_args), "kind": "replay", "replayed_from": src})
+            write_json(
+                os.path.join(run.out, "config.json"),
+                {**vars(run_args), "kind": "replay", "replayed_from": src},
+            )
             print(f"replayed {len(records)} updates of {src} into {run.out}/model", file=sys.stderr)
     finally:
         lock.release()

@@ -4,8 +4,8 @@
 trainer-optimizer path of medium_models/src/trainer.py: `torch.manual_seed(seed)`, then one
 `torch.normal` per trainable parameter in named_parameters() order, on the parameter's device and in
 its dtype, and out-of-place `p.data = p.data + ...`. It exists to check faithfulness: it is not
-sharding invariant (torch's generator) and does not restore exactly (the +1, -2, +1 sequence rounds).
-It has the same interface as zo.perturb.ExactRestore, the default.
+sharding invariant (torch's generator) and does not restore exactly (the +1, -2, +1 sequence
+rounds). It has the same interface as zo.perturb.ExactRestore, the default.
 
 One difference: large_models turns projected_grad into a Python float (`.item()`, a host sync);
 here it stays a 0-d fp32 tensor. A Python scalar multiplies an fp16/bf16 tensor in fp32 and rounds
@@ -13,6 +13,7 @@ once, whereas a 0-d tensor is first rounded to the tensor's dtype, so `update` c
 fp32 and rounds it once: bitwise the original's result (tested on CPU, fp32 and fp16), no sync.
 medium_models keeps projected_grad a tensor, so `accumulate_grad` multiplies the tensors as it did.
 """
+
 import torch
 
 from .perturb import ParamSlot, StepScalar
@@ -23,13 +24,17 @@ def _normal_like(p: torch.Tensor) -> torch.Tensor:
 
 
 class InPlace:
-    SUPPORTS = frozenset({"reference", "data_parallel", "dense_grad"})  # host RNG, whole tensors, rounding drift
+    # host RNG, whole tensors, rounding drift
+    SUPPORTS = frozenset({"reference", "data_parallel", "dense_grad"})
 
     def __init__(self, slots: list[ParamSlot]):
         self.slots = slots
 
-    def perturb(self, seed: StepScalar, scaling_factor: float, eps: float, cs: dict, slots: list[ParamSlot]):
-        """theta <- theta + scaling_factor * z * eps, in place (z / c for the variants, medium_models)."""
+    def perturb(
+        self, seed: StepScalar, scaling_factor: float, eps: float, cs: dict, slots: list[ParamSlot]
+    ):
+        """theta <- theta + scaling_factor * z * eps, in place (z / c for the variants,
+        medium_models)."""
         torch.manual_seed(seed.value)
         for slot in slots:
             z = _normal_like(slot.param)
@@ -60,7 +65,8 @@ class InPlace:
         for slot in self.slots:
             p, z = slot.param, _normal_like(slot.param)
             g = grads[slot]
-            g_z = (g * z.to(torch.promote_types(z.dtype, g.dtype))).to(z.dtype)  # = projected_grad.item() * z
+            # = projected_grad.item() * z
+            g_z = (g * z.to(torch.promote_types(z.dtype, g.dtype))).to(z.dtype)
             if slot.decay:
                 p.data = p.data - lr * (g_z + wd * p.data)
             else:

@@ -12,15 +12,15 @@ eagerly, under `torch.compile` on CPU or GPU, and on any shard of a tensor (a ch
 offset o gets exactly the slice o: of the whole). Nothing is ever materialised beyond one element.
 
 Hash: an integer finaliser in the style of `lowbias32` (Wellons, hash-prospector), with the
-constants [16 0x21f0aaad 15 0x735a2d97 15]. The per-step scalars are computed in int64 (32-bit values,
-every multiplier < 2^31, so no product reaches 2^63). The per-element hash runs in int32 lanes: the
-multiply keeps the product modulo 2^32 (two's complement wrap-around, which C++ does not promise for
-signed ints but the hardware's multiplies do), right shifts are masked to be logical, and the index is
-narrowed from int64 after the offset is added, so no addition wraps. The bits are those of the same
-hash in int64: tests/test_zo_rng.py checks them against Python integers, eagerly and in the compiled
-kernel's vector body and scalar tail, and tests/test_cuda.py the GPU's against the CPU's. The int32
-lanes take about half the int64 hash's time on a CPU without 64-bit vector multiplies (AVX2;
-BENCHMARKS.md, "Measurements behind design choices"). Per element i:
+constants [16 0x21f0aaad 15 0x735a2d97 15]. The per-step scalars are computed in int64 (32-bit
+values, every multiplier < 2^31, so no product reaches 2^63). The per-element hash runs in int32
+lanes: the multiply keeps the product modulo 2^32 (two's complement wrap-around, which C++ does not
+promise for signed ints but the hardware's multiplies do), right shifts are masked to be logical,
+and the index is narrowed from int64 after the offset is added, so no addition wraps. The bits are
+those of the same hash in int64: tests/test_zo_rng.py checks them against Python integers, eagerly
+and in the compiled kernel's vector body and scalar tail, and tests/test_cuda.py the GPU's against
+the CPU's. The int32 lanes take about half the int64 hash's time on a CPU without 64-bit vector
+multiplies (AVX2; BENCHMARKS.md, "Measurements behind design choices"). Per element i:
 
     a = mix(((i ^ k1) * m) mod 2^32)        k1 = f(seed), m = odd f(seed, key) < 2^31 (scalars)
     b = mix(a ^ C)                          (second uniform for Box-Muller)
@@ -43,6 +43,7 @@ machine offers). Through 1/(2 eps) such a difference moves projected_grad, so a 
 its replay must use one kernel mode. The compiled kernel itself is bitwise invariant to chunking (a
 shard's z is exactly the slice of the whole tensor's z).
 """
+
 import math
 
 import torch
@@ -52,7 +53,8 @@ MAX_NUMEL = 1 << 32  # global indices are 32-bit
 
 
 def name_key(name: str) -> int:
-    """Stable key of a parameter's canonical name: 64-bit FNV-1a of its UTF-8 bytes, top bit cleared.
+    """Stable key of a parameter's canonical name: 64-bit FNV-1a of its UTF-8 bytes, top bit
+    cleared.
 
     Keys come from names, not from the order in which parameters are visited, so adding, freezing or
     re-ordering parameters never changes another parameter's z. 63 bits make a permanent collision
@@ -87,11 +89,14 @@ def _to_lanes(x: torch.Tensor) -> torch.Tensor:
     return (x - ((x >> 31) << 32)).to(torch.int32)
 
 
-def hash32(seed: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, n: int, device) -> torch.Tensor:
+def hash32(
+    seed: torch.Tensor, key: torch.Tensor, offset: torch.Tensor, n: int, device
+) -> torch.Tensor:
     """32-bit hashes (as int32 bit patterns) of global indices offset .. offset+n-1 (< 2^32);
     seed, key, offset: 0-d int64."""
     k1 = _mix32(_mix32((seed & M32) ^ 0x9E3779B9) ^ ((seed >> 32) & M32))  # per step
-    m = (_mix32(_mix32(k1 ^ (key & M32) ^ 0x85EBCA6B) ^ (key >> 32)) >> 1) | 1  # per step and parameter
+    # per step and parameter
+    m = (_mix32(_mix32(k1 ^ (key & M32) ^ 0x85EBCA6B) ^ (key >> 32)) >> 1) | 1
     i = _to_lanes(torch.arange(n, dtype=torch.int64, device=device) + offset)
     return _mix32_lanes((i ^ _to_lanes(k1)) * m.to(torch.int32))
 

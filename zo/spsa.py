@@ -1,9 +1,11 @@
-"""MeZO's estimator: two-sided SPSA (Malladi et al. 2023, Algorithm 1; large_models/trainer.py zo_step),
-and n-SPSA (several z per step, each estimate divided by their number; medium_models `zo_step`).
+"""MeZO's estimator: two-sided SPSA (Malladi et al. 2023, Algorithm 1; large_models/trainer.py
+zo_step), and n-SPSA (several z per step, each estimate divided by their number; medium_models
+`zo_step`).
 
     for each seed of the step:  loss1 = L(theta + eps z);  loss2 = L(theta - eps z)
                                 projected_grad = (loss1 - loss2) / (2 eps)   [/ n]
 """
+
 from .directions import ALL
 from .optim import num_samples
 
@@ -34,5 +36,7 @@ class SPSA:
         for seed in seeds:
             mezo.zo_random_seed = seed
             loss1, projected_grad = mezo.zo_estimate(model, loss_fn)
-            estimates.append((seed, projected_grad if len(seeds) == 1 else projected_grad / float(len(seeds))))
+            estimates.append(
+                (seed, projected_grad if len(seeds) == 1 else projected_grad / float(len(seeds)))
+            )
         return loss1, estimates

@@ -11,12 +11,13 @@ on the same device and kernel mode.
 The step stays sync-free: `append` keeps device tensors; `flush` (the training loop calls it every
 N steps and before a checkpoint) moves them to the host in one transfer and appends complete lines.
 
-Replay covers ZO-SGD with weight decay, n-SPSA, FZOO, Sparse-MeZO and gradient accumulation, and also
-ZO-momentum and ZO-Adam (their torch optimizer is rebuilt and stepped deterministically from the same
-gradients). It does not cover `zo_variant` (the control variates come from data and are not logged) or
-`perturbation="reference"` (its perturb/restore rounding changes the weights outside the updates):
-zo.methods.check_supported(replay=True) refuses them.
+Replay covers ZO-SGD with weight decay, n-SPSA, FZOO, Sparse-MeZO and gradient accumulation, and
+also ZO-momentum and ZO-Adam (their torch optimizer is rebuilt and stepped deterministically from
+the same gradients). It does not cover `zo_variant` (the control variates come from data and are not
+logged) or `perturbation="reference"` (its perturb/restore rounding changes the weights outside the
+updates): zo.methods.check_supported(replay=True) refuses them.
 """
+
 import json
 import os
 from itertools import groupby
@@ -49,9 +50,15 @@ class Trajectory:
     def flush(self) -> None:
         if not self._pending:
             return
-        grads = torch.stack([g.detach().float().reshape(()) for _, _, g, _ in self._pending]).cpu().tolist()
-        lines = "".join(_line({"step": step, "seed": seed, "projected_grad": g, "lr": lr})
-                        for (step, seed, _, lr), g in zip(self._pending, grads))
+        grads = (
+            torch.stack([g.detach().float().reshape(()) for _, _, g, _ in self._pending])
+            .cpu()
+            .tolist()
+        )
+        lines = "".join(
+            _line({"step": step, "seed": seed, "projected_grad": g, "lr": lr})
+            for (step, seed, _, lr), g in zip(self._pending, grads)
+        )
         with open(self.path, "a") as f:
             f.write(lines)
             f.flush()
@@ -63,7 +70,8 @@ FIELDS = {"step": int, "seed": int, "projected_grad": (float, int), "lr": (float
 
 
 def _line(record: dict) -> str:
-    """Strict JSON: a non-finite projected_grad (its update was skipped) is null + projected_grad_nonfinite."""
+    """Strict JSON: a non-finite projected_grad (its update was skipped) is null +
+    projected_grad_nonfinite."""
     return dumps({k: record[k] for k in FIELDS}) + "\n"
 
 
@@ -80,11 +88,24 @@ def read_trajectory(path) -> list[dict]:
     for number, line in enumerate(lines[:-1], start=1):  # the last piece is "" or a torn line
         try:
             record = json.loads(line)
-            if isinstance(record, dict) and record.get("projected_grad") is None and isinstance(
-                    record.get("projected_grad_nonfinite"), str):  # _line's strict-JSON spelling of NaN / inf
+            if (
+                isinstance(record, dict)
+                and record.get("projected_grad") is None
+                and isinstance(
+                    # _line's strict-JSON spelling of NaN / inf
+                    record.get("projected_grad_nonfinite"),
+                    str,
+                )
+            ):
                 record["projected_grad"] = float(record.pop("projected_grad_nonfinite"))
-            if not (isinstance(record, dict) and record.keys() == set(FIELDS) and all(
-                    isinstance(record[k], kind) and not isinstance(record[k], bool) for k, kind in FIELDS.items())):
+            if not (
+                isinstance(record, dict)
+                and record.keys() == set(FIELDS)
+                and all(
+                    isinstance(record[k], kind) and not isinstance(record[k], bool)
+                    for k, kind in FIELDS.items()
+                )
+            ):
                 raise ValueError(f"expected an object with {', '.join(FIELDS)}")
             if record["step"] < 0:
                 raise ValueError("negative step")
@@ -96,23 +117,32 @@ def read_trajectory(path) -> list[dict]:
 
 def records_up_to(path, steps: int, config: MeZOConfig) -> list[dict]:
     """The records of steps 0 .. steps-1, checked before anything is replayed: every step present,
-    once, in order, with as many lines as the run's estimator draws z for it (n-SPSA schedule, FZOO's N)."""
+    once, in order, with as many lines as the run's estimator draws z for it (n-SPSA schedule,
+    FZOO's N)."""
     records = [r for r in read_trajectory(path) if r["step"] < steps]
     logged = [(step, len(list(group))) for step, group in groupby(r["step"] for r in records)]
     for expected, (step, count) in enumerate(logged):
         if step != expected:
             what = "repeats" if any(s == step for s, _ in logged[:expected]) else "skips to"
-            raise ValueError(f"trajectory {what} step {step} where step {expected} belongs ({path})")
+            raise ValueError(
+                f"trajectory {what} step {step} where step {expected} belongs ({path})"
+            )
         want = methods.ESTIMATORS[config.estimator](config).num_zs(step)
         if count != want:
-            raise ValueError(f"trajectory has {count} lines for step {step}, expected {want} ({path})")
+            raise ValueError(
+                f"trajectory has {count} lines for step {step}, expected {want} ({path})"
+            )
     if len(logged) < steps:
-        raise ValueError(f"trajectory ends before step {len(logged)}; the selected model is at step {steps} "
-                         f"({path})")
+        raise ValueError(
+            f"trajectory ends before step {len(logged)}; the selected model is at step {steps} "
+            f"({path})"
+        )
     return records
 
 
-def replay(model: nn.Module, records: list[dict], config: MeZOConfig, local_view: LocalView = whole) -> None:
+def replay(
+    model: nn.Module, records: list[dict], config: MeZOConfig, local_view: LocalView = whole
+) -> None:
     """Apply the logged updates, in order, to `model` holding the run's base weights (in place); the
     direction reads each step's weights first, as in the run (Sparse-MeZO's thresholds)."""
     methods.check_supported(config, replay=True, fsdp=local_view is not whole)
@@ -120,6 +150,8 @@ def replay(model: nn.Module, records: list[dict], config: MeZOConfig, local_view
     for _, group in groupby(records, key=lambda r: r["step"]):
         mezo.direction.prepare()
         group = list(group)
-        estimates = [(r["seed"], torch.tensor(r["projected_grad"], dtype=torch.float32, device=mezo.device))
-                     for r in group]
+        estimates = [
+            (r["seed"], torch.tensor(r["projected_grad"], dtype=torch.float32, device=mezo.device))
+            for r in group
+        ]
         mezo.apply_update(estimates, group[0]["lr"])

@@ -14,6 +14,7 @@ Parameters outside every group use plain z. Here:
 A c of 0 (a group with zero norm) is replaced by 1, as the original's `zo_by_layer` does; its
 `norm_perturb_parameters` would divide by zero.
 """
+
 import torch
 from torch import nn
 
@@ -33,22 +34,30 @@ def groups_of(slots: list[ParamSlot]) -> dict[str, list[ParamSlot]]:
 
 
 def _norms(groups: dict[str, list[ParamSlot]], tensor_of) -> dict[str, torch.Tensor]:
-    return {g: torch.sqrt(sum((tensor_of(s).float() ** 2).sum() for s in gs)) for g, gs in groups.items()}
+    return {
+        g: torch.sqrt(sum((tensor_of(s).float() ** 2).sum() for s in gs))
+        for g, gs in groups.items()
+    }
 
 
 def param_norms(groups: dict[str, list[ParamSlot]]) -> dict[str, torch.Tensor]:
     return _norms(groups, lambda s: s.param.detach())
 
 
-def grad_norms(model: nn.Module, loss_fn, groups: dict[str, list[ParamSlot]]) -> dict[str, torch.Tensor]:
+def grad_norms(
+    model: nn.Module, loss_fn, groups: dict[str, list[ParamSlot]]
+) -> dict[str, torch.Tensor]:
     """One real backward pass in eval mode (as the original), then the gradient norm per group. A
-    list of micro-batch closures (one step's) gives the gradient of their mean loss, as zo_forward."""
+    list of micro-batch closures (one step's) gives the gradient of their mean loss, as
+    zo_forward."""
     model.eval()
     model.zero_grad(set_to_none=True)
     fns = micro_batches(loss_fn)
     for fn in fns:
         (fn(model) / len(fns)).backward()
-    cs = _norms(groups, lambda s: s.param.grad if s.param.grad is not None else s.param.new_zeros(()))
+    cs = _norms(
+        groups, lambda s: s.param.grad if s.param.grad is not None else s.param.new_zeros(())
+    )
     model.zero_grad(set_to_none=True)
     return cs
 

@@ -5,6 +5,7 @@ A point is a full dict of train.py flags (`presets.grid_points`); `train_argv` s
 command line, `run_grid` runs the points one process after another, `slurm_script` wraps one in
 `torchrun` for sbatch.
 """
+
 import argparse
 import os
 import shlex
@@ -18,7 +19,9 @@ from data.paper import presets, report
 from data.paper.presets import run_name
 from data.paper.runs import load_runs
 
-_STORE_TRUE = frozenset(a.dest for a in build_parser()._actions if isinstance(a, argparse._StoreTrueAction))
+_STORE_TRUE = frozenset(
+    a.dest for a in build_parser()._actions if isinstance(a, argparse._StoreTrueAction)
+)
 
 
 def train_argv(point):
@@ -39,7 +42,9 @@ def train_argv(point):
     return argv
 
 
-def slurm_script(point, nproc=1, *, time="24:00:00", runs_dir="runs", partition=None, cpus_per_gpu=8):
+def slurm_script(
+    point, nproc=1, *, time="24:00:00", runs_dir="runs", partition=None, cpus_per_gpu=8
+):
     """An sbatch script that runs one point with `torchrun --nproc_per_node nproc train.py ...`.
 
     The run writes to `point['output_dir']`, or `runs_dir/run_name(point)`; Slurm's own log goes
@@ -58,7 +63,7 @@ def slurm_script(point, nproc=1, *, time="24:00:00", runs_dir="runs", partition=
         f"#SBATCH --output={runs_dir}/{name}.slurm-%j.out",
     ] + ([f"#SBATCH --partition={partition}"] if partition else [])
     argv = train_argv(point)
-    flags = [f"    {shlex.join(argv[i:i + 2])}" for i in range(0, len(argv), 2)]
+    flags = [f"    {shlex.join(argv[i : i + 2])}" for i in range(0, len(argv), 2)]
     command = [f"torchrun --standalone --nproc_per_node {nproc} train.py"] + flags
     return "\n".join(header + ["set -euo pipefail", " \\\n".join(command), ""])
 
@@ -75,7 +80,11 @@ def run_grid(points, root, train_cmd):
             print(f"skip (finished): {out}", file=sys.stderr)
             continue
         again = os.path.isdir(os.path.join(out, "checkpoint"))
-        cmd = [*train_cmd, *train_argv({**point, "output_dir": out}), "--resume" if again else "--overwrite_output_dir"]
+        cmd = [
+            *train_cmd,
+            *train_argv({**point, "output_dir": out}),
+            "--resume" if again else "--overwrite_output_dir",
+        ]
         print(" ".join(shlex.quote(c) for c in cmd), file=sys.stderr)
         if subprocess.run(cmd).returncode != 0:
             raise DataError(f"grid point failed, rerun to resume it ({out})")
@@ -94,13 +103,16 @@ def main(args, explicit, train_cmd):
     points = [{**p, **explicit} for p in presets.grid_points(args.preset, args.task, k)]
     if args.slurm:
         scripts = {os.path.join(args.slurm, run_name(point) + ".sbatch"): point for point in points}
-        check_writes(scripts, [("model", args.model), ("data", args.data_dir)],
-                     f"--slurm {args.slurm}")
+        check_writes(
+            scripts, [("model", args.model), ("data", args.data_dir)], f"--slurm {args.slurm}"
+        )
         os.makedirs(args.slurm, exist_ok=True)
         for path, point in scripts.items():
             point = {**point, "output_dir": os.path.join(root, run_name(point))}
             atomic_write(path, slurm_script(point, nproc=args.nproc, runs_dir=root))
-        print(f"wrote {len(points)} sbatch scripts to {args.slurm}; submit: for f in {args.slurm}/*.sbatch; do sbatch $f; done")
+        print(
+            f"wrote {len(points)} sbatch scripts to {args.slurm}; submit: for f in {args.slurm}/*.sbatch; do sbatch $f; done"
+        )
         return 0
     dirs = run_grid(points, root, train_cmd)
     select_by = points[0].get("select_by") or "loss"

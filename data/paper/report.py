@@ -13,6 +13,7 @@ Ties go to the first run in path order, as in gather_result.py.
 Also the tables of `eval.py compare` (runs side by side, `make demo`) and of `make results`
 (rows over seeds, RESULTS.md): every table of runs is built here.
 """
+
 import csv
 import io
 import math
@@ -51,12 +52,15 @@ def select_best(runs, select_by, notes):
     runs = sorted(runs, key=lambda r: str(r.path))
     missing = [r for r in runs if _dev_value(r, select_by) is None]
     if len(runs) > 1 and missing:
-        notes.append(f"{len(missing)} of {len(runs)} runs without a dev {select_by} ranked last: "
-                     + ", ".join(str(r.path) for r in missing))
+        notes.append(
+            f"{len(missing)} of {len(runs)} runs without a dev {select_by} ranked last: "
+            + ", ".join(str(r.path) for r in missing)
+        )
 
     def goodness(run):
         value = _dev_value(run, select_by)
         return -math.inf if value is None else (-value if select_by == "loss" else value)
+
     return max(runs, key=goodness)
 
 
@@ -82,51 +86,89 @@ def _select_by(runs):
 # --- the three tables as records (one per cell; also the CSV rows) --------------------------
 def opt_records(runs, notes):
     records = []
-    for (model, task, method), cell in group_by(runs, lambda r: (r.model, r.task, r.method)).items():
+    for (model, task, method), cell in group_by(
+        runs, lambda r: (r.model, r.task, r.method)
+    ).items():
         select_by = _select_by(cell)
         best = select_best(cell, select_by, notes)
-        records.append(dict(
-            model=model, size=best.size, task=task, method=method, ours=_test_percent(best),
-            paper=paper.opt_test(best.size or "13b", method, task), select_by=select_by,
-            dev=_dev_value(best, select_by), n_runs=len(cell), selected=str(best.path)))
+        records.append(
+            dict(
+                model=model,
+                size=best.size,
+                task=task,
+                method=method,
+                ours=_test_percent(best),
+                paper=paper.opt_test(best.size or "13b", method, task),
+                select_by=select_by,
+                dev=_dev_value(best, select_by),
+                n_runs=len(cell),
+                selected=str(best.path),
+            )
+        )
     return records
 
 
 def roberta_records(runs, notes):
     records = []
     for (model, k, task, method), cell in group_by(
-            runs, lambda r: (r.model, r.config.get("k"), r.task, r.method)).items():
+        runs, lambda r: (r.model, r.config.get("k"), r.task, r.method)
+    ).items():
         select_by = _select_by(cell)
         per_seed = group_by(cell, lambda r: r.config.get("train_set_seed"))
         best = [select_best(per_seed[seed], select_by, notes) for seed in sorted(per_seed, key=str)]
         scores = [_test_percent(run) for run in best]
         paper_mean, paper_std = paper.roberta_test(k, method, task)
-        records.append(dict(
-            model=model, size=cell[0].size, k=k, task=task, method=method,
-            ours_mean=statistics.fmean(scores), ours_std=statistics.pstdev(scores), n_seeds=len(scores),
-            paper_mean=paper_mean, paper_std=paper_std, n_runs=len(cell)))
+        records.append(
+            dict(
+                model=model,
+                size=cell[0].size,
+                k=k,
+                task=task,
+                method=method,
+                ours_mean=statistics.fmean(scores),
+                ours_std=statistics.pstdev(scores),
+                n_seeds=len(scores),
+                paper_mean=paper_mean,
+                paper_std=paper_std,
+                n_runs=len(cell),
+            )
+        )
     return records
 
 
 def memory_records(runs):
     records = []
-    cells = group_by([r for r in runs if r.results.get("peak_memory_bytes")], lambda r: (r.model, r.method))
+    cells = group_by(
+        [r for r in runs if r.results.get("peak_memory_bytes")], lambda r: (r.model, r.method)
+    )
     for (model, method), cell in cells.items():
         gpus, gb = paper.memory(cell[0].size, method)
-        records.append(dict(
-            model=model, size=cell[0].size, method=method,
-            ours_gb=max(r.results["peak_memory_bytes"] for r in cell) / 2**30, paper_gb=gb, paper_gpus=gpus,
-            device=", ".join(sorted({str(r.results.get("device")) for r in cell})), n_runs=len(cell)))
+        records.append(
+            dict(
+                model=model,
+                size=cell[0].size,
+                method=method,
+                ours_gb=max(r.results["peak_memory_bytes"] for r in cell) / 2**30,
+                paper_gb=gb,
+                paper_gpus=gpus,
+                device=", ".join(sorted({str(r.results.get("device")) for r in cell})),
+                n_runs=len(cell),
+            )
+        )
     return records
 
 
 # --- Markdown -------------------------------------------------------------------------------
 def _order(values, canonical):
-    return sorted(set(values), key=lambda v: (canonical.index(v) if v in canonical else len(canonical), str(v)))
+    return sorted(
+        set(values),
+        key=lambda v: (canonical.index(v) if v in canonical else len(canonical), str(v)),
+    )
 
 
 def label(key):
-    """The paper's spelling of a method or task key; an estimator suffix (presets.method_id) spelled out."""
+    """The paper's spelling of a method or task key; an estimator suffix (presets.method_id) spelled
+    out."""
     found = paper.METHOD_LABELS.get(key) or paper.TASK_LABELS.get(key)
     suffix = re.fullmatch(r"(.+)-(?:fzoo(\d+)|sparse([\d.]+))", str(key)) if found is None else None
     if suffix:
@@ -152,7 +194,9 @@ def _grid_table(records, row_key, col_key, cell, row_order, col_order, col_label
     cols = _order([r[col_key] for r in records], col_order)
     by_cell = {(r[row_key], r[col_key]): r for r in records}
     header = [corner] + [col_label(c) for c in cols]
-    body = [[label(row)] + [cell(by_cell.get((row, col)), row, col) for col in cols] for row in rows]
+    body = [
+        [label(row)] + [cell(by_cell.get((row, col)), row, col) for col in cols] for row in rows
+    ]
     return ["| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header)] + body]
 
 
@@ -166,15 +210,28 @@ def _opt_markdown(records):
         # a model of no size the paper reports is shown beside the paper's headline model, OPT-13B
         size = recs[0]["size"] if recs[0]["size"] in ("13b", "30b", "66b") else "13b"
         source = {"13b": "Table 1", "30b": "Table 20", "66b": "Table 20"}[size]
-        out += [f"## {model}: test accuracy / F1 (%), ours (paper OPT-{size.upper()}, {source})", ""]
+        out += [
+            f"## {model}: test accuracy / F1 (%), ours (paper OPT-{size.upper()}, {source})",
+            "",
+        ]
 
         def cell(r, method, task, size=size):
             return _cell(r and _pct(r["ours"]), _pct(paper.opt_test(size, method, task)))
-        out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.OPT_TASKS), label)
+
+        out += _grid_table(
+            recs, "method", "task", cell, _METHOD_ORDER, list(paper.OPT_TASKS), label
+        )
         rules = sorted({r["select_by"] for r in recs if r["n_runs"] > 1})
         if rules:
-            out += ["", "Grid cells: the run with the " + " / ".join(
-                "lowest dev loss" if rule == "loss" else "highest dev accuracy (F1)" for rule in rules) + "."]
+            out += [
+                "",
+                "Grid cells: the run with the "
+                + " / ".join(
+                    "lowest dev loss" if rule == "loss" else "highest dev accuracy (F1)"
+                    for rule in rules
+                )
+                + ".",
+            ]
         out.append("")
     return out
 
@@ -188,11 +245,21 @@ def _roberta_markdown(records):
             seeds = "" if not r or r["n_seeds"] == 5 else f" n={r['n_seeds']}"
             ours = r and _pct(r["ours_mean"], r["ours_std"]) + seeds
             return _cell(ours, _pct(*paper.roberta_test(k, method, task)))
-        out += [f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper RoBERTa-large, "
-                "Table 18)", ""]
-        out += _grid_table(recs, "method", "task", cell, _METHOD_ORDER, list(paper.ROBERTA_TASKS), label)
-        out += ["", "Per data seed the grid point with the best dev accuracy; std over seeds as numpy's "
-                "(population); n=N: cells with other than the paper's 5 seeds.", ""]
+
+        out += [
+            f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper RoBERTa-large, "
+            "Table 18)",
+            "",
+        ]
+        out += _grid_table(
+            recs, "method", "task", cell, _METHOD_ORDER, list(paper.ROBERTA_TASKS), label
+        )
+        out += [
+            "",
+            "Per data seed the grid point with the best dev accuracy; std over seeds as numpy's "
+            "(population); n=N: cells with other than the paper's 5 seeds.",
+            "",
+        ]
     return out
 
 
@@ -201,13 +268,22 @@ def _memory_markdown(records):
 
     def cell(r, model, method):
         gpus, gb = paper.memory(sizes[model], method)
-        theirs = gpus and ", ".join(([f"{gb:g}"] if gb else []) + ([f"{gpus} GPUs"] if gpus > 1 else []))
+        theirs = gpus and ", ".join(
+            ([f"{gb:g}"] if gb else []) + ([f"{gpus} GPUs"] if gpus > 1 else [])
+        )
         return _cell(r and f"{r['ours_gb']:.1f}", theirs)
+
     out = ["## Peak memory (GB), ours (paper Table 22)", ""]
-    out += _grid_table(records, "model", "method", cell, _OPT_MODELS, _METHOD_ORDER, label, corner="Model")
+    out += _grid_table(
+        records, "model", "method", cell, _OPT_MODELS, _METHOD_ORDER, label, corner="Model"
+    )
     devices = ", ".join(sorted({r["device"] for r in records}))
-    out += ["", f"GB = 2^30 bytes of `peak_memory_bytes` (device: {devices})."
-            " The paper measured MultiRC (about 400 tokens, batch 1 per GPU) with nvidia-smi on A100-80GB.", ""]
+    out += [
+        "",
+        f"GB = 2^30 bytes of `peak_memory_bytes` (device: {devices})."
+        " The paper measured MultiRC (about 400 tokens, batch 1 per GPU) with nvidia-smi on A100-80GB.",
+        "",
+    ]
     return out
 
 
@@ -228,15 +304,26 @@ def build(runs):
     opt = opt_records([r for r in finished if r.family == "opt"], notes)
     roberta = roberta_records([r for r in finished if r.family == "roberta"], notes)
     memory = memory_records(finished)
-    md = ["# MeZO reproduction report", "",
-          f"{len(runs)} runs, {len(finished)} finished. Each cell: ours (paper).", ""]
-    md += _opt_markdown(opt) + _roberta_markdown(roberta) + (_memory_markdown(memory) if memory else [])
+    md = [
+        "# MeZO reproduction report",
+        "",
+        f"{len(runs)} runs, {len(finished)} finished. Each cell: ours (paper).",
+        "",
+    ]
+    md += (
+        _opt_markdown(opt)
+        + _roberta_markdown(roberta)
+        + (_memory_markdown(memory) if memory else [])
+    )
     unfinished = [r for r in runs if r.results is None]
     if unfinished or notes:
         md += ["## Notes", ""] + [f"- unfinished (no results.json): {r.path}" for r in unfinished]
         md += [f"- {note}" for note in notes] + [""]
-    files = {"report_opt.csv": _csv(opt), "report_roberta.csv": _csv(roberta),
-             "report_memory.csv": _csv(memory)}
+    files = {
+        "report_opt.csv": _csv(opt),
+        "report_roberta.csv": _csv(roberta),
+        "report_memory.csv": _csv(memory),
+    }
     return "\n".join(md), files
 
 
@@ -258,27 +345,41 @@ def compare_markdown(runs):
     """One row per run: dev loss at the first evaluation and of the selected model, dev and test
     accuracy, peak memory, time per step; then, from the first run to the last, the test gain in
     binomial standard errors (both runs' test sets the same size)."""
-    lines = ["| run | method | dev loss, first eval | dev loss, selected (step) | dev accuracy | test | "
-             "peak memory (MiB) | s/step |", "|---" * 8 + "|"]
+    lines = [
+        "| run | method | dev loss, first eval | dev loss, selected (step) | dev accuracy | test | "
+        "peak memory (MiB) | s/step |",
+        "|---" * 8 + "|",
+    ]
     for run in runs:
         res = run.results
         dev = [m for m in read_metrics(run) if "dev_loss" in m]
         # never evaluated, or no dev set: "–"; a non-finite loss (null in strict JSON): "non-finite"
         first = f"{_loss(dev[0]['dev_loss'])} (step {dev[0]['step']})" if dev else "–"
-        selected = f"{_loss(res['dev']['loss'])} (step {res.get('best_step')})" if res.get("dev") else "–"
+        selected = (
+            f"{_loss(res['dev']['loss'])} (step {res.get('best_step')})" if res.get("dev") else "–"
+        )
         base = " (lr 0: the base model)" if run.config.get("learning_rate") == 0 else ""
-        cells = [run.path.name, label(run.method) + base, first, selected,
-                 _number((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
-                 ", ".join(f"{k} {v:.4f}" for k, v in res["test"].items()),
-                 _number(res.get("peak_memory_bytes"), "{:.0f}", 2**-20), _number(res.get("time_per_step_s"), "{:.2f}")]
+        cells = [
+            run.path.name,
+            label(run.method) + base,
+            first,
+            selected,
+            _number((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
+            ", ".join(f"{k} {v:.4f}" for k, v in res["test"].items()),
+            _number(res.get("peak_memory_bytes"), "{:.0f}", 2**-20),
+            _number(res.get("time_per_step_s"), "{:.2f}"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     before, after = runs[0].results, runs[-1].results
     sizes = {r.results.get("num_test") for r in (runs[0], runs[-1])}
     if len(runs) > 1 and None not in sizes and len(sizes) == 1 and "accuracy" in before["test"]:
         n, (a, b) = sizes.pop(), (before["test"]["accuracy"], after["test"]["accuracy"])
         se = max(binomial_se(a, n), binomial_se(b, n))
-        lines += ["", f"Test accuracy {a:.4f} -> {b:.4f} on {n} held-out rows: {b - a:+.4f}, "
-                  f"{(b - a) / se:+.1f} binomial standard errors (sqrt(p(1-p)/n) = {se:.4f}, the larger of the two)."]
+        lines += [
+            "",
+            f"Test accuracy {a:.4f} -> {b:.4f} on {n} held-out rows: {b - a:+.4f}, "
+            f"{(b - a) / se:+.1f} binomial standard errors (sqrt(p(1-p)/n) = {se:.4f}, the larger of the two).",
+        ]
     return "\n".join(lines)
 
 
@@ -294,63 +395,98 @@ def _test_over_seeds(runs):
 def seeds_markdown(rows):
     """{row: [(run, wall seconds or None)]} -> one line per row (`make results`, RESULTS.md): test
     accuracy mean ± std over the row's runs (sample std, n - 1), steps (max and selected), forward
-    passes of training, wall time per run and in all, peak memory (the largest of the row's runs)."""
-    lines = ["| method | test accuracy (%) | runs | steps (selected) | training forward passes | "
-             "wall time per run (all) | peak memory (GB) |", "|---" * 7 + "|"]
+    passes of training, wall time per run and in all, peak memory (the largest of the row's
+    runs)."""
+    lines = [
+        "| method | test accuracy (%) | runs | steps (selected) | training forward passes | "
+        "wall time per run (all) | peak memory (GB) |",
+        "|---" * 7 + "|",
+    ]
     for row, cell in rows.items():
         runs = [run for run, _ in cell]
         config = runs[0].config
-        name = label(runs[0].method) + (f", {config['num_train']} demonstrations" if runs[0].method == "icl" else "")
+        name = label(runs[0].method) + (
+            f", {config['num_train']} demonstrations" if runs[0].method == "icl" else ""
+        )
         if config.get("kind") == "eval":
             steps = passes = "–"
         else:
             steps = f"{config['max_steps']} ({', '.join(str(r.results.get('best_step')) for r in runs)})"
-            per_step = ((config.get("fzoo_n") or 8) + 1 if config.get("estimator") == "fzoo"  # zo/fzoo.py: N + 1
-                        else 2 * (config.get("n_spsa") or 1))  # two-sided SPSA: 2 per z
-            passes = (f"{per_step * config['max_steps']} ({per_step} per step)" if config.get("trainer") == "zo"
-                      else f"{config['max_steps']} + as many backward")
+            # zo/fzoo.py: N + 1
+            per_step = (
+                (config.get("fzoo_n") or 8) + 1
+                if config.get("estimator") == "fzoo"
+                else 2 * (config.get("n_spsa") or 1)
+            )  # two-sided SPSA: 2 per z
+            passes = (
+                f"{per_step * config['max_steps']} ({per_step} per step)"
+                if config.get("trainer") == "zo"
+                else f"{config['max_steps']} + as many backward"
+            )
         walls = [wall for _, wall in cell]
         known = [w for w in walls if w is not None]
-        wall = "–" if not known else (f"{_minutes(statistics.fmean(known))} ({_minutes(sum(known))}"
-                                      + ("" if len(known) == len(walls) else f", {len(known)} of {len(walls)} timed")
-                                      + ")")
+        wall = (
+            "–"
+            if not known
+            else (
+                f"{_minutes(statistics.fmean(known))} ({_minutes(sum(known))}"
+                + ("" if len(known) == len(walls) else f", {len(known)} of {len(walls)} timed")
+                + ")"
+            )
+        )
         memory = max((r.results.get("peak_memory_bytes") or 0 for r in runs), default=0)
-        lines.append(f"| {name} | {_test_over_seeds(runs)} | {len(runs)} | {steps} | {passes} | "
-                     f"{wall} | {_number(memory or None, '{:.2f}', 2**-30)} |")
+        lines.append(
+            f"| {name} | {_test_over_seeds(runs)} | {len(runs)} | {steps} | {passes} | "
+            f"{wall} | {_number(memory or None, '{:.2f}', 2**-30)} |"
+        )
     return seeds.with_note(lines)
 
 
 def grid_markdown(rows):
-    """{row: [run, one per grid point]} -> the grid on dev (`make results-grid`, RESULTS.md): per point its
-    learning rate, eps, steps (selected), and the dev loss and accuracy of its selected model; per row the
+    """{row: [run, one per grid point]} -> the grid on dev (`make results-grid`, RESULTS.md): per
+    point its learning rate, eps, steps (selected), and the dev loss and accuracy of its selected
+    model; per row the
     point kept, the lowest dev loss (select_best's OPT rule, the paper's)."""
-    lines = ["| method | learning rate | eps | steps (selected) | dev loss | dev accuracy (%) | kept |",
-             "|---" * 7 + "|"]
+    lines = [
+        "| method | learning rate | eps | steps (selected) | dev loss | dev accuracy (%) | kept |",
+        "|---" * 7 + "|",
+    ]
     for row, runs in rows.items():
         best = select_best(runs, "loss", [])
         for run in runs:
             config, dev = run.config, run.results.get("dev") or {}
             eps = "–" if config.get("trainer") == "fo" else f"{config['zo_eps']:g}"
-            lines.append(f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | {config['max_steps']} "
-                         f"({run.results.get('best_step')}) | {_loss(dev.get('loss'))} | "
-                         f"{_number(dev.get('accuracy'), '{:.1f}', 100)} | {'yes' if run is best else ''} |")
+            lines.append(
+                f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | {config['max_steps']} "
+                f"({run.results.get('best_step')}) | {_loss(dev.get('loss'))} | "
+                f"{_number(dev.get('accuracy'), '{:.1f}', 100)} | {'yes' if run is best else ''} |"
+            )
     return "\n".join(lines)
 
 
 def dev_curve(rows):
-    """{row: [runs, one per seed, one evaluation schedule]} -> {row: [(forward passes, mean dev accuracy,
-    its sample std, mean dev loss, seeds diverged)]}: the rows' dev evaluations against training
+    """{row: [runs, one per seed, one evaluation schedule]} -> {row: [(forward passes, mean dev
+    accuracy, its sample std, mean dev loss, seeds diverged)]}: the rows' dev evaluations against
+    training
     forward passes. A seed whose dev loss or accuracy is not finite there is left out (seeds.py)."""
     out = {}
     for row, runs in rows.items():
         per_run = [[m for m in read_metrics(run) if "dev_loss" in m] for run in runs]
-        if not per_run[0] or len({tuple(m.get("forward_passes") for m in dev) for dev in per_run}) != 1:
-            raise DataError(f"the {row} runs do not share one evaluation schedule in forward passes "
-                            f"({runs[0].path / 'metrics.jsonl'})")
+        if (
+            not per_run[0]
+            or len({tuple(m.get("forward_passes") for m in dev) for dev in per_run}) != 1
+        ):
+            raise DataError(
+                f"the {row} runs do not share one evaluation schedule in forward passes "
+                f"({runs[0].path / 'metrics.jsonl'})"
+            )
         out[row] = []
         for points in zip(*per_run):
-            kept = [p for p in points if seeds.finite(p.get("dev_loss")) and
-                    seeds.finite(p.get("dev_accuracy"))]
+            kept = [
+                p
+                for p in points
+                if seeds.finite(p.get("dev_loss")) and seeds.finite(p.get("dev_accuracy"))
+            ]
             accuracy, std, _, _ = seeds.stats([p["dev_accuracy"] for p in kept])
             loss, diverged = seeds.stats([p["dev_loss"] for p in kept])[0], len(points) - len(kept)
             out[row].append((points[0]["forward_passes"], accuracy, std, loss, diverged))
@@ -358,25 +494,36 @@ def dev_curve(rows):
 
 
 def estimators_markdown(rows, baseline):
-    """The estimators side by side against forward passes (`make results-estimators`, RESULTS.md): per row its
-    dev accuracy at each evaluation (mean ± std over seeds), the forward passes its mean first
-    reaches the baseline row's best mean dev accuracy at (the peak of its curve, not its last point: a
-    seed that diverges late would lower that), as a ratio to the baseline's own, and the test accuracy
+    """The estimators side by side against forward passes (`make results-estimators`, RESULTS.md):
+    per row its dev accuracy at each evaluation (mean ± std over seeds), the forward passes its
+    mean first reaches the baseline row's best mean dev accuracy at (the peak of its curve, not
+    its last point: a seed that diverges late would lower that), as a ratio to the baseline's
+    own, and the test accuracy
     of the selected models (mean ± std), all within one forward-pass budget."""
     curves = dev_curve(rows)
     target = max((acc for _, acc, *_ in curves[baseline] if not math.isnan(acc)), default=math.nan)
-    reached = {row: next((passes for passes, acc, *_ in curve if acc >= target), None) for row, curve in curves.items()}
-    lines = [f"| method | dev accuracy (%) at forward passes | forward passes to the {label(rows[baseline][0].method)} "
-             f"best mean dev accuracy ({100 * target:.1f}%), ratio | test accuracy (%) | runs |", "|---" * 5 + "|"]
+    reached = {
+        row: next((passes for passes, acc, *_ in curve if acc >= target), None)
+        for row, curve in curves.items()
+    }
+    lines = [
+        f"| method | dev accuracy (%) at forward passes | forward passes to the {label(rows[baseline][0].method)} "
+        f"best mean dev accuracy ({100 * target:.1f}%), ratio | test accuracy (%) | runs |",
+        "|---" * 5 + "|",
+    ]
     for row, runs in rows.items():
-        curve = ", ".join(f"{passes}: {seeds.cell(100 * acc, 100 * std, diverged, True)}"
-                          for passes, acc, std, _, diverged in curves[row])
+        curve = ", ".join(
+            f"{passes}: {seeds.cell(100 * acc, 100 * std, diverged, True)}"
+            for passes, acc, std, _, diverged in curves[row]
+        )
         if reached[row] is None:
             to_target = f"not within {curves[row][-1][0]}"
         else:
             to_target = f"{reached[row]} ({reached[row] / reached[baseline]:.2f}x)"
-        lines.append(f"| {label(runs[0].method)} | {curve} | {to_target} | "
-                     f"{_test_over_seeds(runs)} | {len(runs)} |")
+        lines.append(
+            f"| {label(runs[0].method)} | {curve} | {to_target} | "
+            f"{_test_over_seeds(runs)} | {len(runs)} |"
+        )
     return seeds.with_note(lines)
 
 
@@ -399,6 +546,10 @@ def render(run_dirs, out_dir=None):
     runs = load_runs(run_dirs)
     markdown, files = build(runs)
     if out_dir is not None:
-        save(out_dir, {"report.md": markdown, **files}, reads=files_read(run.path for run in runs),
-             where=f"report folder {out_dir}")
+        save(
+            out_dir,
+            {"report.md": markdown, **files},
+            reads=files_read(run.path for run in runs),
+            where=f"report folder {out_dir}",
+        )
     return markdown

@@ -1,18 +1,20 @@
-"""`make results` (`python -m data.paper.results`): the paper's Table 1 on a real model and real text.
+"""`make results` (`python -m data.paper.results`): the paper's Table 1 on a real model and real
+text.
 
-SmolLM2-135M-Instruct on the Rotten Tomatoes snippets (`make rotten-tomatoes`; real review snippets in
-SST-2's format, not SST-2) under the paper's protocol: train and dev drawn from train.tsv (1000 / 500),
-the test set from dev.tsv, selection on dev. Rows: zero-shot and ICL (eval.py), MeZO ft / LoRA /
-prefix (train.py) and backprop ft / LoRA (train.py --trainer fo), the trained rows over SEEDS.
-Every run has its own folder under --out (named by its flags, so a changed setting is a new run);
-a finished run (results.json) is skipped, an interrupted train.py run resumed. Then the table
-(data/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
-the markers below, with each row's command.
+SmolLM2-135M-Instruct on the Rotten Tomatoes snippets (`make rotten-tomatoes`; real review snippets
+in SST-2's format, not SST-2) under the paper's protocol: train and dev drawn from train.tsv (1000 /
+500), the test set from dev.tsv, selection on dev. Rows: zero-shot and ICL (eval.py), MeZO ft / LoRA
+/ prefix (train.py) and backprop ft / LoRA (train.py --trainer fo), the trained rows over SEEDS.
+Every run has its own folder under --out (named by its flags, so a changed setting is a new run); a
+finished run (results.json) is skipped, an interrupted train.py run resumed. Then the table
+(data/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between the
+markers below, with each row's command.
 
-The settings of each row are in ROWS, the one place to change them. `--grid` (`make results-grid`) runs the
-grid on dev behind its learning rates (GRID, seed 0) and writes that table; `--estimators`
+The settings of each row are in ROWS, the one place to change them. `--grid` (`make results-grid`)
+runs the grid on dev behind its learning rates (GRID, seed 0) and writes that table; `--estimators`
 (`make results-estimators`) the estimators side by side (ESTIMATOR_ROWS).
 """
+
 import itertools
 import json
 import os
@@ -31,31 +33,79 @@ from data.paper.runs import files_read, load_finished
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL, DATA = ".cache/smollm2-135m-instruct", ".cache/rotten-tomatoes"
 # The paper's protocol (mezo.sh: 1000 train, 500 dev; 1000 test, here 500: 0.2 points per example).
-DATA_FLAGS = {"task": "SST2", "num_train": 1000, "num_dev": 500, "num_eval": 500, "train_set_seed": 0}
-# ZO/optimizer seeds of the trained rows; the data (train, dev, test rows) is the same for every row.
+DATA_FLAGS = {
+    "task": "SST2",
+    "num_train": 1000,
+    "num_dev": 500,
+    "num_eval": 500,
+    "train_set_seed": 0,
+}
+# ZO/optimizer seeds of the trained rows; the data (train, dev, test rows) is the same for every
+# row.
 SEEDS = (0, 1, 2)
-TRAIN_FLAGS = {"max_length": 128, "eval_batch_size": 16, "logging_steps": 10, "eval_final_step": True}
-# One row per line: eval.py flags (kind "eval") or train.py flags. Budget (README "make results"): the whole
-# table in 90 minutes on 2 idle cores, about 5.5 minutes per trained run. MeZO LoRA and prefix at batch 8: at
-# equal forward passes, twice the steps of batch 16 (the demo's finding). MeZO ft keeps 16: on 2 cores its step
-# is mostly the perturbation of 135M weights (3.7 s at batch 8, 3.8 s at 16). Learning rates: GRID's best on dev.
-# 32 demonstrations (the paper's) fit SmolLM2's 8192 positions (~1300 tokens) but cost ~2x 16 of them.
+TRAIN_FLAGS = {
+    "max_length": 128,
+    "eval_batch_size": 16,
+    "logging_steps": 10,
+    "eval_final_step": True,
+}
+# One row per line: eval.py flags (kind "eval") or train.py flags. Budget (README "make results"):
+# the whole table in 90 minutes on 2 idle cores, about 5.5 minutes per trained run. MeZO LoRA and
+# prefix at batch 8: at equal forward passes, twice the steps of batch 16 (the demo's finding). MeZO
+# ft keeps 16: on 2 cores its step is mostly the perturbation of 135M weights (3.7 s at batch 8, 3.8
+# s at 16). Learning rates: GRID's best on dev. 32 demonstrations (the paper's) fit SmolLM2's 8192
+# positions (~1300 tokens) but cost ~2x 16 of them.
 ROWS = {
     "zero-shot": {"kind": "eval", "num_train": 0},
     "icl": {"kind": "eval", "num_train": 16},
-    "mezo": {"trainer": "zo", "mode": "ft", "batch_size": 16, "learning_rate": 3e-5, "zo_eps": 1e-3,
-             "max_steps": 100, "eval_steps": 50},
-    "mezo-lora": {"trainer": "zo", "mode": "lora", "batch_size": 8, "learning_rate": 3e-3, "zo_eps": 1e-2,
-                  "max_steps": 100, "eval_steps": 50},
-    "mezo-prefix": {"trainer": "zo", "mode": "prefix", "batch_size": 8, "learning_rate": 3e-2, "zo_eps": 1e-1,
-                    "max_steps": 100, "eval_steps": 50},
-    "ft": {"trainer": "fo", "mode": "ft", "batch_size": 16, "learning_rate": 3e-5, "max_steps": 40, "eval_steps": 20},
-    "ft-lora": {"trainer": "fo", "mode": "lora", "batch_size": 16, "learning_rate": 5e-4, "max_steps": 40,
-                "eval_steps": 20},
+    "mezo": {
+        "trainer": "zo",
+        "mode": "ft",
+        "batch_size": 16,
+        "learning_rate": 3e-5,
+        "zo_eps": 1e-3,
+        "max_steps": 100,
+        "eval_steps": 50,
+    },
+    "mezo-lora": {
+        "trainer": "zo",
+        "mode": "lora",
+        "batch_size": 8,
+        "learning_rate": 3e-3,
+        "zo_eps": 1e-2,
+        "max_steps": 100,
+        "eval_steps": 50,
+    },
+    "mezo-prefix": {
+        "trainer": "zo",
+        "mode": "prefix",
+        "batch_size": 8,
+        "learning_rate": 3e-2,
+        "zo_eps": 1e-1,
+        "max_steps": 100,
+        "eval_steps": 50,
+    },
+    "ft": {
+        "trainer": "fo",
+        "mode": "ft",
+        "batch_size": 16,
+        "learning_rate": 3e-5,
+        "max_steps": 40,
+        "eval_steps": 20,
+    },
+    "ft-lora": {
+        "trainer": "fo",
+        "mode": "lora",
+        "batch_size": 16,
+        "learning_rate": 5e-4,
+        "max_steps": 40,
+        "eval_steps": 20,
+    },
 }
-# The grid on dev behind ROWS' learning rates (`--grid`): each point is a row's seed-0 run at its full
-# length, so the point ROWS keeps is also that row's first run. eps is the paper's per mode (ft 1e-3,
-# LoRA 1e-2, prefix 1e-1), not varied: the paper's grids fix it too, and each point costs a run.
+# The grid on dev behind ROWS' learning rates (`--grid`): each point is a row's seed-0 run at its
+# full length, so the point ROWS keeps is also that row's first run. eps is the paper's per mode (ft
+# 1e-3, LoRA 1e-2, prefix 1e-1), not varied: the paper's grids fix it too, and each point costs a
+# run.
 GRID = {
     "mezo": {"learning_rate": (1e-5, 3e-5)},
     "mezo-lora": {"learning_rate": (1.5e-3, 3e-3)},
@@ -63,55 +113,109 @@ GRID = {
     "ft": {"learning_rate": (1e-5, 3e-5)},
     "ft-lora": {"learning_rate": (1e-4, 5e-4)},
 }
-# The estimators side by side (FZOO, Sparse-MeZO; README "Estimators") at 240 forward passes, evaluated about
-# every 80: MeZO's arm is MeZO-LoRA at batch 16 (the table's row before the grid). Learning rates match the
-# z noise an update adds (no grid): FZOO's normalised estimate sum_i g_i z_i has norm ~ sqrt(d / N),
-# MeZO's g z ~ |g| sqrt(d), |g| rms 1.6 in the MeZO-LoRA runs; equal noise per forward pass gives
-# lr_fzoo = lr |g| sqrt(N (N + 1) / 2) ~ 3e-2, taken at 2e-2. Sparse-MeZO perturbs a quarter of the
-# weights, so lr / sqrt(1 - 0.75) = 6e-3 adds MeZO's noise per step.
-_MEZO_LORA_BS16 = {"trainer": "zo", "mode": "lora", "batch_size": 16, "learning_rate": 3e-3, "zo_eps": 1e-2,
-                   "max_steps": 120, "eval_steps": 40}
+# The estimators side by side (FZOO, Sparse-MeZO; README "Estimators") at 240 forward passes,
+# evaluated about every 80: MeZO's arm is MeZO-LoRA at batch 16 (the table's row before the grid).
+# Learning rates match the z noise an update adds (no grid): FZOO's normalised estimate sum_i g_i
+# z_i has norm ~ sqrt(d / N), MeZO's g z ~ |g| sqrt(d), |g| rms 1.6 in the MeZO-LoRA runs; equal
+# noise per forward pass gives lr_fzoo = lr |g| sqrt(N (N + 1) / 2) ~ 3e-2, taken at 2e-2.
+# Sparse-MeZO perturbs a quarter of the weights, so lr / sqrt(1 - 0.75) = 6e-3 adds MeZO's noise per
+# step.
+_MEZO_LORA_BS16 = {
+    "trainer": "zo",
+    "mode": "lora",
+    "batch_size": 16,
+    "learning_rate": 3e-3,
+    "zo_eps": 1e-2,
+    "max_steps": 120,
+    "eval_steps": 40,
+}
 ESTIMATOR_ROWS = {
     "mezo-lora": _MEZO_LORA_BS16,
-    "fzoo-lora": {**_MEZO_LORA_BS16, "estimator": "fzoo", "fzoo_n": 8, "learning_rate": 2e-2, "max_steps": 27,
-                  "eval_steps": 9},
+    "fzoo-lora": {
+        **_MEZO_LORA_BS16,
+        "estimator": "fzoo",
+        "fzoo_n": 8,
+        "learning_rate": 2e-2,
+        "max_steps": 27,
+        "eval_steps": 9,
+    },
     "sparse-mezo-lora": {**_MEZO_LORA_BS16, "sparse_mezo": 0.75, "learning_rate": 6e-3},
 }
 BEGIN, END = "<!-- make results: begin -->", "<!-- make results: end -->"
-ESTIMATORS_BEGIN, ESTIMATORS_END = "<!-- make results estimators: begin -->", "<!-- make results estimators: end -->"
+ESTIMATORS_BEGIN, ESTIMATORS_END = (
+    "<!-- make results estimators: begin -->",
+    "<!-- make results estimators: end -->",
+)
 GRID_BEGIN, GRID_END = "<!-- make results grid: begin -->", "<!-- make results grid: end -->"
 EVAL_FLAGS = ("task", "num_train", "num_eval", "max_length", "batch_size")
 
 
-def runs(rows=ROWS, seeds=SEEDS, model=MODEL, data_dir=DATA, data_flags=DATA_FLAGS, train_flags=TRAIN_FLAGS):
+def runs(
+    rows=ROWS,
+    seeds=SEEDS,
+    model=MODEL,
+    data_dir=DATA,
+    data_flags=DATA_FLAGS,
+    train_flags=TRAIN_FLAGS,
+):
     """-> [(row, seed or None, script, flags)]: eval.py once per eval row, train.py per seed."""
     out = []
     for row, settings in rows.items():
         if settings.get("kind") == "eval":
-            flags = {**data_flags, "max_length": 2048, "batch_size": 4, "model": model, "data_dir": data_dir,
-                     **{k: v for k, v in settings.items() if k != "kind"}}
-            out.append((row, None, "eval.py", {k: flags[k] for k in ("model", "data_dir", *EVAL_FLAGS)}))
+            flags = {
+                **data_flags,
+                "max_length": 2048,
+                "batch_size": 4,
+                "model": model,
+                "data_dir": data_dir,
+                **{k: v for k, v in settings.items() if k != "kind"},
+            }
+            out.append(
+                (row, None, "eval.py", {k: flags[k] for k in ("model", "data_dir", *EVAL_FLAGS)})
+            )
         else:
-            out += [(row, seed, "train.py", {**data_flags, **train_flags, "model": model, "data_dir": data_dir,
-                                             **settings, "seed": seed}) for seed in seeds]
+            out += [
+                (
+                    row,
+                    seed,
+                    "train.py",
+                    {
+                        **data_flags,
+                        **train_flags,
+                        "model": model,
+                        "data_dir": data_dir,
+                        **settings,
+                        "seed": seed,
+                    },
+                )
+                for seed in seeds
+            ]
     return out
 
 
 def grid_runs(grid=GRID, rows=ROWS, **kwargs):
-    """-> runs() of every grid point: each row's settings with one combination of its grid's values, seed 0."""
+    """-> runs() of every grid point: each row's settings with one combination of its grid's values,
+    seed 0."""
     points = {}
     for row, axes in grid.items():
         for values in itertools.product(*axes.values()):
             points[(row, values)] = {**rows[row], **dict(zip(axes, values))}
-    return [(row, seed, script, flags) for (row, _), settings in points.items()
-            for _, seed, script, flags in runs({row: settings}, seeds=SEEDS[:1], **kwargs)]
+    return [
+        (row, seed, script, flags)
+        for (row, _), settings in points.items()
+        for _, seed, script, flags in runs({row: settings}, seeds=SEEDS[:1], **kwargs)
+    ]
 
 
 def command(script, flags, out_dir):
     if script == "train.py":
         return ["train.py", *train_argv({**flags, "output_dir": out_dir})]
-    return ["eval.py", *[a for k, v in flags.items() if v is not None for a in (f"--{k}", str(v))],
-            "--output_dir", out_dir]
+    return [
+        "eval.py",
+        *[a for k, v in flags.items() if v is not None for a in (f"--{k}", str(v))],
+        "--output_dir",
+        out_dir,
+    ]
 
 
 def launch(argv):
@@ -120,11 +224,14 @@ def launch(argv):
 
 
 def folder_of(out, script, flags):
-    return os.path.join(out, run_name({"kind": "eval" if script == "eval.py" else "train", **flags}))
+    return os.path.join(
+        out, run_name({"kind": "eval" if script == "eval.py" else "train", **flags})
+    )
 
 
 def run_all(plan, out, launcher=launch):
-    """Run what is not finished; -> {folder: wall seconds} (OUT/wall_times.json, kept across calls)."""
+    """Run what is not finished; -> {folder: wall seconds} (OUT/wall_times.json, kept across
+    calls)."""
     times_file = os.path.join(out, "wall_times.json")
     walls = json.load(open(times_file)) if os.path.isfile(times_file) else {}
     os.makedirs(out, exist_ok=True)
@@ -135,8 +242,13 @@ def run_all(plan, out, launcher=launch):
             continue
         argv = command(script, flags, folder)
         if script == "train.py":
-            argv.append("--resume" if os.path.isdir(os.path.join(folder, "checkpoint")) else "--overwrite_output_dir")
-        elif os.path.exists(folder):  # an interrupted evaluation: eval.py replaces its own files only
+            argv.append(
+                "--resume"
+                if os.path.isdir(os.path.join(folder, "checkpoint"))
+                else "--overwrite_output_dir"
+            )
+        # an interrupted evaluation: eval.py replaces its own files only
+        elif os.path.exists(folder):
             argv.append("--overwrite_output_dir")
         print(shlex.join(argv), file=sys.stderr)
         start = time.time()
@@ -149,13 +261,24 @@ def run_all(plan, out, launcher=launch):
 
 def markdown(plan, out, walls):
     """The table, then the command of each row (its first seed)."""
-    seeds = ", ".join(str(seed) for seed in sorted({seed for _, seed, *_ in plan if seed is not None}))
-    cells, commands = {}, ["", f"Trained rows: seeds {seeds} (`--seed`); the data (train, dev and test rows) "
-                           "is the same for every row. Commands:", ""]
+    seeds = ", ".join(
+        str(seed) for seed in sorted({seed for _, seed, *_ in plan if seed is not None})
+    )
+    cells, commands = (
+        {},
+        [
+            "",
+            f"Trained rows: seeds {seeds} (`--seed`); the data (train, dev and test rows) "
+            "is the same for every row. Commands:",
+            "",
+        ],
+    )
     for row, seed, script, flags in plan:
         folder = folder_of(out, script, flags)
         if row not in cells:
-            commands.append(f"- {report.label(row)}: `python {shlex.join(command(script, flags, folder))}`")
+            commands.append(
+                f"- {report.label(row)}: `python {shlex.join(command(script, flags, folder))}`"
+            )
         cells.setdefault(row, []).append((load_finished([folder])[0], walls.get(folder)))
     return "\n".join([report.seeds_markdown(cells), *commands])
 
@@ -164,8 +287,13 @@ def inputs(plan, out):
     """-> (what, path) of the model and data folders the runs read, and of the files the runner
     reads under out (its wall times, each run's files): --out may hold the latter only, and
     --write and --figure are none of them (data/files.py `check_writes`)."""
-    sources = list(dict.fromkeys((what, flags[key]) for *_, flags in plan
-                      for what, key in (("model", "model"), ("data", "data_dir"))))
+    sources = list(
+        dict.fromkeys(
+            (what, flags[key])
+            for *_, flags in plan
+            for what, key in (("model", "model"), ("data", "data_dir"))
+        )
+    )
     folders = [folder_of(out, script, flags) for _, _, script, flags in plan]
     return sources, [("wall-times", os.path.join(out, "wall_times.json")), *files_read(folders)]
 
@@ -181,16 +309,26 @@ def estimators_markdown(plan, out, figure_path=None):
         rows.setdefault(row, []).append(load_finished([folder])[0])
     if figure_path:
         from data.paper import plots
-        fig = plots.forward_pass_curves(plots.figure_class(), rows, "SmolLM2-135M-Instruct, LoRA, Rotten Tomatoes "
-                                        "snippets: MeZO, FZOO, Sparse-MeZO")
+
+        fig = plots.forward_pass_curves(
+            plots.figure_class(),
+            rows,
+            "SmolLM2-135M-Instruct, LoRA, Rotten Tomatoes snippets: MeZO, FZOO, Sparse-MeZO",
+        )
         folder, name = os.path.split(os.path.abspath(figure_path))
-        report.save(folder, {}, {name: fig}, reads=sum(inputs(plan, out), []),
-                    where=f"--figure {figure_path}")
+        report.save(
+            folder,
+            {},
+            {name: fig},
+            reads=sum(inputs(plan, out), []),
+            where=f"--figure {figure_path}",
+        )
     return "\n".join([report.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
 
 
 def grid_markdown(plan, out, rows=ROWS, grid=GRID):
-    """The grid's table (report.grid_markdown); a row whose settings in ROWS are not its kept point says so."""
+    """The grid's table (report.grid_markdown); a row whose settings in ROWS are not its kept point
+    says so."""
     cells = {}
     for row, _, script, flags in plan:
         cells.setdefault(row, []).append(load_finished([folder_of(out, script, flags)])[0])
@@ -199,8 +337,10 @@ def grid_markdown(plan, out, rows=ROWS, grid=GRID):
         kept = report.select_best(points, "loss", [])
         differ = {k: v for k, v in rows[row].items() if k in grid[row] and kept.config.get(k) != v}
         if differ:
-            notes.append(f"- {report.label(row)}: ROWS has {differ}; the grid keeps "
-                         f"{ {k: kept.config.get(k) for k in differ} }.")
+            notes.append(
+                f"- {report.label(row)}: ROWS has {differ}; the grid keeps "
+                f"{ {k: kept.config.get(k) for k in differ} }."
+            )
     return "\n".join([report.grid_markdown(cells), *([""] + notes if notes else [])])
 
 
@@ -214,17 +354,30 @@ def write_between_markers(path, text, begin=BEGIN, end=END):
 
 def main(argv=None):
     from data.flags import Parser
+
     p = Parser(prog="python -m data.paper.results", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/results", help="run folders (default runs/results)")
-    p.add_argument("--write", metavar="FILE", help="put the table into FILE (e.g. RESULTS.md) between its markers")
-    p.add_argument("--estimators", action="store_true", help="the estimators' comparison (ESTIMATOR_ROWS) instead")
-    p.add_argument("--grid", action="store_true", help="the grid on dev behind ROWS (GRID, seed 0) instead")
+    p.add_argument(
+        "--write",
+        metavar="FILE",
+        help="put the table into FILE (e.g. RESULTS.md) between its markers",
+    )
+    p.add_argument(
+        "--estimators",
+        action="store_true",
+        help="the estimators' comparison (ESTIMATOR_ROWS) instead",
+    )
+    p.add_argument(
+        "--grid", action="store_true", help="the grid on dev behind ROWS (GRID, seed 0) instead"
+    )
     p.add_argument("--figure", metavar="PNG", help="--estimators: also draw their dev curves here")
     p.add_argument("--model", default=MODEL), p.add_argument("--data_dir", default=DATA)
     args = p.parse_args(argv)
     try:
         if args.grid and args.estimators:
-            raise DataError("--grid and --estimators are two tables, run one at a time (python -m data.paper.results)")
+            raise DataError(
+                "--grid and --estimators are two tables, run one at a time (python -m data.paper.results)"
+            )
         where = {"model": args.model, "data_dir": args.data_dir}
         if args.grid:
             plan = grid_runs(**where)
@@ -238,7 +391,10 @@ def main(argv=None):
         if args.grid:
             text, markers = grid_markdown(plan, args.out), (GRID_BEGIN, GRID_END)
         elif args.estimators:
-            text, markers = estimators_markdown(plan, args.out, args.figure), (ESTIMATORS_BEGIN, ESTIMATORS_END)
+            text, markers = (
+                estimators_markdown(plan, args.out, args.figure),
+                (ESTIMATORS_BEGIN, ESTIMATORS_END),
+            )
         else:
             text, markers = markdown(plan, args.out, walls), (BEGIN, END)
         if args.write:

@@ -4,6 +4,7 @@ A run folder (README "Usage") holds `config.json` (the resolved flags plus famil
 `results.json` (dev and test metrics, peak memory) once it has finished, and `metrics.jsonl`
 (the training curve: one record per logging window, one per evaluation).
 """
+
 import json
 import math
 import re
@@ -15,8 +16,16 @@ from data.paper.presets import canonical_task, method_id
 
 SELECT_BY = {"opt": "loss", "roberta": "accuracy"}
 RUN_READS = ("config.json", "results.json", "metrics.jsonl")  # what tables and figures read
-OPT_SIZES = {"125m": 125e6, "350m": 350e6, "1.3b": 1.3e9, "2.7b": 2.7e9, "6.7b": 6.7e9,
-             "13b": 13e9, "30b": 30e9, "66b": 66e9}
+OPT_SIZES = {
+    "125m": 125e6,
+    "350m": 350e6,
+    "1.3b": 1.3e9,
+    "2.7b": 2.7e9,
+    "6.7b": 6.7e9,
+    "13b": 13e9,
+    "30b": 30e9,
+    "66b": 66e9,
+}
 
 
 @dataclass
@@ -69,7 +78,11 @@ def _run_folders(folder):
     """A folder with config.json is a run; otherwise look for runs below it (not inside runs)."""
     if (folder / "config.json").is_file():
         return [folder]
-    return [run for sub in sorted(p for p in folder.iterdir() if p.is_dir()) for run in _run_folders(sub)]
+    return [
+        run
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir())
+        for run in _run_folders(sub)
+    ]
 
 
 def load_runs(run_dirs):
@@ -89,8 +102,12 @@ def load_runs(run_dirs):
             if key not in config:
                 raise DataError(f"config.json without '{key}' ({folder / 'config.json'})")
         if config["family"] not in SELECT_BY:
-            raise DataError(f"unknown family {config['family']!r}, expected opt or roberta ({folder / 'config.json'})")
-        results = _read_json(folder / "results.json") if (folder / "results.json").is_file() else None
+            raise DataError(
+                f"unknown family {config['family']!r}, expected opt or roberta ({folder / 'config.json'})"
+            )
+        results = (
+            _read_json(folder / "results.json") if (folder / "results.json").is_file() else None
+        )
         runs.append(Run(folder, config, results))
     return runs
 
@@ -122,6 +139,8 @@ def load_finished(run_dirs):
     runs = []
     for folder in map(Path, run_dirs):
         if not (folder / "config.json").is_file() or not (folder / "results.json").is_file():
-            raise DataError(f"not a finished training run: no config.json and results.json ({folder})")
+            raise DataError(
+                f"not a finished training run: no config.json and results.json ({folder})"
+            )
         runs += load_runs([folder])
     return runs

@@ -2,13 +2,16 @@
 the finite seeds; a diverged seed (its value null in strict JSON, NaN in an older file) is left out
 and counted in a mark, "(†k)", which DIVERGED_NOTE under the table explains. One diverged seed
 marks its cell and never takes the table down."""
+
 import math
 import statistics
 
 DIVERGED = "†"
-DIVERGED_NOTE = (f"({DIVERGED}k): k of the row's seeds diverged there (a non-finite dev loss or "
-                 "metric: null in metrics.jsonl or results.json, NaN in an older file); mean ± std "
-                 "over the other seeds.")
+DIVERGED_NOTE = (
+    f"({DIVERGED}k): k of the row's seeds diverged there (a non-finite dev loss or "
+    "metric: null in metrics.jsonl or results.json, NaN in an older file); mean ± std "
+    "over the other seeds."
+)
 
 
 def finite(value) -> bool:

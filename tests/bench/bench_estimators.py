@@ -6,21 +6,25 @@ clean), Sparse-MeZO 2 (plus the per-parameter thresholds it recomputes at every 
 the median of per-repetition ratios. The model and batch are bench_scoring's: the real SmolLM2-135M-
 Instruct with LoRA on real review snippets (the tiny OPT with --quick).
 """
+
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
+from bench_model import interleaved, medians_ms  # noqa: E402
+from bench_scoring import REAL_SNIPPETS, smollm2  # noqa: E402
 
 import data  # noqa: E402
 import models  # noqa: E402
-from bench_model import interleaved, medians_ms  # noqa: E402
-from bench_scoring import REAL_SNIPPETS, smollm2  # noqa: E402
 from data.evaluate import encode_samples  # noqa: E402
 from zo import MeZO, MeZOConfig  # noqa: E402
 
-ESTIMATORS = {"MeZO": {}, "FZOO N=8": {"estimator": "fzoo", "fzoo_n": 8},
-              "Sparse-MeZO 0.75": {"sparse_mezo": 0.75}}
+ESTIMATORS = {
+    "MeZO": {},
+    "FZOO N=8": {"estimator": "fzoo", "fzoo_n": 8},
+    "Sparse-MeZO 0.75": {"sparse_mezo": 0.75},
+}
 
 
 def forwards_per_step(cfg: MeZOConfig) -> int:
@@ -28,15 +32,21 @@ def forwards_per_step(cfg: MeZOConfig) -> int:
 
 
 def run(plan):
-    """-> {"ms_per_forward": {name: median ms}, "ratio": {name: [per-repetition per-forward time / MeZO's]}, ...}."""
+    """-> {"ms_per_forward": {name: median ms}, "ratio": {name: [per-repetition per-forward time /
+    MeZO's]}, ...}."""
     quick = plan["quick"]
     real = None if quick else smollm2()
     if real is None and not quick:
         return {"skipped": "SmolLM2-135M-Instruct is missing: `make smollm2` converts it"}
-    model, tok = real or (models.load_model(models.TINY_OPT), models.load_tokenizer(models.TINY_OPT))
+    model, tok = real or (
+        models.load_model(models.TINY_OPT),
+        models.load_tokenizer(models.TINY_OPT),
+    )
     task = data.get_task("SST2", family=model.config.model_type)
     real_text = not quick and (REAL_SNIPPETS / "train.tsv").is_file()
-    examples = encode_samples(task, task.load(str(REAL_SNIPPETS) if real_text else None)["train"][:plan["batch"]], tok)
+    examples = encode_samples(
+        task, task.load(str(REAL_SNIPPETS) if real_text else None)["train"][: plan["batch"]], tok
+    )
     models.apply_lora(model, r=8, alpha=16, generator=torch.Generator().manual_seed(0))
     batch = data.collate(examples, "classification", tok.pad_token_id, shared=True)
     lr = 1e-7
@@ -44,11 +54,22 @@ def run(plan):
     fns = {}
     for name, cfg in configs.items():
         mezo = MeZO(model, cfg)
-        fns[name] = (lambda m=mezo: m.step(model, lambda mm: data.batch_loss(mm, batch)))
+        fns[name] = lambda m=mezo: m.step(model, lambda mm: data.batch_loss(mm, batch))
     times = interleaved(fns, plan["step_repeats"])
-    per_forward = {name: [t / forwards_per_step(configs[name]) for t in ts] for name, ts in times.items()}
-    ratios = {name: [x / y for x, y in zip(ts, per_forward["MeZO"])] for name, ts in per_forward.items() if name != "MeZO"}
-    return {"model": "SmolLM2-135M-Instruct + LoRA" if real else "tiny OPT + LoRA", "batch": len(examples),
-            "text": "real review snippets" if real_text else "the bundled SST-2 sample",
-            "ms_per_forward": medians_ms(per_forward), "ratio": ratios, "repeats": plan["step_repeats"],
-            "forwards_per_step": {name: forwards_per_step(cfg) for name, cfg in configs.items()}}
+    per_forward = {
+        name: [t / forwards_per_step(configs[name]) for t in ts] for name, ts in times.items()
+    }
+    ratios = {
+        name: [x / y for x, y in zip(ts, per_forward["MeZO"])]
+        for name, ts in per_forward.items()
+        if name != "MeZO"
+    }
+    return {
+        "model": "SmolLM2-135M-Instruct + LoRA" if real else "tiny OPT + LoRA",
+        "batch": len(examples),
+        "text": "real review snippets" if real_text else "the bundled SST-2 sample",
+        "ms_per_forward": medians_ms(per_forward),
+        "ratio": ratios,
+        "repeats": plan["step_repeats"],
+        "forwards_per_step": {name: forwards_per_step(cfg) for name, cfg in configs.items()},
+    }

@@ -13,6 +13,7 @@ run on the GPU, plus a device-to-device copy (`q.copy_(p)`): the bandwidth targe
 
     python tests/bench/bench_perturb.py [n]      # prints a table; run(n) returns the rows
 """
+
 import statistics
 import sys
 import time
@@ -69,8 +70,16 @@ def _variants(n: int, device: str) -> dict:
     p = torch.zeros(n, device=device)
     q = torch.empty_like(p)
     state = {"p": p}
-    scalar = lambda v, dtype=torch.int64: torch.full((), v, dtype=dtype, device=device)
-    seed, key, offset, scale = scalar(123456789), scalar(987654321), scalar(0), scalar(EPS, torch.float32)
+
+    def scalar(v, dtype=torch.int64):
+        return torch.full((), v, dtype=dtype, device=device)
+
+    seed, key, offset, scale = (
+        scalar(123456789),
+        scalar(987654321),
+        scalar(0),
+        scalar(EPS, torch.float32),
+    )
 
     def original():  # large_models/trainer.py zo_perturb_parameters, scaling_factor=1
         torch.manual_seed(123456789)
@@ -89,7 +98,9 @@ def _variants(n: int, device: str) -> dict:
         kernels.perturb_(buf, seed=seed, key=key, offset=offset, scale=scale)
 
     rows = {
-        "fused in place": lambda: kernels.perturb_(p, seed=seed, key=key, offset=offset, scale=scale),
+        "fused in place": lambda: kernels.perturb_(
+            p, seed=seed, key=key, offset=offset, scale=scale
+        ),
         "fused copy": fused_copy,
         "original (manual_seed+normal+add)": original,
         "randn into buffer + add_": randn_add,
@@ -110,25 +121,34 @@ def run(n: int = 50_000_000, repeats: int = 7) -> list[dict]:
             timed[name] = _median_ms(fn, device, repeats), extra(fn)
         fused_ms = timed["fused in place"][0]
         for name, (ms, mib) in timed.items():
-            rows.append({
-                "device": device if device == "cpu" else torch.cuda.get_device_name(),
-                "variant": name, "n": n, "ms": round(ms, 2), "x_fused": round(ms / fused_ms, 2),
-                "GB_s": round(8 * n / ms / 1e6, 1),  # an in-place pass reads and writes 4 bytes
-                "extra_MiB": round(mib, 1),
-                "threads": torch.get_num_threads(),
-            })
+            rows.append(
+                {
+                    "device": device if device == "cpu" else torch.cuda.get_device_name(),
+                    "variant": name,
+                    "n": n,
+                    "ms": round(ms, 2),
+                    "x_fused": round(ms / fused_ms, 2),
+                    "GB_s": round(8 * n / ms / 1e6, 1),  # an in-place pass reads and writes 4 bytes
+                    "extra_MiB": round(mib, 1),
+                    "threads": torch.get_num_threads(),
+                }
+            )
     return rows
 
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 50_000_000
     rows = run(n)
-    print(f"one perturbation pass over {n:,} fp32 elements ({n * 4 / 2**20:.0f} MiB), median ms; "
-          "x_fused = time / fused in-place time")
+    print(
+        f"one perturbation pass over {n:,} fp32 elements ({n * 4 / 2**20:.0f} MiB), median ms; "
+        "x_fused = time / fused in-place time"
+    )
     print(f"{'device':<10} {'variant':<36} {'ms':>9} {'x_fused':>8} {'GB/s':>7} {'extra MiB':>10}")
     for r in rows:
-        print(f"{r['device'][:10]:<10} {r['variant']:<36} {r['ms']:>9.2f} {r['x_fused']:>8.2f} "
-              f"{r['GB_s']:>7.1f} {r['extra_MiB']:>10.1f}")
+        print(
+            f"{r['device'][:10]:<10} {r['variant']:<36} {r['ms']:>9.2f} {r['x_fused']:>8.2f} "
+            f"{r['GB_s']:>7.1f} {r['extra_MiB']:>10.1f}"
+        )
 
 
 if __name__ == "__main__":

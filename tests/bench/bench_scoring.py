@@ -1,4 +1,5 @@
-"""Shared-prompt scoring and logits only where read, against the original's way (issue rows of `make bench`).
+"""Shared-prompt scoring and logits only where read, against the original's way (issue rows of `make
+bench`).
 
 "old" is the original's computation: one sequence per candidate, the LM head on every position
 (`FullLogits` runs the model's head everywhere and then keeps the positions the loss reads, so the
@@ -13,6 +14,7 @@ review snippets (.cache/rotten-tomatoes, `make rotten-tomatoes`; without them th
 sample's 420 rows), the bundled Copa and CB samples; OPT-125m's shape with random weights on random
 SST-2-like prompts (16 examples x 63 prompt tokens + 1 candidate token).
 """
+
 import json
 import subprocess
 import sys
@@ -24,15 +26,17 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from bench_model import _status_mib, build, interleaved, medians_ms, ratio  # noqa: E402
+
 import data  # noqa: E402
 import models  # noqa: E402
-from bench_model import _status_mib, build, interleaved, medians_ms, ratio  # noqa: E402
 from data.evaluate import encode_samples, predict  # noqa: E402
 from models.opt import keep_positions  # noqa: E402
 from zo import MeZO, MeZOConfig  # noqa: E402
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / ".cache" / "smollm2-135m-instruct"
-REAL_SNIPPETS = Path(__file__).resolve().parents[2] / ".cache" / "rotten-tomatoes"  # `make rotten-tomatoes`
+# `make rotten-tomatoes`
+REAL_SNIPPETS = Path(__file__).resolve().parents[2] / ".cache" / "rotten-tomatoes"
 LAYOUTS = ("old", "new", "per candidate")
 
 
@@ -70,7 +74,7 @@ def step_times(model, examples, kind, pad_token_id, repeats, lr=1e-7):
     for layout in LAYOUTS:
         m, shared = scorer(model, layout)
         batch = data.collate(examples, kind, pad_token_id, shared=shared)
-        fns[layout] = (lambda m=m, b=batch: mezo.step(model, lambda _: data.batch_loss(m, b)))
+        fns[layout] = lambda m=m, b=batch: mezo.step(model, lambda _: data.batch_loss(m, b))
     return interleaved(fns, repeats)
 
 
@@ -79,17 +83,34 @@ def eval_times(model, tok, task, samples, repeats, demo_sets=None, batch_size=8,
 
     def run(layout, n=len(samples)):
         m, shared = scorer(model, layout)
-        preds[layout] = predict(m, tok, task, samples[:n], demo_sets=demo_sets and demo_sets[:n],
-                                batch_size=batch_size, max_length=max_length, shared=shared)[0]
-    for layout in LAYOUTS:  # warm-up: one batch each; nothing a layout builds or caches depends on the row count
+        preds[layout] = predict(
+            m,
+            tok,
+            task,
+            samples[:n],
+            demo_sets=demo_sets and demo_sets[:n],
+            batch_size=batch_size,
+            max_length=max_length,
+            shared=shared,
+        )[0]
+
+    # warm-up: one batch each; nothing a layout builds or caches depends on the row count
+    for layout in LAYOUTS:
         run(layout, batch_size)
-    times = interleaved({layout: (lambda layout=layout: run(layout)) for layout in LAYOUTS}, repeats, warmup=False)
+    times = interleaved(
+        {layout: (lambda layout=layout: run(layout)) for layout in LAYOUTS}, repeats, warmup=False
+    )
     return times, all(p == preds["old"] for p in preds.values())
 
 
 def summary(times, **extra):
-    return {"ms": medians_ms(times), "new/old": ratio(times, "new", "old"),
-            "per candidate/old": ratio(times, "per candidate", "old"), "repeats": len(times["old"]), **extra}
+    return {
+        "ms": medians_ms(times),
+        "new/old": ratio(times, "new", "old"),
+        "per candidate/old": ratio(times, "per candidate", "old"),
+        "repeats": len(times["old"]),
+        **extra,
+    }
 
 
 def smollm2():
@@ -102,7 +123,10 @@ def run(plan):
     """All rows' raw numbers. plan: quick (tiny OPT, few rows) or full."""
     quick, out = plan["quick"], {}
     real = None if quick else smollm2()
-    model, tok = real or (models.load_model(models.TINY_OPT).eval(), models.load_tokenizer(models.TINY_OPT))
+    model, tok = real or (
+        models.load_model(models.TINY_OPT).eval(),
+        models.load_tokenizer(models.TINY_OPT),
+    )
     name = "SmolLM2-135M-Instruct" if real else ("tiny OPT" if quick else None)
     if name is None:
         out["skipped"] = f"{SMOLLM2} is missing: `make smollm2` converts it"
@@ -110,8 +134,10 @@ def run(plan):
         sst2 = data.get_task("SST2", family=model.config.model_type)
         real = not quick and (REAL_SNIPPETS / "dev.tsv").is_file()
         splits = sst2.load(str(REAL_SNIPPETS) if real else None)
-        out["text"] = "real review snippets (.cache/rotten-tomatoes)" if real else "the bundled SST-2 sample"
-        rows = (list(splits["valid"]) + list(splits["train"]))[:plan["zero_shot_rows"]]
+        out["text"] = (
+            "real review snippets (.cache/rotten-tomatoes)" if real else "the bundled SST-2 sample"
+        )
+        rows = (list(splits["valid"]) + list(splits["train"]))[: plan["zero_shot_rows"]]
         times, same = eval_times(model, tok, sst2, rows, plan["eval_repeats"])
         out["zero_shot"] = summary(times, model=name, rows=len(rows), same_predictions=same)
         test, demos = data.icl_splits(splits, num_demos=16, num_eval=plan["icl_rows"])
@@ -122,25 +148,35 @@ def run(plan):
             samples = task.load(None)["valid"]
             times, same = eval_times(model, tok, task, samples, plan["eval_repeats"])
             out[task_name] = summary(times, model=name, rows=len(samples), same_predictions=same)
-        train = encode_samples(sst2, splits["train"][:plan["batch"]], tok)
+        train = encode_samples(sst2, splits["train"][: plan["batch"]], tok)
         models.apply_lora(model, r=8, alpha=16, generator=torch.Generator().manual_seed(0))
-        out["lora_step"] = summary(step_times(model, train, "classification", tok.pad_token_id, plan["step_repeats"]),
-                                   model=name, batch=len(train))
+        out["lora_step"] = summary(
+            step_times(model, train, "classification", tok.pad_token_id, plan["step_repeats"]),
+            model=name,
+            batch=len(train),
+        )
     shape, vocab = plan["opt_shape"], plan["vocab"]
     size, seq = plan["opt_batch"]
     opt = build(shape, vocab)
-    out["ft_step"] = summary(step_times(opt, sst2_like(size, seq - 1, vocab), "classification", 1, plan["step_repeats"]),
-                             model=f"OPT-{shape} shape, random weights", batch=[size, seq])
+    out["ft_step"] = summary(
+        step_times(opt, sst2_like(size, seq - 1, vocab), "classification", 1, plan["step_repeats"]),
+        model=f"OPT-{shape} shape, random weights",
+        batch=[size, seq],
+    )
     cases = [(what, layout) for what in ("step", "eval") for layout in LAYOUTS]
-    with ThreadPoolExecutor(len(cases) if quick else 1) as pool:  # --quick: the processes side by side
+    # --quick: the processes side by side
+    with ThreadPoolExecutor(len(cases) if quick else 1) as pool:
         peaks = list(pool.map(lambda c: memory_in_subprocess(*c, shape, vocab, size, seq), cases))
-    out["memory"] = {what: {layout: peak for (w, layout), peak in zip(cases, peaks) if w == what}
-                     for what in ("step", "eval")}
+    out["memory"] = {
+        what: {layout: peak for (w, layout), peak in zip(cases, peaks) if w == what}
+        for what in ("step", "eval")
+    }
     return out
 
 
 def measure_memory(what, layout, shape, vocab, size, seq):
-    """In this (fresh) process: peak RSS of one MeZO step or one scoring forward, after a warm-up."""
+    """In this (fresh) process: peak RSS of one MeZO step or one scoring forward, after a
+    warm-up."""
     model = build(shape, vocab)
     m, shared = scorer(model, layout)
     batch = data.collate(sst2_like(size, seq - 1, vocab), "classification", 1, shared=shared)
@@ -149,23 +185,32 @@ def measure_memory(what, layout, shape, vocab, size, seq):
         mezo = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3))
         call = lambda: mezo.step(model, lambda _: data.batch_loss(m, batch)).item()  # noqa: E731
     else:
+
         def call():
             with torch.no_grad():
                 data.candidate_scores(data.batch_logits(m, batch), batch).sum().item()
+
     call()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = time.perf_counter()
     call()
-    return {"what": what, "layout": layout, "post_build_MiB": round(post_build, 1),
-            "peak_MiB": round(_status_mib("VmHWM"), 1), "s": round(time.perf_counter() - start, 3)}
+    return {
+        "what": what,
+        "layout": layout,
+        "post_build_MiB": round(post_build, 1),
+        "peak_MiB": round(_status_mib("VmHWM"), 1),
+        "s": round(time.perf_counter() - start, 3),
+    }
 
 
 def memory_in_subprocess(what, layout, shape, vocab, size, seq):
     cmd = [sys.executable, __file__, "memory", what, layout, shape, str(vocab), str(size), str(seq)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
-        raise RuntimeError(f"scoring memory benchmark failed ({' '.join(cmd[2:])}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"scoring memory benchmark failed ({' '.join(cmd[2:])}):\n{proc.stderr[-3000:]}"
+        )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -1,5 +1,6 @@
 """CommCounter: the collectives issued through torch.distributed while it is active, counted per
 operation with their payload bytes (bench_comm.py's workers and tests/dist_worker.py use it)."""
+
 import torch
 import torch.distributed as dist
 
@@ -14,13 +15,23 @@ class CommCounter:
 
     Bytes are the payload: the size of the collective's largest buffer (all-reduce / broadcast: the
     tensor; all-gather: the gathered output; reduce-scatter: the input). A collective called from
-    inside another (deprecated aliases) counts once, as the outer one. Functional collectives (DTensor
-    redistribution, e.g. inside full_state_dict) are not counted.
+    inside another (deprecated aliases) counts once, as the outer one. Functional collectives
+    (DTensor redistribution, e.g. inside full_state_dict) are not counted.
     """
 
-    OPS = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
-           "reduce_scatter_tensor", "reduce_scatter_single", "broadcast", "reduce", "all_to_all",
-           "all_to_all_single")
+    OPS = (
+        "all_reduce",
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "reduce_scatter",
+        "reduce_scatter_tensor",
+        "reduce_scatter_single",
+        "broadcast",
+        "reduce",
+        "all_to_all",
+        "all_to_all_single",
+    )
 
     def __init__(self):
         self.calls: dict[str, int] = {}
@@ -33,7 +44,8 @@ class CommCounter:
         return sum(self.bytes.values())
 
     def __enter__(self) -> "CommCounter":
-        from torch.distributed import distributed_c10d  # holds the functions; torch.distributed re-exports them
+        # holds the functions; torch.distributed re-exports them
+        from torch.distributed import distributed_c10d
 
         for module in (dist, distributed_c10d):
             for op in self.OPS:
@@ -51,12 +63,15 @@ class CommCounter:
         def counted(*args, **kwargs):
             if self._depth == 0:
                 self.calls[op] = self.calls.get(op, 0) + 1
-                self.bytes[op] = self.bytes.get(op, 0) + max(map(_nbytes, [*args, *kwargs.values()]), default=0)
+                self.bytes[op] = self.bytes.get(op, 0) + max(
+                    map(_nbytes, [*args, *kwargs.values()]), default=0
+                )
             self._depth += 1
             try:
                 return fn(*args, **kwargs)
             finally:
                 self._depth -= 1
+
         return counted
 
 

@@ -1,12 +1,14 @@
 """Worker for bench_comm.py: MeZO steps on the tiny OPT under torchrun, replicated then sharded,
 each step inside CommCounter (comm_counter.py).
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/bench/comm_worker.py OUT [--steps N]
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/bench/comm_worker.py OUT
+    [--steps N]
 
 Each rank writes OUT/comm.rank<r>.json: per mode, the collectives of every step (calls and bytes per
 op), plus what the model implies: its parameter bytes, the same padded to FSDP2's torch.chunk split
 (dim 0 rounded up to a multiple of the world size), and the number of FSDP units.
 """
+
 import argparse
 import json
 import math
@@ -17,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from comm_counter import CommCounter  # noqa: E402  (this folder is the script's sys.path[0])
+
 import models  # noqa: E402
 from zo import MeZO, MeZOConfig, whole  # noqa: E402
 from zo import distributed as zd  # noqa: E402
-from comm_counter import CommCounter  # noqa: E402  (this folder is the script's sys.path[0])
 
 ROWS, T = 4, 16  # the global batch: 4 sequences of 16 tokens, split 2/2 over two ranks
 
@@ -32,16 +35,24 @@ def loss_closure(ids, d: zd.Dist):
 
     def loss_fn(model):
         logits = model(mine, torch.ones_like(mine))[:, :-1].float()
-        return F.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten(), reduction="sum") / n_tokens
+        return (
+            F.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten(), reduction="sum") / n_tokens
+        )
+
     return loss_fn
 
 
 def model_bytes(model, world_size: int) -> dict:
     params = list(model.parameters())  # a tied parameter once
-    return {"param_bytes": sum(p.numel() * p.element_size() for p in params),
-            "padded_param_bytes": sum(math.ceil(p.shape[0] / world_size) * world_size * p[0].numel()
-                                      * p.element_size() for p in params),
-            "fsdp_units": sum(len(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList)) + 1}
+    return {
+        "param_bytes": sum(p.numel() * p.element_size() for p in params),
+        "padded_param_bytes": sum(
+            math.ceil(p.shape[0] / world_size) * world_size * p[0].numel() * p.element_size()
+            for p in params
+        ),
+        "fsdp_units": sum(len(m) for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+        + 1,
+    }
 
 
 def main():
@@ -59,8 +70,12 @@ def main():
             info = model_bytes(model, d.world_size)
             if mode == "sharded":
                 model = zd.shard_model(model, d)
-            mezo = MeZO(model, MeZOConfig(lr=1e-4, eps=1e-3), reduce_losses=d.reduce_losses,
-                        local_view=zd.local_view if mode == "sharded" else whole)
+            mezo = MeZO(
+                model,
+                MeZOConfig(lr=1e-4, eps=1e-3),
+                reduce_losses=d.reduce_losses,
+                local_view=zd.local_view if mode == "sharded" else whole,
+            )
             per_step = []
             for ids in batches:
                 with CommCounter() as comm:

@@ -2,7 +2,8 @@
 
     python3 tests/bench/gpu_check.py [--out gpu-results.json]     # needs CUDA; exit 2 without it
     python3 tests/bench/gpu_check.py --cpu-smoke --out X.json     # the same machinery at tiny sizes
-                                                                  # on the CPU (tests/test_gpu_check.py)
+                                                                  # on the CPU
+                                                                  (tests/test_gpu_check.py)
 
 First every CUDA-marked test (`pytest -m cuda tests`; on a GPU a skipped one counts as a failure),
 then the rows below, each a ratio taken within this run. Prints one Markdown table and writes every
@@ -20,6 +21,7 @@ FAILED row and the exit status is 1; nothing is skipped.
    with backprop + AdamW beside it (out of memory is reported, not a failure, at the largest shape);
 5. our OPT forward over transformers' at OPT-1.3b shape in bf16 (goal <= 1.0x).
 """
+
 import argparse
 import json
 import os
@@ -35,28 +37,62 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as B  # noqa: E402  (puts the repository root on sys.path)
+
 import models  # noqa: E402
 from data.files import atomic_write  # noqa: E402
 from data.losses import mlm_loss  # noqa: E402
 from models.opt import OPT, OPTConfig  # noqa: E402
 from models.roberta import RobertaConfig, RobertaMLM  # noqa: E402
-from zo import CudaGraphStep, FO, FOConfig, MeZO, MeZOConfig  # noqa: E402
+from zo import FO, CudaGraphStep, FOConfig, MeZO, MeZOConfig  # noqa: E402
 from zo.kernels import get_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTIONS = ("tests", "perturb", "step.opt", "step.roberta", "memory", "forward")
 # OPT shapes beyond bench_model's (hidden, layers, heads, ffn), largest last
-OPT_SHAPES = {**B.SHAPES, "2.7b": (2560, 32, 32, 10240), "6.7b": (4096, 32, 32, 16384),
-              "13b": (5120, 40, 40, 20480), "30b": (7168, 48, 56, 28672), "66b": (9216, 64, 72, 36864)}
-ROBERTA = {"large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-           "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256)}
-FULL = dict(device="cuda", perturb_n=1_000_000_000, perturb_repeats=10, opt="1.3b", opt_vocab=50272, opt_batch=(16, 64),
-            roberta="large", roberta_vocab=50265, roberta_batch=(64, 128), repeats=10, memory_shapes=("1.3b", "largest"))
-SMOKE = dict(device="cpu", perturb_n=100_000, perturb_repeats=1, opt="tiny", opt_vocab=1000, opt_batch=(2, 16),
-             roberta="tiny", roberta_vocab=1000, roberta_batch=(2, 16), repeats=1, memory_shapes=("tiny",))
+OPT_SHAPES = {
+    **B.SHAPES,
+    "2.7b": (2560, 32, 32, 10240),
+    "6.7b": (4096, 32, 32, 16384),
+    "13b": (5120, 40, 40, 20480),
+    "30b": (7168, 48, 56, 28672),
+    "66b": (9216, 64, 72, 36864),
+}
+ROBERTA = {
+    "large": dict(
+        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
+    ),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
+}
+FULL = dict(
+    device="cuda",
+    perturb_n=1_000_000_000,
+    perturb_repeats=10,
+    opt="1.3b",
+    opt_vocab=50272,
+    opt_batch=(16, 64),
+    roberta="large",
+    roberta_vocab=50265,
+    roberta_batch=(64, 128),
+    repeats=10,
+    memory_shapes=("1.3b", "largest"),
+)
+SMOKE = dict(
+    device="cpu",
+    perturb_n=100_000,
+    perturb_repeats=1,
+    opt="tiny",
+    opt_vocab=1000,
+    opt_batch=(2, 16),
+    roberta="tiny",
+    roberta_vocab=1000,
+    roberta_batch=(2, 16),
+    repeats=1,
+    memory_shapes=("tiny",),
+)
 
 
 # ---------------------------------------------------------------- models, built in place in bf16
+
 
 def build(make, device: str, dtype=torch.bfloat16):
     """A random-init model without a full-precision copy: shapes on the meta device, storage
@@ -81,14 +117,26 @@ def build(make, device: str, dtype=torch.bfloat16):
 
 def opt(shape: str, vocab: int, device: str) -> OPT:
     hidden, layers, heads, ffn = OPT_SHAPES[shape]
-    cfg = OPTConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                    ffn_dim=ffn, max_position_embeddings=2048, word_embed_proj_dim=hidden)
+    cfg = OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        ffn_dim=ffn,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=hidden,
+    )
     return build(lambda: OPT(cfg), device)
 
 
 def roberta(shape: str, vocab: int, device: str) -> RobertaMLM:
-    cfg = RobertaConfig(vocab_size=vocab, max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5,
-                        **ROBERTA[shape])
+    cfg = RobertaConfig(
+        vocab_size=vocab,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        **ROBERTA[shape],
+    )
     return build(lambda: RobertaMLM(cfg), device)
 
 
@@ -117,9 +165,13 @@ def opt_loss(model, batch):
 def roberta_batch(size, seq, vocab, device) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (size, seq), generator=g).to(device)
-    return {"ids": ids, "mask": torch.ones_like(ids), "mask_pos": torch.full((size,), seq // 2, device=device),
-            "label_word_ids": torch.tensor([100, 200], device=device),
-            "labels": torch.randint(0, 2, (size,), generator=g).to(device)}
+    return {
+        "ids": ids,
+        "mask": torch.ones_like(ids),
+        "mask_pos": torch.full((size,), seq // 2, device=device),
+        "label_word_ids": torch.tensor([100, 200], device=device),
+        "labels": torch.randint(0, 2, (size,), generator=g).to(device),
+    }
 
 
 def roberta_loss(model, batch):
@@ -128,16 +180,32 @@ def roberta_loss(model, batch):
 
 # ---------------------------------------------------------------- rows
 
+
 def row(id, what, value, unit, op, target, notes="") -> dict:
     met = None if op is None else (value >= target if op == ">=" else value <= target)
-    return {"id": id, "row": what, "measured": value, "unit": unit, "goal": "-" if op is None else f"{op} {target}",
-            "verdict": "info" if met is None else ("meets" if met else "misses"), "notes": notes}
+    return {
+        "id": id,
+        "row": what,
+        "measured": value,
+        "unit": unit,
+        "goal": "-" if op is None else f"{op} {target}",
+        "verdict": "info" if met is None else ("meets" if met else "misses"),
+        "notes": notes,
+    }
 
 
 def failed(id, what, error: BaseException) -> dict:
     line = (str(error).strip().splitlines() or [""])[0][:300]
-    return {"id": id, "row": what, "measured": None, "unit": "", "goal": "-",
-            "verdict": f"FAILED: {type(error).__name__}: {line}", "notes": "", "traceback": traceback.format_exc()}
+    return {
+        "id": id,
+        "row": what,
+        "measured": None,
+        "unit": "",
+        "goal": "-",
+        "verdict": f"FAILED: {type(error).__name__}: {line}",
+        "notes": "",
+        "traceback": traceback.format_exc(),
+    }
 
 
 def perturb_row(plan) -> list[dict]:
@@ -145,21 +213,40 @@ def perturb_row(plan) -> list[dict]:
     p = torch.zeros(n, dtype=torch.bfloat16, device=device)
     q = torch.empty_like(p)
     scalar = lambda v, dtype=torch.int64: torch.full((), v, dtype=dtype, device=device)  # noqa: E731
-    args = dict(seed=scalar(123456789), key=scalar(987654321), offset=scalar(0), scale=scalar(1e-3, torch.float32))
+    args = dict(
+        seed=scalar(123456789),
+        key=scalar(987654321),
+        offset=scalar(0),
+        scale=scalar(1e-3, torch.float32),
+    )
     kernels = get_kernels("normal")
-    times = B.interleaved({"fused": lambda: kernels.perturb_(p, **args), "copy_": lambda: q.copy_(p)},
-                          plan["perturb_repeats"], device)
+    times = B.interleaved(
+        {"fused": lambda: kernels.perturb_(p, **args), "copy_": lambda: q.copy_(p)},
+        plan["perturb_repeats"],
+        device,
+    )
     ms, r = B.medians_ms(times), B.ratio(times, "copy_", "fused")
     gbs = 4 * n / (ms["fused"] / 1e3) / 1e9  # reads and writes 2 bytes per element
-    return [row("perturb.bandwidth", f"fused perturb_ over {n / 1e9:g}B bf16: fraction of copy_ bandwidth",
-                r["median"], "x", ">=", 0.8, f"fused {ms['fused']:.2f} ms ({gbs:.0f} GB/s), copy_ {ms['copy_']:.2f} ms")]
+    return [
+        row(
+            "perturb.bandwidth",
+            f"fused perturb_ over {n / 1e9:g}B bf16: fraction of copy_ bandwidth",
+            r["median"],
+            "x",
+            ">=",
+            0.8,
+            f"fused {ms['fused']:.2f} ms ({gbs:.0f} GB/s), copy_ {ms['copy_']:.2f} ms",
+        )
+    ]
 
 
 def step_rows(plan, family: str) -> list[dict]:
     """Eager and graphed MeZO steps against two plain forwards, interleaved."""
     device = plan["device"]
     shape, vocab, (size, seq) = (plan[family], plan[f"{family}_vocab"], plan[f"{family}_batch"])
-    make, make_batch, loss = (opt, opt_batch, opt_loss) if family == "opt" else (roberta, roberta_batch, roberta_loss)
+    make, make_batch, loss = (
+        (opt, opt_batch, opt_loss) if family == "opt" else (roberta, roberta_batch, roberta_loss)
+    )
     model = make(shape, vocab, device)
     data = make_batch(size, seq, vocab, device)
     eager = MeZO(model, MeZOConfig(lr=1e-9, eps=1e-3))
@@ -169,7 +256,10 @@ def step_rows(plan, family: str) -> list[dict]:
         loss(model, data)
         loss(model, data)
 
-    fns = {"two forwards": two_forwards, "eager step": lambda: eager.step(model, lambda m: loss(m, data))}
+    fns = {
+        "two forwards": two_forwards,
+        "eager step": lambda: eager.step(model, lambda m: loss(m, data)),
+    }
     graph_error = None
     try:
         graphed = CudaGraphStep(MeZO(model, MeZOConfig(lr=1e-9, eps=1e-3)), model, loss)
@@ -188,10 +278,29 @@ def step_rows(plan, family: str) -> list[dict]:
         r = B.ratio(times, f"{kind} step", "two forwards")
         notes = f"step {ms[f'{kind} step']:.1f} ms, two forwards {ms['two forwards']:.1f} ms"
         if family == "opt":
-            rows.append(row(id, f"MeZO step ({kind}) / two forwards, {what}", r["median"], "x", "<=", 1.10, notes))
+            rows.append(
+                row(
+                    id,
+                    f"MeZO step ({kind}) / two forwards, {what}",
+                    r["median"],
+                    "x",
+                    "<=",
+                    1.10,
+                    notes,
+                )
+            )
         else:
-            rows.append(row(id, f"MeZO steps/s ({kind}), {what}", 1e3 / ms[f"{kind} step"], "steps/s", None, None,
-                            notes + f"; {r['median']:.2f}x two forwards"))
+            rows.append(
+                row(
+                    id,
+                    f"MeZO steps/s ({kind}), {what}",
+                    1e3 / ms[f"{kind} step"],
+                    "steps/s",
+                    None,
+                    None,
+                    notes + f"; {r['median']:.2f}x two forwards",
+                )
+            )
     return rows
 
 
@@ -227,12 +336,13 @@ def memory_rows(plan) -> list[dict]:
             else:
                 trainer = FO(model, FOConfig(lr=1e-9, optimizer="adam", lr_scheduler="constant"))
 
-            def run():
+            def run(trainer=trainer, model=model, data=data):
                 if trainer is None:
                     with torch.no_grad():
                         opt_loss(model.eval(), data)
                 else:
                     trainer.step(model, lambda m: opt_loss(m, data))
+
             try:
                 peaks[mode] = peak_of(run, device)
             except torch.OutOfMemoryError:
@@ -243,18 +353,35 @@ def memory_rows(plan) -> list[dict]:
             if device == "cuda":
                 torch.cuda.empty_cache()
         ratio = peaks["mezo"] / peaks["inference"]
-        adam = f"{peaks['backprop_adamw']:.0f} MiB ({peaks['backprop_adamw'] / peaks['inference']:.2f}x)" \
-            if "backprop_adamw" in peaks else "out of memory"
-        rows.append(row(f"memory.{shape}", f"peak memory, OPT-{shape} shape, {size}x{seq} bf16: MeZO / inference",
-                        ratio, "x", "<=", 1.05, f"inference {peaks['inference']:.0f} MiB, MeZO {peaks['mezo']:.0f} MiB,"
-                        f" backprop+AdamW {adam}"))
+        adam = (
+            f"{peaks['backprop_adamw']:.0f} MiB ({peaks['backprop_adamw'] / peaks['inference']:.2f}x)"
+            if "backprop_adamw" in peaks
+            else "out of memory"
+        )
+        rows.append(
+            row(
+                f"memory.{shape}",
+                f"peak memory, OPT-{shape} shape, {size}x{seq} bf16: MeZO / inference",
+                ratio,
+                "x",
+                "<=",
+                1.05,
+                f"inference {peaks['inference']:.0f} MiB, MeZO {peaks['mezo']:.0f} MiB,"
+                f" backprop+AdamW {adam}",
+            )
+        )
     return rows
 
 
 def forward_row(plan) -> list[dict]:
     import transformers
 
-    device, vocab, shape, (size, seq) = plan["device"], plan["opt_vocab"], plan["opt"], plan["opt_batch"]
+    device, vocab, shape, (size, seq) = (
+        plan["device"],
+        plan["opt_vocab"],
+        plan["opt"],
+        plan["opt_batch"],
+    )
     transformers.utils.logging.disable_progress_bar()
     with torch.device(device):
         hf = transformers.OPTForCausalLM(transformers.OPTConfig(**B.config_kwargs(shape, vocab)))
@@ -263,20 +390,43 @@ def forward_row(plan) -> list[dict]:
         hf.save_pretrained(tmp)
         ours = models.load_model(tmp).to(device=device, dtype=torch.bfloat16).eval()
     ids, mask = B.batch(size, seq, vocab, device)
-    fns = {"ours": lambda: ours(ids, mask), "transformers": lambda: hf(input_ids=ids, attention_mask=mask)}
+    fns = {
+        "ours": lambda: ours(ids, mask),
+        "transformers": lambda: hf(input_ids=ids, attention_mask=mask),
+    }
     with torch.no_grad():
         diff = (fns["ours"]().float() - fns["transformers"]().logits.float()).abs().max().item()
         times = B.interleaved(fns, plan["repeats"], device)
     ms, r = B.medians_ms(times), B.ratio(times, "ours", "transformers")
-    return [row("forward.vs_transformers", f"forward, OPT-{shape} shape, {size}x{seq} bf16: ours / transformers",
-                r["median"], "x", "<=", 1.0, f"ours {ms['ours']:.1f} ms, transformers {ms['transformers']:.1f} ms "
-                f"({hf.config._attn_implementation}); max abs logit diff {diff:.2e}")]
+    return [
+        row(
+            "forward.vs_transformers",
+            f"forward, OPT-{shape} shape, {size}x{seq} bf16: ours / transformers",
+            r["median"],
+            "x",
+            "<=",
+            1.0,
+            f"ours {ms['ours']:.1f} ms, transformers {ms['transformers']:.1f} ms "
+            f"({hf.config._attn_implementation}); max abs logit diff {diff:.2e}",
+        )
+    ]
 
 
 def cuda_tests() -> list[dict]:
     """Every CUDA-marked test; a skip counts as a failure here (there is a GPU)."""
     report = Path(tempfile.mkdtemp()) / "junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "cuda", "tests", "-q", "-p", "no:cacheprovider", f"--junitxml={report}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-m",
+        "cuda",
+        "tests",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={report}",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=360)
     import xml.etree.ElementTree as ET
 
@@ -286,20 +436,38 @@ def cuda_tests() -> list[dict]:
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
     ok = proc.returncode == 0 and counts["skipped"] == 0 and passed > 0
     bad = [case.get("name") for case in suite.iter("testcase") if len(case)]
-    return [{"id": "tests.cuda", "row": "CUDA-marked tests (pytest -m cuda)", "measured": passed, "unit": "passed",
-             "goal": "all pass, none skipped", "verdict": "meets" if ok else f"FAILED: {', '.join(bad) or proc.stdout[-300:]}",
-             "notes": f"{counts}", "output": proc.stdout[-5000:] + proc.stderr[-3000:]}]
+    return [
+        {
+            "id": "tests.cuda",
+            "row": "CUDA-marked tests (pytest -m cuda)",
+            "measured": passed,
+            "unit": "passed",
+            "goal": "all pass, none skipped",
+            "verdict": "meets" if ok else f"FAILED: {', '.join(bad) or proc.stdout[-300:]}",
+            "notes": f"{counts}",
+            "output": proc.stdout[-5000:] + proc.stderr[-3000:],
+        }
+    ]
 
 
 # ---------------------------------------------------------------- main
 
+
 def versions() -> dict:
-    info = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
+    info = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
     if torch.cuda.is_available():
         info["device"] = torch.cuda.get_device_name()
         try:
-            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=30).stdout.strip()
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
         except OSError as e:
             info["driver"] = f"unknown ({e})"
     else:
@@ -311,24 +479,38 @@ def fmt(r) -> str:
     v = r["measured"]
     if v is None:
         return "-"
-    return f"{v}{' ' + r['unit']}" if isinstance(v, int) else f"{v:.2f}{'x' if r['unit'] == 'x' else ' ' + r['unit']}"
+    return (
+        f"{v}{' ' + r['unit']}"
+        if isinstance(v, int)
+        else f"{v:.2f}{'x' if r['unit'] == 'x' else ' ' + r['unit']}"
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "gpu-results.json")
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the machinery only")
+    ap.add_argument(
+        "--cpu-smoke", action="store_true", help="tiny sizes on the CPU: checks the machinery only"
+    )
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     args = ap.parse_args(argv)
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("error: make gpu-check needs a CUDA device (torch.cuda.is_available() is False; "
-              f"torch {torch.__version__}, CUDA build {torch.version.cuda})", file=sys.stderr)
+        print(
+            "error: make gpu-check needs a CUDA device (torch.cuda.is_available() is False; "
+            f"torch {torch.__version__}, CUDA build {torch.version.cuda})",
+            file=sys.stderr,
+        )
         return 2
     plan = SMOKE if args.cpu_smoke else FULL
     start, rows = time.time(), []
-    sections = {"tests": cuda_tests, "perturb": lambda: perturb_row(plan), "step.opt": lambda: step_rows(plan, "opt"),
-                "step.roberta": lambda: step_rows(plan, "roberta"), "memory": lambda: memory_rows(plan),
-                "forward": lambda: forward_row(plan)}
+    sections = {
+        "tests": cuda_tests,
+        "perturb": lambda: perturb_row(plan),
+        "step.opt": lambda: step_rows(plan, "opt"),
+        "step.roberta": lambda: step_rows(plan, "roberta"),
+        "memory": lambda: memory_rows(plan),
+        "forward": lambda: forward_row(plan),
+    }
     chosen = args.only or [s for s in SECTIONS if not (args.cpu_smoke and s == "tests")]
     for name, section in ((s, sections[s]) for s in chosen):
         t0 = time.time()
@@ -337,10 +519,17 @@ def main(argv=None) -> int:
         except Exception as e:  # a failed row, never a skipped one
             rows.append(failed(name, name, e))
         print(f"[gpu-check] {name}: {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
-    result = {"command": " ".join([os.path.relpath(sys.executable), *sys.argv]), "versions": versions(),
-              "plan": plan, "total_s": round(time.time() - start, 1), "rows": rows}
-    print(f"device: {result['versions']['device']}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
-          f"driver {result['versions'].get('driver', '-')}")
+    result = {
+        "command": " ".join([os.path.relpath(sys.executable), *sys.argv]),
+        "versions": versions(),
+        "plan": plan,
+        "total_s": round(time.time() - start, 1),
+        "rows": rows,
+    }
+    print(
+        f"device: {result['versions']['device']}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"driver {result['versions'].get('driver', '-')}"
+    )
     print("| row | measured | goal | verdict | notes |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['row']} | {fmt(r)} | {r['goal']} | {r['verdict']} | {r['notes']} |")

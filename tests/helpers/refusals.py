@@ -15,8 +15,15 @@ def folder_hash(*roots) -> str:
     symlink's target."""
     h = hashlib.sha256()
     for root in map(str, roots):
-        paths = [os.path.join(folder, name) for folder, dirs, names in sorted(os.walk(root))
-                 for name in sorted(dirs + names)] if os.path.isdir(root) else [root]
+        paths = (
+            [
+                os.path.join(folder, name)
+                for folder, dirs, names in sorted(os.walk(root))
+                for name in sorted(dirs + names)
+            ]
+            if os.path.isdir(root)
+            else [root]
+        )
         for path in paths:
             if not os.path.lexists(path):
                 continue

@@ -1,4 +1,5 @@
 """Shared fixtures of the zo tests: a tiny LM with biases, LayerNorms, dropout and a tied head."""
+
 import math
 
 import torch
@@ -20,7 +21,8 @@ class Block(nn.Module):
 
 
 class TiedHead(nn.Module):
-    """Owns the embedding's Parameter object and reads it as self.weight (the hooks' contract, zo/perturb.py)."""
+    """Owns the embedding's Parameter object and reads it as self.weight (the hooks' contract,
+    zo/perturb.py)."""
 
     def __init__(self, weight):
         super().__init__()
@@ -61,9 +63,11 @@ def lm_batch(n=4, t=9, vocab=40, seed=1) -> torch.Tensor:
 
 def lm_loss(ids):
     """loss_fn(model) for next-token cross-entropy on ids [N, T] (mean over tokens)."""
+
     def loss_fn(model):
         logits = model(ids[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+
     return loss_fn
 
 
@@ -82,35 +86,44 @@ def params(model) -> dict:
 
 
 def dense_z(slot, seed) -> torch.Tensor:
-    """z of a whole parameter from the eager (uncompiled) formula: the dense oracle of the kernels."""
-    t = lambda v: torch.full((), v, dtype=torch.int64)
+    """z of a whole parameter from the eager (uncompiled) formula: the dense oracle of the
+    kernels."""
+
+    def t(v):
+        return torch.full((), v, dtype=torch.int64)
+
     return normal(t(seed), slot.key_t, t(0), slot.param.numel(), "cpu").view(slot.param.shape)
 
 
-Z_MAX = math.sqrt(-2 * math.log(2.0**-24))  # |z| of Box-Muller on 24-bit uniforms (zo/rng.py): 5.768
+# |z| of Box-Muller on 24-bit uniforms (zo/rng.py): 5.768
+Z_MAX = math.sqrt(-2 * math.log(2.0**-24))
 
 
 def normal_z_error(log_ulp=1.0, cos_ulp=1.0, sqrt_ulp=0.5) -> float:
-    """Largest |z_computed - z_exact| of zo/rng.py's normal z = sqrt(-2 log u1) * cos(2 pi u2), for a
-    log, cos and sqrt accurate to the given ulps. u1, u2 are exact 24-bit fractions and 2 pi u2 is one
-    fp32 product of the same fp32 constant on every backend, so every backend feeds cos the same value.
-    With u = 2^-24 (fp32 unit roundoff, so one ulp of a value is at most 2u times it):
+    """Largest |z_computed - z_exact| of zo/rng.py's normal z = sqrt(-2 log u1) * cos(2 pi u2), for
+    a log, cos and sqrt accurate to the given ulps. u1, u2 are exact 24-bit fractions and 2 pi u2
+    is one fp32 product of the same fp32 constant on every backend, so every backend feeds cos
+    the same value. With u = 2^-24 (fp32 unit roundoff, so one ulp of a value is at most 2u times
+    it):
       r = sqrt(-2 log u1): relative error log_ulp*2u/2 (sqrt halves it) + sqrt_ulp*2u;  |cos| <= 1;
-      cos(theta): absolute error cos_ulp*u (|cos| < 1 has ulp <= u; cos(0) = 1 is exact);  r <= Z_MAX;
+      cos(theta): absolute error cos_ulp*u (|cos| < 1 has ulp <= u; cos(0) = 1 is exact);  r <=
+      Z_MAX;
       r * cos: relative error u;  so |error| <= Z_MAX * u * (log_ulp + 2 sqrt_ulp + cos_ulp + 1)."""
     return Z_MAX * 2.0**-24 * (log_ulp + 2 * sqrt_ulp + cos_ulp + 1)
 
 
-# Eager (ATen) vs compiled (Inductor) normal z on a CPU: both call SLEEF's u10 functions (<= 1 ulp) or the
-# C library's logf/cosf (< 1 ulp) depending on ATEN_CPU_CAPABILITY, and a correctly rounded sqrt: each is
-# within normal_z_error() of the exact value, so they are within twice that of each other (2.75e-6).
+# Eager (ATen) vs compiled (Inductor) normal z on a CPU: both call SLEEF's u10 functions (<= 1 ulp)
+# or the C library's logf/cosf (< 1 ulp) depending on ATEN_CPU_CAPABILITY, and a correctly rounded
+# sqrt: each is within normal_z_error() of the exact value, so they are within twice that of each
+# other (2.75e-6).
 NORMAL_Z_IMPL_BOUND = 2 * normal_z_error()
 
 
 def perturbed_loss_tolerance(model, loss_fn, eps, c_min=1.0) -> float:
-    """How far a loss at theta + eps z / c may move between the hooked (compiled z) and a dense (eager z)
-    perturbation of the same weights: each weight differs by eps NORMAL_Z_IMPL_BOUND / c plus one fp32
-    rounding u |theta + eps z / c|; to first order the loss moves by ||grad L||_1 times that, doubled for
+    """How far a loss at theta + eps z / c may move between the hooked (compiled z) and a dense
+    (eager z) perturbation of the same weights: each weight differs by eps NORMAL_Z_IMPL_BOUND /
+    c plus one fp32 rounding u |theta + eps z / c|; to first order the loss moves by ||grad L||_1
+    times that, doubled for
     the gradient's change over eps z. (The forwards then run the same ops on those weights.)"""
     params = [p for p in model.parameters() if p.requires_grad]
     grad_l1 = sum(g.abs().sum().item() for g in torch.autograd.grad(loss_fn(model.eval()), params))
