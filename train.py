@@ -130,8 +130,8 @@ class Run:
         self.selection_split = "dev" if parts["dev"] else "test"
         if self.selection_split == "test" and a.select_by:
             print(
-                f"no dev examples (--num_dev {a.num_dev}): model selection uses the evaluation set, as the "
-                "original's run.py",
+                f"no dev examples (--num_dev {a.num_dev}): "
+                "model selection uses the evaluation set, as the original's run.py",
                 file=sys.stderr,
             )
         self.kind = data.batch_kind(
@@ -153,7 +153,8 @@ class Run:
         }
         if not self.encoded["train"]:
             raise data.DataError(
-                f"no training examples for {task.name} (--data_dir {a.data_dir or data.SAMPLES_DIR})"
+                f"no training examples for {task.name} "
+                f"(--data_dir {a.data_dir or data.SAMPLES_DIR})"
             )
         self.batches_per_epoch = math.ceil(len(self.encoded["train"]) / a.batch_size)
         if a.num_train_epochs:  # HF: epochs x ceil(num_train / batch)
@@ -388,7 +389,8 @@ def train(run, trainer, state):
                 checkpoint()
     if interrupted:
         print(
-            f"\ninterrupted at step {trainer.global_step}: checkpoint saved, continue with --resume",
+            f"\ninterrupted at step {trainer.global_step}: "
+            "checkpoint saved, continue with --resume",
             file=sys.stderr,
         )
         return 130
@@ -407,8 +409,8 @@ def finish(run, state, time_per_step):
         why = (
             "never evaluated during training (--non_diff without --select_by)"
             if not a.select_by
-            else f"never evaluated during training (no step up to --max_steps {a.max_steps} is a multiple of "
-            f"--eval_steps {a.eval_steps})"
+            else f"never evaluated during training (no step up to --max_steps {a.max_steps} "
+            f"is a multiple of --eval_steps {a.eval_steps})"
             if a.max_steps < a.eval_steps and not a.eval_final_step
             else f"no model selected: every dev {a.select_by} was non-finite (NaN or inf)"
         )

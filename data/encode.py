@@ -133,7 +133,8 @@ def encode(task, sample, tokenizer, demos=(), **kwargs):
     if task.family == "roberta":
         if demos or kwargs:
             raise DataError(
-                f"RoBERTa prompts take no demonstrations or options, got {sorted(kwargs) or 'demos'} "
+                "RoBERTa prompts take no demonstrations or options, "
+                f"got {sorted(kwargs) or 'demos'} "
                 f"({task.name})"
             )
         return task.encode(sample, tokenizer)

@@ -221,7 +221,8 @@ def parse_args(argv=None):
         unknown = sorted(set(fixed) - set(TRAIN_FLAGS) | set(grid) - set(TRAIN_FLAGS))
         if unknown:
             raise DataError(
-                f"preset {args.preset} sets flags train.py does not have: {', '.join(unknown)} (--preset)"
+                f"preset {args.preset} sets flags train.py does not have: "
+                f"{', '.join(unknown)} (--preset)"
             )
         p.set_defaults(**fixed, **{k: values[0] for k, values in grid.items()})
         args = p.parse_args(argv)

@@ -104,6 +104,7 @@ def _tsv(rows) -> str:
 def _readme(source, counts, train, dev, seed) -> str:
     fresh = lambda rows: sum(label for _, label in rows)  # noqa: E731
     total = len(train) + len(dev)
+    fresh_total = fresh(train) + fresh(dev)
     return f"""# Rotten Tomatoes snippets in GLUE SST-2's format
 
 Real movie-review snippets (critics' quotes from Rotten Tomatoes, via Pang and Lee's data as shipped
@@ -118,12 +119,13 @@ Written by `python -m data.rotten_tomatoes` from {source}.
 | source rows | {counts["rows"]} | |
 | plot summaries dropped | {counts["plot"]} | |
 | exact duplicates dropped | {counts["duplicates"]} | |
-| labelled snippets | {total} | {fresh(train) + fresh(dev)} ({(fresh(train) + fresh(dev)) / total:.1%}) |
+| labelled snippets | {total} | {fresh_total} ({fresh_total / total:.1%}) |
 | train.tsv | {len(train)} | {fresh(train)} |
 | dev.tsv | {len(dev)} | {fresh(dev)} |
 
 Split: the deduplicated snippets in file order, permuted with numpy RandomState({seed}); dev.tsv is
-the first {len(dev)}. Whitespace runs inside a snippet were made one space (GLUE TSV has no quoting).
+the first {len(dev)}. Whitespace runs inside a snippet were made one space \
+(GLUE TSV has no quoting).
 """
 
 

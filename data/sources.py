@@ -299,7 +299,8 @@ def _drop_json(path, split):
             )
     if dropped:
         warnings.warn(
-            f"skipped {dropped} DROP question(s) without a parsable answer, as HF drop.py does ({path})"
+            f"skipped {dropped} DROP question(s) without a parsable answer, "
+            f"as HF drop.py does ({path})"
         )
     return rows
 

@@ -163,7 +163,10 @@ class SQuADTemplate(_GenerationTemplate):
     """`SQuADv2Template`."""
 
     def prompt(self, d):
-        return f"Title: {d['title']}\nContext: {d['context']}\nQuestion: {d['question'].strip()}\nAnswer:"
+        return (
+            f"Title: {d['title']}\nContext: {d['context']}\n"
+            f"Question: {d['question'].strip()}\nAnswer:"
+        )
 
 
 class DROPTemplate(_GenerationTemplate):

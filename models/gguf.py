@@ -54,7 +54,8 @@ TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # llama.cpp's token types
 PRE_TOKENIZERS = ("default", "gpt-2", "smollm")
 
 
-# -------------------------------------------------------------- dequantisation (ggml block layouts)
+# ---------------------------------------------------------------- dequantisation (ggml block
+# layouts)
 
 
 def _f16(b: np.ndarray) -> np.ndarray:
@@ -157,7 +158,8 @@ def _config(meta: dict, arch: str, tensor_names: set[str], path: Path) -> dict:
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling != "none" or "rope_freqs.weight" in tensor_names:
         raise ModelError(
-            f"unsupported rope scaling in GGUF ({scaling if scaling != 'none' else 'rope_freqs'}) ({path})"
+            "unsupported rope scaling in GGUF "
+            f"({scaling if scaling != 'none' else 'rope_freqs'}) ({path})"
         )
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
@@ -297,7 +299,8 @@ def convert(gguf_path, out_dir) -> Path:
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ModelError(
-            f"unsupported architecture {arch!r}, expected one of {sorted(ARCHITECTURES)} ({gguf_path})"
+            f"unsupported architecture {arch!r}, "
+            f"expected one of {sorted(ARCHITECTURES)} ({gguf_path})"
         )
     names = {t.name for t in reader.tensors}
     cfg = _config(meta, arch, names, gguf_path)

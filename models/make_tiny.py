@@ -68,19 +68,22 @@ SENTENCES = [
     "The game was delayed because the ground was wet.",
     "The bridge was closed, so we took the ferry because it was faster.",
     # the wording of the OPT prompt templates (large_models/templates.py)
-    "Suppose the river flooded the valley. Can we infer that the farmers lost their harvest? Yes, no, or maybe?",
-    "Passage: Glaciers carve wide valleys over thousands of years. Question: do glaciers shape valleys? Answer: Yes",
+    "Suppose the river flooded the valley. Can we infer that the farmers lost their harvest? "
+    "Yes, no, or maybe?",
+    "Passage: Glaciers carve wide valleys over thousands of years. "
+    "Question: do glaciers shape valleys? Answer: Yes",
     'Does the word "bank" have the same meaning in these two sentences? Yes, No?',
     "She sat on the river bank. He deposited money at the bank. Answer: No",
-    "Title: Photosynthesis\nContext: Plants convert sunlight, water and carbon dioxide into sugar.\n"
+    "Title: Photosynthesis\n"
+    "Context: Plants convert sunlight, water and carbon dioxide into sugar.\n"
     "Question: What do plants convert into sugar?\nAnswer: sunlight, water and carbon dioxide\n",
     "Passage: The home team scored 24 points in the first half and 17 in the second.\n"
     "Question: How many points did the home team score?\nAnswer: 41\n",
     'In the previous sentence, does the pronoun "it" refer to the trophy? Yes',
     "I was confident that the answer to the question was correct. Is it true? No",
     "The woman dropped her keys on the stairs, so she walked back to find them.",
-    "Alice went to the market on Monday morning, bought fresh bread, apples, cheese and a newspaper, "
-    "then returned home before the heavy rain started in the afternoon.",
+    "Alice went to the market on Monday morning, bought fresh bread, apples, cheese "
+    "and a newspaper, then returned home before the heavy rain started in the afternoon.",
 ]
 
 

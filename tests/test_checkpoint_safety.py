@@ -334,8 +334,8 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     "message, cause",
     [
         (
-            "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:59574: Connection reset by peer. This is "
-            "typically caused by a remote worker hanging",
+            "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:59574: "
+            "Connection reset by peer. This is typically caused by a remote worker hanging",
             "connection dropped: that rank died or was killed",
         ),
         (
@@ -343,7 +343,8 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
             "connection dropped",
         ),
         (
-            "[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete",
+            "[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms "
+            "for recv operation to complete",
             "collective timeout 8 s",
         ),
     ],
@@ -374,7 +375,8 @@ def test_only_the_first_rank_to_notice_reports(monkeypatch, capsys):
     assert capsys.readouterr().err.count("error:") == 1
 
 
-# ----------------------------------------------------------- backprop runs: seeded, resumed bitwise
+# ---------------------------------------------------------------- backprop runs: seeded, resumed
+# bitwise
 
 FO_RUN = [
     "--trainer",

@@ -28,8 +28,10 @@ OPT_CASES = [
             "idx": 3,
         },
         [
-            'Dana Reeve died in 2006.\nDoes this mean that "Reeve is dead." is true? Yes or No?\nYes',
-            'Dana Reeve died in 2006.\nDoes this mean that "Reeve is dead." is true? Yes or No?\nNo',
+            "Dana Reeve died in 2006.\n"
+            'Does this mean that "Reeve is dead." is true? Yes or No?\nYes',
+            "Dana Reeve died in 2006.\n"
+            'Does this mean that "Reeve is dead." is true? Yes or No?\nNo',
         ],
         0,
     ),
@@ -42,9 +44,12 @@ OPT_CASES = [
             "idx": 1,
         },
         [
-            'Suppose It was a good idea, I think. Can we infer that "it was a good idea"? Yes, No, or Maybe?\nYes',
-            'Suppose It was a good idea, I think. Can we infer that "it was a good idea"? Yes, No, or Maybe?\nNo',
-            'Suppose It was a good idea, I think. Can we infer that "it was a good idea"? Yes, No, or Maybe?\nMaybe',
+            'Suppose It was a good idea, I think. Can we infer that "it was a good idea"? '
+            "Yes, No, or Maybe?\nYes",
+            'Suppose It was a good idea, I think. Can we infer that "it was a good idea"? '
+            "Yes, No, or Maybe?\nNo",
+            'Suppose It was a good idea, I think. Can we infer that "it was a good idea"? '
+            "Yes, No, or Maybe?\nMaybe",
         ],
         2,
     ),
@@ -77,8 +82,10 @@ OPT_CASES = [
             "idx": {"paragraph": 0, "question": 0, "answer": 0},
         },
         [
-            'Lena grew tomatoes.\nQuestion: What did Lena grow?\nI found this answer "Tomatoes". Is that correct? Yes or No?\nNo',
-            'Lena grew tomatoes.\nQuestion: What did Lena grow?\nI found this answer "Tomatoes". Is that correct? Yes or No?\nYes',
+            "Lena grew tomatoes.\nQuestion: What did Lena grow?\n"
+            'I found this answer "Tomatoes". Is that correct? Yes or No?\nNo',
+            "Lena grew tomatoes.\nQuestion: What did Lena grow?\n"
+            'I found this answer "Tomatoes". Is that correct? Yes or No?\nYes',
         ],
         1,
     ),
@@ -96,8 +103,10 @@ OPT_CASES = [
             "end2": 18,
         },
         [
-            'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nThe bank is closed.\nWe sat on the bank.\nNo',
-            'Does the word "bank" have the same meaning in these two sentences? Yes, No?\nThe bank is closed.\nWe sat on the bank.\nYes',
+            'Does the word "bank" have the same meaning in these two sentences? Yes, No?\n'
+            "The bank is closed.\nWe sat on the bank.\nNo",
+            'Does the word "bank" have the same meaning in these two sentences? Yes, No?\n'
+            "The bank is closed.\nWe sat on the bank.\nYes",
         ],
         0,
     ),
@@ -113,8 +122,10 @@ OPT_CASES = [
             "idx": 0,
         },
         [
-            'Mark told Pete many lies about himself. It was a bad habit.\nIn the previous sentence, does the pronoun "it" refer to Pete? Yes or No?\nNo',
-            'Mark told Pete many lies about himself. It was a bad habit.\nIn the previous sentence, does the pronoun "it" refer to Pete? Yes or No?\nYes',
+            "Mark told Pete many lies about himself. It was a bad habit.\n"
+            'In the previous sentence, does the pronoun "it" refer to Pete? Yes or No?\nNo',
+            "Mark told Pete many lies about himself. It was a bad habit.\n"
+            'In the previous sentence, does the pronoun "it" refer to Pete? Yes or No?\nYes',
         ],
         0,
     ),
@@ -153,15 +164,19 @@ OPT_CASES = [
     (
         "ReCoRD",
         {
-            "passage": "Rain fell all day.\n@highlight\nA storm hit Leeds\n@highlight\nRoads closed",
+            "passage": (
+                "Rain fell all day.\n@highlight\nA storm hit Leeds\n@highlight\nRoads closed"
+            ),
             "query": "Schools in @placeholder stayed shut.",
             "entities": ["Leeds", "York"],
             "answers": ["Leeds"],
             "idx": {"passage": 0, "query": 0},
         },
         [
-            "Rain fell all day.\n- A storm hit Leeds\n- Roads closed\n- Schools in Leeds stayed shut.",
-            "Rain fell all day.\n- A storm hit Leeds\n- Roads closed\n- Schools in York stayed shut.",
+            "Rain fell all day.\n- A storm hit Leeds\n- Roads closed\n"
+            "- Schools in Leeds stayed shut.",
+            "Rain fell all day.\n- A storm hit Leeds\n- Roads closed\n"
+            "- Schools in York stayed shut.",
         ],
         0,
     ),
@@ -239,7 +254,8 @@ DROP_ROW = {
         (
             "SQuAD",
             SQUAD_ROW,
-            "Title: Glacier\nContext: A glacier is dense ice.\nQuestion: What is a glacier?\nAnswer:",
+            "Title: Glacier\nContext: A glacier is dense ice.\n"
+            "Question: What is a glacier?\nAnswer:",
             " dense ice\n",
             ["dense ice", "ice"],
         ),
@@ -290,9 +306,13 @@ def test_icl_demonstrations():
     prompts, _, _ = data.prompt_texts(
         squad, [demo, demo], _sample(squad, dict(SQUAD_ROW, question="Why?"))
     )
-    shown = "Title: Glacier\nContext: A glacier is dense ice.\nQuestion: What is a glacier?\nAnswer: dense ice"
+    shown = (
+        "Title: Glacier\nContext: A glacier is dense ice.\n"
+        "Question: What is a glacier?\nAnswer: dense ice"
+    )
     assert prompts == [
-        f"{shown}\n\n{shown}\n\nTitle: Glacier\nContext: A glacier is dense ice.\nQuestion: Why?\nAnswer:"
+        f"{shown}\n\n{shown}\n\n"
+        "Title: Glacier\nContext: A glacier is dense ice.\nQuestion: Why?\nAnswer:"
     ]
 
 

@@ -60,7 +60,8 @@ def test_a_second_writer_is_refused_and_the_first_run_replays_bitwise(tmp_path):
     os.kill(first.pid, signal.SIGSTOP)  # the first run is still training while the others try
     try:
         line = (
-            f"error: output folder is in use by another run: pid {first.pid} on host {socket.gethostname()} "
+            f"error: output folder is in use by another run: pid {first.pid} "
+            f"on host {socket.gethostname()} "
             f"holds its lock; wait for it to end or stop it (--output_dir {out})"
         )
         for argv in (

@@ -19,7 +19,8 @@ from data.paper import grid, presets
 # The flags a preset may set: the original's run.py arguments that train.py keeps.
 CONTRACT_FLAGS = set(
     """task model mode trainer data_dir output_dir batch_size learning_rate zo_eps
-max_steps num_train_epochs eval_steps save_steps logging_steps seed train_set_seed k num_train num_dev
+max_steps num_train_epochs eval_steps save_steps logging_steps seed \
+train_set_seed k num_train num_dev
 num_eval dtype weight_decay lr_scheduler_type optimizer momentum num_prefix lora_r lora_alpha
 perturbation n_spsa select_by non_diff max_length train_as_classification""".split()
 )

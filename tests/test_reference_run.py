@@ -123,7 +123,8 @@ def test_reference_mode_reproduces_the_original_run_bitwise(kind, mode):
             if not torch.equal(our_weights[n], w)
         }
         assert not differ, (
-            f"step {step}: {len(differ)} of {len(weights)} tensors differ, max {max(differ.values())}"
+            f"step {step}: {len(differ)} of {len(weights)} tensors differ, "
+            f"max {max(differ.values())}"
         )
     trained = {n for n, p in ours.named_parameters() if p.requires_grad}
     # the run did move

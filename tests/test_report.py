@@ -341,18 +341,18 @@ def test_compare_table_gain_in_standard_errors_and_curves(tmp_path, capsys):
     png = tmp_path / "figs" / "curves.png"
     assert evaluation.main(["compare", str(zero), str(mezo), "--plot", str(png)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert (
-        out[2]
-        == "| zero-shot | MeZO (LoRA) (lr 0: the base model) | 0.9800 (step 1) | 0.9800 (step 1) | 0.5200 | accuracy 0.5000 | 300 | 0.50 |"
+    assert out[2] == (
+        "| zero-shot | MeZO (LoRA) (lr 0: the base model) | 0.9800 (step 1) | 0.9800 (step 1) "
+        "| 0.5200 | accuracy 0.5000 | 300 | 0.50 |"
     )
-    assert (
-        out[3]
-        == "| mezo | MeZO (LoRA) | 0.7500 (step 20) | 0.7500 (step 20) | 0.6000 | accuracy 0.6000 | 301 | 0.50 |"
+    assert out[3] == (
+        "| mezo | MeZO (LoRA) | 0.7500 (step 20) | 0.7500 (step 20) "
+        "| 0.6000 | accuracy 0.6000 | 301 | 0.50 |"
     )
     # 0.1 gain; the larger SE is at p = 0.5: sqrt(0.25 / 500) = 0.02236, 0.1 / 0.02236 = 4.47
     assert out[5] == (
-        "Test accuracy 0.5000 -> 0.6000 on 500 held-out rows: +0.1000, +4.5 binomial standard errors "
-        "(sqrt(p(1-p)/n) = 0.0224, the larger of the two)."
+        "Test accuracy 0.5000 -> 0.6000 on 500 held-out rows: +0.1000, "
+        "+4.5 binomial standard errors (sqrt(p(1-p)/n) = 0.0224, the larger of the two)."
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out[-1] == f"curves: {png}"
     from data.paper import plots
@@ -380,9 +380,9 @@ def test_compare_bad_input_is_one_error_line(tmp_path, capsys, monkeypatch):
     zero, mezo = _demo_runs(tmp_path)
     (tmp_path / "plain").mkdir()
     assert evaluation.main(["compare", str(zero), str(tmp_path / "plain")]) == 2
-    assert (
-        capsys.readouterr().err
-        == f"error: not a finished training run: no config.json and results.json ({tmp_path / 'plain'})\n"
+    assert capsys.readouterr().err == (
+        "error: not a finished training run: no config.json and results.json "
+        f"({tmp_path / 'plain'})\n"
     )
     monkeypatch.setitem(__import__("sys").modules, "matplotlib.figure", None)
     assert (

@@ -324,7 +324,8 @@ def check_run_folder(
         taken = [n for n in _own_entries(canonical) if n in RUN_FILES]
         if taken:
             raise ValueError(
-                f"output folder already holds {taken[0]}, which a run would replace ({flag} {folder})"
+                f"output folder already holds {taken[0]}, "
+                f"which a run would replace ({flag} {folder})"
             )
     return canonical
 
@@ -366,7 +367,8 @@ def check_resumable(folder: str, model: nn.Module, loop: dict, trajectory: bool)
         raise ValueError(f"garbled metrics file: not UTF-8 at byte {e.start} ({path})") from None
     if lines < loop["metrics_lines"]:
         raise ValueError(
-            f"metrics file has {lines} lines, the checkpoint counts {loop['metrics_lines']} ({path})"
+            f"metrics file has {lines} lines, "
+            f"the checkpoint counts {loop['metrics_lines']} ({path})"
         )
 
 

@@ -161,7 +161,10 @@ def _first_to_report() -> bool:
         store.set_timeout(timedelta(seconds=5))
         return store.add("lost_contact_reports", 1) == 1
     except Exception:  # noqa: BLE001 (any failure of the store: fall back to the marker file)
-        job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.environ.get('MASTER_PORT', 'none')}-{os.getppid()}"
+        job = (
+            f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-"
+            f"{os.environ.get('MASTER_PORT', 'none')}-{os.getppid()}"
+        )
         marker = os.path.join(
             tempfile.gettempdir(), f"mezo-lost-contact-{re.sub(r'[^A-Za-z0-9_.-]', '_', job)}"
         )

@@ -137,7 +137,8 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
                 inner = getattr(e, "inner_exception", None) or e
                 why = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
                 raise RuntimeError(
-                    "torch.compile failed to build a fused ZO kernel; install a C++ compiler (CPU) or Triton "
+                    "torch.compile failed to build a fused ZO kernel; "
+                    "install a C++ compiler (CPU) or Triton "
                     f"(GPU), or use perturbation='eager', much slower ({fn.__name__}: {why})"
                 ) from e
         seen_kinds.add(kind)

@@ -209,7 +209,8 @@ class MeZO:
     def zo_random_seed(self, seed: int) -> None:
         self.seed.set(seed)
 
-    # ---------------------------------------------------------------- the original's four functions
+    # ------------------------------------------------------------------ the original's four
+    # functions
     def zo_perturb_parameters(
         self, random_seed: int | None = None, scaling_factor: float = 1, slots=None
     ):
@@ -283,7 +284,8 @@ class MeZO:
         c = self.cfg
         return learning_rate(self.global_step, c.lr, c.lr_scheduler, c.max_steps, c.warmup_steps)
 
-    # ------------------------------------------------------- a step's host parts (zo/graphs.py too)
+    # ------------------------------------------------------------------ a step's host parts
+    # (zo/graphs.py too)
     def begin_step(self, model: nn.Module) -> list[int]:
         """Before the device work: check the trainable set, draw the step's seeds, write the
         scheduled
@@ -319,10 +321,12 @@ class MeZO:
         if now != self.trainable_ids:
             raise ValueError(
                 f"the trainable parameters changed since MeZO was built ({len(self.trainable_ids)} "
-                f"then, {len(now)} now): build MeZO after freezing or adding adapters (LoRA, prefix)"
+                f"then, {len(now)} now): build MeZO after freezing or adding adapters "
+                "(LoRA, prefix)"
             )
 
-    # ---------------------------------------------------------------- updates (also used by replay)
+    # ------------------------------------------------------------------ updates (also used by
+    # replay)
     def apply_update(self, estimates: list[tuple[int, torch.Tensor]], lr: float) -> None:
         """The update rule (zo/updates.py): ZO-SGD theta <- theta - lr * (sum_k g_k z_k + wd *
         theta), or p.grad = sum_k g_k z_k and a torch optimizer's step. A non-finite estimate

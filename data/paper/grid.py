@@ -111,7 +111,8 @@ def main(args, explicit, train_cmd):
             point = {**point, "output_dir": os.path.join(root, run_name(point))}
             atomic_write(path, slurm_script(point, nproc=args.nproc, runs_dir=root))
         print(
-            f"wrote {len(points)} sbatch scripts to {args.slurm}; submit: for f in {args.slurm}/*.sbatch; do sbatch $f; done"
+            f"wrote {len(points)} sbatch scripts to {args.slurm}; "
+            f"submit: for f in {args.slurm}/*.sbatch; do sbatch $f; done"
         )
         return 0
     dirs = run_grid(points, root, train_cmd)

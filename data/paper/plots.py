@@ -84,7 +84,10 @@ def title_of(run):
     """'<model>: <method> on <task> (<data folder>)', from the run's config."""
     data_dir = run.config.get("data_dir")
     where = f" ({Path(data_dir).name})" if data_dir else " (bundled sample)"
-    return f"{Path(str(run.config.get('model', '?'))).name}: {label(run.method)} on {label(run.task)}{where}"
+    return (
+        f"{Path(str(run.config.get('model', '?'))).name}: "
+        f"{label(run.method)} on {label(run.task)}{where}"
+    )
 
 
 def run_curves(figure, run, baseline=None, title=None):

@@ -247,8 +247,8 @@ def _roberta_markdown(records):
             return _cell(ours, _pct(*paper.roberta_test(k, method, task)))
 
         out += [
-            f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper RoBERTa-large, "
-            "Table 18)",
+            f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, "
+            "ours (paper RoBERTa-large, Table 18)",
             "",
         ]
         out += _grid_table(
@@ -281,7 +281,8 @@ def _memory_markdown(records):
     out += [
         "",
         f"GB = 2^30 bytes of `peak_memory_bytes` (device: {devices})."
-        " The paper measured MultiRC (about 400 tokens, batch 1 per GPU) with nvidia-smi on A100-80GB.",
+        " The paper measured MultiRC (about 400 tokens, batch 1 per GPU) with nvidia-smi"
+        " on A100-80GB.",
         "",
     ]
     return out
@@ -378,7 +379,8 @@ def compare_markdown(runs):
         lines += [
             "",
             f"Test accuracy {a:.4f} -> {b:.4f} on {n} held-out rows: {b - a:+.4f}, "
-            f"{(b - a) / se:+.1f} binomial standard errors (sqrt(p(1-p)/n) = {se:.4f}, the larger of the two).",
+            f"{(b - a) / se:+.1f} binomial standard errors (sqrt(p(1-p)/n) = {se:.4f}, "
+            "the larger of the two).",
         ]
     return "\n".join(lines)
 
@@ -411,7 +413,10 @@ def seeds_markdown(rows):
         if config.get("kind") == "eval":
             steps = passes = "–"
         else:
-            steps = f"{config['max_steps']} ({', '.join(str(r.results.get('best_step')) for r in runs)})"
+            steps = (
+                f"{config['max_steps']} "
+                f"({', '.join(str(r.results.get('best_step')) for r in runs)})"
+            )
             # zo/fzoo.py: N + 1
             per_step = (
                 (config.get("fzoo_n") or 8) + 1
@@ -457,7 +462,8 @@ def grid_markdown(rows):
             config, dev = run.config, run.results.get("dev") or {}
             eps = "–" if config.get("trainer") == "fo" else f"{config['zo_eps']:g}"
             lines.append(
-                f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | {config['max_steps']} "
+                f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | "
+                f"{config['max_steps']} "
                 f"({run.results.get('best_step')}) | {_loss(dev.get('loss'))} | "
                 f"{_number(dev.get('accuracy'), '{:.1f}', 100)} | {'yes' if run is best else ''} |"
             )
@@ -507,7 +513,8 @@ def estimators_markdown(rows, baseline):
         for row, curve in curves.items()
     }
     lines = [
-        f"| method | dev accuracy (%) at forward passes | forward passes to the {label(rows[baseline][0].method)} "
+        "| method | dev accuracy (%) at forward passes | "
+        f"forward passes to the {label(rows[baseline][0].method)} "
         f"best mean dev accuracy ({100 * target:.1f}%), ratio | test accuracy (%) | runs |",
         "|---" * 5 + "|",
     ]

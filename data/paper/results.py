@@ -376,7 +376,8 @@ def main(argv=None):
     try:
         if args.grid and args.estimators:
             raise DataError(
-                "--grid and --estimators are two tables, run one at a time (python -m data.paper.results)"
+                "--grid and --estimators are two tables, run one at a time "
+                "(python -m data.paper.results)"
             )
         where = {"model": args.model, "data_dir": args.data_dir}
         if args.grid:

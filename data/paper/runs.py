@@ -103,7 +103,8 @@ def load_runs(run_dirs):
                 raise DataError(f"config.json without '{key}' ({folder / 'config.json'})")
         if config["family"] not in SELECT_BY:
             raise DataError(
-                f"unknown family {config['family']!r}, expected opt or roberta ({folder / 'config.json'})"
+                f"unknown family {config['family']!r}, expected opt or roberta "
+                f"({folder / 'config.json'})"
             )
         results = (
             _read_json(folder / "results.json") if (folder / "results.json").is_file() else None

@@ -354,7 +354,8 @@ def memory_rows(plan) -> list[dict]:
                 torch.cuda.empty_cache()
         ratio = peaks["mezo"] / peaks["inference"]
         adam = (
-            f"{peaks['backprop_adamw']:.0f} MiB ({peaks['backprop_adamw'] / peaks['inference']:.2f}x)"
+            f"{peaks['backprop_adamw']:.0f} MiB "
+            f"({peaks['backprop_adamw'] / peaks['inference']:.2f}x)"
             if "backprop_adamw" in peaks
             else "out of memory"
         )
@@ -527,8 +528,8 @@ def main(argv=None) -> int:
         "rows": rows,
     }
     print(
-        f"device: {result['versions']['device']}; torch {torch.__version__}, CUDA {torch.version.cuda}, "
-        f"driver {result['versions'].get('driver', '-')}"
+        f"device: {result['versions']['device']}; torch {torch.__version__}, "
+        f"CUDA {torch.version.cuda}, driver {result['versions'].get('driver', '-')}"
     )
     print("| row | measured | goal | verdict | notes |\n|---|---|---|---|---|")
     for r in rows:

@@ -158,7 +158,8 @@ def markdown(rows) -> str:
         if s and s["n"] > 1:
             measured += f" ({fmt(s['min'], r['unit'])}-{fmt(s['max'], r['unit'])}, n={s['n']})"
         lines.append(
-            f"| [{r['device']}] {r['row']} | {measured} | {r['goal']} | {r['verdict']} | {r['notes']} |"
+            f"| [{r['device']}] {r['row']} | {measured} | {r['goal']} | "
+            f"{r['verdict']} | {r['notes']} |"
         )
     return "\n".join(lines)
 
@@ -350,9 +351,11 @@ def llama_rows(plan, raw) -> list[dict]:
             "<=",
             LLAMA_STEP_GOAL,
             goal,
-            f"two forwards {r['ms']['two forwards']:.0f} ms, step {r['ms']['MeZO step (fused)']:.0f} ms, "
+            f"two forwards {r['ms']['two forwards']:.0f} ms, "
+            f"step {r['ms']['MeZO step (fused)']:.0f} ms, "
             f"{r['params'] / 1e6:.0f}M params; one perturbed pass over all of them "
-            f"{r['ms']['perturbed pass over all params']:.0f} ms (a step makes 2, plus 1 update pass)",
+            f"{r['ms']['perturbed pass over all params']:.0f} ms "
+            "(a step makes 2, plus 1 update pass)",
             r["fused"] | {"n": r["repeats"]},
         )
 
@@ -418,7 +421,8 @@ def step_rows(plan, raw, device) -> list[dict]:
             f"<= {goal:.2f}x",
             f"two forwards {ms['two forwards']:.0f} ms, step {ms['MeZO step (fused)']:.0f} ms; "
             f"one fused out-of-place pass over all {r['params'] / 1e6:.0f}M params "
-            f"{ms['perturbed pass over all params']:.0f} ms (a step makes 2, plus 1 in-place update pass)",
+            f"{ms['perturbed pass over all params']:.0f} ms "
+            "(a step makes 2, plus 1 in-place update pass)",
             r["fused"] | {"n": r["repeats"]},
         ),
         row(
@@ -430,7 +434,8 @@ def step_rows(plan, raw, device) -> list[dict]:
             None,
             None,
             "-",
-            f"step {r['reference_ms']['MeZO step (reference)']:.0f} ms (5 torch.normal passes, out-of-place adds)",
+            f"step {r['reference_ms']['MeZO step (reference)']:.0f} ms "
+            "(5 torch.normal passes, out-of-place adds)",
             r["reference"] | {"n": r["reference_repeats"]},
         ),
     ]
@@ -460,9 +465,10 @@ def memory_rows(plan, raw, device) -> list[dict]:
                     "<= 1.10x",
                     f"peak inference/MeZO/backprop+AdamW {peak} MiB, over post-build "
                     f"({runs['inference']['post_build_MiB']:.0f} MiB) {inc}; MeZO's warm-up left "
-                    f"+{m['mezo_warmup_residue_MiB']:.0f} MiB more than inference's (torch.compile runtime, "
-                    f"kernels), without it {m['mezo_over_inference_without_residue']:.2f}x; AdamW / inference "
-                    f"{m['adamw_over_inference']:.2f}x",
+                    f"+{m['mezo_warmup_residue_MiB']:.0f} MiB more than inference's "
+                    "(torch.compile runtime, kernels), "
+                    f"without it {m['mezo_over_inference_without_residue']:.2f}x; "
+                    f"AdamW / inference {m['adamw_over_inference']:.2f}x",
                 )
             )
     return rows
@@ -504,7 +510,8 @@ def comm_rows(plan, raw) -> list[dict]:
             "==",
             sum(v["bytes"] for v in sh["expected"].values()),
             "2 forwards x all-gather of the padded model + 8 B",
-            f"{calls('sharded')} ({sh['fsdp_units']} FSDP units, tiny OPT {sh['param_bytes']:,} B of fp32 params); "
+            f"{calls('sharded')} ({sh['fsdp_units']} FSDP units, "
+            f"tiny OPT {sh['param_bytes']:,} B of fp32 params); "
             "no reduce-scatter",
         ),
     ]
@@ -588,13 +595,15 @@ def scoring_rows(plan, raw) -> list[dict]:
                 f"scoring.memory.{key}",
                 "cpu",
                 f"peak memory of a {'MeZO step' if key == 'step' else 'scoring forward'}"
-                f", OPT-{plan['scoring']['opt_shape']} shape, SST-2-like {size}x{seq}: new / old peak RSS",
+                f", OPT-{plan['scoring']['opt_shape']} shape, SST-2-like {size}x{seq}: "
+                "new / old peak RSS",
                 new / old,
                 "x",
                 "<=",
                 1.0,
                 "no worse (<= 1.00x)",
-                f"old {old:.0f} MiB, new {new:.0f} MiB, per candidate {m['per candidate']['peak_MiB']:.0f} MiB "
+                f"old {old:.0f} MiB, new {new:.0f} MiB, "
+                f"per candidate {m['per candidate']['peak_MiB']:.0f} MiB "
                 f"(post-build {m['old']['post_build_MiB']:.0f} MiB)",
             )
         )
@@ -632,7 +641,8 @@ def estimator_rows(plan, raw) -> list[dict]:
             None,
             None,
             "-",
-            f"{ms[name]:.0f} ms vs {ms['MeZO']:.0f} ms per forward ({r['forwards_per_step'][name]} vs 2 a step)",
+            f"{ms[name]:.0f} ms vs {ms['MeZO']:.0f} ms per forward "
+            f"({r['forwards_per_step'][name]} vs 2 a step)",
             spread_of(ratios),
         )
         for name, ratios in r["ratio"].items()
