@@ -13,7 +13,7 @@ import torch
 
 from data.collate import batch_kind, collate
 from data.encode import encode_prompt
-from data.losses import batch_logits, option_lm_loss, predictions, sfc_scores, task_loss
+from data.losses import batch_logits, loss_terms, predictions, sfc_scores
 from data.metrics import accuracy, calculate_metric
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -184,35 +184,38 @@ def dev_loss(model, encoded, kind, pad_token_id, batch_size, shared=True):
     """{"loss": the dev loss, "accuracy": dev accuracy from the same forwards} (no accuracy for
     generation tasks, whose metric needs generation).
 
-    The loss is as HF's evaluation loop computes it (Trainer.evaluation_loop): each batch's mean
-    loss repeated `find_batch_size(inputs)` times, i.e. weighted by the rows of input_ids of the
-    original's collators (one per example, or one per candidate for the classification loss, whose
-    collator flattens the candidates: large_models/utils.py DataCollatorWithPaddingAndNesting), then
-    averaged. Classification tasks are scored on all candidates whatever the training loss (the
-    option-LM loss reads the correct ones), so the accuracy comes with it. Batches are taken
-    shortest first (by_length) where that weighting does not depend on the grouping: unless examples
-    have
-    different numbers of candidates."""
+    The loss is HF's evaluation loop's (Trainer.evaluation_loop) over the original's batches,
+    `batch_size` examples in file order: each batch's mean loss repeated `find_batch_size(inputs)`
+    times, i.e. weighted by the rows of input_ids of the original's collators (one per example,
+    or one per candidate for the classification loss, whose collator flattens the candidates:
+    large_models/utils.py DataCollatorWithPaddingAndNesting), then averaged. A batch's loss
+    (token-level for the option-LM loss) depends on which examples share it, so the forwards run
+    shortest first (by_length: less padding) and return per-example terms (losses.loss_terms),
+    from which each file-order batch's loss is rebuilt. Classification tasks are scored on all
+    candidates whatever the training loss (the option-LM loss reads the correct ones), so the
+    accuracy comes with it."""
     model.eval()
     device = next(model.parameters()).device
     scored = kind == "classification" or kind == "option_lm" and encoded[0].gold is None
-    varied = kind == "classification" and len({len(e.input_ids) for e in encoded}) > 1
-    encoded = [encoded[i] for i in by_length(encoded, keep_order=varied)]
-    total, rows, predicted, correct = 0.0, 0, [], []
-    for group in chunks(encoded, batch_size):
+    num, den, rows, predicted = ([None] * len(encoded) for _ in range(4))
+    for order in chunks(by_length(encoded), batch_size):
+        group = [encoded[i] for i in order]
         batch = to_device(
             collate(group, "classification" if scored else kind, pad_token_id, shared=shared),
             device,
         )
         logits = batch_logits(model, batch)
-        loss = option_lm_loss(logits, batch) if kind == "option_lm" else task_loss(logits, batch)
-        n = int(batch["num_options"].sum()) if kind == "classification" else len(group)
-        total += loss.float().item() * n
-        rows += n
-        if scored or kind == "mlm":
-            predicted += predictions(logits, batch).tolist()
-            correct += [e.label if kind == "mlm" else e.correct for e in group]
+        nums, dens = (t.float().tolist() for t in loss_terms(logits, batch, kind == "option_lm"))
+        n = batch["num_options"].tolist() if kind == "classification" else [1] * len(group)
+        preds = predictions(logits, batch).tolist() if scored or kind == "mlm" else n
+        for j, i in enumerate(order):
+            num[i], den[i], rows[i], predicted[i] = nums[j], dens[j], n[j], preds[j]
+    total = sum(
+        sum(num[i] for i in c) / sum(den[i] for i in c) * sum(rows[i] for i in c)
+        for c in chunks(range(len(encoded)), batch_size)
+    )
+    correct = [e.label if kind == "mlm" else e.correct for e in encoded]
     return {
-        "loss": total / rows,
-        **({"accuracy": accuracy(predicted, correct)} if predicted else {}),
+        "loss": total / sum(rows),
+        **({"accuracy": accuracy(predicted, correct)} if scored or kind == "mlm" else {}),
     }

@@ -29,9 +29,22 @@ def batch_logits(model, batch):
     )
 
 
+def kept(logits, batch):
+    """The logits, checked to be the ones the batch's losses read: [N, W, V] at its W kept
+    positions. Logits of every position index the wrong tokens without an error, so they are
+    refused."""
+    keep = batch["logits_to_keep"]
+    if logits.shape[1] != keep.shape[-1]:
+        raise DataError(
+            f"logits of {logits.shape[1]} positions where the batch reads {keep.shape[-1]}: run "
+            "the model with the batch's logits_to_keep (data.batch_logits)"
+        )
+    return logits
+
+
 def option_logprobs(logits, batch):
     """-> (sum of option-token log-probs [N], number of option tokens [N]) of each candidate."""
-    window = logits[batch["score_row"][:, None], batch["score_pos"]]  # [N, L, V]
+    window = kept(logits, batch)[batch["score_row"][:, None], batch["score_pos"]]  # [N, L, V]
     token_logp = window.log_softmax(-1).gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
     mask = batch["option_mask"]
     return token_logp.masked_fill(~mask, 0.0).sum(-1), mask.sum(-1)
@@ -73,7 +86,7 @@ def option_lm_loss(logits, batch):
 
 def label_word_logits(logits, batch):
     """[B, C] logits of each label's word at the <mask> position (the one position kept)."""
-    return logits[:, 0, batch["label_word_ids"]]
+    return kept(logits, batch)[:, 0, batch["label_word_ids"]]
 
 
 def mlm_loss(logits, batch):
@@ -103,6 +116,26 @@ def task_loss(logits, batch):
     if "option_mask" in batch:
         return option_lm_loss(logits, batch)
     raise DataError(f"no differentiable loss for a batch with keys {sorted(batch)} (task_loss)")
+
+
+def loss_terms(logits, batch, option_lm=False):
+    """Per example, (numerator [B], denominator [B]) whose sums' ratio is the batch's loss
+    (option_lm_loss with option_lm, else task_loss), so that the loss of any other grouping of
+    the same examples can be rebuilt from them (data/evaluate.py dev_loss)."""
+    if option_lm or "option_index" not in batch and "option_mask" in batch:
+        total, count = option_logprobs(logits, batch)
+        if "option_index" in batch:  # a classification batch: its correct candidates only
+            gold = batch["option_index"].gather(1, batch["labels"][:, None]).squeeze(1)
+            total, count = total[gold], count[gold]
+        return -total, count.to(total.dtype)
+    if "mask_pos" in batch:
+        scores = label_word_logits(logits, batch)
+    elif "option_index" in batch:
+        scores = candidate_scores(logits, batch)
+    else:
+        raise DataError(f"no differentiable loss for a batch of keys {sorted(batch)} (loss_terms)")
+    loss = F.cross_entropy(scores, batch["labels"], reduction="none")
+    return loss, torch.ones_like(loss)
 
 
 def batch_loss(model, batch):

@@ -190,9 +190,9 @@ def test_evaluation_batches_rows_by_length_and_predicts_and_weighs_as_in_file_or
     tiny, monkeypatch
 ):
     """predict and dev_loss take rows shortest first (less padding), and give back each row's own
-    prediction in file order: the same as one row at a time (no padding at all). dev_loss keeps file
-    order when examples have different numbers of candidates (HF's weighting then depends on the
-    grouping)."""
+    prediction in file order: the same as one row at a time (no padding at all). dev_loss does too
+    when examples have different numbers of candidates, and still weighs each of the original's
+    file-order batches by its rows."""
     model, tok = tiny["llama"]
     task = data.get_task("SST2", family="llama")
     samples = task.load(None)["valid"]
@@ -230,5 +230,69 @@ def test_evaluation_batches_rows_by_length_and_predicts_and_weighs_as_in_file_or
     )
     assert len(mixed[0].input_ids[0]) > len(mixed[-1].input_ids[0])  # sorting would move it last
     options.clear()
-    evaluate.dev_loss(model, mixed, "classification", tok.pad_token_id, 2)
-    assert options[0] == [1, 2]  # file order kept
+    ours = evaluate.dev_loss(model, mixed, "classification", tok.pad_token_id, 2)["loss"]
+    assert options[0] != [1, 2]  # shortest first, though the rows' weights depend on the grouping
+    expected = hf_evaluation_loss(model, mixed, "classification", tok.pad_token_id, 2)
+    assert ours == pytest.approx(expected, rel=8 * torch.finfo(torch.float32).eps)
+
+
+def hf_evaluation_loss(model, encoded, kind, pad_token_id, batch_size):
+    """HF Trainer.evaluation_loop over the original's batches, transcribed: `batch_size` examples
+    in file order, each batch's mean loss repeated once per row (candidates for the
+    classification loss, examples otherwise), then the mean."""
+    scored = kind == "classification" or encoded[0].gold is None
+    repeated = []
+    with torch.no_grad():
+        for group in evaluate.chunks(encoded, batch_size):
+            batch = data.collate(group, "classification" if scored else kind, pad_token_id)
+            logits = data.batch_logits(model, batch)
+            loss = data.option_lm_loss if kind == "option_lm" else data.task_loss
+            rows = int(batch["num_options"].sum()) if kind == "classification" else len(group)
+            repeated.append(loss(logits, batch).repeat(rows))
+    return torch.cat(repeated).mean().item()
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+@pytest.mark.parametrize(
+    "task_name, kind",
+    [
+        ("SST2", "classification"),
+        ("CB", "option_lm"),
+        ("Copa", "classification"),
+        ("Copa", "option_lm"),
+        ("ReCoRD", "option_lm"),
+        ("SQuAD", "option_lm"),
+    ],
+)
+def test_dev_loss_is_the_originals_over_its_file_order_batches(tiny, task_name, kind, batch_size):
+    """The batches run shortest first, yet the loss is the original's: its batches are file-order
+    groups whose token-level (option LM) or row-weighted loss depends on which examples share
+    them, and the answers differ in length. Only fp32 rounding differs: each batch's loss sums the
+    same per-example terms in another order (within a few ulp per term) and the mean of
+    nonnegative batch losses keeps that relative bound."""
+    model, tok = tiny["opt"]
+    model = model.float()
+    task = data.get_task(task_name, family="opt")
+    samples = task.load(None)["valid"][:24]
+    encoded = encode_samples(task, samples, tok, generation_with_gold=True, max_length=512)
+    # the answers (multi-token tasks) or the number of candidates (ReCoRD) differ
+    varied = len({tuple(e.option_len) for e in encoded}) > 1
+    assert varied == (task_name in ("Copa", "ReCoRD", "SQuAD"))
+    ours = evaluate.dev_loss(model, encoded, kind, tok.pad_token_id, batch_size)["loss"]
+    expected = hf_evaluation_loss(model, encoded, kind, tok.pad_token_id, batch_size)
+    terms = batch_size * max(len(e.input_ids) for e in encoded)  # candidates of one batch
+    assert ours == pytest.approx(expected, rel=4 * terms * torch.finfo(torch.float32).eps, abs=0)
+
+
+def test_a_loss_refuses_logits_of_every_position():
+    """A model run without the batch's logits_to_keep returns [N, T, V]: the losses would read the
+    wrong positions without an error."""
+    model, tok = load_model(models.TINY_OPT).eval(), load_tokenizer(models.TINY_OPT)
+    task = data.get_task("Copa", family="opt")
+    encoded = encode_samples(task, task.load(None)["valid"][:2], tok)
+    batch = data.collate(encoded, "classification", tok.pad_token_id)
+    with torch.no_grad():
+        full = model(batch["input_ids"], batch["attention_mask"])
+    for loss in (data.task_loss, data.option_lm_loss, data.candidate_scores):
+        with pytest.raises(data.DataError, match="logits of .* positions where the batch reads"):
+            loss(full, batch)
