@@ -29,8 +29,9 @@ from safetensors.torch import save_file
 from data.files import atomic_dir
 
 from . import ModelError
+from .layers import ACTIVATIONS
 from .llama import LLaMA, LlamaConfig
-from .opt import ACTIVATIONS, OPT, OPTConfig
+from .opt import OPT, OPTConfig
 from .peft import LoRALinear
 from .roberta import RobertaConfig, RobertaMLM
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import ModelError
-from .opt import ACTIVATIONS, CausalLM, KVCache, attend, query_key_mask
+from .layers import ACTIVATIONS, CausalLM, KVCache, attend, query_key_mask
 
 HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
@@ -78,7 +78,8 @@ class LlamaConfig:
         rope_type = self.rope_type
         if rope_type not in ROPE_TYPES:
             raise ModelError(
-                f"unsupported rope_scaling type {rope_type!r}, expected one of {ROPE_TYPES} (config.json)"
+                f"unsupported rope_scaling type {rope_type!r}, expected one of {ROPE_TYPES} "
+                "(config.json)"
             )
         if self.model_type == "qwen2" and self.use_sliding_window:
             raise ModelError(

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .opt import ACTIVATIONS, attend, keep_positions
+from .layers import ACTIVATIONS, attend, keep_positions
 
 
 @dataclass
