@@ -173,8 +173,6 @@ class OPTDecoder(nn.Module):
 
 
 class OPT(CausalLM):
-    hf_architecture = "OPTForCausalLM"
-
     def __init__(self, cfg: OPTConfig):
         super().__init__()
         self.config = cfg

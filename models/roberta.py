@@ -195,8 +195,6 @@ class RobertaLMHead(nn.Module):
 
 
 class RobertaMLM(nn.Module):
-    hf_architecture = "RobertaForMaskedLM"
-
     def __init__(self, cfg: RobertaConfig):
         super().__init__()
         self.config = cfg
