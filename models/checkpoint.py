@@ -47,8 +47,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
-# pooler unused by the MLM head; legacy buffers
-IGNORED = re.compile(r"(^|\.)pooler\.|position_ids$")
 
 
 # ---------------------------------------------------------------- locating a checkpoint
@@ -266,12 +264,12 @@ def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
         model = family.model(cfg)
     # a tied weight appears once, under its embedding name
     expected = dict(model.named_parameters())
-    # Skipped: pooler, legacy buffers, the stored copy of a tied head. Of `lm_head.bias` and
-    # `lm_head.decoder.bias` the decoder's own wins (the one transformers uses when untied).
+    # Skipped, as no parameter of ours: pooler, legacy buffers, a tied head's stored copy. Of
+    # `lm_head.bias` and `lm_head.decoder.bias` the decoder's own wins (transformers' when untied).
     key_of = {}
     for key in weights.file_of:
         name = family.our_name(key)
-        if name in expected and not IGNORED.search(key) and (name not in key_of or key == name):
+        if name in expected and (name not in key_of or key == name):
             key_of[name] = key
     state = {}
     for name, key in key_of.items():
