@@ -115,10 +115,11 @@ def query_key_mask(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
 
 class CausalLM(nn.Module):
     """A decoder body under an LM head: the head, its tying, the forward and greedy generation,
-    shared by OPT and the LLaMA family. `body` names the decoder attribute (Hugging Face's name:
-    `decoder` for OPT, `model` for LLaMA), so checkpoints load without a renaming table."""
+    shared by OPT and the LLaMA family. A subclass sets `body`, the name of its decoder attribute
+    (Hugging Face's: `decoder` for OPT, `model` for LLaMA), and builds config, body and lm_head.
+    """
 
-    body = "decoder"
+    body: str
 
     def tie_weights(self):
         """The head's weight IS the embedding Parameter (used by both modules' forwards)."""

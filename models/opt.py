@@ -173,6 +173,8 @@ class OPTDecoder(nn.Module):
 
 
 class OPT(CausalLM):
+    body = "decoder"
+
     def __init__(self, cfg: OPTConfig):
         super().__init__()
         self.config = cfg
