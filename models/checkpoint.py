@@ -29,18 +29,10 @@ from safetensors.torch import save_file
 from data.files import atomic_dir
 
 from . import ModelError
-from .llama import LLaMA, LlamaConfig
-from .opt import ACTIVATIONS, OPT, OPTConfig
+from .families import FAMILIES
+from .layers import ACTIVATIONS
 from .peft import LoRALinear
-from .roberta import RobertaConfig, RobertaMLM
 
-ARCHITECTURES = {
-    "opt": (OPTConfig, OPT),
-    "roberta": (RobertaConfig, RobertaMLM),
-    "llama": (LlamaConfig, LLaMA),
-    "qwen2": (LlamaConfig, LLaMA),
-    "mistral": (LlamaConfig, LLaMA),
-}
 WEIGHT_FILES = (
     "model.safetensors.index.json",
     "model.safetensors",
@@ -55,8 +47,6 @@ TOKENIZER_FILES = (
     "merges.txt",
     "tokenizer.model",
 )
-# pooler unused by the MLM head; legacy buffers
-IGNORED = re.compile(r"(^|\.)pooler\.|position_ids$")
 
 
 # ---------------------------------------------------------------- locating a checkpoint
@@ -103,11 +93,11 @@ def read_config(directory: Path):
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError(f"corrupt config file: {e} ({file})") from None
     model_type = raw.get("model_type") if isinstance(raw, dict) else None
-    if model_type not in ARCHITECTURES:
+    if model_type not in FAMILIES:
         raise ModelError(
-            f"unknown model_type {model_type!r}, expected one of {sorted(ARCHITECTURES)} ({file})"
+            f"unknown model_type {model_type!r}, expected one of {sorted(FAMILIES)} ({file})"
         )
-    config_cls = ARCHITECTURES[model_type][0]
+    config_cls = FAMILIES[model_type].config
     _check_sizes(raw, file)
     try:
         cfg = config_cls(
@@ -166,25 +156,22 @@ def _check_sizes(raw: dict, file: Path) -> None:
 
 
 def max_positions(config) -> int:
-    """The longest sequence the model can encode: RoBERTa's positions start after padding_idx
-    (transformers' create_position_ids_from_input_ids), so it has two fewer."""
-    return config.max_position_embeddings - (2 if config.model_type == "roberta" else 0)
+    """The longest sequence the model can encode: its position rows less those no token takes."""
+    return config.max_position_embeddings - FAMILIES[config.model_type].reserved_positions
 
 
 # ---------------------------------------------------------------- names in files vs. ours
 
 
 def our_name(model_type: str, key: str) -> str:
-    if model_type == "opt":
-        # OPTForCausalLM saves `model.decoder.*`, hub OPT `decoder.*`
-        return key.removeprefix("model.")
-    return "lm_head.decoder.bias" if key == "lm_head.bias" else key
+    """The parameter that the tensor `key` of a `model_type` checkpoint file loads into."""
+    return FAMILIES[model_type].our_name(key)
 
 
 def _hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Our tensors under the names transformers writes; LoRA merged into W; the tied head
     omitted."""
-    cfg = model.config
+    cfg, family = model.config, FAMILIES[model.config.model_type]
     if any(name.endswith("prefix_keys") for name, _ in model.named_parameters()):
         raise ModelError(
             "a prefix-tuned model has no Hugging Face layout; save adapter_state_dict(model) "
@@ -196,19 +183,12 @@ def _hf_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, LoRALinear):
             tensors[f"{name}.weight"] = module.merged_weight().detach()
             del tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"]
-    if cfg.model_type != "roberta":  # the LLaMA family's names are transformers' already
-        if cfg.tie_word_embeddings:
-            del tensors["lm_head.weight"]
-        if cfg.model_type != "opt":
-            return tensors
-        return {("model." + k if k.startswith("decoder.") else k): t for k, t in tensors.items()}
-    bias = tensors.pop("lm_head.decoder.bias")
-    tensors["lm_head.bias"] = bias
     if cfg.tie_word_embeddings:
-        del tensors["lm_head.decoder.weight"]
-    else:  # untied, transformers reads the decoder's own bias
-        tensors["lm_head.decoder.bias"] = bias.clone()
-    return tensors
+        del tensors[family.head]
+    named = {family.file_name(name): t for name, t in tensors.items()}
+    for name in () if cfg.tie_word_embeddings else family.untied_copies:
+        named[name] = tensors[name].clone()  # safetensors refuses two names for one storage
+    return named
 
 
 # ---------------------------------------------------------------- reading
@@ -271,25 +251,25 @@ def _first_line(error: Exception) -> str:
 
 
 def load_model(path, dtype=torch.float32, device="cpu") -> nn.Module:
-    """OPT, RoBERTa-MLM or a LLaMA-family model (ARCHITECTURES) from a checkpoint directory or a hub
-    name in
-    the local HF cache, in eval mode."""
+    """OPT, RoBERTa-MLM or a LLaMA-family model (families.py) from a checkpoint directory or a hub
+    name in the local HF cache, in eval mode."""
     directory = resolve(path)
     cfg = read_config(directory)
     weights = _Weights(directory, device)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if cfg.model_type == "roberta" and "lm_head.decoder.weight" in weights.file_of:
+    family = FAMILIES[cfg.model_type]
+    if family.stored_head_unties and family.file_name(family.head) in weights.file_of:
         cfg.tie_word_embeddings = False  # e.g. roberta-large: the decoder is its own matrix
     with torch.device("meta"):
-        model = ARCHITECTURES[cfg.model_type][1](cfg)
+        model = family.model(cfg)
     # a tied weight appears once, under its embedding name
     expected = dict(model.named_parameters())
-    # Skipped: pooler, legacy buffers, the stored copy of a tied head. Of `lm_head.bias` and
-    # `lm_head.decoder.bias` the decoder's own wins (the one transformers uses when untied).
+    # Skipped, as no parameter of ours: pooler, legacy buffers, a tied head's stored copy. Of
+    # `lm_head.bias` and `lm_head.decoder.bias` the decoder's own wins (transformers' when untied).
     key_of = {}
     for key in weights.file_of:
-        name = our_name(cfg.model_type, key)
-        if name in expected and not IGNORED.search(key) and (name not in key_of or key == name):
+        name = family.our_name(key)
+        if name in expected and (name not in key_of or key == name):
             key_of[name] = key
     state = {}
     for name, key in key_of.items():
@@ -385,7 +365,7 @@ def _config_json(model: nn.Module, tensors) -> dict:
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     return {
         **dataclasses.asdict(model.config),
-        "architectures": [model.hf_architecture],
+        "architectures": [FAMILIES[model.config.model_type].architecture],
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
 

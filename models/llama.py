@@ -21,13 +21,8 @@ import torch
 import torch.nn as nn
 
 from . import ModelError
-from .opt import ACTIVATIONS, CausalLM, KVCache, attend, query_key_mask
+from .layers import ACTIVATIONS, CausalLM, KVCache, attend, query_key_mask
 
-HF_ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "mistral": "MistralForCausalLM",
-}
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -254,7 +249,3 @@ class LLaMA(CausalLM):
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
-
-    @property
-    def hf_architecture(self) -> str:
-        return HF_ARCHITECTURES[self.config.model_type]

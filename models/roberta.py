@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .opt import ACTIVATIONS, attend, keep_positions
+from .layers import ACTIVATIONS, attend, keep_positions
 
 
 @dataclass
@@ -195,8 +195,6 @@ class RobertaLMHead(nn.Module):
 
 
 class RobertaMLM(nn.Module):
-    hf_architecture = "RobertaForMaskedLM"
-
     def __init__(self, cfg: RobertaConfig):
         super().__init__()
         self.config = cfg

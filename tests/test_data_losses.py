@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import data
 from data import Encoded, MLMEncoded
-from models.opt import keep_positions
+from models.layers import keep_positions
 
 PAD, V = 1, 11
 

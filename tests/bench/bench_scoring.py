@@ -31,7 +31,7 @@ from bench_model import _status_mib, build, interleaved, medians_ms, ratio  # no
 import data  # noqa: E402
 import models  # noqa: E402
 from data.evaluate import encode_samples, predict  # noqa: E402
-from models.opt import keep_positions  # noqa: E402
+from models.layers import keep_positions  # noqa: E402
 from zo import MeZO, MeZOConfig  # noqa: E402
 
 SMOLLM2 = Path(__file__).resolve().parents[2] / ".cache" / "smollm2-135m-instruct"
