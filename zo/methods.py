@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from . import variants
 from .directions import Dense
 from .fzoo import FZOO
+from .lozo import LOZO
 from .part import FEATURES, Field, Part
 from .perturb import ExactRestore
 from .reference import InPlace
@@ -38,6 +39,7 @@ ESTIMATORS = _by_name(
 DIRECTIONS = _by_name(
     Dense,  # normal or Rademacher z (zo/directions.py)
     SparseMagnitude,  # Sparse-MeZO's magnitude mask (zo/sparse.py)
+    LOZO,  # low-rank z = U V^T per weight matrix (zo/lozo.py)
 )
 UPDATE_RULES = _by_name(
     ZOSGD,  # MeZO's fused update (zo/updates.py)
