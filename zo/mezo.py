@@ -191,9 +191,8 @@ class MeZO:
 
     # ----------------------------------------- the step, beside large_models/trainer.py's zo_step
     def zo_step(self, model: nn.Module, loss_fn, seeds: list[int] | None = None):
-        """-> (loss, projected_grad), 0-d device tensors: MeZO's L(theta + eps z) (of the last z
-        with n-SPSA), FZOO's L(theta). The step's (seed, projected_grad) are kept for zo_update.
-        seeds: drawn already by begin_step (zo/graphs.py, which captures the device work)."""
+        """-> (loss, projected_grad), 0-d device tensors; the step's (seed, projected_grad) are
+        kept for zo_update. seeds: drawn already by begin_step (zo/graphs.py)."""
         if self.cfg.zo_variant is not None and self.cs is None:
             self.initialize_c(model, loss_fn)
         if seeds is None:
@@ -203,7 +202,7 @@ class MeZO:
             for seed in seeds:
                 loss, projected_grad = self.zo_estimate(model, loss_fn, seed)
                 self.estimates.append((seed, projected_grad / len(seeds)))
-        else:  # another estimator's forwards (FZOO: N one-sided + one clean)
+        else:  # another estimator's forwards (FZOO: N one-sided + one clean; its loss L(theta))
             forward = lambda: self.zo_forward(model, loss_fn)  # noqa: E731
             try:
                 loss, self.estimates = self.estimator.estimate(
@@ -212,9 +211,6 @@ class MeZO:
             finally:
                 self.perturbation.reset()
         self.projected_grad = self.estimates[-1][1]
-        if not self.unseen_checked:  # a fresh run's step 0, or the first step after a resume
-            self.warn_unseen_parameters()
-            self.unseen_checked = True
         return loss, self.projected_grad
 
     def zo_estimate(self, model: nn.Module, loss_fn, seed: int, slots=None):
@@ -303,7 +299,10 @@ class MeZO:
 
     def finish_step(self, estimates: list[tuple[int, torch.Tensor]]) -> None:
         """After the update, the step's record: the trajectory, the forward count, then the step
-        counter (lr_scheduler.step())."""
+        counter (lr_scheduler.step()); at this object's first step, unseen parameters."""
+        if not self.unseen_checked:  # a fresh run's step 0, or the first step after a resume
+            self.warn_unseen_parameters()
+            self.unseen_checked = True
         if self.trajectory is not None:
             for seed, g in estimates:
                 self.trajectory.append(self.global_step, seed, g, self.step_lr)
