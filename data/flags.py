@@ -52,6 +52,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
+    from zo import methods
+
     p = Parser(description="MeZO fine-tuning (Malladi et al. 2023).")
     a = p.add_argument
     (
@@ -121,31 +123,8 @@ def build_parser():
         a("--lora_alpha", type=float, default=16),
     )
     a("--perturbation", choices=("exact", "reference", "eager"), default="exact")
-    a(
-        "--distribution",
-        choices=("normal", "rademacher"),
-        help="z (default: normal; rademacher with --estimator fzoo)",
-    )
-    a(
-        "--estimator",
-        choices=("spsa", "fzoo"),
-        default="spsa",
-        help="spsa: MeZO's two-sided SPSA (n-SPSA with "
-        "--n_spsa); fzoo: FZOO's --fzoo_n one-sided perturbations + one clean forward (zo/fzoo.py)",
-    )
-    a("--fzoo_n", type=int, default=8, help="FZOO: perturbations per step (the authors' fzoo.sh N)")
-    a(
-        "--sparse_mezo",
-        type=float,
-        default=0.0,
-        help="Sparse-MeZO: fraction of each parameter's weights (the "
-        "largest magnitudes) left unperturbed and not updated; 0: dense z (zo/sparse.py)",
-    )
+    methods.add_flags(p, boolean=_bool)  # --estimator, --distribution, each method's own flags
     a("--seed_source", choices=("generator", "numpy_global"), default="generator")
-    (
-        a("--n_spsa", type=int, default=1),
-        a("--n_spsa_schedule", choices=("constant", "linear"), default="constant"),
-    )
     a("--zo_variant", choices=("param_norm", "grad_norm")), a("--change_grad_estimate", **BOOL)
     (
         a("--recompute_norms", **BOOL),
@@ -332,7 +311,7 @@ def wd_exempt(args) -> tuple[str, ...]:
 
 def mezo_config(args):
     """The zo.MeZOConfig of a resolved command line (train.py builds MeZO and replays with it)."""
-    from zo import MeZOConfig
+    from zo import MeZOConfig, methods
 
     optimizer = (
         "adam" if args.optimizer in ("adam", "adamw") else ("momentum" if args.momentum else "sgd")
@@ -345,20 +324,15 @@ def mezo_config(args):
         wd_exempt=wd_exempt(args),
         max_steps=args.max_steps,
         perturbation={"exact": "fused"}.get(args.perturbation, args.perturbation),
-        distribution=args.distribution,
         seed=args.seed,
         seed_source=args.seed_source,
-        estimator=args.estimator,
-        n_spsa=args.n_spsa,
-        n_spsa_schedule=args.n_spsa_schedule,
-        fzoo_n=args.fzoo_n,
-        sparse_mezo=args.sparse_mezo,
         optimizer=optimizer,
         momentum=args.momentum or 0.9,
         zo_variant=args.zo_variant,
         change_grad_estimate=bool(args.change_grad_estimate),
         recompute_norms=bool(args.recompute_norms),
         use_zo_grad_est=bool(args.use_zo_grad_est),
+        **methods.config_kwargs(args),  # --estimator, --distribution, each method's own flags
     )
 
 
@@ -407,8 +381,6 @@ RULES = {
     "lora_alpha": finite(0, False),
     "num_train_epochs": finite(0, False),
     "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "sparse_mezo": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "fzoo_n": at_least(2),
     "seed": SEED,
     "train_set_seed": SEED,
     "max_length": at_least(2),
@@ -425,7 +397,6 @@ RULES = {
             "batch_size",
             "eval_batch_size",
             "gradient_accumulation_steps",
-            "n_spsa",
             "lora_r",
             "num_prefix",
             "max_nonfinite",
@@ -439,8 +410,10 @@ RULES = {
 
 def check_values(args, rules=RULES) -> None:
     """Every value in range (finite, positive, ...) before anything runs; DataError naming the
-    flag."""
-    for name, (ok, what) in rules.items():
+    flag. The method flags' checks are their methods' (zo.methods.flag_checks)."""
+    from zo import methods
+
+    for name, (ok, what) in {**rules, **methods.flag_checks()}.items():
         value = getattr(args, name, None)
         if value is not None and not ok(value):
             raise DataError(f"{name} must be {what} (--{name} {value})")

@@ -62,11 +62,11 @@ def test_warns_when_a_parameter_is_read_outside_its_module():
     hooks cannot show that parameter perturbed, and the first step says so."""
     mha, x = nn.MultiheadAttention(8, 2), torch.randn(3, 1, 8)
     with pytest.warns(UserWarning, match="out_proj.weight"):
-        MeZO(mha).zo_step(mha, lambda m: m(x, x, x)[0].sum())
+        MeZO(mha).step(mha, lambda m: m(x, x, x)[0].sum())
     model, ids = tiny_lm(), lm_batch()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="trainable parameters never perturbed")
-        MeZO(model).zo_step(model, lm_loss(ids))
+        MeZO(model).step(model, lm_loss(ids))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

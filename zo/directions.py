@@ -1,37 +1,45 @@
-"""Directions: what z is. Dense normal or Rademacher z from the counter-based hash (zo/rng.py),
-drawn inside the fused kernels (zo/kernels.py). Sparse-MeZO's magnitude mask on either is
-zo/sparse.py.
+"""Directions: what z is. `Dense`: normal or Rademacher z for every element, from the counter-based
+hash (zo/rng.py), drawn inside the fused kernels (zo/kernels.py). Others: Sparse-MeZO's magnitude
+mask (zo/sparse.py), LOZO's low-rank z (zo/lozo.py).
 
-A direction gives the perturbation its `kernels`, the extra kernel arguments of a slot (`args`), and
-`prepare()`, called at the start of each step and before each replayed step, on the weights of that
-step.
+A direction gives the perturbation the kernels of a slot (`kernels(slot)`) and their extra arguments
+(`args(slot)`), and `prepare(step, seeds)`, called at the start of each step and before each
+replayed step, on the weights of that step. What it carries from step to step is its `state_dict`.
 """
 
-from .kernels import get_kernels
-
-# what a part of a run may support (zo/methods.py FEATURES); "dense_grad": z can be materialised as
-# p.grad
-ALL = frozenset({"cuda_graphs", "fsdp", "data_parallel", "reference", "replay", "dense_grad"})
+from .kernels import Kernels, get_kernels
+from .part import ALL, Part
 
 
-class Dense:
+class Dense(Part):
     """z ~ N(0, 1) (MeZO) or Rademacher (+-1, FZOO) for every element of every trainable
-    parameter."""
+    parameter: the default direction."""
 
-    def __init__(self, slots, distribution: str, compiled: bool):
-        self.kernels = get_kernels(distribution, compiled)
+    NAME = "dense"
+
+    def __init__(self, slots, cfg, compiled: bool):
+        self.dense = get_kernels(cfg.distribution, compiled)
 
     @staticmethod
-    def describe(cfg) -> str:
-        return f"distribution={cfg.distribution}"
+    def selected(cfg) -> bool:
+        return True  # the default, when no other direction is
 
     @staticmethod
     def supports(cfg) -> frozenset:
         # the reference mode transcribes the original's torch.normal draws
         return ALL if cfg.distribution == "normal" else ALL - {"reference"}
 
-    def prepare(self) -> None:
-        pass
+    def kernels(self, slot) -> Kernels:
+        return self.dense
 
     def args(self, slot) -> dict:
         return {}
+
+    def prepare(self, step: int, seeds: list[int]) -> None:
+        pass
+
+    def state_dict(self):
+        return None
+
+    def load_state_dict(self, state) -> None:
+        pass

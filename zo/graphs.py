@@ -69,12 +69,11 @@ def batch_key(batch: dict[str, torch.Tensor]) -> tuple:
 def step_on_device(
     mezo: MeZO, model: nn.Module, loss_fn, seeds: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a graph captures: the estimate and the update of MeZO.zo_step and zo_update, between
-    MeZO.begin_step (seed and lr already written, so nothing here writes a per-step value) and
-    MeZO.finish_step."""
-    loss, estimates = mezo.estimator.estimate(mezo, model, loss_fn, seeds)
-    mezo.apply_update(estimates, mezo.step_lr)
-    return loss, estimates[0][1]
+    """What a graph captures: MeZO's own zo_step and apply_update, between MeZO.begin_step (seed
+    and lr already written, so nothing here writes a per-step value) and MeZO.finish_step."""
+    loss, projected_grad = mezo.zo_step(model, loss_fn, seeds)
+    mezo.apply_update(mezo.estimates, mezo.step_lr)
+    return loss, projected_grad
 
 
 class CudaGraphStep:
@@ -124,6 +123,8 @@ class CudaGraphStep:
                 "the MeZO step cannot be captured as a CUDA graph: the loss or the model syncs "
                 f"with the host (e.g. a non-differentiable objective) ({e})"
             ) from e
+        for captured, value in zip(outputs, (loss1, projected_grad)):
+            captured.copy_(value)  # MeZO's projected_grad is the graph's output: this step's value
         self.graphs[key] = (graph, inputs, outputs)
         return loss1.clone(), projected_grad.clone()
 

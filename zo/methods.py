@@ -1,36 +1,103 @@
-"""The registry of a MeZO run's parts, and the one check of what they support together.
+"""The registry of a MeZO step's methods: one line per method, and what follows from the lines.
 
 A run is an estimator (forwards -> (seed, projected_grad) estimates), a direction (what z is), an
 update rule (estimates -> parameter change), a perturbation (exact restore or the original's
-in-place moves) and optionally the control variates of the variants. Each part declares what it
-supports; `check_supported` is the one list of combinations: MeZO.__init__, CudaGraphStep, replay
-and the command line (data/flags.py) all call it. A new method is one file plus one line here.
+in-place moves) and optionally the control variates of the variants. Each method is one class in
+its own file (zo/part.py says what it declares); from the lines below come MeZOConfig's method
+fields and their checks, train.py's method flags (`add_flags`, `flag_checks`, `config_kwargs`), the
+one check of what the parts support together (`check_supported`: MeZO.__init__, CudaGraphStep,
+replay and the command line call it), run names and table labels. A new method is one file plus
+one line here.
 """
+
+import argparse
+import dataclasses
+import re
+from types import SimpleNamespace
 
 from . import variants
 from .directions import Dense
 from .fzoo import FZOO
+from .lozo import LOZO
+from .part import FEATURES, Field, Part
 from .perturb import ExactRestore
 from .reference import InPlace
 from .sparse import SparseMagnitude
 from .spsa import SPSA
-from .updates import ZOSGD, TorchOptimizer
-
-ESTIMATORS = {"spsa": SPSA, "fzoo": FZOO}
-UPDATE_RULES = {"sgd": ZOSGD, "momentum": TorchOptimizer, "adam": TorchOptimizer}
-
-FEATURES = {
-    "cuda_graphs": "CUDA graphs",
-    "fsdp": "FSDP local views",
-    "data_parallel": "data-parallel ranks",
-    "reference": "perturbation=reference",
-    "replay": "trajectory replay",
-    "dense_grad": "a materialised p.grad = g * z",
-}
+from .updates import ZOSGD, Adam, Momentum
 
 
-def direction_class(cfg):
-    return SparseMagnitude if cfg.sparse_mezo else Dense
+def _by_name(*parts: type[Part]) -> dict[str, type[Part]]:
+    return {part.NAME: part for part in parts}
+
+
+# the first of each kind is the default
+ESTIMATORS = _by_name(
+    SPSA,  # MeZO's two-sided SPSA; n-SPSA (zo/spsa.py)
+    FZOO,  # N one-sided perturbations + one clean forward (zo/fzoo.py)
+)
+DIRECTIONS = _by_name(
+    Dense,  # normal or Rademacher z (zo/directions.py)
+    SparseMagnitude,  # Sparse-MeZO's magnitude mask (zo/sparse.py)
+    LOZO,  # low-rank z = U V^T per weight matrix (zo/lozo.py)
+)
+UPDATE_RULES = _by_name(
+    ZOSGD,  # MeZO's fused update (zo/updates.py)
+    Momentum,  # torch SGD with momentum on p.grad = g z
+    Adam,  # torch AdamW on p.grad = g z
+)
+METHODS = (*ESTIMATORS.values(), *DIRECTIONS.values(), *UPDATE_RULES.values())
+DISTRIBUTIONS = ("normal", "rademacher")
+
+
+def fields() -> list[Field]:
+    """Every method's config fields, each once (the torch optimizers share clip_grad_norm)."""
+    out: dict[str, Field] = {}
+    for method in METHODS:
+        for f in method.FIELDS:
+            if out.setdefault(f.name, f) is not f:
+                raise TypeError(f"two methods declare the config field {f.name}")
+    return list(out.values())
+
+
+def with_method_fields(core: type) -> type:
+    """The dataclass `core` plus every method's fields, with their defaults."""
+    specs = [(f.name, f.type, dataclasses.field(default=f.default)) for f in fields()]
+    cls = dataclasses.make_dataclass(core.__name__, specs, bases=(core,))
+    cls.__module__, cls.__doc__ = core.__module__, core.__doc__
+    return cls
+
+
+def check_config(cfg) -> None:
+    """ValueError for a method field out of range, or a selected method refusing the config."""
+    choices = {
+        "estimator": tuple(ESTIMATORS),
+        "optimizer": tuple(UPDATE_RULES),
+        "distribution": DISTRIBUTIONS,
+    }
+    for f in fields():
+        if f.choices is not None:
+            choices[f.name] = f.choices
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(
+                f"unknown {name} ({name}={getattr(cfg, name)!r}; expected one of {allowed})"
+            )
+    for f in fields():
+        value = getattr(cfg, f.name)
+        if f.check is not None and value is not None and not f.check.ok(value):
+            raise ValueError(f"{f.name} must be {f.check.what} ({f.name}={value})")
+    for part in (ESTIMATORS[cfg.estimator], direction_class(cfg), UPDATE_RULES[cfg.optimizer]):
+        part.check(cfg)
+
+
+def direction_class(cfg) -> type[Part]:
+    """The direction the config selects: one of the others, else the default (dense z)."""
+    default, *others = DIRECTIONS.values()
+    chosen = [d for d in others if d.selected(cfg)]
+    if len(chosen) > 1:
+        raise ValueError(f"one direction at a time ({', '.join(d.NAME for d in chosen)})")
+    return chosen[0] if chosen else default
 
 
 def perturbation_class(cfg):
@@ -39,20 +106,21 @@ def perturbation_class(cfg):
 
 def parts(cfg) -> list[tuple[str, frozenset, frozenset]]:
     """(what, supports, requires) of each part of a run configured by cfg (a MeZOConfig)."""
-    none = frozenset()
+    tagged = {part: f"{part.TAG[1]}={getattr(cfg, part.TAG[1])}" for part, _ in _tagged(cfg)}
+    estimator, direction = ESTIMATORS[cfg.estimator], direction_class(cfg)
     out = [
-        (ESTIMATORS[cfg.estimator].describe(cfg), ESTIMATORS[cfg.estimator].supports(cfg), none),
-        (direction_class(cfg).describe(cfg), direction_class(cfg).supports(cfg), none),
         (
-            f"optimizer={cfg.optimizer}",
-            UPDATE_RULES[cfg.optimizer].supports(cfg),
-            UPDATE_RULES[cfg.optimizer].requires(cfg),
+            f"estimator={cfg.estimator}"
+            + (f" with {tagged[estimator]}" if estimator in tagged else ""),
+            estimator,
         ),
-        (f"perturbation={cfg.perturbation}", perturbation_class(cfg).SUPPORTS, none),
+        (tagged.get(direction, f"distribution={cfg.distribution}"), direction),
+        (f"optimizer={cfg.optimizer}", UPDATE_RULES[cfg.optimizer]),
+        (f"perturbation={cfg.perturbation}", perturbation_class(cfg)),
     ]
     if cfg.zo_variant is not None:
-        out.append((f"zo_variant={cfg.zo_variant}", variants.SUPPORTS, none))
-    return out
+        out.append((f"zo_variant={cfg.zo_variant}", variants))
+    return [(what, part.supports(cfg), part.requires(cfg)) for what, part in out]
 
 
 def check_supported(
@@ -82,3 +150,96 @@ def check_supported(
         problems.append("CUDA graphs run in a single process (data-parallel or FSDP training)")
     if problems:
         raise ValueError(f"unsupported combination: {'; '.join(problems)}")
+
+
+# ------------------------------------------------------------------ the command line
+def add_flags(parser: argparse.ArgumentParser, boolean) -> None:
+    """--estimator, --distribution and every method field with a help text, defaults those of the
+    fields; boolean: the parser's type for true/false values."""
+    parser.add_argument(
+        "--estimator",
+        choices=tuple(ESTIMATORS),
+        default=next(iter(ESTIMATORS)),
+        help="; ".join(
+            f"{name}: zo/{cls.__module__.split('.')[-1]}.py" for name, cls in ESTIMATORS.items()
+        ),
+    )
+    parser.add_argument(
+        "--distribution",
+        choices=DISTRIBUTIONS,
+        help="z (default: the estimator's: "
+        + ", ".join(f"{name} {cls.DISTRIBUTION}" for name, cls in ESTIMATORS.items())
+        + ")",
+    )
+    for f in fields():
+        if f.help is None:
+            continue
+        if f.type is bool:
+            parser.add_argument(
+                f"--{f.name}", nargs="?", const=True, type=boolean, default=f.default, help=f.help
+            )
+        else:
+            parser.add_argument(
+                f"--{f.name}", type=f.type, default=f.default, choices=f.choices, help=f.help
+            )
+
+
+def flag_checks() -> dict:
+    """{flag: (ok(value), what a value must be)} of the method flags (data/flags.py RULES)."""
+    return {f.name: (f.check.ok, f.check.what) for f in fields() if f.help and f.check}
+
+
+def config_kwargs(args) -> dict:
+    """The MeZOConfig keywords of the method flags of a parsed command line."""
+    names = ["estimator", "distribution"] + [f.name for f in fields() if f.help]
+    return {name: getattr(args, name) for name in names}
+
+
+# ------------------------------------------------------------------ run names and table labels
+def view(config: dict) -> SimpleNamespace:
+    """A run's config (config.json, a grid point's flags) with every method field, its default
+    where absent or None."""
+    values = {f.name: f.default for f in fields()}
+    values.update({k: v for k, v in config.items() if v is not None})
+    values.setdefault("estimator", next(iter(ESTIMATORS)))
+    return SimpleNamespace(**values)
+
+
+def _tagged(cfg) -> list[tuple[type[Part], object]]:
+    """The selected methods a run's name shows, with cfg (a MeZOConfig or a `view`)."""
+    selected = [(ESTIMATORS[cfg.estimator], ESTIMATORS), (direction_class(cfg), DIRECTIONS)]
+    out = []
+    for part, kind in selected:
+        if part.TAG is None:
+            continue
+        _, field_name, _ = part.TAG
+        default = next(f.default for f in part.FIELDS if f.name == field_name)
+        if part is not next(iter(kind.values())) or getattr(cfg, field_name) != default:
+            out.append((part, cfg))
+    return out
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_name_parts(config: dict) -> list[str]:
+    """The method id's parts of the selected methods, e.g. ['fzoo8'] (data/paper/presets.py)."""
+    return [f"{p.TAG[0]}{_fmt(getattr(cfg, p.TAG[1]))}" for p, cfg in _tagged(view(config))]
+
+
+def label_of(part: str) -> str | None:
+    """A results table's spelling of a run-name part ('fzoo8' -> 'FZOO N=8'), or None."""
+    for method in METHODS:
+        if method.TAG is not None and method.TAG[2] is not None:
+            found = re.fullmatch(re.escape(method.TAG[0]) + r"([\d.e+-]+)", part)
+            if found:
+                return method.TAG[2].format(found.group(1))
+    return None
+
+
+def forwards_per_step(config: dict) -> int:
+    """Forward passes per step of a run's config (the most z its estimator draws a step)."""
+    cfg = view(config)
+    estimator = ESTIMATORS[cfg.estimator]
+    return estimator.forwards(cfg, estimator.num_zs(cfg, getattr(cfg, "max_steps", 1)))

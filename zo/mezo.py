@@ -3,18 +3,18 @@
     zo_step:   seed <- numpy RNG;  perturb(+1) -> loss1;  perturb(-2) -> loss2;  perturb(+1)
                projected_grad = (loss1 - loss2) / (2 eps)
     zo_update: theta <- theta - lr * (projected_grad * z + wd * theta)   (z regenerated from the
-    seed)
+               seed)
 
-Same names, same order. A step is made of parts registered in zo/methods.py, each declaring what it
-supports (one check, `methods.check_supported`, called here and by the command line):
-- the estimator turns forwards into (seed, projected_grad) estimates: two-sided SPSA (MeZO, n-SPSA;
-  zo/spsa.py, the default) or FZOO (N one-sided perturbations + one clean forward; zo/fzoo.py);
-- the direction says what z is: normal or Rademacher (zo/directions.py), optionally with
-  Sparse-MeZO's magnitude mask (zo/sparse.py), all drawn inside the fused kernels;
-- the update rule turns estimates into a parameter change: fused ZO-SGD or a torch optimizer
-  (zo/updates.py);
-- the perturbation, one of two objects with one interface (`perturb`, `reset`, `projected_grad`,
-  `skip_non_finite`, `update`, `accumulate_grad`, `unseen`):
+Same names, same order: `zo_step`, `zo_estimate`, `zo_update` and `apply_update` below are one block
+of about 40 lines, the whole step. zo/graphs.py captures the same `zo_step` and `apply_update` as a
+CUDA graph (the host draws the seeds before and records the step after). The methods registered in
+zo/methods.py plug in without seeing this object: an estimator other than MeZO's (FZOO) gets
+`perturb(seed, scaling_factor)` and `forward()` and returns its estimates; a direction (what z is:
+dense, Sparse-MeZO's mask) gives the perturbation its kernels; an update rule other than the fused
+ZO-SGD (momentum, Adam) is a torch optimizer stepped on the p.grad accumulated here.
+
+The perturbation is one of two objects with one interface (`perturb`, `reset`, `projected_grad`,
+`skip_non_finite`, `update`, `accumulate_grad`, `unseen`):
 - `zo.perturb.ExactRestore` (`perturbation="fused"`, the default; `"eager"` runs it uncompiled, for
   debugging): the perturbation is virtual. `perturb` moves a shift (0 -> +1 -> -1 -> 0) and forward
   hooks show each module theta + shift*eps*z; the only write is the update, one fused pass per
@@ -43,13 +43,16 @@ import torch
 from torch import nn
 
 from . import methods, variants
-from .optim import SAMPLE_SCHEDULES, WD_EXEMPT, check_schedule, learning_rate, micro_batches
+from .optim import WD_EXEMPT, check_schedule, learning_rate, micro_batches
 from .perturb import ExactRestore, LocalView, StepScalar, collect_slots, whole
 from .reference import InPlace
 
 
 @dataclass
 class MeZOConfig:
+    """A MeZO run's settings; each registered method's own fields (n_spsa, fzoo_n, sparse_mezo,
+    momentum, ...) are added from zo/methods.py, with their defaults and checks."""
+
     lr: float = 1e-5  # train.py --learning_rate (large_models/mezo.sh LR)
     eps: float = 1e-3  # zo_eps
     weight_decay: float = 0.0
@@ -59,24 +62,13 @@ class MeZOConfig:
     warmup_steps: int = 0
     max_steps: int = 0  # needed by the linear schedules
     perturbation: str = "fused"  # "fused" | "eager" | "reference"
-    # "normal" | "rademacher"; None: the estimator's (normal; FZOO rademacher)
-    distribution: str | None = None
+    distribution: str | None = None  # "normal" | "rademacher"; None: the estimator's
     seed: int = 42
     seed_source: str = "generator"  # "generator": np.random.default_rng(seed).integers(1e9);
     #                                 "numpy_global": np.random.seed(seed), np.random.randint(1e9)
     #                                 (original)
-    estimator: str = "spsa"  # "spsa": MeZO's two-sided SPSA (n-SPSA with n_spsa > 1); "fzoo": FZOO
-    n_spsa: int = 1  # z samples per step
-    fzoo_n: int = 8  # FZOO: one-sided perturbations per step (the authors' fzoo.sh N)
-    # Sparse-MeZO: fraction of each parameter left unperturbed (0: dense z)
-    sparse_mezo: float = 0.0
-    # "constant" | "linear": max(1, int(step / max_steps * n_spsa))
-    n_spsa_schedule: str = "constant"
-    optimizer: str = "sgd"  # "sgd": fused ZO-SGD (MeZO); "momentum": torch SGD; "adam": torch AdamW
-    momentum: float = 0.9
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    clip_grad_norm: float | None = None  # "momentum"/"adam" only (--zero_order_clip_grad)
+    estimator: str = next(iter(methods.ESTIMATORS))  # zo/methods.py ESTIMATORS
+    optimizer: str = next(iter(methods.UPDATE_RULES))  # zo/methods.py UPDATE_RULES
     zo_variant: str | None = None  # None | "param_norm" | "grad_norm"
     use_zo_grad_est: bool = False  # grad_norm: c from per-group ZO estimates instead of a backward
     change_grad_estimate: bool = False  # gradient with plain z instead of z*c
@@ -85,37 +77,23 @@ class MeZOConfig:
     def __post_init__(self):
         choices = {
             "perturbation": ("fused", "eager", "reference"),
-            "distribution": ("normal", "rademacher"),
             "seed_source": ("generator", "numpy_global"),
-            "n_spsa_schedule": SAMPLE_SCHEDULES,
-            "optimizer": ("sgd", "momentum", "adam"),
             "zo_variant": (None, "param_norm", "grad_norm"),
-            "estimator": tuple(methods.ESTIMATORS),
         }
-        if self.distribution is None:
-            self.distribution = "rademacher" if self.estimator == "fzoo" else "normal"
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"unknown {name} ({name}={getattr(self, name)!r}; expected one of {allowed})"
                 )
+        if self.distribution is None and self.estimator in methods.ESTIMATORS:
+            self.distribution = methods.ESTIMATORS[self.estimator].DISTRIBUTION
         check_schedule(self.lr_scheduler, self.max_steps, self.warmup_steps)
-        if self.n_spsa_schedule == "linear" and self.max_steps <= 0:
-            raise ValueError(
-                f"n_spsa_schedule=linear needs max_steps > 0 (max_steps={self.max_steps})"
-            )
-        if self.eps <= 0 or self.n_spsa < 1:
-            raise ValueError(
-                f"eps must be > 0 and n_spsa >= 1 (eps={self.eps}, n_spsa={self.n_spsa})"
-            )
-        if self.fzoo_n < 2:  # the std of one loss is 0
-            raise ValueError(f"fzoo_n must be >= 2 (fzoo_n={self.fzoo_n})")
-        if not 0 <= self.sparse_mezo < 1:
-            raise ValueError(f"sparse_mezo must be in [0, 1) (sparse_mezo={self.sparse_mezo})")
-        if self.clip_grad_norm is not None and self.optimizer == "sgd":
-            raise ValueError(
-                "clip_grad_norm needs a materialised gradient (optimizer=momentum or adam)"
-            )
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0 (eps={self.eps})")
+        methods.check_config(self)
+
+
+MeZOConfig = methods.with_method_fields(MeZOConfig)
 
 
 class SeedStream:
@@ -153,9 +131,8 @@ class MeZO:
     local_view: maps a stored parameter (or its grad) to (local tensor, global flat offset); a
         sharded wrapper passes DTensor local shards here (default: the whole tensor at offset 0).
     reduce_losses: applied once per estimate to the stacked losses of this rank's pre-weighted loss
-    terms
-        (two per z for SPSA, N + 1 for FZOO), e.g. an all-reduce SUM across data-parallel ranks
-        (zo/distributed.py); must return a tensor of the same shape.
+        terms (two per z for SPSA, N + 1 for FZOO), e.g. an all-reduce SUM across data-parallel
+        ranks (zo/distributed.py); must return a tensor of the same shape.
     trajectory: a zo.trajectory.Trajectory; each update appends (step, seed, projected_grad, lr).
     """
 
@@ -175,19 +152,16 @@ class MeZO:
         self.slots = collect_slots(model, cfg.wd_exempt)
         self.trainable_ids = [id(s.param) for s in self.slots]
         self.device = self.slots[0].param.device
-        compiled = cfg.perturbation != "eager"
-        direction_cls = methods.direction_class(cfg)
-        self.direction = (
-            direction_cls(self.slots, cfg.distribution, compiled, cfg.sparse_mezo)
-            if cfg.sparse_mezo
-            else direction_cls(self.slots, cfg.distribution, compiled)
+        self.direction = methods.direction_class(cfg)(
+            self.slots, cfg, compiled=cfg.perturbation != "eager"
         )
         if cfg.perturbation == "reference":
             self.perturbation = InPlace(self.slots)
         else:
             self.perturbation = ExactRestore(self.slots, self.direction, local_view)
-        self.estimator = methods.ESTIMATORS[cfg.estimator](cfg)
-        self.update_rule = methods.UPDATE_RULES[cfg.optimizer](self.slots, cfg)
+        self.estimator = methods.ESTIMATORS[cfg.estimator]
+        # a torch optimizer stepped on p.grad, or None: MeZO's fused ZO-SGD
+        self.update_rule = methods.UPDATE_RULES[cfg.optimizer].build(self.slots, cfg)
         self.local_view, self.reduce_losses, self.trajectory = local_view, reduce_losses, trajectory
         self.seeds = SeedStream(cfg.seed, cfg.seed_source)
         self.seed = StepScalar(torch.int64, self.device)  # zo_random_seed, also as a device tensor
@@ -196,8 +170,8 @@ class MeZO:
         # cumulative forwards over a batch (the x-axis when comparing estimators)
         self.forward_passes = 0
         self.cs: dict[str, torch.Tensor] | None = None  # control variates (zo_variant)
-        self.projected_grad: torch.Tensor | None = None
         self.estimates: list[tuple[int, torch.Tensor]] = []  # (seed, projected_grad) of this step
+        self.projected_grad: torch.Tensor | None = None  # the step's last estimate
         self.step_lr: float | None = None
         self.unseen_checked = False  # once per MeZO object: at the first step, and after a resume
 
@@ -209,8 +183,74 @@ class MeZO:
     def zo_random_seed(self, seed: int) -> None:
         self.seed.set(seed)
 
-    # ------------------------------------------------------------------ the original's four
-    # functions
+    def step(self, model: nn.Module, loss_fn) -> torch.Tensor:
+        """zo_step + zo_update; the interface shared with zo.fo.FO. Returns the loss tensor."""
+        loss, _ = self.zo_step(model, loss_fn)
+        self.zo_update(model)
+        return loss
+
+    # ----------------------------------------- the step, beside large_models/trainer.py's zo_step
+    def zo_step(self, model: nn.Module, loss_fn, seeds: list[int] | None = None):
+        """-> (loss, projected_grad), 0-d device tensors; the step's (seed, projected_grad) are
+        kept for zo_update. seeds: drawn already by begin_step (zo/graphs.py)."""
+        if self.cfg.zo_variant is not None and self.cs is None:
+            self.initialize_c(model, loss_fn)
+        if seeds is None:
+            seeds = self.begin_step(model)  # self.zo_random_seed = np.random.randint(1e9), per z
+        if self.estimator.estimate is None:  # MeZO: two forwards per z; n-SPSA: the mean
+            self.estimates = []
+            for seed in seeds:
+                loss, projected_grad = self.zo_estimate(model, loss_fn, seed)
+                self.estimates.append((seed, projected_grad / len(seeds)))
+        else:  # another estimator's forwards (FZOO: N one-sided + one clean; its loss L(theta))
+            forward = lambda: self.zo_forward(model, loss_fn)  # noqa: E731
+            try:
+                loss, self.estimates = self.estimator.estimate(
+                    self.zo_perturb_parameters, forward, seeds, self.reduce_losses
+                )
+            finally:
+                self.perturbation.reset()
+        self.projected_grad = self.estimates[-1][1]
+        return loss, self.projected_grad
+
+    def zo_estimate(self, model: nn.Module, loss_fn, seed: int, slots=None):
+        """-> (loss1, projected_grad) of the z of `seed` (of `slots` only, for the variants)."""
+        self.zo_random_seed = seed
+        try:
+            self.zo_perturb_parameters(scaling_factor=1, slots=slots)
+            loss1 = self.zo_forward(model, loss_fn)
+            self.zo_perturb_parameters(scaling_factor=-2, slots=slots)
+            loss2 = self.zo_forward(model, loss_fn)
+            self.zo_perturb_parameters(scaling_factor=1, slots=slots)
+        finally:
+            self.perturbation.reset()  # exact restore: hooks off, even when a forward raised
+        if self.reduce_losses is not None:  # data-parallel: sums of every rank's loss terms
+            loss1, loss2 = self.reduce_losses(torch.stack([loss1, loss2])).unbind()
+        # (loss1 - loss2) / (2 eps) in fp32 (reference: in the losses' dtype first, as the original)
+        return loss1, self.perturbation.projected_grad(loss1, loss2, self.cfg.eps)
+
+    def zo_update(self, model: nn.Module | None = None) -> None:
+        """The step's update with the scheduled lr, then its record (lr_scheduler.step())."""
+        self.apply_update(self.estimates, self.step_lr)
+        self.finish_step(self.estimates)
+
+    def apply_update(self, estimates: list[tuple[int, torch.Tensor]], lr: float) -> None:
+        """theta <- theta - lr * (sum_k g_k z_k + wd * theta), z regenerated from each seed (also
+        replay's). A non-finite g skips the update on the device (perturbation.skip_non_finite)."""
+        self.lr.set(lr)
+        gs = self.perturbation.skip_non_finite([g for _, g in estimates])
+        for k, ((seed, _), g) in enumerate(zip(estimates, gs)):
+            self.zo_random_seed = seed
+            if self.update_rule is None:  # ZO-SGD: one fused pass per parameter; wd once per step
+                wd = self.cfg.weight_decay if k == 0 else 0.0
+                # theta <- theta - lr * (g * z + wd * theta)
+                self.perturbation.update(self.seed, self.lr, self.grad_scales(g), wd)
+            else:  # momentum, Adam: p.grad += g * z, then the torch optimizer's step
+                self.perturbation.accumulate_grad(self.seed, self.grad_scales(g))
+        if self.update_rule is not None:
+            self.update_rule.step(lr)
+
+    # ------------------------------------------------- the original's helpers, and the host parts
     def zo_perturb_parameters(
         self, random_seed: int | None = None, scaling_factor: float = 1, slots=None
     ):
@@ -230,8 +270,8 @@ class MeZO:
         """Loss without gradient, dropout off (model.eval(), as the original). `loss_fn(model)` may
         return any scalar: a differentiable loss or e.g. -F1 of greedy generations; a list of
         closures is the micro-batches of one step, their losses averaged. no_grad rather than
-        inference_mode:
-        the kernels called from the hooks then meet one grad mode (no recompile)."""
+        inference_mode: the kernels called from the hooks then meet one grad mode (no
+        recompile)."""
         model.eval()
         losses = []
         with torch.no_grad():
@@ -239,102 +279,44 @@ class MeZO:
                 losses.append(torch.as_tensor(fn(model)).detach().reshape(()).to(self.device))
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
-    def zo_step(self, model: nn.Module, loss_fn) -> tuple[torch.Tensor, torch.Tensor]:
-        """Estimate the gradient; returns (the estimator's loss, projected_grad) as 0-d device
-        tensors: MeZO's L(theta + eps z) (of the last z when n_spsa > 1), FZOO's L(theta). All
-        estimates of the
-        step are in self.estimates."""
-        if self.cfg.zo_variant is not None and self.cs is None:
-            self.initialize_c(model, loss_fn)
-        seeds = self.begin_step(model)  # np.random.randint(1000000000) per z
-        loss, self.estimates = self.estimator.estimate(self, model, loss_fn, seeds)
-        self.projected_grad = self.estimates[-1][1]
-        self.check_unseen_once()
-        return loss, self.projected_grad
-
-    def zo_estimate(self, model: nn.Module, loss_fn, slots=None):
-        """The original's zo_step after drawing the seed (two-sided SPSA, zo/spsa.py): device work
-        only."""
-        try:
-            self.zo_perturb_parameters(scaling_factor=1, slots=slots)
-            loss1 = self.zo_forward(model, loss_fn)
-            self.zo_perturb_parameters(scaling_factor=-2, slots=slots)
-            loss2 = self.zo_forward(model, loss_fn)
-            self.zo_perturb_parameters(scaling_factor=1, slots=slots)
-        finally:
-            self.perturbation.reset()  # exact restore: hooks off, even when a forward raised
-        if self.reduce_losses is not None:
-            loss1, loss2 = self.reduce_losses(torch.stack([loss1, loss2])).unbind()
-        return loss1, self.perturbation.projected_grad(loss1, loss2, self.cfg.eps)
-
-    def zo_update(self, model: nn.Module | None = None) -> None:
-        """theta <- theta - lr * (projected_grad * z + wd * theta) for each z of the step (the
-        update
-        rule), with the scheduled lr; log it and advance the schedule (lr_scheduler.step())."""
-        self.apply_update(self.estimates, self.step_lr)
-        self.finish_step(self.estimates)
-
-    def step(self, model: nn.Module, loss_fn) -> torch.Tensor:
-        """zo_step + zo_update; the interface shared with zo.fo.FO. Returns the loss tensor."""
-        loss, _ = self.zo_step(model, loss_fn)
-        self.zo_update(model)
-        return loss
-
     def learning_rate(self) -> float:
         c = self.cfg
         return learning_rate(self.global_step, c.lr, c.lr_scheduler, c.max_steps, c.warmup_steps)
 
-    # ------------------------------------------------------------------ a step's host parts
-    # (zo/graphs.py too)
     def begin_step(self, model: nn.Module) -> list[int]:
         """Before the device work: check the trainable set, draw the step's seeds, write the
-        scheduled
-        lr to the device, and let the direction read this step's weights. -> the seeds."""
+        scheduled lr to the device, and let the direction read this step's weights. -> the
+        seeds."""
         self.check_trainable(model)
-        seeds = [self.seeds.next() for _ in range(self.estimator.num_zs(self.global_step))]
+        seeds = [
+            self.seeds.next() for _ in range(self.estimator.num_zs(self.cfg, self.global_step))
+        ]
         self.zo_random_seed = seeds[0]
         self.step_lr = self.learning_rate()
         self.lr.set(self.step_lr)
-        self.direction.prepare()
+        self.direction.prepare(self.global_step, seeds)
         return seeds
 
     def finish_step(self, estimates: list[tuple[int, torch.Tensor]]) -> None:
-        """After the update: the step's record (trajectory, forward count), then the step
-        counter."""
-        self.estimates, self.projected_grad = estimates, estimates[-1][1]
-        self.check_unseen_once()
+        """After the update, the step's record: the trajectory, the forward count, then the step
+        counter (lr_scheduler.step()); at this object's first step, unseen parameters."""
+        if not self.unseen_checked:  # a fresh run's step 0, or the first step after a resume
+            self.warn_unseen_parameters()
+            self.unseen_checked = True
         if self.trajectory is not None:
             for seed, g in estimates:
                 self.trajectory.append(self.global_step, seed, g, self.step_lr)
-        self.forward_passes += self.estimator.forwards(len(estimates))
+        self.forward_passes += self.estimator.forwards(self.cfg, len(estimates))
         self.global_step += 1
-
-    def check_unseen_once(self) -> None:
-        """At the first step of this object: a fresh run's step 0, or the first step after a
-        resume."""
-        if not self.unseen_checked:
-            self.warn_unseen_parameters()
-            self.unseen_checked = True
 
     def check_trainable(self, model: nn.Module) -> None:
         now = [id(p) for p in model.parameters() if p.requires_grad]
         if now != self.trainable_ids:
             raise ValueError(
-                f"the trainable parameters changed since MeZO was built ({len(self.trainable_ids)} "
-                f"then, {len(now)} now): build MeZO after freezing or adding adapters "
-                "(LoRA, prefix)"
+                "the trainable parameters changed since MeZO was built "
+                f"({len(self.trainable_ids)} then, {len(now)} now): build MeZO after freezing or "
+                "adding adapters (LoRA, prefix)"
             )
-
-    # ------------------------------------------------------------------ updates (also used by
-    # replay)
-    def apply_update(self, estimates: list[tuple[int, torch.Tensor]], lr: float) -> None:
-        """The update rule (zo/updates.py): ZO-SGD theta <- theta - lr * (sum_k g_k z_k + wd *
-        theta), or p.grad = sum_k g_k z_k and a torch optimizer's step. A non-finite estimate
-        skips the update
-        in the default mode, without a host sync (perturbation.skip_non_finite)."""
-        self.lr.set(lr)
-        gs = self.perturbation.skip_non_finite([g for _, g in estimates])
-        self.update_rule.apply(self, [(seed, g) for (seed, _), g in zip(estimates, gs)], lr)
 
     def grad_scales(self, g: torch.Tensor) -> dict:
         """projected_grad per slot: g, or g * c of its group with a variance-modified variant."""
@@ -352,8 +334,8 @@ class MeZO:
         else:  # |projected_grad| of a two-forward estimate that perturbs group g only
             self.cs, cs = None, {}
             for group, group_slots in groups.items():
-                self.zo_random_seed = self.seeds.next()
-                cs[group] = self.zo_estimate(model, loss_fn, slots=group_slots)[1].abs()
+                seed = self.seeds.next()
+                cs[group] = self.zo_estimate(model, loss_fn, seed, slots=group_slots)[1].abs()
                 self.forward_passes += 2
         self.cs = variants.nonzero(cs)
 
@@ -364,7 +346,8 @@ class MeZO:
             "global_step": self.global_step,
             "seeds": self.seeds.state(),
             "cs": self.cs,
-            "optimizer": self.update_rule.state_dict(),
+            "optimizer": None if self.update_rule is None else self.update_rule.state_dict(),
+            "direction": self.direction.state_dict(),
             "forward_passes": self.forward_passes,
         }
 
@@ -374,7 +357,9 @@ class MeZO:
         self.cs = (
             None if state["cs"] is None else {g: c.to(self.device) for g, c in state["cs"].items()}
         )
-        self.update_rule.load_state_dict(state["optimizer"])
+        if self.update_rule is not None:
+            self.update_rule.load_state_dict(state["optimizer"])
+        self.direction.load_state_dict(state.get("direction"))  # None before issue 28
         # checkpoints written before the counter: 0
         self.forward_passes = state.get("forward_passes", 0)
 

@@ -183,7 +183,7 @@ class PerturbHooks:
             buf = self.shared.get(slot)
             if buf is None:
                 buf = self._buffer(current)
-                self.direction.kernels.perturbed_(
+                self.direction.kernels(slot).perturbed_(
                     buf,
                     src=current.detach(),
                     seed=self.seed,
@@ -230,7 +230,15 @@ class ExactRestore:
     is (normal, Rademacher, a Sparse-MeZO mask) is the direction's (zo/directions.py).
     """
 
-    SUPPORTS = frozenset({"cuda_graphs", "fsdp", "data_parallel", "replay", "dense_grad"})
+    @staticmethod
+    def supports(cfg) -> frozenset:
+        return frozenset(
+            {"cuda_graphs", "fsdp", "data_parallel", "replay", "dense_grad", "variants"}
+        )
+
+    @staticmethod
+    def requires(cfg) -> frozenset:
+        return frozenset()
 
     def __init__(self, slots: list[ParamSlot], direction, local_view: LocalView):
         self.slots, self.direction, self.local_view = slots, direction, local_view
@@ -281,7 +289,7 @@ class ExactRestore:
         for s in self.slots:
             local, offset = self.local_view(s.param)
             if local.numel():
-                self.direction.kernels.update_(
+                self.direction.kernels(s).update_(
                     local,
                     seed=seed.tensor,
                     key=s.key_t,
@@ -293,21 +301,20 @@ class ExactRestore:
                 )
 
     def accumulate_grad(self, seed: StepScalar, grads: dict) -> None:
-        """p.grad += g * z, materialised for a torch optimizer (dense directions only: a mask is
-        read
-        from the weights, not from the gradient; zo.methods.check_supported refuses the
-        combination)."""
+        """p.grad += g * z, materialised for a torch optimizer (not with a mask read from the
+        weights: zo.methods.check_supported refuses the combination)."""
         for s in self.slots:
             if s.param.grad is None:
                 s.param.grad = torch.zeros_like(s.param)
             local, offset = self.local_view(s.param.grad)
             if local.numel():
-                self.direction.kernels.perturb_(
+                self.direction.kernels(s).perturb_(
                     local,
                     seed=seed.tensor,
                     key=s.key_t,
                     scale=grads[s],
                     offset=self._const(offset, torch.int64),
+                    **self.direction.args(s),
                 )
 
     def _scales(

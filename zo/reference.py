@@ -24,8 +24,14 @@ def _normal_like(p: torch.Tensor) -> torch.Tensor:
 
 
 class InPlace:
-    # host RNG, whole tensors, rounding drift
-    SUPPORTS = frozenset({"reference", "data_parallel", "dense_grad"})
+    @staticmethod
+    def supports(cfg) -> frozenset:
+        # host RNG, whole tensors, rounding drift
+        return frozenset({"reference", "data_parallel", "dense_grad", "variants"})
+
+    @staticmethod
+    def requires(cfg) -> frozenset:
+        return frozenset()
 
     def __init__(self, slots: list[ParamSlot]):
         self.slots = slots

@@ -19,35 +19,53 @@ import math
 
 import torch
 
-from .directions import ALL
-from .kernels import get_kernels
+from .directions import Dense
+from .kernels import Kernels, get_kernels
+from .part import ALL, IN_UNIT_INTERVAL, Field
 
 
-class SparseMagnitude:
-    def __init__(self, slots, distribution: str, compiled: bool, sparsity: float):
-        self.kernels = get_kernels(distribution, compiled, masked=True)
-        self.slots = slots
+class SparseMagnitude(Dense):
+    NAME = "sparse"
+    FIELDS = (
+        Field(
+            "sparse_mezo",
+            0.0,
+            float,
+            "Sparse-MeZO: fraction of each parameter's weights (the largest magnitudes) left "
+            "unperturbed and not updated; 0: dense z (zo/sparse.py)",
+            IN_UNIT_INTERVAL,
+        ),
+    )
+    TAG = ("sparse", "sparse_mezo", "Sparse-MeZO {}")
+
+    def __init__(self, slots, cfg, compiled: bool):
+        self.masked = get_kernels(cfg.distribution, compiled, masked=True)
         # k-th smallest |theta| of each parameter: a fraction (1 - sparsity) of it is perturbed
-        self.ranks = {s: max(1, math.ceil((1.0 - sparsity) * s.param.numel())) for s in slots}
+        self.ranks = {
+            s: max(1, math.ceil((1.0 - cfg.sparse_mezo) * s.param.numel())) for s in slots
+        }
         self.thresholds = {
             s: torch.zeros((), dtype=torch.float32, device=s.param.device) for s in slots
         }
 
     @staticmethod
-    def describe(cfg) -> str:
-        return f"sparse_mezo={cfg.sparse_mezo}"
+    def selected(cfg) -> bool:
+        return cfg.sparse_mezo > 0
 
     @staticmethod
     def supports(cfg) -> frozenset:
         return ALL - {"cuda_graphs", "fsdp", "reference", "dense_grad"}
 
-    def prepare(self) -> None:
+    def kernels(self, slot) -> Kernels:
+        return self.masked
+
+    def args(self, slot) -> dict:
+        return {"threshold": self.thresholds[slot]}
+
+    def prepare(self, step: int, seeds: list[int]) -> None:
         """h = the k-th smallest |theta| per parameter, from the weights now (device work, no
         sync)."""
         with torch.no_grad():
             for s, h in self.thresholds.items():
                 magnitudes = s.param.detach().reshape(-1).abs().float()
                 h.copy_(torch.kthvalue(magnitudes, self.ranks[s]).values)
-
-    def args(self, slot) -> dict:
-        return {"threshold": self.thresholds[slot]}

@@ -1,42 +1,56 @@
 """MeZO's estimator: two-sided SPSA (Malladi et al. 2023, Algorithm 1; large_models/trainer.py
 zo_step), and n-SPSA (several z per step, each estimate divided by their number; medium_models
-`zo_step`).
+`zo_step`, `--zero_order_sample`, `--zero_order_sample_scheduler`).
 
     for each seed of the step:  loss1 = L(theta + eps z);  loss2 = L(theta - eps z)
                                 projected_grad = (loss1 - loss2) / (2 eps)   [/ n]
+
+The forwards themselves are MeZO's own step (zo/mezo.py `zo_step`, `zo_estimate`): this file
+declares the estimator's fields, flags and limits.
 """
 
-from .directions import ALL
-from .optim import num_samples
+from .optim import SAMPLE_SCHEDULES, num_samples
+from .part import ALL, Field, Part, at_least
 
 
-class SPSA:
-    def __init__(self, cfg):
-        self.cfg = cfg
+class SPSA(Part):
+    NAME = "spsa"
+    FIELDS = (
+        Field(
+            "n_spsa",
+            1,
+            int,
+            "z samples per step (n-SPSA; medium: --zero_order_sample)",
+            at_least(1),
+        ),
+        Field(
+            "n_spsa_schedule",
+            "constant",
+            str,
+            "linear: max(1, int(step / max_steps * n_spsa)) z at step t",
+            choices=SAMPLE_SCHEDULES,
+        ),
+    )
+    TAG = ("nspsa", "n_spsa", None)
+    DISTRIBUTION = "normal"  # z unless --distribution says otherwise
+    estimate = None  # MeZO's own two forwards per z (zo/mezo.py zo_estimate)
 
     @staticmethod
-    def describe(cfg) -> str:
-        return "estimator=spsa" if cfg.n_spsa == 1 else f"estimator=spsa with n_spsa={cfg.n_spsa}"
+    def check(cfg) -> None:
+        if cfg.n_spsa_schedule == "linear" and cfg.max_steps <= 0:
+            raise ValueError(
+                f"n_spsa_schedule=linear needs max_steps > 0 (max_steps={cfg.max_steps})"
+            )
 
     @staticmethod
     def supports(cfg) -> frozenset:
         # a CUDA graph replays one z per step (zo/graphs.py)
         return ALL if cfg.n_spsa == 1 else ALL - {"cuda_graphs"}
 
-    def num_zs(self, step: int) -> int:
-        c = self.cfg
-        return num_samples(step, c.n_spsa, c.n_spsa_schedule, c.max_steps)
+    @staticmethod
+    def num_zs(cfg, step: int) -> int:
+        return num_samples(step, cfg.n_spsa, cfg.n_spsa_schedule, cfg.max_steps)
 
-    def forwards(self, num_zs: int) -> int:
+    @staticmethod
+    def forwards(cfg, num_zs: int) -> int:
         return 2 * num_zs
-
-    def estimate(self, mezo, model, loss_fn, seeds: list[int]):
-        """-> (loss at theta + eps z of the last z, [(seed, projected_grad)])."""
-        estimates = []
-        for seed in seeds:
-            mezo.zo_random_seed = seed
-            loss1, projected_grad = mezo.zo_estimate(model, loss_fn)
-            estimates.append(
-                (seed, projected_grad if len(seeds) == 1 else projected_grad / float(len(seeds)))
-            )
-        return loss1, estimates

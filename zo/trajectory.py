@@ -127,7 +127,7 @@ def records_up_to(path, steps: int, config: MeZOConfig) -> list[dict]:
             raise ValueError(
                 f"trajectory {what} step {step} where step {expected} belongs ({path})"
             )
-        want = methods.ESTIMATORS[config.estimator](config).num_zs(step)
+        want = methods.ESTIMATORS[config.estimator].num_zs(config, step)
         if count != want:
             raise ValueError(
                 f"trajectory has {count} lines for step {step}, expected {want} ({path})"
@@ -147,9 +147,9 @@ def replay(
     direction reads each step's weights first, as in the run (Sparse-MeZO's thresholds)."""
     methods.check_supported(config, replay=True, fsdp=local_view is not whole)
     mezo = MeZO(model, config, local_view=local_view)
-    for _, group in groupby(records, key=lambda r: r["step"]):
-        mezo.direction.prepare()
+    for step, group in groupby(records, key=lambda r: r["step"]):
         group = list(group)
+        mezo.direction.prepare(step, [r["seed"] for r in group])
         estimates = [
             (r["seed"], torch.tensor(r["projected_grad"], dtype=torch.float32, device=mezo.device))
             for r in group

@@ -1,58 +1,41 @@
-"""Update rules: turn a step's (seed, projected_grad) estimates into a parameter change. Each owns
-its state (`state_dict` / `load_state_dict`, saved in checkpoints under "optimizer").
+"""Update rules: turn a step's (seed, projected_grad) estimates into a parameter change.
 
 - `ZOSGD` (optimizer="sgd", MeZO): theta <- theta - lr * (sum_k g_k z_k + wd * theta), one fused
   pass per z (large_models/trainer.py zo_update), weight decay once per step; nothing materialised.
-- `TorchOptimizer` (optimizer="momentum": torch SGD with momentum; "adam": AdamW): p.grad = sum_k
-  g_k z_k, then the torch optimizer's step (medium_models `--zero_order_use_trainer_optim`): one
-  extra copy of the trainable weights plus the optimizer's state.
+  The update is MeZO's own (zo/mezo.py `apply_update`): this rule builds nothing.
+- `Momentum`, `Adam` (optimizer="momentum": torch SGD with momentum; "adam": AdamW): MeZO
+  accumulates p.grad = sum_k g_k z_k, then `TorchStep` steps the torch optimizer (medium_models
+  `--zero_order_use_trainer_optim`): one extra copy of the trainable weights plus the optimizer's
+  state, saved in checkpoints under "optimizer".
+
+Their fields have no flags of their own: train.py's --optimizer, --momentum and --max_grad_norm are
+shared with the backprop trainer (data/flags.py `mezo_config`).
 """
 
 import torch
 
-from .directions import ALL
 from .optim import build_optimizer, set_lr
+from .part import ALL, Field, Part
 
 
-class ZOSGD:
-    def __init__(self, slots, cfg):
-        self.cfg = cfg
-
-    @staticmethod
-    def supports(cfg) -> frozenset:
-        return ALL
+class ZOSGD(Part):
+    NAME = "sgd"
 
     @staticmethod
-    def requires(cfg) -> frozenset:
-        return frozenset()
-
-    def apply(self, mezo, estimates, lr: float) -> None:
-        for k, (seed, g) in enumerate(estimates):
-            mezo.zo_random_seed = seed
-            mezo.perturbation.update(
-                mezo.seed, mezo.lr, mezo.grad_scales(g), self.cfg.weight_decay if k == 0 else 0.0
+    def check(cfg) -> None:
+        if cfg.clip_grad_norm is not None:
+            raise ValueError(
+                "clip_grad_norm needs a materialised gradient (optimizer=momentum or adam)"
             )
 
-    def state_dict(self):
-        return None
-
-    def load_state_dict(self, state) -> None:
-        pass
+    @staticmethod
+    def build(slots, cfg) -> None:
+        return None  # MeZO's fused update
 
 
-class TorchOptimizer:
-    def __init__(self, slots, cfg):
-        self.cfg, self.params = cfg, [s.param for s in slots]
-        self.optimizer = build_optimizer(
-            "sgd" if cfg.optimizer == "momentum" else "adam",
-            [(s.name, s.param) for s in slots],
-            cfg.lr,
-            cfg.weight_decay,
-            cfg.wd_exempt,
-            cfg.momentum,
-            cfg.adam_betas,
-            cfg.adam_eps,
-        )
+class TorchOptimizer(Part):
+    FIELDS = (Field("clip_grad_norm", None, float),)  # --zero_order_clip_grad
+    KIND = ""  # zo.optim.build_optimizer's
 
     @staticmethod
     def supports(cfg) -> frozenset:
@@ -62,12 +45,43 @@ class TorchOptimizer:
     def requires(cfg) -> frozenset:
         return frozenset({"dense_grad"})  # p.grad = g * z, materialised
 
-    def apply(self, mezo, estimates, lr: float) -> None:
-        for seed, g in estimates:
-            mezo.zo_random_seed = seed
-            mezo.perturbation.accumulate_grad(mezo.seed, mezo.grad_scales(g))
-        if self.cfg.clip_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip_grad_norm)
+    @classmethod
+    def build(cls, slots, cfg) -> "TorchStep":
+        return TorchStep(slots, cfg, cls.KIND)
+
+
+class Momentum(TorchOptimizer):
+    NAME, KIND = "momentum", "sgd"
+    FIELDS = TorchOptimizer.FIELDS + (Field("momentum", 0.9, float),)
+
+
+class Adam(TorchOptimizer):
+    NAME, KIND = "adam", "adam"
+    FIELDS = TorchOptimizer.FIELDS + (
+        Field("adam_betas", (0.9, 0.999), tuple),
+        Field("adam_eps", 1e-8, float),
+    )
+
+
+class TorchStep:
+    """The torch optimizer of a run, stepped on the p.grad MeZO accumulated."""
+
+    def __init__(self, slots, cfg, kind: str):
+        self.params, self.clip = [s.param for s in slots], cfg.clip_grad_norm
+        self.optimizer = build_optimizer(
+            kind,
+            [(s.name, s.param) for s in slots],
+            cfg.lr,
+            cfg.weight_decay,
+            cfg.wd_exempt,
+            cfg.momentum,
+            cfg.adam_betas,
+            cfg.adam_eps,
+        )
+
+    def step(self, lr: float) -> None:
+        if self.clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip)
         set_lr(self.optimizer, lr)
         self.optimizer.step()
         for p in self.params:

@@ -21,8 +21,15 @@ from torch import nn
 from .optim import micro_batches
 from .perturb import ParamSlot
 
-# the c_g come from data (a backward pass or extra estimates), are not logged, and are per process
-SUPPORTS = frozenset({"reference", "dense_grad"})
+
+def supports(cfg) -> frozenset:
+    # the c_g come from data (a backward pass or extra estimates), are not logged, and are per
+    # process
+    return frozenset({"reference", "dense_grad", "variants"})
+
+
+def requires(cfg) -> frozenset:
+    return frozenset({"variants"})
 
 
 def groups_of(slots: list[ParamSlot]) -> dict[str, list[ParamSlot]]:

@@ -441,12 +441,10 @@ def method_id(flags):
         parts = ["ft-sgd"]
     if flags.get("mode", "ft") not in (None, "ft"):
         parts.append(flags["mode"])
-    if (flags.get("n_spsa") or 1) > 1:
-        parts.append(f"nspsa{flags['n_spsa']}")
-    if flags.get("estimator") == "fzoo":
-        parts.append(f"fzoo{flags.get('fzoo_n') or 8}")
-    if flags.get("sparse_mezo"):
-        parts.append(f"sparse{_fmt(flags['sparse_mezo'])}")
+    if zo:  # the estimator's and the direction's own part, e.g. fzoo8 (zo/methods.py)
+        from zo import methods
+
+        parts += methods.run_name_parts(flags)
     if flags.get("non_diff"):
         parts.append("nondiff")
     return "-".join(parts)

@@ -17,7 +17,6 @@ Also the tables of `eval.py compare` (runs side by side, `make demo`) and of `ma
 import csv
 import io
 import math
-import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -170,10 +169,13 @@ def label(key):
     """The paper's spelling of a method or task key; an estimator suffix (presets.method_id) spelled
     out."""
     found = paper.METHOD_LABELS.get(key) or paper.TASK_LABELS.get(key)
-    suffix = re.fullmatch(r"(.+)-(?:fzoo(\d+)|sparse([\d.]+))", str(key)) if found is None else None
-    if suffix:
-        n, sparsity = suffix.group(2, 3)
-        return f"{label(suffix.group(1))}, " + (f"FZOO N={n}" if n else f"Sparse-MeZO {sparsity}")
+    if found is None and "-" in str(key):
+        from zo import methods
+
+        head, part = str(key).rsplit("-", 1)
+        spelled = methods.label_of(part)
+        if spelled is not None:
+            return f"{label(head)}, {spelled}"
     return key if found is None else found
 
 
@@ -417,12 +419,9 @@ def seeds_markdown(rows):
                 f"{config['max_steps']} "
                 f"({', '.join(str(r.results.get('best_step')) for r in runs)})"
             )
-            # zo/fzoo.py: N + 1
-            per_step = (
-                (config.get("fzoo_n") or 8) + 1
-                if config.get("estimator") == "fzoo"
-                else 2 * (config.get("n_spsa") or 1)
-            )  # two-sided SPSA: 2 per z
+            from zo import methods
+
+            per_step = methods.forwards_per_step(config)
             passes = (
                 f"{per_step * config['max_steps']} ({per_step} per step)"
                 if config.get("trainer") == "zo"

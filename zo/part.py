@@ -1,0 +1,71 @@
+"""What a method of the step declares: an estimator, a direction or an update rule is one class
+in its own file, subclassing `Part`, registered by one line in zo/methods.py.
+
+A part declares its MeZOConfig fields (`FIELDS`: name, default, type, help and the one value
+check; each field with a help text is also a train.py flag), what it supports and requires
+(`supports(cfg)`, `requires(cfg)`: frozensets of the FEATURES names below), and how run folders and
+tables name it (`TAG`). Estimators also say how many z a step draws and how many forwards they
+cost; directions when they are selected.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+# what a run may use, and so what a part may support (zo.methods.check_supported)
+FEATURES = {
+    "cuda_graphs": "CUDA graphs",
+    "fsdp": "FSDP local views",
+    "data_parallel": "data-parallel ranks",
+    "reference": "perturbation=reference",
+    "replay": "trajectory replay",
+    "dense_grad": "a materialised p.grad = g * z",
+    "variants": "the variance-modified variants (zo_variant)",
+}
+ALL = frozenset(FEATURES)
+
+
+@dataclass(frozen=True)
+class Check:
+    ok: Callable[[Any], bool]
+    what: str  # "must be <what>"
+
+
+def at_least(low: int) -> Check:
+    return Check(lambda v: v >= low, f">= {low}")
+
+
+IN_UNIT_INTERVAL = Check(lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Field:
+    """A MeZOConfig field a part owns; with `help`, also a train.py flag of the same name."""
+
+    name: str
+    default: Any
+    type: type
+    help: str | None = None
+    check: Check | None = None
+    choices: tuple | None = None
+
+
+class Part:
+    NAME = ""  # how the registry and the messages name it (estimator=NAME, optimizer=NAME)
+    FIELDS: tuple[Field, ...] = ()
+    # (run-name prefix, field, table label with {} for the field's value), e.g. ("fzoo", "fzoo_n",
+    # "FZOO N={}"): a run's method id gets "fzoo8" when the part is selected and is not the default
+    # or its field is not; None as label: the tables show the run name as it is
+    TAG: tuple[str, str, str | None] | None = None
+
+    @staticmethod
+    def supports(cfg) -> frozenset:
+        return ALL
+
+    @staticmethod
+    def requires(cfg) -> frozenset:
+        return frozenset()
+
+    @staticmethod
+    def check(cfg) -> None:
+        """ValueError for a configuration the part cannot run (beyond its fields' checks)."""
