@@ -808,6 +808,21 @@ def test_a_pytorch_model_bin_that_weights_only_refuses_is_one_line(capsys, work)
         torch.load(folder / "pytorch_model.bin", weights_only=True)
 
 
+def test_a_corrupt_sentencepiece_model_is_one_line_and_leaves_no_lock(capsys, work):
+    """Class 5: sentencepiece's own error was a traceback, and train.py left `.lock` behind."""
+    model = model_copy(work)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        os.remove(os.path.join(model, name))
+    (work / "model" / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        "corrupt tokenizer file",
+        work,
+    )
+
+
 # ---------------------------------------------------------------- --device auto
 
 
