@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -217,13 +218,11 @@ class _Weights:
         if file not in self._handles:
             if not file.is_file():
                 raise ModelError(f"missing weight file ({file})")
-            try:  # mmap only for the zip format: torch cannot map an old-format (pre-1.6) .bin
+            try:
                 self._handles[file] = (
                     safe_open(file, framework="pt", device=self.device)
                     if file.suffix == ".safetensors"
-                    else torch.load(
-                        file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)
-                    )
+                    else _torch_load(file)
                 )
             except pickle.UnpicklingError:  # weights_only refused an object: never unpickled
                 raise ModelError(
@@ -243,6 +242,17 @@ class _Weights:
             raise ModelError(
                 f"corrupt weight file: cannot read {key}: {_first_line(e)} ({file})"
             ) from None
+
+
+def _torch_load(file: Path) -> dict:
+    # torch warns (two lines) of a pickle protocol it may not read: what it reads, or the one line
+    # refusing it, is all a user needs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # mmap only for the zip format: torch cannot map an old-format (pre-1.6) .bin
+        return torch.load(
+            file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)
+        )
 
 
 def _first_line(error: Exception) -> str:

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -806,6 +807,22 @@ def test_a_pytorch_model_bin_that_weights_only_refuses_is_one_line(capsys, work)
     assert "pytorch_model.bin" in line and not (work / "pwned").exists()
     with pytest.raises(pickle.UnpicklingError):  # what torch itself raises, in several lines
         torch.load(folder / "pytorch_model.bin", weights_only=True)
+
+
+def test_a_raw_pickle_pytorch_model_bin_is_one_line_without_torchs_warning(capsys, work):
+    """Class 5: the refusal came after two lines of torch's warning about the pickle protocol."""
+    folder, tensors = bin_model(work)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(tensors, protocol=4))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        refused(
+            capsys,
+            evaluation.main,
+            ["--model", str(folder), "--num_eval", "4"],
+            "weight file holds Python objects besides tensors",
+            work,
+        )
+    assert not [str(w.message) for w in shown]
 
 
 def test_a_corrupt_sentencepiece_model_is_one_line_and_leaves_no_lock(capsys, work):
