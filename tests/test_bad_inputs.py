@@ -488,6 +488,53 @@ def test_eval_adapter_without_metadata(capsys, work):
     )
 
 
+def adapter_file(work, mode="lora", change=None, **meta):
+    """An adapter of the tiny OPT as an older train.py wrote it (no base fingerprint): `meta`
+    overrides its metadata, `change(tensors)` edits its tensors."""
+    model = models.load_model(models.TINY_OPT)
+    models.apply_lora(model) if mode == "lora" else models.apply_prefix(model, num_prefix=5)
+    tensors = models.adapter_state_dict(model)
+    if change:
+        change(tensors)
+    meta = {"mode": mode, "lora_r": "8", "lora_alpha": "16.0", "num_prefix": "5", **meta}
+    save_file(tensors, str(work / "a.safetensors"), metadata=meta)
+    return str(work / "a.safetensors")
+
+
+def to_int64(tensors):
+    for name in tensors:
+        tensors[name] = tensors[name].to(torch.int64)
+
+
+BAD_ADAPTERS = [
+    ({"lora_alpha": "nan"}, "lora_alpha nan"),
+    ({"lora_alpha": "inf"}, "lora_alpha inf"),
+    ({"change": to_int64}, "has dtype int64, expected a floating-point dtype"),
+    ({"lora_r": str(10**12)}, f"lora_r {10**12}"),
+    ({"mode": "prefix", "num_prefix": str(10**12)}, f"num_prefix {10**12}"),
+]
+
+
+@pytest.mark.parametrize("bad, what", BAD_ADAPTERS, ids=[what for _, what in BAD_ADAPTERS])
+def test_eval_refuses_an_adapter_it_cannot_apply_faithfully(capsys, work, bad, what):
+    """Class 4 and 5: a NaN lora_alpha reported an accuracy, int64 tensors were cast silently, a
+    huge lora_r or num_prefix ended in a traceback of the allocation."""
+    refused(
+        capsys,
+        evaluation.main,
+        [
+            "--adapter",
+            adapter_file(work, **bad),
+            "--num_eval",
+            "4",
+            "--output_dir",
+            str(work / "o"),
+        ],
+        what,
+        work,
+    )
+
+
 def test_eval_bad_model_config(capsys, work):
     refused(
         capsys,
