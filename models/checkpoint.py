@@ -12,7 +12,6 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
@@ -315,27 +314,6 @@ def check_tokenizer(model: nn.Module, tokenizer, directory) -> None:
             f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {rows} rows "
             f"(vocab_size in {Path(directory) / 'config.json'})"
         )
-
-
-FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 8, 4096
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the weights: every parameter's name, shape and dtype, and the bytes of a few
-    evenly spaced blocks of each (8 x 4 KiB per tensor: milliseconds even for a 13B model)."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-        flat = p.detach().reshape(-1).view(torch.uint8) if p.numel() else p.detach().reshape(-1)
-        block = FINGERPRINT_BLOCK_BYTES
-        starts = sorted(
-            {(len(flat) - block) * i // (FINGERPRINT_BLOCKS - 1) for i in range(FINGERPRINT_BLOCKS)}
-            if len(flat) > block
-            else {0}
-        )
-        for start in starts:
-            h.update(flat[start : start + block].cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- writing

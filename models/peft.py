@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ModelError
+from .identity import check_base
 
 ADAPTER_KINDS = {"lora": ("lora_A", "lora_B"), "prefix": ("prefix_keys", "prefix_values")}
 ADAPTER_NAMES = ADAPTER_KINDS["lora"] + ADAPTER_KINDS["prefix"]
@@ -167,8 +168,9 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def save_adapter(model: nn.Module, path, meta: dict[str, str]) -> None:
     """One safetensors file: the adapter tensors plus `meta` (mode, lora_r, lora_alpha, num_prefix,
-    base model) as string metadata, so `read_adapter` can rebuild the same PEFT model. Atomic, and
-    the same bytes for the same adapter (`_sorted_metadata`)."""
+    base model and identity.base_fingerprints) as string metadata, so `apply_adapter` can rebuild
+    the same PEFT model on the same base. Atomic, and the same bytes for the same adapter
+    (`_sorted_metadata`)."""
     from safetensors.torch import save
 
     from data.files import atomic_write
@@ -263,3 +265,15 @@ def _check_tensors(meta: dict, state: dict[str, torch.Tensor], path) -> None:
         if size != meta[size_name]:
             held = f"tensors' rank is {size}" if mode == "lora" else f"tensors hold {size} tokens"
             raise ModelError(f"adapter metadata {size_name} {meta[size_name]}, the {held} ({path})")
+
+
+def apply_adapter(model: nn.Module, path) -> nn.Module:
+    """The adapter file at `path` (save_adapter's) applied to `model`, in place, after checking that
+    `model` is the base it was trained on (where the file records it: identity.check_base)."""
+    meta, state = read_adapter(path)
+    check_base(model, meta, path)  # before PEFT: the fingerprint is of the base weights
+    if meta["mode"] == "lora":
+        apply_lora(model, r=meta["lora_r"], alpha=meta["lora_alpha"])
+    else:
+        apply_prefix(model, num_prefix=meta["num_prefix"], init_by_real_act=False)
+    return load_adapter(model, state)

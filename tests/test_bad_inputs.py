@@ -56,10 +56,12 @@ OPT = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A finished MeZO run and a finished backprop run, copied by the tests that damage them."""
+    """A finished MeZO run, a finished backprop run and a MeZO-LoRA run (its adapter), copied by
+    the tests that damage them."""
     root = tmp_path_factory.mktemp("runs")
     for trainer in ("zo", "fo"):
         assert train.main(OPT + ["--trainer", trainer, "--output_dir", str(root / trainer)]) == 0
+    assert train.main(OPT + ["--mode", "lora", "--output_dir", str(root / "lora")]) == 0
     return root
 
 
@@ -533,6 +535,32 @@ def test_eval_refuses_an_adapter_it_cannot_apply_faithfully(capsys, work, bad, w
         what,
         work,
     )
+
+
+def test_eval_refuses_an_adapter_trained_on_another_base(capsys, work, runs):
+    """Item 5: the adapter names its base; one of the same shapes but other weights is refused.
+    Evaluating in another dtype than training's still matches."""
+    adapter = str(runs / "lora" / "model.adapter.safetensors")
+    meta, _ = models.read_adapter(adapter)
+    base = models.fingerprint(models.load_model(models.TINY_OPT))
+    assert (
+        meta["base_fingerprint.float32"]
+        == base
+        == json.loads((runs / "lora" / "config.json").read_text())["base_fingerprint"]
+    )
+    other = model_copy(
+        work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0)
+    )
+    line = refused(
+        capsys,
+        evaluation.main,
+        ["--model", other, "--adapter", adapter, "--num_eval", "4"],
+        "the adapter was trained on other base weights",
+        work,
+    )
+    assert line.endswith(f"({adapter})")
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert evaluation.main(["--adapter", adapter, "--num_eval", "4", "--dtype", dtype]) == 0
 
 
 def test_eval_bad_model_config(capsys, work):

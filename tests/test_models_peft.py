@@ -11,13 +11,16 @@ from models import (
     TINY_OPT,
     ModelError,
     adapter_state_dict,
+    apply_adapter,
     apply_lora,
     apply_prefix,
+    base_fingerprints,
     load_adapter,
     load_model,
     read_adapter,
 )
 from models.checkpoint import our_name
+from models.identity import check_base
 from tests.helpers.models import (
     hf_as_original,
     hf_opt,
@@ -275,3 +278,30 @@ def test_read_adapter_refuses_tensors_of_a_non_floating_dtype(tmp_path, dtype):
     path = _adapter(tmp_path, load_model(TINY_OPT), {}, change=cast)
     with pytest.raises(ModelError, match=rf"dtype {str(dtype)[6:]}, expected a floating-point"):
         read_adapter(path)
+
+
+def test_an_adapter_checks_its_base_in_every_dtype_that_can_tell():
+    """Trained in bf16: an fp32 model casts to bf16 and matches; an fp16 model cannot tell."""
+    record = base_fingerprints(load_model(TINY_OPT, dtype=torch.bfloat16))
+    assert list(record) == ["base_fingerprint.bfloat16"]
+    assert len(base_fingerprints(load_model(TINY_OPT))) == 3  # fp32 determines all three
+    check_base(load_model(TINY_OPT), record, "a.safetensors")
+    check_base(load_model(TINY_OPT, dtype=torch.bfloat16), record, "a.safetensors")
+    check_base(load_model(TINY_OPT, dtype=torch.float16), {}, "a.safetensors")  # an older adapter
+    with pytest.raises(ModelError, match=r"evaluate in bfloat16 or float32 \(a.safetensors\)$"):
+        check_base(load_model(TINY_OPT, dtype=torch.float16), record, "a.safetensors")
+    other = load_model(TINY_OPT)
+    with torch.no_grad():
+        other.decoder.final_layer_norm.bias.add_(1.0)
+    with pytest.raises(ModelError, match=r"trained on other base weights .*\(a.safetensors\)$"):
+        check_base(other, record, "a.safetensors")
+
+
+def test_an_adapter_without_a_recorded_base_still_applies(tmp_path):
+    """Adapters written before the base was recorded load as before, unchecked."""
+    trained = load_model(TINY_OPT)
+    path = _adapter(tmp_path, trained, {})
+    model = apply_adapter(load_model(TINY_OPT), path)
+    assert all(
+        torch.equal(p, adapter_state_dict(trained)[n]) for n, p in adapter_state_dict(model).items()
+    )
