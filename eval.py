@@ -50,12 +50,7 @@ def load(model_path, adapter=None, dtype="fp32", device="cpu"):
     """A model (+ adapter file written by train.py) and its tokenizer."""
     model = models.load_model(model_path, dtype=DTYPES[dtype], device=device)
     if adapter:
-        meta, state = models.read_adapter(adapter)
-        if meta["mode"] == "lora":
-            models.apply_lora(model, r=meta["lora_r"], alpha=meta["lora_alpha"])
-        else:
-            models.apply_prefix(model, num_prefix=meta["num_prefix"], init_by_real_act=False)
-        models.load_adapter(model, state)
+        models.apply_adapter(model, adapter)  # refuses another base than the adapter's
     tok = models.load_tokenizer(model_path)
     models.check_tokenizer(model, tok, models.resolve_model_path(model_path))
     return model, tok

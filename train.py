@@ -85,6 +85,7 @@ class Run:
         models.check_tokenizer(self.model, self.tok, path)
         # the base weights, before PEFT (config.json)
         self.fingerprint = models.fingerprint(self.model)
+        self.adapter_base = models.base_fingerprints(self.model)  # the adapter file names its base
         # its init encodes num_prefix tokens
         if args.mode == "prefix" and args.num_prefix > self.positions:
             raise models.ModelError(
@@ -460,6 +461,7 @@ def save_result_model(run, path):
             "lora_alpha": a.lora_alpha,
             "num_prefix": a.num_prefix,
             "base_model": a.model,
+            **run.adapter_base,
         }
         models.save_adapter(model, path + ".adapter.safetensors", meta)
 

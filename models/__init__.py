@@ -20,10 +20,12 @@ class ModelError(ValueError):
 
 
 # after ModelError, which the submodules raise
-from .checkpoint import check_tokenizer, fingerprint, load_model, max_positions, save_model
+from .checkpoint import check_tokenizer, load_model, max_positions, save_model
 from .checkpoint import resolve as resolve_model_path
+from .identity import base_fingerprints, fingerprint
 from .peft import (
     adapter_state_dict,
+    apply_adapter,
     apply_lora,
     apply_prefix,
     load_adapter,
@@ -39,6 +41,7 @@ __all__ = [
     "ModelError",
     "check_tokenizer",
     "fingerprint",
+    "base_fingerprints",
     "load_model",
     "max_positions",
     "save_model",
@@ -47,6 +50,7 @@ __all__ = [
     "apply_lora",
     "apply_prefix",
     "adapter_state_dict",
+    "apply_adapter",
     "load_adapter",
     "read_adapter",
     "save_adapter",

@@ -12,12 +12,12 @@ checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -217,13 +217,11 @@ class _Weights:
         if file not in self._handles:
             if not file.is_file():
                 raise ModelError(f"missing weight file ({file})")
-            try:  # mmap only for the zip format: torch cannot map an old-format (pre-1.6) .bin
+            try:
                 self._handles[file] = (
                     safe_open(file, framework="pt", device=self.device)
                     if file.suffix == ".safetensors"
-                    else torch.load(
-                        file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)
-                    )
+                    else _torch_load(file)
                 )
             except pickle.UnpicklingError:  # weights_only refused an object: never unpickled
                 raise ModelError(
@@ -243,6 +241,17 @@ class _Weights:
             raise ModelError(
                 f"corrupt weight file: cannot read {key}: {_first_line(e)} ({file})"
             ) from None
+
+
+def _torch_load(file: Path) -> dict:
+    # torch warns (two lines) of a pickle protocol it may not read: what it reads, or the one line
+    # refusing it, is all a user needs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # mmap only for the zip format: torch cannot map an old-format (pre-1.6) .bin
+        return torch.load(
+            file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file)
+        )
 
 
 def _first_line(error: Exception) -> str:
@@ -305,27 +314,6 @@ def check_tokenizer(model: nn.Module, tokenizer, directory) -> None:
             f"the tokenizer has {tokenizer.vocab_size} ids, the model's embedding {rows} rows "
             f"(vocab_size in {Path(directory) / 'config.json'})"
         )
-
-
-FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 8, 4096
-
-
-def fingerprint(model: nn.Module) -> str:
-    """A short hash of the weights: every parameter's name, shape and dtype, and the bytes of a few
-    evenly spaced blocks of each (8 x 4 KiB per tensor: milliseconds even for a 13B model)."""
-    h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
-        flat = p.detach().reshape(-1).view(torch.uint8) if p.numel() else p.detach().reshape(-1)
-        block = FINGERPRINT_BLOCK_BYTES
-        starts = sorted(
-            {(len(flat) - block) * i // (FINGERPRINT_BLOCKS - 1) for i in range(FINGERPRINT_BLOCKS)}
-            if len(flat) > block
-            else {0}
-        )
-        for start in starts:
-            h.update(flat[start : start + block].cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- writing

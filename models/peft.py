@@ -18,8 +18,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ModelError
+from .identity import check_base
 
-ADAPTER_NAMES = ("lora_A", "lora_B", "prefix_keys", "prefix_values")
+ADAPTER_KINDS = {"lora": ("lora_A", "lora_B"), "prefix": ("prefix_keys", "prefix_values")}
+ADAPTER_NAMES = ADAPTER_KINDS["lora"] + ADAPTER_KINDS["prefix"]
 
 
 class LoRALinear(nn.Module):
@@ -166,8 +168,9 @@ def load_adapter(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 def save_adapter(model: nn.Module, path, meta: dict[str, str]) -> None:
     """One safetensors file: the adapter tensors plus `meta` (mode, lora_r, lora_alpha, num_prefix,
-    base model) as string metadata, so `read_adapter` can rebuild the same PEFT model. Atomic, and
-    the same bytes for the same adapter (`_sorted_metadata`)."""
+    base model and identity.base_fingerprints) as string metadata, so `apply_adapter` can rebuild
+    the same PEFT model on the same base. Atomic, and the same bytes for the same adapter
+    (`_sorted_metadata`)."""
     from safetensors.torch import save
 
     from data.files import atomic_write
@@ -193,7 +196,7 @@ def _sorted_metadata(data: bytes) -> bytes:
 
 def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
     """-> (metadata, tensors) of a file written by save_adapter; the sizes in the metadata as
-    numbers."""
+    numbers, checked against the tensors (apply_lora and apply_prefix allocate by them)."""
     from safetensors import safe_open
 
     if not os.path.isfile(path):
@@ -203,20 +206,74 @@ def read_adapter(path) -> tuple[dict, dict[str, torch.Tensor]]:
             meta, state = dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise ModelError(f"unreadable adapter file: {e} ({path})") from None
-    try:
-        if meta.get("mode") == "lora":
-            meta["lora_r"], meta["lora_alpha"] = int(meta["lora_r"]), float(meta["lora_alpha"])
-            if meta["lora_r"] < 1:
-                raise ValueError("lora_r < 1")
-        elif meta.get("mode") == "prefix":
-            meta["num_prefix"] = int(meta["num_prefix"])
-            if meta["num_prefix"] < 1:
-                raise ValueError("num_prefix < 1")
-        else:
-            raise ValueError(f"mode {meta.get('mode')!r}")
-    except (KeyError, ValueError) as e:
-        raise ModelError(
-            f"adapter file without valid metadata (mode, lora_r, lora_alpha / num_prefix: {e}); "
-            f"train.py writes it ({path})"
-        ) from None
+    meta.update(_numbers(meta, path))
+    _check_tensors(meta, state, path)
     return meta, state
+
+
+def _numbers(meta: dict, path) -> dict:
+    """lora_r and lora_alpha, or num_prefix, as numbers: positive, finite."""
+
+    def refuse(what):
+        raise ModelError(
+            f"adapter file without valid metadata: {what}; train.py writes mode, lora_r, "
+            f"lora_alpha and num_prefix ({path})"
+        )
+
+    def number(name, kind):
+        if name not in meta:
+            refuse(f"no {name}")
+        try:
+            value = kind(meta[name])
+        except ValueError:
+            value = None
+        # NaN fails `> 0`; an int is always finite
+        if value is None or not value > 0 or (kind is float and math.isinf(value)):
+            expected = "a finite number" if kind is float else "an integer"
+            refuse(f"{name} {meta[name]}, expected {expected} > 0")
+        return value
+
+    if meta.get("mode") == "lora":
+        return {"lora_r": number("lora_r", int), "lora_alpha": number("lora_alpha", float)}
+    if meta.get("mode") == "prefix":
+        return {"num_prefix": number("num_prefix", int)}
+    refuse(f"mode {meta.get('mode')!r}")
+
+
+def _check_tensors(meta: dict, state: dict[str, torch.Tensor], path) -> None:
+    """Every tensor one of the mode's, floating point (load_adapter would cast it silently), and of
+    the size the metadata gives."""
+    mode = meta["mode"]
+    size_name = "lora_r" if mode == "lora" else "num_prefix"
+    if not state:
+        raise ModelError(f"adapter file without tensors ({path})")
+    for name, t in state.items():
+        kind = name.rsplit(".", 1)[-1]
+        if kind not in ADAPTER_KINDS[mode]:
+            raise ModelError(f"adapter tensor {name} is not a {mode} tensor ({path})")
+        if not t.is_floating_point():
+            raise ModelError(
+                f"adapter tensor {name} has dtype {str(t.dtype).removeprefix('torch.')}, expected "
+                f"a floating-point dtype ({path})"
+            )
+        if t.ndim != 2:
+            raise ModelError(
+                f"adapter tensor {name} has shape {tuple(t.shape)}, expected 2 dimensions ({path})"
+            )
+        # lora_A [r, in], lora_B [out, r], prefix_* [num_prefix, hidden]
+        size = t.shape[1] if kind == "lora_B" else t.shape[0]
+        if size != meta[size_name]:
+            held = f"tensors' rank is {size}" if mode == "lora" else f"tensors hold {size} tokens"
+            raise ModelError(f"adapter metadata {size_name} {meta[size_name]}, the {held} ({path})")
+
+
+def apply_adapter(model: nn.Module, path) -> nn.Module:
+    """The adapter file at `path` (save_adapter's) applied to `model`, in place, after checking that
+    `model` is the base it was trained on (where the file records it: identity.check_base)."""
+    meta, state = read_adapter(path)
+    check_base(model, meta, path)  # before PEFT: the fingerprint is of the base weights
+    if meta["mode"] == "lora":
+        apply_lora(model, r=meta["lora_r"], alpha=meta["lora_alpha"])
+    else:
+        apply_prefix(model, num_prefix=meta["num_prefix"], init_by_real_act=False)
+    return load_adapter(model, state)

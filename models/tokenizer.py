@@ -94,10 +94,7 @@ class Tokenizer:
             to_id = self._bpe.token_to_id
         elif (directory / "tokenizer.model").is_file():
             self._bpe = None
-            self._sp = sentencepiece.SentencePieceProcessor(
-                model_file=str(directory / "tokenizer.model")
-            )
-            sp = self._sp
+            self._sp = sp = self._load_sentencepiece(directory / "tokenizer.model")
             settings = {
                 "bos_token": sp.id_to_piece(sp.bos_id()) if sp.bos_id() >= 0 else None,
                 "eos_token": sp.id_to_piece(sp.eos_id()) if sp.eos_id() >= 0 else None,
@@ -131,6 +128,15 @@ class Tokenizer:
             if self._bpe
             else self._sp.get_piece_size()
         )
+
+    @staticmethod
+    def _load_sentencepiece(file: Path) -> sentencepiece.SentencePieceProcessor:
+        try:
+            return sentencepiece.SentencePieceProcessor(model_file=str(file))
+        except (RuntimeError, OSError):  # RuntimeError("INTERNAL: could not parse ... from FILE")
+            raise ModelError(
+                f"corrupt tokenizer file: not a sentencepiece model ({file})"
+            ) from None
 
     @staticmethod
     def _load_bpe(directory: Path, settings: dict) -> BackendTokenizer:

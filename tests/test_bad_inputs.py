@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -55,10 +56,12 @@ OPT = [
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A finished MeZO run and a finished backprop run, copied by the tests that damage them."""
+    """A finished MeZO run, a finished backprop run and a MeZO-LoRA run (its adapter), copied by
+    the tests that damage them."""
     root = tmp_path_factory.mktemp("runs")
     for trainer in ("zo", "fo"):
         assert train.main(OPT + ["--trainer", trainer, "--output_dir", str(root / trainer)]) == 0
+    assert train.main(OPT + ["--mode", "lora", "--output_dir", str(root / "lora")]) == 0
     return root
 
 
@@ -487,6 +490,79 @@ def test_eval_adapter_without_metadata(capsys, work):
     )
 
 
+def adapter_file(work, mode="lora", change=None, **meta):
+    """An adapter of the tiny OPT as an older train.py wrote it (no base fingerprint): `meta`
+    overrides its metadata, `change(tensors)` edits its tensors."""
+    model = models.load_model(models.TINY_OPT)
+    models.apply_lora(model) if mode == "lora" else models.apply_prefix(model, num_prefix=5)
+    tensors = models.adapter_state_dict(model)
+    if change:
+        change(tensors)
+    meta = {"mode": mode, "lora_r": "8", "lora_alpha": "16.0", "num_prefix": "5", **meta}
+    save_file(tensors, str(work / "a.safetensors"), metadata=meta)
+    return str(work / "a.safetensors")
+
+
+def to_int64(tensors):
+    for name in tensors:
+        tensors[name] = tensors[name].to(torch.int64)
+
+
+BAD_ADAPTERS = [
+    ({"lora_alpha": "nan"}, "lora_alpha nan"),
+    ({"lora_alpha": "inf"}, "lora_alpha inf"),
+    ({"change": to_int64}, "has dtype int64, expected a floating-point dtype"),
+    ({"lora_r": str(10**12)}, f"lora_r {10**12}"),
+    ({"mode": "prefix", "num_prefix": str(10**12)}, f"num_prefix {10**12}"),
+]
+
+
+@pytest.mark.parametrize("bad, what", BAD_ADAPTERS, ids=[what for _, what in BAD_ADAPTERS])
+def test_eval_refuses_an_adapter_it_cannot_apply_faithfully(capsys, work, bad, what):
+    """Class 4 and 5: a NaN lora_alpha reported an accuracy, int64 tensors were cast silently, a
+    huge lora_r or num_prefix ended in a traceback of the allocation."""
+    refused(
+        capsys,
+        evaluation.main,
+        [
+            "--adapter",
+            adapter_file(work, **bad),
+            "--num_eval",
+            "4",
+            "--output_dir",
+            str(work / "o"),
+        ],
+        what,
+        work,
+    )
+
+
+def test_eval_refuses_an_adapter_trained_on_another_base(capsys, work, runs):
+    """Item 5: the adapter names its base; one of the same shapes but other weights is refused.
+    Evaluating in another dtype than training's still matches."""
+    adapter = str(runs / "lora" / "model.adapter.safetensors")
+    meta, _ = models.read_adapter(adapter)
+    base = models.fingerprint(models.load_model(models.TINY_OPT))
+    assert (
+        meta["base_fingerprint.float32"]
+        == base
+        == json.loads((runs / "lora" / "config.json").read_text())["base_fingerprint"]
+    )
+    other = model_copy(
+        work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0)
+    )
+    line = refused(
+        capsys,
+        evaluation.main,
+        ["--model", other, "--adapter", adapter, "--num_eval", "4"],
+        "the adapter was trained on other base weights",
+        work,
+    )
+    assert line.endswith(f"({adapter})")
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert evaluation.main(["--adapter", adapter, "--num_eval", "4", "--dtype", dtype]) == 0
+
+
 def test_eval_bad_model_config(capsys, work):
     refused(
         capsys,
@@ -806,6 +882,37 @@ def test_a_pytorch_model_bin_that_weights_only_refuses_is_one_line(capsys, work)
     assert "pytorch_model.bin" in line and not (work / "pwned").exists()
     with pytest.raises(pickle.UnpicklingError):  # what torch itself raises, in several lines
         torch.load(folder / "pytorch_model.bin", weights_only=True)
+
+
+def test_a_raw_pickle_pytorch_model_bin_is_one_line_without_torchs_warning(capsys, work):
+    """Class 5: the refusal came after two lines of torch's warning about the pickle protocol."""
+    folder, tensors = bin_model(work)
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(tensors, protocol=4))
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        refused(
+            capsys,
+            evaluation.main,
+            ["--model", str(folder), "--num_eval", "4"],
+            "weight file holds Python objects besides tensors",
+            work,
+        )
+    assert not [str(w.message) for w in shown]
+
+
+def test_a_corrupt_sentencepiece_model_is_one_line_and_leaves_no_lock(capsys, work):
+    """Class 5: sentencepiece's own error was a traceback, and train.py left `.lock` behind."""
+    model = model_copy(work)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt"):
+        os.remove(os.path.join(model, name))
+    (work / "model" / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    refused(
+        capsys,
+        train.main,
+        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        "corrupt tokenizer file",
+        work,
+    )
 
 
 # ---------------------------------------------------------------- --device auto

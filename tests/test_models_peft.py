@@ -1,18 +1,26 @@
 """LoRA and prefix tuning: direct formulas, transformers fed explicit prefix key/values,
 generation."""
 
+import re
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from models import (
+    TINY_OPT,
     ModelError,
     adapter_state_dict,
+    apply_adapter,
     apply_lora,
     apply_prefix,
+    base_fingerprints,
     load_adapter,
     load_model,
+    read_adapter,
 )
 from models.checkpoint import our_name
+from models.identity import check_base
 from tests.helpers.models import (
     hf_as_original,
     hf_opt,
@@ -216,3 +224,84 @@ def test_prefix_parameter_order_is_the_originals(kind):
         "prefix_keys",
         "prefix_values",
     ] * 2
+
+
+# ---------------------------------------------------------------- adapter files
+
+
+def _adapter(tmp_path, model, meta, mode="lora", change=None):
+    """An adapter file of `model` (LoRA or prefix applied here) with `meta` as its metadata."""
+    apply_lora(model) if mode == "lora" else apply_prefix(model, num_prefix=5)
+    tensors = adapter_state_dict(model)
+    if change:
+        change(tensors)
+    meta = {"mode": mode, "lora_r": "8", "lora_alpha": "16.0", "num_prefix": "5", **meta}
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata=meta)
+    return tmp_path / "a.safetensors"
+
+
+def _first_lora_a(tensors):
+    name = next(n for n in tensors if n.endswith("lora_A"))
+    tensors[name] = tensors[name][:4].clone()
+
+
+BAD_METADATA = [
+    ({"lora_alpha": "nan"}, "lora", None, "lora_alpha nan"),
+    ({"lora_alpha": "-inf"}, "lora", None, "lora_alpha -inf"),
+    ({"lora_alpha": "0"}, "lora", None, "lora_alpha 0"),
+    ({"lora_r": "-4"}, "lora", None, "lora_r -4"),
+    ({"lora_r": "2.5"}, "lora", None, "lora_r 2.5, expected an integer > 0"),
+    ({"lora_r": str(10**12)}, "lora", None, f"lora_r {10**12}, the tensors' rank is 8"),
+    ({}, "lora", _first_lora_a, "lora_r 8, the tensors' rank is 4"),
+    ({"num_prefix": str(10**12)}, "prefix", None, f"num_prefix {10**12}, the tensors hold 5"),
+    ({"mode": "lora"}, "prefix", None, "is not a lora tensor"),
+]
+
+
+@pytest.mark.parametrize(
+    "meta, mode, change, what", BAD_METADATA, ids=[what for *_, what in BAD_METADATA]
+)
+def test_read_adapter_refuses_metadata_its_tensors_do_not_bear_out(
+    tmp_path, meta, mode, change, what
+):
+    path = _adapter(tmp_path, load_model(TINY_OPT), meta, mode, change)
+    with pytest.raises(ModelError, match=rf"{re.escape(what)}.*\({re.escape(str(path))}\)$"):
+        read_adapter(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_read_adapter_refuses_tensors_of_a_non_floating_dtype(tmp_path, dtype):
+    def cast(tensors):
+        for name in tensors:
+            tensors[name] = tensors[name].to(dtype)
+
+    path = _adapter(tmp_path, load_model(TINY_OPT), {}, change=cast)
+    with pytest.raises(ModelError, match=rf"dtype {str(dtype)[6:]}, expected a floating-point"):
+        read_adapter(path)
+
+
+def test_an_adapter_checks_its_base_in_every_dtype_that_can_tell():
+    """Trained in bf16: an fp32 model casts to bf16 and matches; an fp16 model cannot tell."""
+    record = base_fingerprints(load_model(TINY_OPT, dtype=torch.bfloat16))
+    assert list(record) == ["base_fingerprint.bfloat16"]
+    assert len(base_fingerprints(load_model(TINY_OPT))) == 3  # fp32 determines all three
+    check_base(load_model(TINY_OPT), record, "a.safetensors")
+    check_base(load_model(TINY_OPT, dtype=torch.bfloat16), record, "a.safetensors")
+    check_base(load_model(TINY_OPT, dtype=torch.float16), {}, "a.safetensors")  # an older adapter
+    with pytest.raises(ModelError, match=r"evaluate in bfloat16 or float32 \(a.safetensors\)$"):
+        check_base(load_model(TINY_OPT, dtype=torch.float16), record, "a.safetensors")
+    other = load_model(TINY_OPT)
+    with torch.no_grad():
+        other.decoder.final_layer_norm.bias.add_(1.0)
+    with pytest.raises(ModelError, match=r"trained on other base weights .*\(a.safetensors\)$"):
+        check_base(other, record, "a.safetensors")
+
+
+def test_an_adapter_without_a_recorded_base_still_applies(tmp_path):
+    """Adapters written before the base was recorded load as before, unchecked."""
+    trained = load_model(TINY_OPT)
+    path = _adapter(tmp_path, trained, {})
+    model = apply_adapter(load_model(TINY_OPT), path)
+    assert all(
+        torch.equal(p, adapter_state_dict(trained)[n]) for n, p in adapter_state_dict(model).items()
+    )

@@ -162,3 +162,11 @@ def test_missing_tokenizer_files(tmp_path):
     shutil.copy(bpe_dir() / "vocab.json", tmp_path / "vocab.json")
     with pytest.raises(ModelError, match=r"missing tokenizer file .*merges.txt\)$"):
         load_tokenizer(tmp_path)
+
+
+def test_a_corrupt_sentencepiece_model_is_a_model_error(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(
+        ModelError, match=rf"corrupt tokenizer file: .*\({tmp_path}/tokenizer.model\)$"
+    ):
+        load_tokenizer(tmp_path)
