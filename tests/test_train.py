@@ -15,8 +15,8 @@ import data.evaluate
 import eval as evaluation
 import models
 import train
-from data import flags
 from data.evaluate import DTYPES, chunks, dev_loss
+from program import flags
 from zo import distributed
 from zo.optim import WD_EXEMPT
 

@@ -9,13 +9,13 @@ import argparse
 import os
 import sys
 
-from data import flags
-from data.files import write_json
+from zo import replay as replay_updates
 
-from .checkpoint import check_run_folder, prepare_run_folder, read_json, run_kind
+from . import flags
 from .folder_lock import hold
+from .json_files import read_json, write_json
+from .run_folder import check_run_folder, prepare_run_folder, run_kind
 from .trajectory import records_up_to
-from .trajectory import replay as replay_updates
 
 
 def replay(args, dist, build_run, save_model):

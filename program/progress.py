@@ -39,8 +39,8 @@ def logging_record(
     if show:
         eta = time.strftime("%H:%M:%S", time.gmtime((max_steps - step) / max(steps_per_s, 1e-9)))
         print(
-            f"step {step}/{max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | {steps_per_s:.2f} steps/s | "
-            f"ETA {eta}",
+            f"step {step}/{max_steps} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+            f"{steps_per_s:.2f} steps/s | ETA {eta}",
             end="\r" if sys.stderr.isatty() else "\n",
             file=sys.stderr,
         )

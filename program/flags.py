@@ -10,8 +10,13 @@ import os
 import re
 import sys
 
+import torch
+
 from data import DataError, get_task
-from data.paper import presets
+from zo import FOConfig, MeZOConfig, check_supported
+from zo.optim import WD_EXEMPT
+
+from .paper import presets
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -221,7 +226,8 @@ def parse_args(argv=None):
         unknown = sorted(set(fixed) - set(TRAIN_FLAGS) | set(grid) - set(TRAIN_FLAGS))
         if unknown:
             raise DataError(
-                f"preset {args.preset} sets flags train.py does not have: {', '.join(unknown)} (--preset)"
+                f"preset {args.preset} sets flags train.py does not have: {', '.join(unknown)} "
+                "(--preset)"
             )
         p.set_defaults(**fixed, **{k: values[0] for k, values in grid.items()})
         args = p.parse_args(argv)
@@ -280,8 +286,6 @@ def resolve(args, model_type):
     if args.cuda_graphs:
         check_cuda_graphs(args, world)
     if args.trainer == "zo":  # the parts of the step support each other (zo.methods: the one list)
-        from zo import check_supported
-
         check_supported(
             mezo_config(args),
             cuda_graphs=bool(args.cuda_graphs),
@@ -302,8 +306,6 @@ def check_cuda_graphs(args, world):
     """--cuda_graphs needs CUDA and a loop that zo.CudaGraphStep can capture (DataError otherwise);
     what
     the step's parts support is zo.check_supported's (resolve)."""
-    import torch
-
     if not torch.cuda.is_available() or args.device.startswith("cpu"):
         raise DataError(
             f"CUDA graphs need a CUDA device (--cuda_graphs; torch.cuda.is_available() is "
@@ -324,15 +326,11 @@ def check_cuda_graphs(args, world):
 def wd_exempt(args) -> tuple[str, ...]:
     """large_models' zo_update exempts bias and LayerNorm names; medium_models decays every
     parameter."""
-    from zo.optim import WD_EXEMPT
-
     return WD_EXEMPT if args.wd_exempt == "bias_norm" else ()
 
 
 def mezo_config(args):
     """The zo.MeZOConfig of a resolved command line (train.py builds MeZO and replays with it)."""
-    from zo import MeZOConfig
-
     optimizer = (
         "adam" if args.optimizer in ("adam", "adamw") else ("momentum" if args.momentum else "sgd")
     )
@@ -363,8 +361,6 @@ def mezo_config(args):
 
 def fo_config(args):
     """The zo.FOConfig of a resolved command line (--trainer fo: the backprop rows)."""
-    from zo import FOConfig
-
     return FOConfig(
         lr=args.learning_rate,
         optimizer="sgd" if args.optimizer == "sgd" else "adam",
@@ -448,8 +444,6 @@ def check_values(args, rules=RULES) -> None:
 
 def check_device(device: str) -> None:
     """auto, cpu, cuda or cuda:N, and CUDA only where it is available."""
-    import torch
-
     if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
         raise DataError(f"unknown device, expected auto, cpu, cuda or cuda:N (--device {device})")
     if device.startswith("cuda") and not torch.cuda.is_available():

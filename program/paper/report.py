@@ -1,6 +1,6 @@
 """Paper-style tables from run folders: OPT (Table 1), RoBERTa (Table 18), memory (Table 22).
 
-Every cell reads "ours (paper)"; run folders are read by data/paper/runs.py. Runs that fall into
+Every cell reads "ours (paper)"; run folders are read by program/paper/runs.py. Runs that fall into
 one cell (a grid) are reduced as the original does:
 - OPT: the run with the lowest dev loss (HF `load_best_model_at_end`'s default metric), test
   score of that run; a run's `select_by` ("loss" | "accuracy") overrides the rule.
@@ -8,7 +8,7 @@ one cell (a grid) are reduced as the original does:
   accuracy over seeds (`medium_models/tools/gather_result.py`; numpy's population std).
 Ties go to the first run in path order, as in gather_result.py.
 
-    python eval.py report RUN_DIR... [--out DIR] [--plot]     (plots: data/paper/plots.py)
+    python eval.py report RUN_DIR... [--out DIR] [--plot]     (plots: program/paper/plots.py)
 
 Also the tables of `eval.py compare` (runs side by side, `make demo`) and of `make results`
 (rows over seeds, RESULTS.md): every table of runs is built here.
@@ -24,9 +24,9 @@ from pathlib import Path
 
 from data import DataError
 from data.files import atomic_path, atomic_write, check_writes
-from data.paper import numbers as paper
-from data.paper import seeds
-from data.paper.runs import OPT_SIZES, SELECT_BY, files_read, load_runs, read_metrics
+from program.paper import numbers as paper
+from program.paper import seeds
+from program.paper.runs import OPT_SIZES, SELECT_BY, files_read, load_runs, read_metrics
 
 _METHOD_ORDER = list(paper.METHOD_LABELS)
 
@@ -247,8 +247,8 @@ def _roberta_markdown(records):
             return _cell(ours, _pct(*paper.roberta_test(k, method, task)))
 
         out += [
-            f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, ours (paper RoBERTa-large, "
-            "Table 18)",
+            f"## {model}, k={k}: test accuracy (%), mean±std over data seeds, "
+            "ours (paper RoBERTa-large, Table 18)",
             "",
         ]
         out += _grid_table(
@@ -281,7 +281,8 @@ def _memory_markdown(records):
     out += [
         "",
         f"GB = 2^30 bytes of `peak_memory_bytes` (device: {devices})."
-        " The paper measured MultiRC (about 400 tokens, batch 1 per GPU) with nvidia-smi on A100-80GB.",
+        " The paper measured MultiRC (about 400 tokens, batch 1 per GPU)"
+        " with nvidia-smi on A100-80GB.",
         "",
     ]
     return out
@@ -378,7 +379,8 @@ def compare_markdown(runs):
         lines += [
             "",
             f"Test accuracy {a:.4f} -> {b:.4f} on {n} held-out rows: {b - a:+.4f}, "
-            f"{(b - a) / se:+.1f} binomial standard errors (sqrt(p(1-p)/n) = {se:.4f}, the larger of the two).",
+            f"{(b - a) / se:+.1f} binomial standard errors "
+            f"(sqrt(p(1-p)/n) = {se:.4f}, the larger of the two).",
         ]
     return "\n".join(lines)
 
@@ -411,7 +413,8 @@ def seeds_markdown(rows):
         if config.get("kind") == "eval":
             steps = passes = "–"
         else:
-            steps = f"{config['max_steps']} ({', '.join(str(r.results.get('best_step')) for r in runs)})"
+            best = ", ".join(str(r.results.get("best_step")) for r in runs)
+            steps = f"{config['max_steps']} ({best})"
             # zo/fzoo.py: N + 1
             per_step = (
                 (config.get("fzoo_n") or 8) + 1
@@ -457,8 +460,9 @@ def grid_markdown(rows):
             config, dev = run.config, run.results.get("dev") or {}
             eps = "–" if config.get("trainer") == "fo" else f"{config['zo_eps']:g}"
             lines.append(
-                f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | {config['max_steps']} "
-                f"({run.results.get('best_step')}) | {_loss(dev.get('loss'))} | "
+                f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | "
+                f"{config['max_steps']} ({run.results.get('best_step')}) | "
+                f"{_loss(dev.get('loss'))} | "
                 f"{_number(dev.get('accuracy'), '{:.1f}', 100)} | {'yes' if run is best else ''} |"
             )
     return "\n".join(lines)
@@ -507,8 +511,9 @@ def estimators_markdown(rows, baseline):
         for row, curve in curves.items()
     }
     lines = [
-        f"| method | dev accuracy (%) at forward passes | forward passes to the {label(rows[baseline][0].method)} "
-        f"best mean dev accuracy ({100 * target:.1f}%), ratio | test accuracy (%) | runs |",
+        "| method | dev accuracy (%) at forward passes | forward passes to the "
+        f"{label(rows[baseline][0].method)} best mean dev accuracy ({100 * target:.1f}%), ratio "
+        "| test accuracy (%) | runs |",
         "|---" * 5 + "|",
     ]
     for row, runs in rows.items():
