@@ -244,10 +244,11 @@ def explicit_flags(argv):
     return {k: v for k, v in vars(p.parse_args(argv)).items() if k not in control}
 
 
-def resolve(args, model_type):
-    """Fill the defaults that depend on the model family and trainer; check values (ValueError).
-    `model_type` is the model's config.json `model_type` (None: decided by the task). -> the
-    task."""
+def resolve(args, model_type) -> argparse.Namespace:
+    """The run's flags with the defaults that depend on the model family and trainer filled in
+    (a new Namespace; `args` is left as it was); values checked (ValueError). `model_type` is the
+    model's config.json `model_type` (None: decided by the task)."""
+    args = argparse.Namespace(**vars(args))
     task = get_task(args.task, family=model_type)
     roberta = task.family == "roberta"
     args.task, args.family = task.name, task.family
@@ -299,7 +300,7 @@ def resolve(args, model_type):
             f"{task.name}-{name}-{args.trainer}-{args.mode}-{args.learning_rate}-"
             f"{args.zo_eps}-{args.train_set_seed}",
         )
-    return task
+    return args
 
 
 def check_cuda_graphs(args, world):
@@ -371,6 +372,11 @@ def fo_config(args):
         max_steps=args.max_steps,
         clip_grad_norm=args.max_grad_norm,
     )
+
+
+def replace(args, **changes) -> argparse.Namespace:
+    """A copy of `args` with `changes` (the builders return settings; nothing edits a Namespace)."""
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def resumed_args(argv, saved: dict):

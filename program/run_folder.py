@@ -143,11 +143,11 @@ def prepare_run_folder(folder: str, *, resume: bool) -> None:
         _remove(os.path.join(folder, name))
 
 
-def check_resumable(folder: str, model: nn.Module, loop: dict, trajectory: bool) -> None:
+def check_resumable(folder: str, model: nn.Module, loop, trajectory: bool) -> None:
     """On --resume, before anything is written: the files the resumed run reads or extends are
-    readable and agree with the checkpoint (its loop state `loop`); ValueError naming the file."""
+    readable and agree with the checkpoint (its LoopState `loop`); ValueError naming the file."""
     # finish() loads it; refuse now, not after the remaining steps
-    if loop.get("best_step") is not None:
+    if loop.best_step is not None:
         path = os.path.join(folder, "best.safetensors")
         saved, own = load_tensors(path), trainable(model)
         if saved.keys() != own.keys() or any(saved[n].shape != p.shape for n, p in own.items()):
@@ -165,10 +165,9 @@ def check_resumable(folder: str, model: nn.Module, loop: dict, trajectory: bool)
         lines = 0
     except UnicodeDecodeError as e:
         raise ValueError(f"garbled metrics file: not UTF-8 at byte {e.start} ({path})") from None
-    if lines < loop["metrics_lines"]:
+    if lines < loop.metrics_lines:
         raise ValueError(
-            f"metrics file has {lines} lines, the checkpoint counts {loop['metrics_lines']} "
-            f"({path})"
+            f"metrics file has {lines} lines, the checkpoint counts {loop.metrics_lines} ({path})"
         )
 
 

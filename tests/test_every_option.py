@@ -238,9 +238,7 @@ if not torch.cuda.is_available():
 
 
 def resolved(case):
-    args = flags.parse_args(OPT + SHORT + case)
-    flags.resolve(args, "opt")
-    return args
+    return flags.resolve(flags.parse_args(OPT + SHORT + case), "opt")
 
 
 def test_registered_parts_each_have_a_case():
