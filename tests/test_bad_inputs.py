@@ -1,7 +1,7 @@
 """Every user mistake ends with one line `error: <what> (<where>)` and exit status 2, with nothing
-written: train.py, eval.py and `python -m data`, over their flags and every file they read, each
-checked before the first write. `refused` (tests/helpers/refusals.py) compares every path's bytes,
-mode and mtime before and after.
+written: train.py, eval.py and `python -m program.prompts`, over their flags and every file they
+read, each checked before the first write. `refused` (tests/helpers/refusals.py) compares every
+path's bytes, mode and mtime before and after.
 
 Each case runs the command's main() in-process (a subprocess costs seconds of torch import); a few
 run as real subprocesses to check the scripts' exit status and stderr as a user sees them."""
@@ -520,7 +520,7 @@ def test_eval_compare_on_a_folder_that_is_not_a_training_run(capsys, work, runs)
     )
 
 
-# ---------------------------------------------------------------- python -m data
+# ---------------------------------------------------------------- python -m program.prompts
 
 
 def test_data_cli_bad_flags(capsys, work):
