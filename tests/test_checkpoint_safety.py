@@ -14,6 +14,7 @@ import data.files as files
 from program import checkpoint as ck
 from program import json_files
 from program import run_folder as rf
+from program.loop import LoopState
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import FO, FOConfig, MeZO, MeZOConfig
 from zo import distributed as zd
@@ -440,3 +441,24 @@ def test_backprop_runs_are_seeded_and_resume_bitwise(tmp_path, monkeypatch):
     assert train.main(["--output_dir", parts, "--resume"]) == 0  # the literal README line
     assert losses(parts) == losses(a)
     assert all(torch.equal(x, y) for x, y in zip(weights(a).values(), weights(parts).values()))
+
+
+def test_loop_state_round_trips_and_reads_older_checkpoints(tmp_path):
+    """program.loop.LoopState is the checkpoint's "loop" entry: it round-trips through a save, an
+    older entry (no nonfinite_run, best_dev or window) reads with their defaults, and anything
+    else is a ValueError."""
+    state = LoopState(best=-0.5, best_step=4, best_dev={"loss": 0.5}, nonfinite=1, metrics_lines=3)
+    state.window = [torch.tensor(0.25), torch.tensor(float("inf"))]
+    model, trainer = trained("mezo", steps=1)
+    saved = {**state_of(trainer), "loop": state.to_dict()}
+    ck.save_checkpoint(tmp_path / "checkpoint", model, saved)
+    back = LoopState.from_dict(ck.restore(tmp_path / "checkpoint", *trained("mezo", steps=0)))
+    assert {**vars(back), "window": None} == {**vars(state), "window": None}
+    assert [float(x) for x in back.window] == [0.25, float("inf")]
+    older = LoopState.from_dict(
+        {"best": None, "best_step": None, "nonfinite": 0, "metrics_lines": 2}
+    )
+    assert older == LoopState(metrics_lines=2)
+    for bad in ([], {"metrics_lines": "2"}, {"best_step": 1.5}, {"window": ["x"]}, {"other": 1}):
+        with pytest.raises(ValueError, match="bad loop state"):
+            LoopState.from_dict(bad)
