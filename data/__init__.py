@@ -20,9 +20,10 @@ Evaluation: `batch_kind(task, training=False)`; classification batches are score
 are generated from and scored with `metrics.f1` / `calculate_metric`; ICL demonstrations come from
 `icl_splits` (one set per test example) and go to `encode(..., demos=...)`. RoBERTa:
 `task.load(data_dir, k=16, seed=42)` -> {"train", "dev", "test"}, kind "mlm", `predictions`.
-`python -m data <task>` prints the prompts of the first examples. Beside these: `data.evaluate`
-(test metrics, greedy generation, the dev loss), `data.flags` (train.py's command line),
-`data.files` (atomic writes) and `data.paper` (presets, grid runner, the paper's numbers, report).
+Beside these: `data.evaluate` (test metrics, greedy generation, the dev loss), `data.files`
+(atomic writes, used by data/, models/ and the program) and `data.rotten_tomatoes` (real review
+snippets as a GLUE SST-2 folder). data/ imports nothing of models/, zo/ or the program; its
+commands are the program's (`python -m program.prompts <task>` prints a task's prompts).
 """
 
 import os

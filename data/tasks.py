@@ -53,7 +53,8 @@ class OPTTask:
 
     @property
     def key(self):
-        """Lower-case key without dashes, as data/paper/numbers.py uses ("sst2", "record", ...)."""
+        """Lower-case key without dashes ("sst2", "record", ...), as program/paper/numbers.py
+        uses."""
         return self.name.lower()
 
     def load(self, data_dir=None):

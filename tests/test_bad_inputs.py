@@ -1,7 +1,7 @@
 """Every user mistake ends with one line `error: <what> (<where>)` and exit status 2, with nothing
-written: train.py, eval.py and `python -m data`, over their flags and every file they read, each
-checked before the first write. `refused` (tests/helpers/refusals.py) compares every path's bytes,
-mode and mtime before and after.
+written: train.py, eval.py and `python -m program.prompts`, over their flags and every file they
+read, each checked before the first write. `refused` (tests/helpers/refusals.py) compares every
+path's bytes, mode and mtime before and after.
 
 Each case runs the command's main() in-process (a subprocess costs seconds of torch import); a few
 run as real subprocesses to check the scripts' exit status and stderr as a user sees them."""
@@ -20,13 +20,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import data
-import data.__main__ as data_cli
 import eval as evaluation
 import models
 import train
-from data import SAMPLES_DIR, flags, get_task
+from data import SAMPLES_DIR, get_task
+from program import flags
+from program import prompts as data_cli
+from program import run_folder as rf
 from tests.helpers.refusals import READ, folder_hash, refused
-from zo import checkpoint as ck
 from zo import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -281,7 +282,7 @@ def test_train_output_folder_is_a_file(capsys, work):
 
 
 def test_train_output_folder_not_writable(capsys, work, monkeypatch):
-    monkeypatch.setattr(ck.os, "access", lambda *a: False)  # root may write anywhere: simulate
+    monkeypatch.setattr(rf.os, "access", lambda *a: False)  # root may write anywhere: simulate
     refused(capsys, train.main, OPT + ["--output_dir", str(work / "out")], "not writable", work)
 
 
@@ -595,7 +596,7 @@ def test_eval_compare_on_a_folder_that_is_not_a_training_run(capsys, work, runs)
     )
 
 
-# ---------------------------------------------------------------- python -m data
+# ---------------------------------------------------------------- python -m program.prompts
 
 
 def test_data_cli_bad_flags(capsys, work):
@@ -626,7 +627,7 @@ def test_data_cli_non_utf8_byte(capsys, work):
     [
         ([os.path.join(ROOT, "train.py"), "--learning_rate", "nan"], "--learning_rate nan"),
         ([os.path.join(ROOT, "eval.py"), "--num_eval", "0", "--bogus"], "unrecognized arguments"),
-        (["-m", "data", "SST2", "--show", "-1"], "--show -1"),
+        (["-m", "program.prompts", "SST2", "--show", "-1"], "--show -1"),
     ],
 )
 def test_scripts_exit_2_with_one_line(tmp_path, command, what):

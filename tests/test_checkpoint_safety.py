@@ -11,9 +11,12 @@ import pytest
 import torch
 
 import data.files as files
+from program import checkpoint as ck
+from program import json_files
+from program import run_folder as rf
+from program.loop import LoopState
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import FO, FOConfig, MeZO, MeZOConfig
-from zo import checkpoint as ck
 from zo import distributed as zd
 
 
@@ -169,8 +172,8 @@ def test_every_crash_point_of_a_save_resumes(tmp_path, monkeypatch, what, k, sur
             ck.save_checkpoint(directory, model, state_of(trainer, best=2.0))
         monkeypatch.undo()
     # resumable, and nothing changed
-    assert ck.check_run_folder(out, resume=True, overwrite=False) == str(out)
-    ck.prepare_run_folder(str(out), resume=True)
+    assert rf.check_run_folder(out, resume=True, overwrite=False) == str(out)
+    rf.prepare_run_folder(str(out), resume=True)
     assert sorted(os.listdir(out)) == ["checkpoint", "config.json"]  # no temporary left behind
     loop = ck.restore(directory, *trained("mezo", steps=0))
     assert loop["best"] == (1.0 if survivor == "old" else 2.0)
@@ -248,8 +251,8 @@ def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     with pytest.raises(
         ValueError, match="belongs to another run; pass --resume or --overwrite_output_dir"
     ):
-        ck.check_run_folder(out, resume=False, overwrite=False)
-    ck.prepare_run_folder(ck.check_run_folder(out, resume=False, overwrite=True), resume=False)
+        rf.check_run_folder(out, resume=False, overwrite=False)
+    rf.prepare_run_folder(rf.check_run_folder(out, resume=False, overwrite=True), resume=False)
     assert sorted(os.listdir(out)) == ["best.safetensors.bak", "notes.txt", "plots"]
     assert (out / "plots" / "config.json").read_text() == "{}"
 
@@ -260,39 +263,39 @@ def test_a_folder_that_holds_no_run_is_never_overwritten(tmp_path):
     before = sorted(os.listdir(model))
     for out in (model, model / "run", tmp_path):  # is, is inside, holds the model directory
         with pytest.raises(ValueError, match="overlaps the model folder"):
-            ck.check_run_folder(
+            rf.check_run_folder(
                 out, resume=False, overwrite=True, protected=[("model", str(model))]
             )
     with pytest.raises(ValueError, match="config.json that no run wrote"):
-        ck.check_run_folder(model, resume=False, overwrite=True)  # not even without the protection
+        rf.check_run_folder(model, resume=False, overwrite=True)  # not even without the protection
     plain = tmp_path / "plain"
     (plain / "model").mkdir(parents=True)
     with pytest.raises(ValueError, match="already holds model"):
-        ck.check_run_folder(plain, resume=False, overwrite=True)
+        rf.check_run_folder(plain, resume=False, overwrite=True)
     assert sorted(os.listdir(model)) == before
 
 
 def test_output_folder_that_is_a_file_or_not_writable(tmp_path, monkeypatch):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="output folder is a file"):
-        ck.check_run_folder(tmp_path / "f", resume=False, overwrite=False)
+        rf.check_run_folder(tmp_path / "f", resume=False, overwrite=False)
     with pytest.raises(ValueError, match="not writable"):
-        ck.check_run_folder(tmp_path / "f" / "sub", resume=False, overwrite=False)
-    monkeypatch.setattr(ck.os, "access", lambda *a: False)  # (root writes anywhere: simulate)
+        rf.check_run_folder(tmp_path / "f" / "sub", resume=False, overwrite=False)
+    monkeypatch.setattr(rf.os, "access", lambda *a: False)  # (root writes anywhere: simulate)
     with pytest.raises(ValueError, match="not writable"):
-        ck.check_run_folder(tmp_path / "new", resume=False, overwrite=False)
+        rf.check_run_folder(tmp_path / "new", resume=False, overwrite=False)
 
 
 def test_resume_refusals(tmp_path):
     out = run_folder(tmp_path)
     with pytest.raises(ValueError, match="nothing to resume: the run saved no checkpoint"):
-        ck.check_run_folder(out, resume=True, overwrite=False)
+        rf.check_run_folder(out, resume=True, overwrite=False)
     (out / "checkpoint").mkdir()
     (out / "checkpoint" / "state.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match="pickle"):
-        ck.check_run_folder(out, resume=True, overwrite=False)
+        rf.check_run_folder(out, resume=True, overwrite=False)
     with pytest.raises(ValueError, match="not a training run"):
-        ck.check_run_folder(run_folder(tmp_path / "e", kind="eval"), resume=True, overwrite=False)
+        rf.check_run_folder(run_folder(tmp_path / "e", kind="eval"), resume=True, overwrite=False)
 
 
 def test_resume_recognises_its_folder_however_spelled(tmp_path, monkeypatch):
@@ -300,7 +303,7 @@ def test_resume_recognises_its_folder_however_spelled(tmp_path, monkeypatch):
     (out / "checkpoint").mkdir()
     monkeypatch.chdir(tmp_path)
     for spelling in ("run", "run/", str(out) + "/", "./run/../run"):
-        assert ck.check_run_folder(spelling, resume=True, overwrite=False) == str(out)
+        assert rf.check_run_folder(spelling, resume=True, overwrite=False) == str(out)
     saved = {
         "output_dir": str(out),
         "model": str(tmp_path / "m"),
@@ -308,15 +311,15 @@ def test_resume_recognises_its_folder_however_spelled(tmp_path, monkeypatch):
         "device": "cpu",
     }
     moved = {**saved, "output_dir": "elsewhere/", "model": "./m/", "device": "cuda"}
-    assert ck.resume_conflicts(saved, moved, free={"device"}) == []
-    assert ck.resume_conflicts(saved, {**moved, "learning_rate": 1e-2}, free={"device"}) == [
+    assert rf.resume_conflicts(saved, moved, free={"device"}) == []
+    assert rf.resume_conflicts(saved, {**moved, "learning_rate": 1e-2}, free={"device"}) == [
         "learning_rate"
     ]
 
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     path = tmp_path / "results.json"
-    files.write_json(path, {"a": 1})
+    json_files.write_json(path, {"a": 1})
     assert oct(os.stat(path).st_mode & 0o777) == oct(0o666 & ~files.umask())
     crash_at(monkeypatch, "replace", 1)
     with pytest.raises(Crash):
@@ -439,3 +442,24 @@ def test_backprop_runs_are_seeded_and_resume_bitwise(tmp_path, monkeypatch):
     assert train.main(["--output_dir", parts, "--resume"]) == 0  # the literal README line
     assert losses(parts) == losses(a)
     assert all(torch.equal(x, y) for x, y in zip(weights(a).values(), weights(parts).values()))
+
+
+def test_loop_state_round_trips_and_reads_older_checkpoints(tmp_path):
+    """program.loop.LoopState is the checkpoint's "loop" entry: it round-trips through a save, an
+    older entry (no nonfinite_run, best_dev or window) reads with their defaults, and anything
+    else is a ValueError."""
+    state = LoopState(best=-0.5, best_step=4, best_dev={"loss": 0.5}, nonfinite=1, metrics_lines=3)
+    state.window = [torch.tensor(0.25), torch.tensor(float("inf"))]
+    model, trainer = trained("mezo", steps=1)
+    saved = {**state_of(trainer), "loop": state.to_dict()}
+    ck.save_checkpoint(tmp_path / "checkpoint", model, saved)
+    back = LoopState.from_dict(ck.restore(tmp_path / "checkpoint", *trained("mezo", steps=0)))
+    assert {**vars(back), "window": None} == {**vars(state), "window": None}
+    assert [float(x) for x in back.window] == [0.25, float("inf")]
+    older = LoopState.from_dict(
+        {"best": None, "best_step": None, "nonfinite": 0, "metrics_lines": 2}
+    )
+    assert older == LoopState(metrics_lines=2)
+    for bad in ([], {"metrics_lines": "2"}, {"best_step": 1.5}, {"window": ["x"]}, {"other": 1}):
+        with pytest.raises(ValueError, match="bad loop state"):
+            LoopState.from_dict(bad)

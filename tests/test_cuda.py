@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from program.trajectory import Trajectory
 from tests.helpers.zo import (
     NORMAL_Z_IMPL_BOUND,
     Z_MAX,
@@ -19,7 +20,7 @@ from tests.helpers.zo import (
     params,
     tiny_lm,
 )
-from zo import CudaGraphStep, MeZO, MeZOConfig, Trajectory, name_key
+from zo import CudaGraphStep, MeZO, MeZOConfig, name_key
 from zo.kernels import get_kernels
 from zo.rng import normal, rademacher
 

@@ -12,7 +12,7 @@ import pytest
 
 import data
 from data import DataError, get_task
-from data.__main__ import main as cli
+from program.prompts import main as cli
 
 S = data.SAMPLES_DIR
 
@@ -569,7 +569,7 @@ def test_cli(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: unknown task 'nope'")
     bad = _rte_dir(tmp_path, [GOOD, "{not json"])
     result = subprocess.run(
-        [sys.executable, "-m", "data", "opt/RTE", "--data_dir", bad],
+        [sys.executable, "-m", "program.prompts", "opt/RTE", "--data_dir", bad],
         capture_output=True,
         text=True,
         cwd=os.path.dirname(os.path.dirname(S)),

@@ -12,6 +12,7 @@ import pytest
 
 from data import get_task, opt_splits
 from data import rotten_tomatoes as rt
+from program import rotten_tomatoes as rt_cli
 
 HEADER = list(rt.COLUMNS)
 ROWS = [  # (category, text): 10 distinct snippets (6 fresh), 2 duplicates, 1 plot
@@ -42,14 +43,14 @@ def _read_tsv(path):
 
 def _run(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        rt.main(argv)
+        rt_cli.main(argv)
     err = capsys.readouterr().err
     return e.value.code, err
 
 
 def test_writes_sst2_folder(tmp_path, capsys):
     src, out = _archive(tmp_path / "rt.csv.bz2"), tmp_path / "out"
-    rt.main([str(out), "--source", str(src), "--dev_size", "3"])
+    rt_cli.main([str(out), "--source", str(src), "--dev_size", "3"])
     printed = capsys.readouterr().out
     train, dev = _read_tsv(out / "train.tsv"), _read_tsv(out / "dev.tsv")
     assert (len(train), len(dev)) == (7, 3)
@@ -77,8 +78,8 @@ def test_writes_sst2_folder(tmp_path, capsys):
     assert [len(parts[k]) for k in ("train", "dev", "test")] == [4, 2, 3]
     # fixed seed: the same split again; another seed: another split of the same rows
     again, other = tmp_path / "again", tmp_path / "other"
-    rt.main([str(again), "--source", str(src), "--dev_size", "3"])
-    rt.main([str(other), "--source", str(src), "--dev_size", "3", "--seed", "1"])
+    rt_cli.main([str(again), "--source", str(src), "--dev_size", "3"])
+    rt_cli.main([str(other), "--source", str(src), "--dev_size", "3", "--seed", "1"])
     assert (again / "dev.tsv").read_bytes() == (out / "dev.tsv").read_bytes()
     assert set(_read_tsv(other / "train.tsv") + _read_tsv(other / "dev.tsv")) == set(rows)
     assert _read_tsv(other / "dev.tsv") != dev

@@ -1,5 +1,5 @@
 """Issue 32: every documented option of train.py runs end to end, its cases read from the code's own
-choices and registries (data/flags.py, zo/methods.py, MeZOConfig), so a new option without a run
+choices and registries (program/flags.py, zo/methods.py, MeZOConfig), so a new option without a run
 fails here; the variance-modified variants on a step's micro-batches; the refusal of a crashed
 run's folder; a diverged seed in the results tables."""
 
@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import train
-from data import flags
-from data.paper import report, seeds
-from data.paper.runs import Run
+from program import flags
+from program.checkpoint import trainable
+from program.paper import report, seeds
+from program.paper.runs import Run
+from program.run_folder import check_run_folder
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import MeZO, MeZOConfig, methods
-from zo.checkpoint import check_run_folder, trainable
 
 OPT = [
     "--task",
@@ -102,7 +103,7 @@ def test_the_same_command_after_a_crash_is_one_line_then_runs_with_overwrite(
 # --- a diverged seed in the results tables --------------------------------------------------------
 def finished_run(path, seed, dev, test=0.5, selected_loss=0.7, nan=False):
     """A finished MeZO-LoRA run; dev = [(forward passes, dev loss, dev accuracy)] in metrics.jsonl.
-    nan: an older file, written with NaN; else strict JSON's null (data/files.py dumps)."""
+    nan: an older file, written with NaN; else strict JSON's null (program/json_files.py dumps)."""
     path.mkdir(parents=True)
     config = {
         "family": "opt",
@@ -239,9 +240,7 @@ if not torch.cuda.is_available():
 
 
 def resolved(case):
-    args = flags.parse_args(OPT + SHORT + case)
-    flags.resolve(args, "opt")
-    return args
+    return flags.resolve(flags.parse_args(OPT + SHORT + case), "opt")
 
 
 def test_registered_parts_each_have_a_case():

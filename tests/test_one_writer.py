@@ -1,5 +1,5 @@
-"""With real processes: one writer per run folder (zo/folder_lock.py), a lock that dies with its
-holder, and run folders that are the same bytes when the same command runs twice."""
+"""With real processes: one writer per run folder (program/folder_lock.py), a lock that dies with
+its holder, and run folders that are the same bytes when the same command runs twice."""
 
 import json
 import os
@@ -13,8 +13,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from data.files import MEASUREMENTS
-from zo.folder_lock import LOCK_NAME, FolderLock
+from program.folder_lock import LOCK_NAME, FolderLock
+from program.json_files import MEASUREMENTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
@@ -60,9 +60,9 @@ def test_a_second_writer_is_refused_and_the_first_run_replays_bitwise(tmp_path):
     os.kill(first.pid, signal.SIGSTOP)  # the first run is still training while the others try
     try:
         line = (
-            f"error: output folder is in use by another run: pid {first.pid} "
-            f"on host {socket.gethostname()} "
-            f"holds its lock; wait for it to end or stop it (--output_dir {out})"
+            f"error: output folder is in use by another run: pid {first.pid} on host "
+            f"{socket.gethostname()} holds its lock; wait for it to end or stop it "
+            f"(--output_dir {out})"
         )
         for argv in (
             ["--resume", "--output_dir", str(out)],  # a SLURM requeue, a second terminal

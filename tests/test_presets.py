@@ -2,7 +2,7 @@
 
 Every expected value below is written from the paper's tables and the original shell scripts
 (large_models/mezo.sh, finetune.sh; medium_models/mezo.sh, finetune.sh, run_fewshot.sh), not
-computed from data/paper/presets.py, so a preset cannot drift silently.
+computed from program/paper/presets.py, so a preset cannot drift silently.
 """
 
 import itertools
@@ -14,15 +14,14 @@ import shlex
 import pytest
 
 from data import DataError
-from data.paper import grid, presets
+from program.paper import grid, presets
 
 # The flags a preset may set: the original's run.py arguments that train.py keeps.
 CONTRACT_FLAGS = set(
     """task model mode trainer data_dir output_dir batch_size learning_rate zo_eps
-max_steps num_train_epochs eval_steps save_steps logging_steps seed \
-train_set_seed k num_train num_dev
-num_eval dtype weight_decay lr_scheduler_type optimizer momentum num_prefix lora_r lora_alpha
-perturbation n_spsa select_by non_diff max_length train_as_classification""".split()
+max_steps num_train_epochs eval_steps save_steps logging_steps seed train_set_seed k num_train
+num_dev num_eval dtype weight_decay lr_scheduler_type optimizer momentum num_prefix lora_r
+lora_alpha perturbation n_spsa select_by non_diff max_length train_as_classification""".split()
 )
 
 OPT_TASKS = [
@@ -417,9 +416,9 @@ def test_slurm_script_runs_torchrun_with_every_flag():
 
 
 def test_train_argv_round_trips_through_train_py_parser():
-    """TRAIN_FLAGS come from data.flags.build_parser(): a point spelled by train_argv parses back to
-    itself."""
-    from data.flags import build_parser
+    """TRAIN_FLAGS come from program.flags.build_parser(): a point spelled by train_argv parses
+    back to itself."""
+    from program.flags import build_parser
 
     point = {
         "task": "opt/SST2",
@@ -434,15 +433,16 @@ def test_train_argv_round_trips_through_train_py_parser():
     assert argv[:2] == ["--task", "opt/SST2"] and "--fsdp" in argv and "--select_by" not in argv
     parsed = vars(build_parser().parse_args(argv))
     assert all(parsed[k] == v for k, v in point.items())
-    from data.flags import TRAIN_FLAGS
+    from program.flags import TRAIN_FLAGS
 
     assert {"resume", "grid", "preset"}.isdisjoint(TRAIN_FLAGS) and "eval_final_step" in TRAIN_FLAGS
 
 
 def test_a_preset_setting_a_flag_train_py_lacks_is_refused(monkeypatch):
-    """Presets are plain data: data/flags.py applies them and checks every flag against
+    """Presets are plain data: program/flags.py applies them and checks every flag against
     TRAIN_FLAGS."""
-    from data import DataError, flags
+    from data import DataError
+    from program import flags
 
     monkeypatch.setattr(
         presets, "resolve", lambda name, task, k: ({"learning_rate": 1e-6, "no_such_flag": 1}, {})

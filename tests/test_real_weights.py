@@ -8,6 +8,7 @@ tokenizer ids, greedy answers to chat questions, and a golden zero-shot SST-2 ac
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -239,6 +240,7 @@ def test_command_line_writes_a_folder(tiny_gguf, tmp_path):
         [sys.executable, "-m", "models.gguf", str(path), str(tmp_path / "out")],
         capture_output=True,
         text=True,
+        cwd=Path(__file__).resolve().parent.parent,  # the checkout: the project is not installed
     )
     assert run.returncode == 0 and (tmp_path / "out" / "model.safetensors").is_file(), run.stderr
     assert (

@@ -12,8 +12,8 @@ import pytest
 
 import eval as evaluation
 from data import DataError
-from data.paper import report
-from data.paper.runs import Run, load_finished, read_metrics
+from program.paper import report
+from program.paper.runs import Run, load_finished, read_metrics
 
 GB = 2**30
 
@@ -355,7 +355,7 @@ def test_compare_table_gain_in_standard_errors_and_curves(tmp_path, capsys):
         "+4.5 binomial standard errors (sqrt(p(1-p)/n) = 0.0224, the larger of the two)."
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out[-1] == f"curves: {png}"
-    from data.paper import plots
+    from program.paper import plots
 
     fig = plots.run_curves(plots.figure_class(), *load_finished([mezo, zero]))
     loss_ax, acc_ax = fig.axes

@@ -1,6 +1,6 @@
-"""`make results` (data/paper/results.py) on the embedded tiny OPT and the bundled sample: every row
-runs, finished runs are skipped, the table is built from the run folders, RESULTS.md keeps its
-text."""
+"""`make results` (program/paper/results.py) on the embedded tiny OPT and the bundled sample:
+every row runs, finished runs are skipped, the table is built from the run folders, RESULTS.md
+keeps its text."""
 
 import json
 import statistics
@@ -11,7 +11,7 @@ import eval as evaluation
 import models
 import train
 from data import DataError
-from data.paper import report, results
+from program.paper import report, results
 
 ROWS = {
     "zero-shot": {"kind": "eval", "num_train": 0},

@@ -14,9 +14,10 @@ import data
 import data.evaluate
 import eval as evaluation
 import models
+import program.run
 import train
-from data import flags
 from data.evaluate import DTYPES, chunks, dev_loss
+from program import flags
 from zo import distributed
 from zo.optim import WD_EXEMPT
 
@@ -286,7 +287,7 @@ def test_squad_non_differentiable_run_trains_on_negative_f1(tmp_path, monkeypatc
         return wrapped
 
     # the -F1 closures
-    monkeypatch.setattr(train, "generate_text", spy(train.generate_text, generated))
+    monkeypatch.setattr(program.run, "generate_text", spy(program.run.generate_text, generated))
     # evaluation
     monkeypatch.setattr(data.evaluate, "generate_text", spy(data.evaluate.generate_text))
     out, selected = str(tmp_path / "run"), str(tmp_path / "selected")
@@ -562,8 +563,8 @@ def dev_steps(out):
 def make_run(argv):
     """A train.Run built as main() builds it (model, data, trainer config), without training."""
     args = flags.parse_args(argv)
-    args.model = args.model or models.TINY_OPT
-    flags.resolve(args, train.model_type(args))
+    args = flags.replace(args, model=args.model or models.TINY_OPT)
+    args = flags.resolve(args, train.model_type(args))
     return train.Run(args, distributed.setup(device="cpu"))
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train
-from data import flags
+from program import flags
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

@@ -12,14 +12,14 @@ import subprocess
 
 import pytest
 
-import data.rotten_tomatoes as rotten_tomatoes
 import eval as evaluation
 import models
 import train
 from data import SAMPLES_DIR, DataError, files
-from data.paper import results
+from program import rotten_tomatoes
+from program.folder_lock import FolderLock
+from program.paper import results
 from tests.helpers.refusals import refused
-from zo.folder_lock import FolderLock
 
 # A two-step MeZO-LoRA run on the tiny OPT: an adapter, a checkpoint, a best model and a trajectory.
 LORA = [
@@ -204,7 +204,7 @@ COMMANDS = {
         ["run"],
     ),
     "eval report --out": (evaluation.main, ["report", "run", "--out", "report"], ["run"]),
-    "data.rotten_tomatoes": (
+    "program.rotten_tomatoes": (
         rotten_tomatoes.main,
         ["run/results.json", "--source", "run/results.json"],
         ["run"],

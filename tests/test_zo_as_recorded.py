@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from program.trajectory import Trajectory, read_trajectory
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
-from zo import MeZO, MeZOConfig, Trajectory, read_trajectory, replay
+from zo import MeZO, MeZOConfig, replay
 
 GOLDEN = Path(__file__).parent / "golden" / "step_as_recorded.json"
 STEPS = 3

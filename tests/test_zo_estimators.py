@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from program.trajectory import Trajectory, read_trajectory
 from tests.helpers.zo import dense_z, lm_batch, lm_loss, params, tiny_lm
-from zo import MeZO, MeZOConfig, Trajectory, check_supported, read_trajectory, replay
+from zo import MeZO, MeZOConfig, check_supported, replay
 from zo.rng import rademacher
 
 EPS, LR = 1e-2, 1e-2
@@ -321,6 +322,6 @@ def test_unseen_parameters_are_checked_after_a_resume_too():
 
 
 def test_mezo_config_default_lr_is_the_command_line_default():
-    from data import flags
+    from program import flags
 
     assert MeZOConfig().lr == flags.build_parser().parse_args([]).learning_rate

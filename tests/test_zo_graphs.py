@@ -8,8 +8,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from program.trajectory import Trajectory
 from tests.helpers.zo import least_squares, lm_batch, lm_loss, params, tiny_lm
-from zo import MeZO, MeZOConfig, Trajectory, graphs
+from zo import MeZO, MeZOConfig, graphs
 
 # a tensor from a host value
 FACTORIES = ("aten.full", "aten.scalar_tensor", "aten.lift_fresh", "aten.tensor")

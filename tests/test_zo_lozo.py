@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
+from program.trajectory import Trajectory, read_trajectory
 from tests.helpers.zo import dense_z, lm_batch, lm_loss, tiny_lm
-from zo import MeZO, MeZOConfig, Trajectory, read_trajectory, replay
+from zo import MeZO, MeZOConfig, replay
 from zo.rng import name_key, normal
 
 EPS, LR, WD = 1e-2, 1e-2, 0.1

@@ -4,7 +4,8 @@ README may (they exercise and document the methods), and so may ALLOWED: the com
 RESULTS.md's estimator comparison select methods by their flags, as a user would.
 
 Update rules are not held to it: their names and fields (sgd, momentum, adam, clip_grad_norm) are
-also the backprop trainer's (--optimizer, --momentum, --max_grad_norm of data/flags.py; zo/fo.py).
+also the backprop trainer's (--optimizer, --momentum, --max_grad_norm of program/flags.py;
+zo/fo.py).
 """
 
 import ast
@@ -18,7 +19,7 @@ from zo import methods
 ROOT = Path(__file__).resolve().parent.parent
 # the default direction is selected by no value (its name, "dense", is also a RoBERTa layer's)
 CHECKED = [*methods.ESTIMATORS.values(), *list(methods.DIRECTIONS.values())[1:]]
-ALLOWED = {"data/paper/results.py"}
+ALLOWED = {"program/paper/results.py"}
 
 
 def names_of(method) -> set[str]:

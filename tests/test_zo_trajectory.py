@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from program.trajectory import Trajectory, read_trajectory, records_up_to
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
-from zo import MeZO, MeZOConfig, Trajectory, learning_rate, read_trajectory, replay
-from zo.trajectory import records_up_to
+from zo import MeZO, MeZOConfig, learning_rate, replay
 
 CONFIGS = {
     "sgd": MeZOConfig(

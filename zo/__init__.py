@@ -1,54 +1,47 @@
 """Zeroth-order optimisation: MeZO (Malladi et al. 2023) in pure PyTorch.
 
-zo/ sees nn.Modules, named parameters and loss closures; it knows nothing of OPT or RoBERTa.
+zo/ sees nn.Modules, named parameters and loss closures; it knows nothing of OPT or RoBERTa, and
+imports nothing of data/, models/ or the program (program/): files on disk are the program's.
 
     rng.py         z(seed, key(name), global index): counter-based hash + Box-Muller / Rademacher
     kernels.py     fused compiled kernels: p += s*z, p -= lr*(g*z + wd*p), optionally z masked by
-    |p| <= h perturb.py     parameter slots (tied = one slot, owners, LocalView), the exact-restore
-    hooks and
-                   ExactRestore, the default perturbation; StepScalar (per-step values on the
-                   device)
+                   |p| <= h
+    perturb.py     parameter slots (tied = one slot, owners, LocalView), the exact-restore hooks
+                   and ExactRestore, the default perturbation; StepScalar (per-step device values)
     reference.py   InPlace: the original's torch.manual_seed + torch.normal operations ("reference")
     mezo.py        MeZOConfig, MeZO: zo_step / zo_perturb_parameters / zo_forward / zo_update, and
-    the
-                   step's host parts begin_step / finish_step
-    methods.py     the registry of estimators, update rules, directions; check_supported (the one
-    list) spsa.py        estimator: MeZO's two-sided SPSA and n-SPSA (the default) fzoo.py
-    estimator: FZOO, N one-sided Rademacher perturbations + one clean forward directions.py
-    direction: dense normal / Rademacher z sparse.py      direction: Sparse-MeZO's per-parameter
-    magnitude mask, inside the fused kernels updates.py     update rules: fused ZO-SGD, torch
-    optimizers (each owns its state_dict) graphs.py      CudaGraphStep: the step captured as CUDA
-    graphs, replayed per batch shape variants.py    control variates of the variance-modified
-    variants (medium_models) optim.py       lr and n-SPSA schedules, the weight-decay rule (MeZO and
-    FO), torch optimizers fo.py          FOConfig, FO: the backprop baseline with the same interface
-    trajectory.py  Trajectory (JSONL of step, seed, projected_grad, lr), read_trajectory, replay
-    checkpoint.py  atomic run files; trainable tensors + loop state for exact resume distributed.py
-    torchrun setup, replicated (two-scalar all-reduce) and FSDP2 sharded MeZO progress.py    the
-    loop's bookkeeping: logged loss windows, non-finite counts, peak memory, signals
+                   the step's host parts begin_step / finish_step
+    methods.py     the registry of estimators, update rules, directions; check_supported
+    spsa.py        estimator: MeZO's two-sided SPSA and n-SPSA (the default)
+    fzoo.py        estimator: FZOO, N one-sided Rademacher perturbations + one clean forward
+    directions.py  direction: dense normal / Rademacher z
+    sparse.py      direction: Sparse-MeZO's per-parameter magnitude mask, inside the fused kernels
+    updates.py     update rules: fused ZO-SGD, torch optimizers (each owns its state_dict)
+    graphs.py      CudaGraphStep: the step captured as CUDA graphs, replayed per batch shape
+    variants.py    control variates of the variance-modified variants (medium_models)
+    optim.py       lr and n-SPSA schedules, the weight-decay rule (MeZO and FO), torch optimizers
+    fo.py          FOConfig, FO: the backprop baseline with the same interface
+    replay.py      replay: logged (step, seed, projected_grad, lr) updates applied to base weights
+    distributed.py torchrun setup, replicated (two-scalar all-reduce) and FSDP2 sharded MeZO
 
-Training loop (train.py); everything returned is a device tensor and nothing syncs with the host:
+Training loop (train.py; the trajectory log is program/trajectory.py's, any object with
+`append(step, seed, projected_grad, lr)` will do); nothing returned syncs with the host:
 
-    cfg = MeZOConfig(lr=1e-6, eps=1e-3, lr_scheduler="constant", max_steps=20000) trajectory =
-    Trajectory(out / "trajectory.jsonl", keep_before_step=start_step)  # 0: fresh log mezo =
-    MeZO(model, cfg, trajectory=trajectory)          # after freezing (LoRA / prefix)
-    mezo.load_state_dict(state)                             # on resume: step, seed RNG, optimizer,
-    c
+    cfg = MeZOConfig(lr=1e-6, eps=1e-3, lr_scheduler="constant", max_steps=20000)
+    mezo = MeZO(model, cfg, trajectory=trajectory)          # after freezing (LoRA / prefix)
+    mezo.load_state_dict(state)                             # on resume: step, seed RNG, optimizer
     for batch in batches:
         loss_fn = lambda m: batch_loss(m, batch)            # data.batch_loss: the batch's task loss
         loss, projected_grad = mezo.zo_step(model, loss_fn)  # L(theta + eps z), (L+ - L-) / (2 eps)
-        mezo.zo_update(model)                                 # lr = schedule(global_step), then
-        step += 1
-        if mezo.global_step % 100 == 0:
-            trajectory.flush()                                # the one device->host transfer
-    state = mezo.state_dict()                                 # next to the weights in a checkpoint
+        mezo.zo_update(model)                                # lr = schedule(global_step), step += 1
+    state = mezo.state_dict()                                # next to the weights in a checkpoint
 
 `trainer.step(model, loss_fn) -> loss` (zo_step + zo_update) is the interface MeZO and FO share,
 with `global_step`, `learning_rate()`, `state_dict()` and `load_state_dict()`. Gradient
 accumulation: pass a list of micro-batch closures as loss_fn (one z, losses averaged, one update).
 Variants: c is initialised at the first step; with cfg.recompute_norms the loop calls
-mezo.initialize_c(model, loss_fn) at each epoch start. Replay: replay(base_model,
-read_trajectory(path), cfg) rebuilds the trained weights bitwise (same device and perturbation
-mode).
+mezo.initialize_c(model, loss_fn) at each epoch start. Replay: replay(base_model, records, cfg)
+rebuilds the trained weights bitwise (same device and perturbation mode).
 
 CUDA graphs (one process, ZO-SGD): `graphed = CudaGraphStep(mezo, model, loss_of_batch)`, then
 `loss = graphed(batch)` per step is zo_step + zo_update, replayed as one CUDA graph per batch shape.
@@ -75,8 +68,8 @@ from .methods import check_supported
 from .mezo import MeZO, MeZOConfig
 from .optim import learning_rate, num_samples
 from .perturb import LocalView, ParamSlot, collect_slots, whole
+from .replay import replay
 from .rng import name_key
-from .trajectory import Trajectory, read_trajectory, replay
 
 __all__ = [
     "CudaGraphStep",
@@ -87,13 +80,11 @@ __all__ = [
     "MeZO",
     "MeZOConfig",
     "ParamSlot",
-    "Trajectory",
     "collect_slots",
     "get_kernels",
     "learning_rate",
     "name_key",
     "num_samples",
-    "read_trajectory",
     "replay",
     "whole",
 ]

@@ -185,7 +185,7 @@ def add_flags(parser: argparse.ArgumentParser, boolean) -> None:
 
 
 def flag_checks() -> dict:
-    """{flag: (ok(value), what a value must be)} of the method flags (data/flags.py RULES)."""
+    """{flag: (ok(value), what a value must be)} of the method flags (program/flags.py RULES)."""
     return {f.name: (f.check.ok, f.check.what) for f in fields() if f.help and f.check}
 
 
@@ -224,7 +224,7 @@ def _fmt(value) -> str:
 
 
 def run_name_parts(config: dict) -> list[str]:
-    """The method id's parts of the selected methods, e.g. ['fzoo8'] (data/paper/presets.py)."""
+    """The method id's parts of the selected methods, e.g. ['fzoo8'] (program/paper/presets.py)."""
     return [f"{p.TAG[0]}{_fmt(getattr(cfg, p.TAG[1]))}" for p, cfg in _tagged(view(config))]
 
 

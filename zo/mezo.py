@@ -133,7 +133,8 @@ class MeZO:
     reduce_losses: applied once per estimate to the stacked losses of this rank's pre-weighted loss
         terms (two per z for SPSA, N + 1 for FZOO), e.g. an all-reduce SUM across data-parallel
         ranks (zo/distributed.py); must return a tensor of the same shape.
-    trajectory: a zo.trajectory.Trajectory; each update appends (step, seed, projected_grad, lr).
+    trajectory: a program.trajectory.Trajectory; each update appends (step, seed,
+    projected_grad, lr).
     """
 
     def __init__(

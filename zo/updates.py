@@ -9,7 +9,7 @@
   state, saved in checkpoints under "optimizer".
 
 Their fields have no flags of their own: train.py's --optimizer, --momentum and --max_grad_norm are
-shared with the backprop trainer (data/flags.py `mezo_config`).
+shared with the backprop trainer (program/flags.py `mezo_config`).
 """
 
 import torch

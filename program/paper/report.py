@@ -1,6 +1,6 @@
 """Paper-style tables from run folders: OPT (Table 1), RoBERTa (Table 18), memory (Table 22).
 
-Every cell reads "ours (paper)"; run folders are read by data/paper/runs.py. Runs that fall into
+Every cell reads "ours (paper)"; run folders are read by program/paper/runs.py. Runs that fall into
 one cell (a grid) are reduced as the original does:
 - OPT: the run with the lowest dev loss (HF `load_best_model_at_end`'s default metric), test
   score of that run; a run's `select_by` ("loss" | "accuracy") overrides the rule.
@@ -8,7 +8,7 @@ one cell (a grid) are reduced as the original does:
   accuracy over seeds (`medium_models/tools/gather_result.py`; numpy's population std).
 Ties go to the first run in path order, as in gather_result.py.
 
-    python eval.py report RUN_DIR... [--out DIR] [--plot]     (plots: data/paper/plots.py)
+    python eval.py report RUN_DIR... [--out DIR] [--plot]     (plots: program/paper/plots.py)
 
 Also the tables of `eval.py compare` (runs side by side, `make demo`) and of `make results`
 (rows over seeds, RESULTS.md): every table of runs is built here.
@@ -23,9 +23,10 @@ from pathlib import Path
 
 from data import DataError
 from data.files import atomic_path, atomic_write, check_writes
-from data.paper import numbers as paper
-from data.paper import seeds
-from data.paper.runs import OPT_SIZES, SELECT_BY, files_read, load_runs, read_metrics
+from program.paper import numbers as paper
+from program.paper import seeds
+from program.paper.runs import OPT_SIZES, SELECT_BY, files_read, load_runs, read_metrics
+from zo import methods
 
 _METHOD_ORDER = list(paper.METHOD_LABELS)
 
@@ -170,8 +171,6 @@ def label(key):
     out."""
     found = paper.METHOD_LABELS.get(key) or paper.TASK_LABELS.get(key)
     if found is None and "-" in str(key):
-        from zo import methods
-
         head, part = str(key).rsplit("-", 1)
         spelled = methods.label_of(part)
         if spelled is not None:
@@ -283,8 +282,8 @@ def _memory_markdown(records):
     out += [
         "",
         f"GB = 2^30 bytes of `peak_memory_bytes` (device: {devices})."
-        " The paper measured MultiRC (about 400 tokens, batch 1 per GPU) with nvidia-smi"
-        " on A100-80GB.",
+        " The paper measured MultiRC (about 400 tokens, batch 1 per GPU)"
+        " with nvidia-smi on A100-80GB.",
         "",
     ]
     return out
@@ -381,8 +380,8 @@ def compare_markdown(runs):
         lines += [
             "",
             f"Test accuracy {a:.4f} -> {b:.4f} on {n} held-out rows: {b - a:+.4f}, "
-            f"{(b - a) / se:+.1f} binomial standard errors (sqrt(p(1-p)/n) = {se:.4f}, "
-            "the larger of the two).",
+            f"{(b - a) / se:+.1f} binomial standard errors "
+            f"(sqrt(p(1-p)/n) = {se:.4f}, the larger of the two).",
         ]
     return "\n".join(lines)
 
@@ -415,12 +414,8 @@ def seeds_markdown(rows):
         if config.get("kind") == "eval":
             steps = passes = "–"
         else:
-            steps = (
-                f"{config['max_steps']} "
-                f"({', '.join(str(r.results.get('best_step')) for r in runs)})"
-            )
-            from zo import methods
-
+            best = ", ".join(str(r.results.get("best_step")) for r in runs)
+            steps = f"{config['max_steps']} ({best})"
             per_step = methods.forwards_per_step(config)
             passes = (
                 f"{per_step * config['max_steps']} ({per_step} per step)"
@@ -462,8 +457,8 @@ def grid_markdown(rows):
             eps = "–" if config.get("trainer") == "fo" else f"{config['zo_eps']:g}"
             lines.append(
                 f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | "
-                f"{config['max_steps']} "
-                f"({run.results.get('best_step')}) | {_loss(dev.get('loss'))} | "
+                f"{config['max_steps']} ({run.results.get('best_step')}) | "
+                f"{_loss(dev.get('loss'))} | "
                 f"{_number(dev.get('accuracy'), '{:.1f}', 100)} | {'yes' if run is best else ''} |"
             )
     return "\n".join(lines)
@@ -512,9 +507,9 @@ def estimators_markdown(rows, baseline):
         for row, curve in curves.items()
     }
     lines = [
-        "| method | dev accuracy (%) at forward passes | "
-        f"forward passes to the {label(rows[baseline][0].method)} "
-        f"best mean dev accuracy ({100 * target:.1f}%), ratio | test accuracy (%) | runs |",
+        "| method | dev accuracy (%) at forward passes | forward passes to the "
+        f"{label(rows[baseline][0].method)} best mean dev accuracy ({100 * target:.1f}%), ratio "
+        "| test accuracy (%) | runs |",
         "|---" * 5 + "|",
     ]
     for row, runs in rows.items():

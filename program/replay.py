@@ -1,27 +1,27 @@
 """`train.py --replay RUN_DIR`: a MeZO run's selected model, rebuilt from the base model and the
 run's trajectory (its seeds and projected grads), bitwise, without a forward pass.
 
-train.py hands over its Run (which builds the model as the run did: PEFT, sharding) and its model
-writer, so the rebuilt model is saved exactly as the run saved its own.
+The model is built by the run's own Run (program/run.py: PEFT, sharding) and saved by it, so the
+rebuilt model is saved exactly as the run saved its own.
 """
 
 import argparse
 import os
 import sys
 
-from data import flags
-from data.files import write_json
+from zo import replay as replay_updates
 
-from .checkpoint import check_run_folder, prepare_run_folder, read_json, run_kind
+from . import flags
 from .folder_lock import hold
+from .json_files import read_json, write_json
+from .run import Run
+from .run_folder import check_run_folder, prepare_run_folder, run_kind
 from .trajectory import records_up_to
-from .trajectory import replay as replay_updates
 
 
-def replay(args, dist, build_run, save_model):
+def replay(args, dist):
     """RUN_DIR/trajectory.jsonl up to the selected step, applied to the base model, into
-    --output_dir
-    (default RUN_DIR-replay); everything is checked before anything is written."""
+    --output_dir (default RUN_DIR-replay); everything is checked before anything is written."""
     src = args.replay
     config, results = (read_json(os.path.join(src, f)) for f in ("config.json", "results.json"))
     if run_kind(src) != "train" or config.get("trainer") != "zo":
@@ -50,7 +50,7 @@ def replay(args, dist, build_run, save_model):
     )
     lock = hold(out, dist)
     try:
-        run = build_run(run_args, dist)
+        run = Run(run_args, dist)
         if config.get("base_fingerprint", run.fingerprint) != run.fingerprint:
             raise ValueError(
                 f"the trajectory was recorded on other base weights (fingerprint "
@@ -58,7 +58,7 @@ def replay(args, dist, build_run, save_model):
             )
         # every step up to the selected one, each once, checked before anything is written
         records = records_up_to(
-            os.path.join(src, "trajectory.jsonl"), results["best_step"], flags.mezo_config(run_args)
+            os.path.join(src, "trajectory.jsonl"), results["best_step"], flags.mezo_config(run.args)
         )
     except BaseException:
         lock.abandon()
@@ -67,17 +67,17 @@ def replay(args, dist, build_run, save_model):
         replay_updates(
             run.model,
             records,
-            flags.mezo_config(run_args),
+            flags.mezo_config(run.args),
             **{k: v for k, v in run.mezo_kwargs().items() if k == "local_view"},
         )
         if dist.is_main:
             prepare_run_folder(out, resume=False)
             os.makedirs(out, exist_ok=True)
-        save_model(run, os.path.join(run.out, "model"))
+        run.save_model(os.path.join(run.out, "model"))
         if dist.is_main:
             write_json(
                 os.path.join(run.out, "config.json"),
-                {**vars(run_args), "kind": "replay", "replayed_from": src},
+                {**vars(run.args), "kind": "replay", "replayed_from": src},
             )
             print(f"replayed {len(records)} updates of {src} into {run.out}/model", file=sys.stderr)
     finally:

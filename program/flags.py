@@ -10,8 +10,13 @@ import os
 import re
 import sys
 
+import torch
+
 from data import DataError, get_task
-from data.paper import presets
+from zo import FOConfig, MeZOConfig, check_supported, methods
+from zo.optim import WD_EXEMPT
+
+from .paper import presets
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -52,8 +57,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    from zo import methods
-
     p = Parser(description="MeZO fine-tuning (Malladi et al. 2023).")
     a = p.add_argument
     (
@@ -200,8 +203,8 @@ def parse_args(argv=None):
         unknown = sorted(set(fixed) - set(TRAIN_FLAGS) | set(grid) - set(TRAIN_FLAGS))
         if unknown:
             raise DataError(
-                f"preset {args.preset} sets flags train.py does not have: "
-                f"{', '.join(unknown)} (--preset)"
+                f"preset {args.preset} sets flags train.py does not have: {', '.join(unknown)} "
+                "(--preset)"
             )
         p.set_defaults(**fixed, **{k: values[0] for k, values in grid.items()})
         args = p.parse_args(argv)
@@ -218,10 +221,11 @@ def explicit_flags(argv):
     return {k: v for k, v in vars(p.parse_args(argv)).items() if k not in control}
 
 
-def resolve(args, model_type):
-    """Fill the defaults that depend on the model family and trainer; check values (ValueError).
-    `model_type` is the model's config.json `model_type` (None: decided by the task). -> the
-    task."""
+def resolve(args, model_type) -> argparse.Namespace:
+    """The run's flags with the defaults that depend on the model family and trainer filled in
+    (a new Namespace; `args` is left as it was); values checked (ValueError). `model_type` is the
+    model's config.json `model_type` (None: decided by the task)."""
+    args = argparse.Namespace(**vars(args))
     task = get_task(args.task, family=model_type)
     roberta = task.family == "roberta"
     args.task, args.family = task.name, task.family
@@ -260,8 +264,6 @@ def resolve(args, model_type):
     if args.cuda_graphs:
         check_cuda_graphs(args, world)
     if args.trainer == "zo":  # the parts of the step support each other (zo.methods: the one list)
-        from zo import check_supported
-
         check_supported(
             mezo_config(args),
             cuda_graphs=bool(args.cuda_graphs),
@@ -275,15 +277,13 @@ def resolve(args, model_type):
             f"{task.name}-{name}-{args.trainer}-{args.mode}-{args.learning_rate}-"
             f"{args.zo_eps}-{args.train_set_seed}",
         )
-    return task
+    return args
 
 
 def check_cuda_graphs(args, world):
     """--cuda_graphs needs CUDA and a loop that zo.CudaGraphStep can capture (DataError otherwise);
     what
     the step's parts support is zo.check_supported's (resolve)."""
-    import torch
-
     if not torch.cuda.is_available() or args.device.startswith("cpu"):
         raise DataError(
             f"CUDA graphs need a CUDA device (--cuda_graphs; torch.cuda.is_available() is "
@@ -304,15 +304,11 @@ def check_cuda_graphs(args, world):
 def wd_exempt(args) -> tuple[str, ...]:
     """large_models' zo_update exempts bias and LayerNorm names; medium_models decays every
     parameter."""
-    from zo.optim import WD_EXEMPT
-
     return WD_EXEMPT if args.wd_exempt == "bias_norm" else ()
 
 
 def mezo_config(args):
     """The zo.MeZOConfig of a resolved command line (train.py builds MeZO and replays with it)."""
-    from zo import MeZOConfig, methods
-
     optimizer = (
         "adam" if args.optimizer in ("adam", "adamw") else ("momentum" if args.momentum else "sgd")
     )
@@ -338,8 +334,6 @@ def mezo_config(args):
 
 def fo_config(args):
     """The zo.FOConfig of a resolved command line (--trainer fo: the backprop rows)."""
-    from zo import FOConfig
-
     return FOConfig(
         lr=args.learning_rate,
         optimizer="sgd" if args.optimizer == "sgd" else "adam",
@@ -350,6 +344,11 @@ def fo_config(args):
         max_steps=args.max_steps,
         clip_grad_norm=args.max_grad_norm,
     )
+
+
+def replace(args, **changes) -> argparse.Namespace:
+    """A copy of `args` with `changes` (the builders return settings; nothing edits a Namespace)."""
+    return argparse.Namespace(**{**vars(args), **changes})
 
 
 def resumed_args(argv, saved: dict):
@@ -411,8 +410,6 @@ RULES = {
 def check_values(args, rules=RULES) -> None:
     """Every value in range (finite, positive, ...) before anything runs; DataError naming the
     flag. The method flags' checks are their methods' (zo.methods.flag_checks)."""
-    from zo import methods
-
     for name, (ok, what) in {**rules, **methods.flag_checks()}.items():
         value = getattr(args, name, None)
         if value is not None and not ok(value):
@@ -422,8 +419,6 @@ def check_values(args, rules=RULES) -> None:
 
 def check_device(device: str) -> None:
     """auto, cpu, cuda or cuda:N, and CUDA only where it is available."""
-    import torch
-
     if re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is None:
         raise DataError(f"unknown device, expected auto, cpu, cuda or cuda:N (--device {device})")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -7,8 +7,8 @@ import math
 from pathlib import Path
 
 from data import DataError
-from data.paper.report import dev_curve, group_by, label, memory_records, save
-from data.paper.runs import load_runs, read_metrics
+from program.paper.report import dev_curve, group_by, label, memory_records, save
+from program.paper.runs import load_runs, read_metrics
 
 
 def figure_class():
@@ -84,10 +84,8 @@ def title_of(run):
     """'<model>: <method> on <task> (<data folder>)', from the run's config."""
     data_dir = run.config.get("data_dir")
     where = f" ({Path(data_dir).name})" if data_dir else " (bundled sample)"
-    return (
-        f"{Path(str(run.config.get('model', '?'))).name}: "
-        f"{label(run.method)} on {label(run.task)}{where}"
-    )
+    model = Path(str(run.config.get("model", "?"))).name
+    return f"{model}: {label(run.method)} on {label(run.task)}{where}"
 
 
 def run_curves(figure, run, baseline=None, title=None):

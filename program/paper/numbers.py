@@ -1,7 +1,7 @@
 """The MeZO paper's numbers as data (Malladi et al. 2023, arXiv 2305.17333 v3).
 
-Transcribed by hand from the paper's tables; the report (`data/paper/report.py`) prints them beside
-our results. Scores are percentages (accuracy, or F1 for
+Transcribed by hand from the paper's tables; the report (`program/paper/report.py`) prints them
+beside our results. Scores are percentages (accuracy, or F1 for
 SQuAD/DROP), memory is in GB, wall-clock in seconds per step. `None` marks a cell the paper
 leaves without a number.
 

@@ -1,4 +1,4 @@
-"""`make results` (`python -m data.paper.results`): the paper's Table 1 on a real model and real
+"""`make results` (`python -m program.paper.results`): the paper's Table 1 on a real model and real
 text.
 
 SmolLM2-135M-Instruct on the Rotten Tomatoes snippets (`make rotten-tomatoes`; real review snippets
@@ -7,8 +7,8 @@ in SST-2's format, not SST-2) under the paper's protocol: train and dev drawn fr
 / prefix (train.py) and backprop ft / LoRA (train.py --trainer fo), the trained rows over SEEDS.
 Every run has its own folder under --out (named by its flags, so a changed setting is a new run); a
 finished run (results.json) is skipped, an interrupted train.py run resumed. Then the table
-(data/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between the
-markers below, with each row's command.
+(program/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
+the markers below, with each row's command.
 
 The settings of each row are in ROWS, the one place to change them. `--grid` (`make results-grid`)
 runs the grid on dev behind its learning rates (GRID, seed 0) and writes that table; `--estimators`
@@ -24,11 +24,12 @@ import sys
 import time
 
 from data import DataError
-from data.files import atomic_write, check_writes, write_json
-from data.paper import report
-from data.paper.grid import train_argv
-from data.paper.presets import run_name
-from data.paper.runs import files_read, load_finished
+from data.files import atomic_write, check_writes
+from program.json_files import write_json
+from program.paper import report
+from program.paper.grid import train_argv
+from program.paper.presets import run_name
+from program.paper.runs import files_read, load_finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODEL, DATA = ".cache/smollm2-135m-instruct", ".cache/rotten-tomatoes"
@@ -308,7 +309,7 @@ def estimators_markdown(plan, out, figure_path=None):
             commands.append(f"- {row}: `python {shlex.join(command(script, flags, folder))}`")
         rows.setdefault(row, []).append(load_finished([folder])[0])
     if figure_path:
-        from data.paper import plots
+        from program.paper import plots
 
         fig = plots.forward_pass_curves(
             plots.figure_class(),
@@ -353,9 +354,9 @@ def write_between_markers(path, text, begin=BEGIN, end=END):
 
 
 def main(argv=None):
-    from data.flags import Parser
+    from program.flags import Parser
 
-    p = Parser(prog="python -m data.paper.results", description=__doc__.split("\n")[0])
+    p = Parser(prog="python -m program.paper.results", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/results", help="run folders (default runs/results)")
     p.add_argument(
         "--write",
@@ -377,7 +378,7 @@ def main(argv=None):
         if args.grid and args.estimators:
             raise DataError(
                 "--grid and --estimators are two tables, run one at a time "
-                "(python -m data.paper.results)"
+                "(python -m program.paper.results)"
             )
         where = {"model": args.model, "data_dir": args.data_dir}
         if args.grid:

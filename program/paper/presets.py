@@ -2,7 +2,7 @@
 
 A preset resolves, for one task (and for RoBERTa one k), to the train.py flags it fixes plus a grid
 (flag -> list of values). `grid_points` expands the grid into one full flag dict per run, `run_name`
-names a run's folder; data/paper/grid.py runs the points or writes SLURM scripts for them:
+names a run's folder; program/paper/grid.py runs the points or writes SLURM scripts for them:
 
     for point in grid_points("opt-mezo-ft", "sst2"):
         print(run_name(point), point)
@@ -26,11 +26,11 @@ import math
 from dataclasses import dataclass, field
 
 from data import DataError
-from data.paper.numbers import GENERATION_TASKS
 from data.registry import get_task
+from program.paper.numbers import GENERATION_TASKS
 
-# Plain data: presets name train.py's run flags (data/flags.py TRAIN_FLAGS); data/flags.py applies a
-# preset and refuses any flag that is not one of them.
+# Plain data: presets name train.py's run flags (program/flags.py TRAIN_FLAGS); program/flags.py
+# applies a preset and refuses any flag that is not one of them.
 ROBERTA_SEEDS = (13, 21, 42, 87, 100)  # LM-BFF k-shot splits (tools/generate_k_shot_data.py)
 ROBERTA_K = (16, 512)
 

@@ -1,4 +1,4 @@
-"""Trajectory log and replay (`train.py --replay`).
+"""The trajectory log of a run folder: writing it during training, reading it for `--replay`.
 
 A MeZO run is determined by its base weights and, per update, (step, seed, projected_grad, lr):
 z is a function of the seed, so the log is a few bytes per step instead of a checkpoint. Each
@@ -6,7 +6,7 @@ record is one JSON line `{"step", "seed", "projected_grad", "lr"}` (n-SPSA write
 same step). projected_grad is written as the exact value of the fp32 tensor (JSON floats round-trip
 doubles exactly), lr as the Python float the schedule produced, so `replay` rebuilds bit-identical
 0-d tensors and calls the very update the run made: base weights + replay = trained weights, bitwise
-on the same device and kernel mode.
+on the same device and kernel mode (the updates are applied by zo/replay.py).
 
 The step stays sync-free: `append` keeps device tensors; `flush` (the training loop calls it every
 N steps and before a checkpoint) moves them to the host in one transfer and appends complete lines.
@@ -24,13 +24,11 @@ from itertools import groupby
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from data.files import atomic_write, dumps
+from data.files import atomic_write
+from zo import MeZOConfig, methods
 
-from . import methods
-from .mezo import MeZO, MeZOConfig
-from .perturb import LocalView, whole
+from .json_files import dumps
 
 
 class Trajectory:
@@ -138,20 +136,3 @@ def records_up_to(path, steps: int, config: MeZOConfig) -> list[dict]:
             f"({path})"
         )
     return records
-
-
-def replay(
-    model: nn.Module, records: list[dict], config: MeZOConfig, local_view: LocalView = whole
-) -> None:
-    """Apply the logged updates, in order, to `model` holding the run's base weights (in place); the
-    direction reads each step's weights first, as in the run (Sparse-MeZO's thresholds)."""
-    methods.check_supported(config, replay=True, fsdp=local_view is not whole)
-    mezo = MeZO(model, config, local_view=local_view)
-    for step, group in groupby(records, key=lambda r: r["step"]):
-        group = list(group)
-        mezo.direction.prepare(step, [r["seed"] for r in group])
-        estimates = [
-            (r["seed"], torch.tensor(r["projected_grad"], dtype=torch.float32, device=mezo.device))
-            for r in group
-        ]
-        mezo.apply_update(estimates, group[0]["lr"])

@@ -14,10 +14,10 @@ import sys
 
 from data import DataError
 from data.files import atomic_write, check_writes
-from data.flags import TRAIN_FLAGS, build_parser
-from data.paper import presets, report
-from data.paper.presets import run_name
-from data.paper.runs import load_runs
+from program.flags import TRAIN_FLAGS, build_parser
+from program.paper import presets, report
+from program.paper.presets import run_name
+from program.paper.runs import load_runs
 
 _STORE_TRUE = frozenset(
     a.dest for a in build_parser()._actions if isinstance(a, argparse._StoreTrueAction)

@@ -1,4 +1,4 @@
-"""Run folders as the tables and figures read them (data/paper/report.py, plots.py).
+"""Run folders as the tables and figures read them (program/paper/report.py, plots.py).
 
 A run folder (README "Usage") holds `config.json` (the resolved flags plus family/kind),
 `results.json` (dev and test metrics, peak memory) once it has finished, and `metrics.jsonl`
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data import DataError
-from data.paper.presets import canonical_task, method_id
+from program.paper.presets import canonical_task, method_id
 
 SELECT_BY = {"opt": "loss", "roberta": "accuracy"}
 RUN_READS = ("config.json", "results.json", "metrics.jsonl")  # what tables and figures read

@@ -1,16 +1,18 @@
-"""`python -m data <task>`: print the prompts of the first examples, to check them byte for byte.
+"""`python -m program.prompts <task>`: print the prompts of the first examples, to check them
+byte for byte.
 
 Examples:
-    python -m data SST2 --show 2                  # OPT SST2 on the bundled samples, validation
-    split python -m data Copa --split train --demos 2 --repr python -m data SST-2 --family roberta
-    --k 16 --seed 42 --split test
+    python -m program.prompts SST2 --show 2     # OPT SST2 on the bundled samples, validation split
+    python -m program.prompts Copa --split train --demos 2 --repr
+    python -m program.prompts SST-2 --family roberta --k 16 --seed 42 --split test
 Text only (no tokenizer): OPT prompts as `encode_prompt` builds them before tokenization, one per
 candidate; RoBERTa prompts rendered from the LM-BFF template with <s>, <mask> and </s>.
 """
 
 import sys
 
-from . import DataError, get_task, icl_demo_sets, prompt_texts
+from data import DataError, get_task, icl_demo_sets, prompt_texts
+
 from .flags import Parser
 
 
@@ -19,7 +21,10 @@ def _show(text, as_repr):
 
 
 def main(argv=None):
-    p = Parser(prog="python -m data", description="Print the prompts of a task's first examples.")
+    p = Parser(
+        prog="python -m program.prompts",
+        description="Print the prompts of a task's first examples.",
+    )
     p.add_argument(
         "task", help="task name, e.g. SST2, Copa, SQuAD (OPT) or SST-2, sst-5, trec (RoBERTa)"
     )
