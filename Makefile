@@ -54,7 +54,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 # MeZO-LoRA fine-tunes SmolLM2-135M-Instruct on real movie-review snippets (make rotten-tomatoes; README:
-# "The demo"), in about 3 minutes on 2 idle CPU cores (measured: 2 min 39 s). "Before" is eval.py on the 500 test rows (the
+# "The demo"), in a few minutes on 2 idle CPU cores (BENCHMARKS.md). "Before" is eval.py on the 500 test rows (the
 # base model, scored by the code train.py's final evaluation runs) and the MeZO run's dev evaluation at step 0
 # (--eval_on_start); "after" is the adapter MeZO selects on dev, evaluated on the same rows at its end. Then
 # the table, the gain in binomial standard errors and runs/demo/mezo/curves.png. DEMO_FLAGS is added to both

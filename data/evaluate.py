@@ -58,10 +58,9 @@ def chunks(items, size):
 
 
 def by_length(encoded, keep_order=False):
-    """Indices of `encoded`, shortest first, so that a batch pads little: real review snippets at
-    batch 16 cost 1.02x their tokens this way, 1.59x in file order. Each row's score is a
-    function of its own
-    tokens only (fp rounding aside: other padded shapes), so the order changes no prediction."""
+    """Indices of `encoded`, shortest first, so that a batch pads little (BENCHMARKS.md gives the
+    padding saved on the real snippets). Each row's score is a function of its own tokens only (fp
+    rounding aside: other padded shapes), so the order changes no prediction."""
 
     def length(e):
         return (

@@ -90,8 +90,7 @@ class Dist:
 
     def shutdown(self) -> None:
         """Every rank reaches this barrier before any tears its group down: a gloo rank that
-        destroyed its group and exited while rank 0 was still writing the run's files was seen to
-        abort
+        destroys its group and exits while rank 0 still writes the run's files can abort
         ("terminate called without an active exception")."""
         if self.grouped:
             with self.guard():

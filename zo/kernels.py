@@ -42,9 +42,10 @@ import torch
 from .rng import DISTRIBUTIONS
 
 # Inductor re-evaluates an unrealized pointwise expression at every use while lowering; the hash
-# uses each intermediate twice per round, so the work grows like 8^rounds and one kernel took ~10 s
-# to compile. Realizing intermediates of more than 8 ops keeps it to ~1 s; they still fuse into
-# one loop as local temporaries (same speed, no extra memory: tests/bench/bench_perturb.py).
+# uses each intermediate twice per round, so the compile work grows like 8^rounds. Realizing
+# intermediates of more than 8 ops keeps it linear; they still fuse into one loop as local
+# temporaries (same speed, no extra memory: tests/bench/bench_perturb.py; compile times in
+# BENCHMARKS.md, "Measurements behind design choices").
 _INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
 _RECOMPILE_LIMIT = 32  # per kernel: a graph per dtype, and per dtype one for 1-element tensors
 # ATen's at::internal::GRAIN_SIZE: its own CPU loops stay on one thread below this many elements.

@@ -360,8 +360,8 @@ class MeZO:
         )
         if self.update_rule is not None:
             self.update_rule.load_state_dict(state["optimizer"])
-        self.direction.load_state_dict(state.get("direction"))  # None before issue 28
-        # checkpoints written before the counter: 0
+        # a checkpoint without a direction state: None; without the counter: 0
+        self.direction.load_state_dict(state.get("direction"))
         self.forward_passes = state.get("forward_passes", 0)
 
     # ------------------------------------------------------------------ helpers

@@ -51,11 +51,11 @@ TRAIN_FLAGS = {
     "eval_final_step": True,
 }
 # One row per line: eval.py flags (kind "eval") or train.py flags. Budget (README "make results"):
-# the whole table in 90 minutes on 2 idle cores, about 5.5 minutes per trained run. MeZO LoRA and
-# prefix at batch 8: at equal forward passes, twice the steps of batch 16 (the demo's finding). MeZO
-# ft keeps 16: on 2 cores its step is mostly the perturbation of 135M weights (3.7 s at batch 8, 3.8
-# s at 16). Learning rates: GRID's best on dev. 32 demonstrations (the paper's) fit SmolLM2's 8192
-# positions (~1300 tokens) but cost ~2x 16 of them.
+# the whole table in 90 minutes on 2 idle cores. MeZO LoRA and prefix at batch 8: at equal forward
+# passes, twice the steps of batch 16 move the dev loss further. MeZO ft keeps 16: on 2 cores its
+# step is mostly the perturbation of 135M weights, which a smaller batch does not shrink. Learning
+# rates: GRID's best on dev. 16 demonstrations: the paper's 32 fit SmolLM2's 8192 positions but
+# double the cost (the timings behind these: BENCHMARKS.md, "make demo and make results").
 ROWS = {
     "zero-shot": {"kind": "eval", "num_train": 0},
     "icl": {"kind": "eval", "num_train": 16},
@@ -115,12 +115,12 @@ GRID = {
     "ft-lora": {"learning_rate": (1e-4, 5e-4)},
 }
 # The estimators side by side (FZOO, Sparse-MeZO; README "Estimators") at 240 forward passes,
-# evaluated about every 80: MeZO's arm is MeZO-LoRA at batch 16 (the table's row before the grid).
+# evaluated about every 80: MeZO's arm is MeZO-LoRA at batch 16, lr 3e-3.
 # Learning rates match the z noise an update adds (no grid): FZOO's normalised estimate sum_i g_i
-# z_i has norm ~ sqrt(d / N), MeZO's g z ~ |g| sqrt(d), |g| rms 1.6 in the MeZO-LoRA runs; equal
-# noise per forward pass gives lr_fzoo = lr |g| sqrt(N (N + 1) / 2) ~ 3e-2, taken at 2e-2.
-# Sparse-MeZO perturbs a quarter of the weights, so lr / sqrt(1 - 0.75) = 6e-3 adds MeZO's noise per
-# step.
+# z_i has norm ~ sqrt(d / N), MeZO's g z ~ |g| sqrt(d), |g| rms 1.6 in the MeZO-LoRA runs
+# (BENCHMARKS.md); equal noise per forward pass gives lr_fzoo = lr |g| sqrt(N (N + 1) / 2) ~ 3e-2,
+# taken at 2e-2. Sparse-MeZO perturbs a quarter of the weights, so lr / sqrt(1 - 0.75) = 6e-3 adds
+# MeZO's noise per step.
 _MEZO_LORA_BS16 = {
     "trainer": "zo",
     "mode": "lora",
