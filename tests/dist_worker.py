@@ -105,10 +105,10 @@ def run_steps(mezo, model, batches, d, single, steps, record, fail=None):
 
 def check_z_slices(mezo) -> list[dict]:
     """Each parameter's local-shard z against the matching slice of the whole tensor's z."""
-    k = mezo.direction.kernels
     seed, one = torch.tensor(123456789), torch.tensor(1.0)
     rows = []
     for s in mezo.slots:
+        k = mezo.direction.kernels(s)
         local, offset = zd.local_view(s.param)
         z_local, z_full = torch.zeros(local.numel()), torch.zeros(s.param.numel())
         k.perturb_(z_local, seed=seed, key=s.key_t, offset=torch.tensor(offset), scale=one)

@@ -209,12 +209,12 @@ def step_vs_forwards(
     loss_fn = loss(ids, mask)
     fused = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3))
     original = MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3, perturbation="reference"))
-    k, slots = fused.direction.kernels, fused.slots
+    slots = fused.slots
     seed, zero, scale = (torch.full((), v, device=device) for v in (12345, 0, 1e-3))
 
     def perturbed_copies():
         for s in slots:
-            k.perturbed_(
+            fused.direction.kernels(s).perturbed_(
                 torch.empty_like(s.param),
                 src=s.param,
                 seed=seed,
