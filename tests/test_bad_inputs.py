@@ -111,6 +111,9 @@ TRAIN_FLAGS = [
     (["--seed", "-1"], "--seed -1"),
     (["--train_set_seed", "-2"], "--train_set_seed -2"),
     (["--n_spsa", "0"], "--n_spsa 0"),
+    # a step holds each of its z in memory: more than fits would grow until MemoryError
+    (["--n_spsa", "1000000000000"], "--n_spsa 1000000000000"),
+    (["--estimator", "fzoo", "--fzoo_n", "1000000000000"], "--fzoo_n 1000000000000"),
     (["--mode", "lora", "--lora_r", "0"], "--lora_r 0"),
     (["--mode", "lora", "--lora_alpha", "nan"], "--lora_alpha nan"),
     (["--mode", "prefix", "--num_prefix", "0"], "--num_prefix 0"),

@@ -325,3 +325,11 @@ def test_mezo_config_default_lr_is_the_command_line_default():
     from program import flags
 
     assert MeZOConfig().lr == flags.build_parser().parse_args([]).learning_rate
+
+
+@pytest.mark.parametrize("field", ["n_spsa", "fzoo_n"])
+def test_more_z_per_step_than_memory_holds_is_refused_before_any_seed(field):
+    """A step keeps each z's seed and estimate until its update: an N that cannot fit is refused
+    at once rather than drawing seeds until MemoryError."""
+    with pytest.raises(ValueError, match=f"{field} must be in \\[.*memory"):
+        MeZOConfig(estimator="fzoo" if field == "fzoo_n" else "spsa", **{field: 10**12})

@@ -16,7 +16,7 @@ step and replays bitwise. The loss returned (and logged) is l_0, as the authors'
 
 import torch
 
-from .part import ALL, Field, Part, at_least
+from .part import ALL, Field, Part, zs_per_step
 
 
 class FZOO(Part):
@@ -27,7 +27,7 @@ class FZOO(Part):
             8,
             int,
             "FZOO: perturbations per step (the authors' fzoo.sh N)",
-            at_least(2),  # the std of one loss is 0
+            zs_per_step(2),  # the std of one loss is 0
         ),
     )
     TAG = ("fzoo", "fzoo_n", "FZOO N={}")
