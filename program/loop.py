@@ -36,7 +36,7 @@ class LoopState:
     best: float | None = None  # the best dev score so far (higher is better)
     best_step: int | None = None
     best_dev: dict | None = None  # the selected model's dev metrics, measured when selected
-    nonfinite: int = 0  # non-finite losses so far (their updates were skipped)
+    nonfinite: int = 0  # steps with a non-finite loss or estimate so far (updates skipped)
     nonfinite_run: int = 0  # ... in a row
     metrics_lines: int = 0  # lines of metrics.jsonl (a resume cuts the file back to them)
     window: list = field(default_factory=list)

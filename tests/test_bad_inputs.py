@@ -845,6 +845,15 @@ def test_nan_weights_give_strict_json_and_select_nothing(capsys, work):
     assert "| non-finite (step 2) | non-finite (step 2) |" in capsys.readouterr().out
 
 
+def test_fzoo_with_equal_losses_counts_its_skipped_updates_and_stops(capsys, work):
+    """--zo_eps 1e-30 leaves the N losses equal: each update is skipped (0/0), counted, and
+    --max_nonfinite stops the run instead of a silent exit 0."""
+    out = work / "out"
+    argv = ["--estimator", "fzoo", "--fzoo_n", "3", "--zo_eps", "1e-30", "--max_nonfinite", "2"]
+    assert train.main(OPT + argv + ["--max_steps", "6", "--output_dir", str(out)]) == 1
+    assert "error: 2 non-finite losses in a row at step 3" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- torch's refusals
 
 
