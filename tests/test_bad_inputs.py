@@ -402,6 +402,46 @@ def test_resume_refuses_a_pickle_payload_in_one_line(capsys, work, runs):
     assert not marker.exists()
 
 
+def test_resume_refuses_a_checkpoint_of_another_run(capsys, work, runs):
+    """A checkpoint names the settings of the run that wrote it: one copied from a run with
+    another --seed is not resumed under this run's config.json."""
+    run = copy_run(runs, work)
+    assert train.main(OPT + ["--seed", "7", "--output_dir", str(work / "other")]) == 0
+    shutil.rmtree(run / "checkpoint")
+    shutil.copytree(work / "other" / "checkpoint", run / "checkpoint")
+    line = refused(
+        capsys,
+        train.main,
+        ["--resume", "--output_dir", str(run), "--max_steps", "4"],
+        "checkpoint belongs to another run",
+        work,
+    )
+    assert "seed" in line and line.endswith(f"({run / 'checkpoint'})")
+
+
+def test_resume_refuses_an_edited_config_json(capsys, work, runs):
+    run = copy_run(runs, work)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
+    refused(
+        capsys,
+        train.main,
+        ["--resume", "--output_dir", str(run), "--max_steps", "4"],
+        "its settings differ from config.json: learning_rate",
+        work,
+    )
+
+
+def test_a_checkpoint_without_its_runs_settings_still_resumes_and_says_so(capsys, work, runs):
+    """Checkpoints written before they named their run: resumed, unchecked, with a note."""
+    run = copy_run(runs, work)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    state.pop("run", None)
+    (run / "checkpoint" / "state.json").write_text(json.dumps(state))
+    assert train.main(["--resume", "--output_dir", str(run), "--max_steps", "3"]) == 0
+    assert "not checked against config.json" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- train.py --replay
 
 
