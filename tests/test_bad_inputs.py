@@ -639,6 +639,37 @@ def test_eval_compare_on_a_folder_that_is_not_a_training_run(capsys, work, runs)
     )
 
 
+RUN_FILES_UNREADABLE = [
+    ("config.json", b'{"family": "opt", "task": "\xff"}', "not UTF-8 at byte 27"),
+    ("config.json", b'{"family": ["opt"], "task": "SST2"}', "'family' is a list"),
+    ("results.json", b"\xff\xfe", "not UTF-8 at byte 0"),
+    ("results.json", b"[1]", "results.json holds a list, expected an object"),
+    ("results.json", b'{"dev": "x", "test": 3}', "'dev' is a str"),
+    ("results.json", b'{"test": {"accuracy": "high"}}', "'test.accuracy' is a str"),
+    ("metrics.jsonl", b"\xff\n", "not UTF-8 at byte 0"),
+    ("metrics.jsonl", b"[1]\n", "metrics.jsonl line 1 holds a list, expected an object"),
+]
+
+
+# report reads metrics.jsonl for its plots only
+@pytest.mark.parametrize(
+    "command, name, content, what",
+    [
+        (command, *case)
+        for case in RUN_FILES_UNREADABLE
+        for command in ("compare", "report")
+        if not (command == "report" and case[0] == "metrics.jsonl")
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_compare_and_report_refuse_run_files_they_cannot_read(
+    capsys, work, runs, command, name, content, what
+):
+    run = copy_run(runs, work)
+    (run / name).write_bytes(content)
+    refused(capsys, evaluation.main, [command, str(run)], what, work)
+
+
 # ---------------------------------------------------------------- python -m program.prompts
 
 
