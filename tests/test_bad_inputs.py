@@ -6,6 +6,7 @@ path's bytes, mode and mtime before and after.
 Each case runs the command's main() in-process (a subprocess costs seconds of torch import); a few
 run as real subprocesses to check the scripts' exit status and stderr as a user sees them."""
 
+import bz2
 import json
 import os
 import pickle
@@ -26,6 +27,7 @@ import train
 from data import SAMPLES_DIR, get_task
 from program import flags
 from program import prompts as data_cli
+from program import rotten_tomatoes as rt_cli
 from program import run_folder as rf
 from tests.helpers.refusals import READ, folder_hash, refused
 from zo import distributed
@@ -668,6 +670,33 @@ def test_compare_and_report_refuse_run_files_they_cannot_read(
     run = copy_run(runs, work)
     (run / name).write_bytes(content)
     refused(capsys, evaluation.main, [command, str(run)], what, work)
+
+
+# ---------------------------------------------------------------- python -m program.rotten_tomatoes
+
+
+def snippets_archive(work):
+    rows = "category,text,movie_name,has_plot_and_reviews\n" + "".join(
+        f"{c},A {c} film {i}.,m,True\n" for i in range(5) for c in ("fresh", "rotten")
+    )
+    (work / "rt.csv.bz2").write_bytes(bz2.compress(rows.encode()))
+    return str(work / "rt.csv.bz2")
+
+
+@pytest.mark.parametrize(
+    "out, flags, what",
+    [
+        ("out", ["--seed", "-1"], "seed -1 must be in [0, 2**32) (--seed)"),
+        ("", [], "output folder name is empty (OUT_DIR)"),  # it left .tmp/ in the working folder
+    ],
+)
+def test_rotten_tomatoes_bad_seed_or_empty_out_is_one_line(
+    capsys, work, monkeypatch, out, flags, what
+):
+    argv = [out, "--source", snippets_archive(work), "--dev_size", "3", *flags]
+    (work / "here").mkdir()
+    monkeypatch.chdir(work / "here")  # where "" is, away from the source
+    refused(capsys, rt_cli.main, argv, what, work)
 
 
 # ---------------------------------------------------------------- python -m program.prompts
