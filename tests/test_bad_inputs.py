@@ -29,6 +29,7 @@ from program import flags
 from program import prompts as data_cli
 from program import rotten_tomatoes as rt_cli
 from program import run_folder as rf
+from program.paper import results as paper_results
 from tests.helpers.refusals import READ, folder_hash, refused
 from zo import distributed
 
@@ -697,6 +698,30 @@ def test_rotten_tomatoes_bad_seed_or_empty_out_is_one_line(
     (work / "here").mkdir()
     monkeypatch.chdir(work / "here")  # where "" is, away from the source
     refused(capsys, rt_cli.main, argv, what, work)
+
+
+# ---------------------------------------------------------------- python -m program.paper.results
+
+
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["--out", "a_file"], "not a folder (--out a_file)"),
+        (["--write", "no/such/R.md"], "no folder"),
+        (["--write", "a_folder"], "is a folder, not a file (--write a_folder)"),
+        (["--write", "a_file"], "expected one <!-- make results: begin -->"),
+        (["--write", "latin1.md"], "not UTF-8 at byte 0"),
+        (["--figure", "f.png"], "--figure draws the estimators' curves: pass --estimators"),
+        (["--estimators", "--figure", "a_folder"], "is a folder, not a file (--figure a_folder)"),
+    ],
+)
+def test_results_refuses_its_outputs_before_the_plan_runs(capsys, work, monkeypatch, argv, what):
+    """Each of these failed only once every run of the plan had finished."""
+    (work / "a_file").write_text("no markers\n")
+    (work / "latin1.md").write_bytes(b"\xe9t\xe9\n")
+    (work / "a_folder").mkdir()
+    monkeypatch.setattr(paper_results, "run_all", lambda *a: pytest.fail("the plan ran"))
+    refused(capsys, paper_results.main, argv, what, work)
 
 
 # ---------------------------------------------------------------- python -m program.prompts
