@@ -46,6 +46,21 @@ def check_writes(writes, reads, where) -> None:
                 )
 
 
+def check_file_target(path, where, *, make_parents=False) -> None:
+    """Refuse now a file a command writes only at its end: a folder, or one whose folder is
+    missing (its nearest existing one with make_parents), no folder or not writable."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise DataError(f"is a folder, not a file ({where})")
+    parent = os.path.dirname(os.path.abspath(path))
+    while make_parents and not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise DataError(f"no folder {parent} to write it in ({where})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise DataError(f"folder {parent} is not writable ({where})")
+
+
 def _within(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 

@@ -130,6 +130,10 @@ the first {len(dev)}. Whitespace runs inside a snippet were made one space \
 
 def write(out_dir, source=None, dev_size=DEV_SIZE, seed=SEED) -> str:
     """Write the folder (whole or not at all) and return its README text."""
+    if not out_dir:  # "" would be the working folder, its temporary ./.tmp left behind
+        raise DataError("output folder name is empty (OUT_DIR)")
+    if not 0 <= seed < 2**32:  # numpy's RandomState takes no other
+        raise DataError(f"seed {seed} must be in [0, 2**32) (--seed)")
     source = source or default_source()
     check_writes([out_dir], [("source", source)], f"out_dir {out_dir}")
     if os.path.lexists(out_dir):

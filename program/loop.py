@@ -11,6 +11,7 @@ component owns its condition (when it acts) and its part of the state:
 
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,9 +20,9 @@ import torch
 from data.files import atomic_write
 
 from .checkpoint import find_checkpoint, restore, save_checkpoint, save_trainable
-from .json_files import dumps
+from .json_files import dumps, read_json
 from .progress import dev_record, peak_memory, show_step
-from .run_folder import check_resumable
+from .run_folder import check_belongs, check_resumable, run_settings
 
 # state.json "loop": the types of its fields (older checkpoints lack the optional ones)
 FIELDS = {"best": (float, int), "best_step": int, "best_dev": dict}
@@ -36,7 +37,7 @@ class LoopState:
     best: float | None = None  # the best dev score so far (higher is better)
     best_step: int | None = None
     best_dev: dict | None = None  # the selected model's dev metrics, measured when selected
-    nonfinite: int = 0  # non-finite losses so far (their updates were skipped)
+    nonfinite: int = 0  # steps with a non-finite loss or estimate so far (updates skipped)
     nonfinite_run: int = 0  # ... in a row
     metrics_lines: int = 0  # lines of metrics.jsonl (a resume cuts the file back to them)
     window: list = field(default_factory=list)
@@ -161,6 +162,9 @@ class Checkpoints:
     def __init__(self, run, trainer, state: LoopState, trajectory):
         self.run, self.trainer, self.state, self.trajectory = run, trainer, state, trajectory
         self.path = os.path.join(run.out, "checkpoint")
+        # the settings that name this run (check_belongs); rank 0 wrote config.json and saves
+        config = read_json(os.path.join(run.out, "config.json")) if run.dist.is_main else {}
+        self.run_record = run_settings(config)
 
     def after_step(self, step: int, interrupted: bool) -> None:
         if step % self.run.args.save_steps == 0 or interrupted:
@@ -173,6 +177,7 @@ class Checkpoints:
             "trainer": self.trainer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "loop": self.state.to_dict(),
+            "run": self.run_record,
         }
         save_checkpoint(self.path, self.run.model, saved, write=self.run.dist.is_main)
         self.run.dist.barrier()
@@ -186,6 +191,12 @@ def start(run, trainer) -> LoopState:
         torch.manual_seed(run.args.seed)
         return LoopState()
     directory = find_checkpoint(os.path.join(run.out, "checkpoint"))
+    if not check_belongs(directory, run.out) and run.dist.is_main:
+        print(
+            f"note: the checkpoint predates its run's record; not checked against config.json "
+            f"({directory})",
+            file=sys.stderr,
+        )
     saved = restore(directory, run.model, trainer)
     try:
         state = LoopState.from_dict(saved)

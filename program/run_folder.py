@@ -15,6 +15,9 @@ from .folder_lock import LOCK_NAME
 from .json_files import read_json
 from .trajectory import read_trajectory
 
+# what --resume may change: where and how fast it runs, and how long (the checkpoint has the rest)
+RESUME_FREE = {"resume", "overwrite_output_dir", "device", "dist_timeout", "max_steps"}
+RESUME_FREE |= {"eval_batch_size", "kind"}
 RUN_KINDS = ("train", "replay", "eval")  # config.json's "kind": the folder holds such a run
 RUN_FILES = (
     "config.json",
@@ -182,3 +185,32 @@ def resume_conflicts(saved: dict, now: dict, free) -> list[str]:
         return a == b
 
     return sorted(k for k in saved if k not in free and k != "output_dir" and not same(k))
+
+
+def run_settings(config: dict) -> dict:
+    """What names a run in each of its checkpoints (state.json "run"): its config.json less what a
+    resume may change, so a checkpoint fits the config.json of its own run only."""
+    return {k: v for k, v in config.items() if k not in RESUME_FREE and k != "output_dir"}
+
+
+def check_belongs(directory: str, folder: str) -> bool:
+    """On --resume, before the checkpoint is loaded: its run's settings are those of the folder's
+    config.json (a checkpoint copied from another run, or an edited config.json, is refused).
+    -> False for a checkpoint from before the record, which resumes unchecked."""
+    try:
+        meta = read_json(os.path.join(directory, "state.json"))
+    except ValueError as e:
+        raise ValueError(f"corrupt checkpoint: {e}") from None
+    record = meta.get("run") if isinstance(meta, dict) else None
+    if record is None:
+        return False
+    if not isinstance(record, dict):
+        raise ValueError(f"corrupt checkpoint: bad run record ({directory}/state.json)")
+    now = run_settings(read_json(os.path.join(folder, "config.json")))
+    differ = sorted(set(resume_conflicts(record, now, ())) | (set(now) ^ set(record)))
+    if differ:
+        raise ValueError(
+            f"checkpoint belongs to another run: its settings differ from config.json: "
+            f"{', '.join(differ)} ({directory})"
+        )
+    return True

@@ -6,6 +6,7 @@ path's bytes, mode and mtime before and after.
 Each case runs the command's main() in-process (a subprocess costs seconds of torch import); a few
 run as real subprocesses to check the scripts' exit status and stderr as a user sees them."""
 
+import bz2
 import json
 import os
 import pickle
@@ -26,7 +27,9 @@ import train
 from data import SAMPLES_DIR, get_task
 from program import flags
 from program import prompts as data_cli
+from program import rotten_tomatoes as rt_cli
 from program import run_folder as rf
+from program.paper import results as paper_results
 from tests.helpers.refusals import READ, folder_hash, refused
 from zo import distributed
 
@@ -111,6 +114,9 @@ TRAIN_FLAGS = [
     (["--seed", "-1"], "--seed -1"),
     (["--train_set_seed", "-2"], "--train_set_seed -2"),
     (["--n_spsa", "0"], "--n_spsa 0"),
+    # a step holds each of its z in memory: more than fits would grow until MemoryError
+    (["--n_spsa", "1000000000000"], "--n_spsa 1000000000000"),
+    (["--estimator", "fzoo", "--fzoo_n", "1000000000000"], "--fzoo_n 1000000000000"),
     (["--mode", "lora", "--lora_r", "0"], "--lora_r 0"),
     (["--mode", "lora", "--lora_alpha", "nan"], "--lora_alpha nan"),
     (["--mode", "prefix", "--num_prefix", "0"], "--num_prefix 0"),
@@ -399,6 +405,46 @@ def test_resume_refuses_a_pickle_payload_in_one_line(capsys, work, runs):
     assert not marker.exists()
 
 
+def test_resume_refuses_a_checkpoint_of_another_run(capsys, work, runs):
+    """A checkpoint names the settings of the run that wrote it: one copied from a run with
+    another --seed is not resumed under this run's config.json."""
+    run = copy_run(runs, work)
+    assert train.main(OPT + ["--seed", "7", "--output_dir", str(work / "other")]) == 0
+    shutil.rmtree(run / "checkpoint")
+    shutil.copytree(work / "other" / "checkpoint", run / "checkpoint")
+    line = refused(
+        capsys,
+        train.main,
+        ["--resume", "--output_dir", str(run), "--max_steps", "4"],
+        "checkpoint belongs to another run",
+        work,
+    )
+    assert "seed" in line and line.endswith(f"({run / 'checkpoint'})")
+
+
+def test_resume_refuses_an_edited_config_json(capsys, work, runs):
+    run = copy_run(runs, work)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "learning_rate": 0.5}))
+    refused(
+        capsys,
+        train.main,
+        ["--resume", "--output_dir", str(run), "--max_steps", "4"],
+        "its settings differ from config.json: learning_rate",
+        work,
+    )
+
+
+def test_a_checkpoint_without_its_runs_settings_still_resumes_and_says_so(capsys, work, runs):
+    """Checkpoints written before they named their run: resumed, unchecked, with a note."""
+    run = copy_run(runs, work)
+    state = json.loads((run / "checkpoint" / "state.json").read_text())
+    state.pop("run", None)
+    (run / "checkpoint" / "state.json").write_text(json.dumps(state))
+    assert train.main(["--resume", "--output_dir", str(run), "--max_steps", "3"]) == 0
+    assert "not checked against config.json" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- train.py --replay
 
 
@@ -594,6 +640,88 @@ def test_eval_compare_on_a_folder_that_is_not_a_training_run(capsys, work, runs)
         "not a finished training run",
         work,
     )
+
+
+RUN_FILES_UNREADABLE = [
+    ("config.json", b'{"family": "opt", "task": "\xff"}', "not UTF-8 at byte 27"),
+    ("config.json", b'{"family": ["opt"], "task": "SST2"}', "'family' is a list"),
+    ("results.json", b"\xff\xfe", "not UTF-8 at byte 0"),
+    ("results.json", b"[1]", "results.json holds a list, expected an object"),
+    ("results.json", b'{"dev": "x", "test": 3}', "'dev' is a str"),
+    ("results.json", b'{"test": {"accuracy": "high"}}', "'test.accuracy' is a str"),
+    ("metrics.jsonl", b"\xff\n", "not UTF-8 at byte 0"),
+    ("metrics.jsonl", b"[1]\n", "metrics.jsonl line 1 holds a list, expected an object"),
+]
+
+
+# report reads metrics.jsonl for its plots only
+@pytest.mark.parametrize(
+    "command, name, content, what",
+    [
+        (command, *case)
+        for case in RUN_FILES_UNREADABLE
+        for command in ("compare", "report")
+        if not (command == "report" and case[0] == "metrics.jsonl")
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_compare_and_report_refuse_run_files_they_cannot_read(
+    capsys, work, runs, command, name, content, what
+):
+    run = copy_run(runs, work)
+    (run / name).write_bytes(content)
+    refused(capsys, evaluation.main, [command, str(run)], what, work)
+
+
+# ---------------------------------------------------------------- python -m program.rotten_tomatoes
+
+
+def snippets_archive(work):
+    rows = "category,text,movie_name,has_plot_and_reviews\n" + "".join(
+        f"{c},A {c} film {i}.,m,True\n" for i in range(5) for c in ("fresh", "rotten")
+    )
+    (work / "rt.csv.bz2").write_bytes(bz2.compress(rows.encode()))
+    return str(work / "rt.csv.bz2")
+
+
+@pytest.mark.parametrize(
+    "out, flags, what",
+    [
+        ("out", ["--seed", "-1"], "seed -1 must be in [0, 2**32) (--seed)"),
+        ("", [], "output folder name is empty (OUT_DIR)"),  # it left .tmp/ in the working folder
+    ],
+)
+def test_rotten_tomatoes_bad_seed_or_empty_out_is_one_line(
+    capsys, work, monkeypatch, out, flags, what
+):
+    argv = [out, "--source", snippets_archive(work), "--dev_size", "3", *flags]
+    (work / "here").mkdir()
+    monkeypatch.chdir(work / "here")  # where "" is, away from the source
+    refused(capsys, rt_cli.main, argv, what, work)
+
+
+# ---------------------------------------------------------------- python -m program.paper.results
+
+
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["--out", "a_file"], "not a folder (--out a_file)"),
+        (["--write", "no/such/R.md"], "no folder"),
+        (["--write", "a_folder"], "is a folder, not a file (--write a_folder)"),
+        (["--write", "a_file"], "expected one <!-- make results: begin -->"),
+        (["--write", "latin1.md"], "not UTF-8 at byte 0"),
+        (["--figure", "f.png"], "--figure draws the estimators' curves: pass --estimators"),
+        (["--estimators", "--figure", "a_folder"], "is a folder, not a file (--figure a_folder)"),
+    ],
+)
+def test_results_refuses_its_outputs_before_the_plan_runs(capsys, work, monkeypatch, argv, what):
+    """Each of these failed only once every run of the plan had finished."""
+    (work / "a_file").write_text("no markers\n")
+    (work / "latin1.md").write_bytes(b"\xe9t\xe9\n")
+    (work / "a_folder").mkdir()
+    monkeypatch.setattr(paper_results, "run_all", lambda *a: pytest.fail("the plan ran"))
+    refused(capsys, paper_results.main, argv, what, work)
 
 
 # ---------------------------------------------------------------- python -m program.prompts
@@ -840,6 +968,15 @@ def test_nan_weights_give_strict_json_and_select_nothing(capsys, work):
         assert strict(line)["projected_grad"] is None
     assert evaluation.main(["compare", str(work / "out")]) == 0  # the table reads the nulls
     assert "| non-finite (step 2) | non-finite (step 2) |" in capsys.readouterr().out
+
+
+def test_fzoo_with_equal_losses_counts_its_skipped_updates_and_stops(capsys, work):
+    """--zo_eps 1e-30 leaves the N losses equal: each update is skipped (0/0), counted, and
+    --max_nonfinite stops the run instead of a silent exit 0."""
+    out = work / "out"
+    argv = ["--estimator", "fzoo", "--fzoo_n", "3", "--zo_eps", "1e-30", "--max_nonfinite", "2"]
+    assert train.main(OPT + argv + ["--max_steps", "6", "--output_dir", str(out)]) == 1
+    assert "error: 2 non-finite losses in a row at step 3" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- torch's refusals

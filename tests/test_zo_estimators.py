@@ -325,3 +325,41 @@ def test_mezo_config_default_lr_is_the_command_line_default():
     from program import flags
 
     assert MeZOConfig().lr == flags.build_parser().parse_args([]).learning_rate
+
+
+@pytest.mark.parametrize("field", ["n_spsa", "fzoo_n"])
+def test_more_z_per_step_than_memory_holds_is_refused_before_any_seed(field):
+    """A step keeps each z's seed and estimate until its update: an N that cannot fit is refused
+    at once rather than drawing seeds until MemoryError."""
+    with pytest.raises(ValueError, match=f"{field} must be in \\[.*memory"):
+        MeZOConfig(estimator="fzoo" if field == "fzoo_n" else "spsa", **{field: 10**12})
+
+
+def test_fzoo_with_equal_losses_skips_its_update_and_reports_the_step_non_finite():
+    """eps too small to move the loss: N equal losses, std 0, and the authors' (l_i - l_0) /
+    (N * std) is 0/0. The step keeps the formula's NaN, leaves theta as it was, and returns a
+    non-finite loss, so the loop counts it (--max_nonfinite) instead of skipping it silently."""
+    model, loss_fn = quadratic()
+    before = params(model)
+    mezo = MeZO(model, MeZOConfig(estimator="fzoo", fzoo_n=3, eps=1e-30, lr=LR))
+    loss, _ = mezo.zo_step(model, loss_fn)
+    seeds, gs = zip(*mezo.estimates)
+    mezo.zo_update(model)
+    plus = torch.stack([loss_fn(model).detach().float()] * 3)  # theta + 1e-30 z rounds to theta
+    authors = (plus - plus[0]) / (3 * torch.std(plus, unbiased=False))
+    assert torch.equal(torch.stack(gs).isnan(), authors.isnan()) and authors.isnan().all()
+    assert max_diff(params(model), before) == 0
+    assert not torch.isfinite(loss)
+
+
+def test_a_finite_loss_with_a_non_finite_estimate_counts_as_non_finite():
+    """SPSA: loss1 finite, loss2 NaN -> the update is skipped, and the step says so."""
+    model, loss_fn = quadratic()
+    calls = []
+
+    def half_nan(m):
+        calls.append(1)
+        return loss_fn(m) if len(calls) % 2 else torch.tensor(float("nan"))
+
+    loss, g = MeZO(model, MeZOConfig()).zo_step(model, half_nan)
+    assert not torch.isfinite(g) and not torch.isfinite(loss)

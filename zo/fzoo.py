@@ -12,11 +12,13 @@ The std acts as an adaptive step size. Each step costs N + 1 forwards; data-para
 N + 1 losses in one all-reduce. Perturbations are exact-restore (no +eps/-eps drift in the weights),
 z is the counter-based z of zo/rng.py, so the trajectory holds N (seed, projected_grad) lines per
 step and replays bitwise. The loss returned (and logged) is l_0, as the authors' zo_step returns.
+N equal losses (eps too small to move the loss) give std 0 and, as in the authors' formula,
+0/0: the update is skipped and the step counted non-finite (zo/mezo.py zo_step, --max_nonfinite).
 """
 
 import torch
 
-from .part import ALL, Field, Part, at_least
+from .part import ALL, Field, Part, zs_per_step
 
 
 class FZOO(Part):
@@ -27,7 +29,7 @@ class FZOO(Part):
             8,
             int,
             "FZOO: perturbations per step (the authors' fzoo.sh N)",
-            at_least(2),  # the std of one loss is 0
+            zs_per_step(2),  # the std of one loss is 0
         ),
     )
     TAG = ("fzoo", "fzoo_n", "FZOO N={}")

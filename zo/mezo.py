@@ -192,8 +192,9 @@ class MeZO:
 
     # ----------------------------------------- the step, beside large_models/trainer.py's zo_step
     def zo_step(self, model: nn.Module, loss_fn, seeds: list[int] | None = None):
-        """-> (loss, projected_grad), 0-d device tensors; the step's (seed, projected_grad) are
-        kept for zo_update. seeds: drawn already by begin_step (zo/graphs.py)."""
+        """-> (loss, projected_grad), 0-d device tensors, loss NaN when an estimate is not; the
+        step's (seed, projected_grad) are kept for zo_update. seeds: drawn already by begin_step
+        (zo/graphs.py)."""
         if self.cfg.zo_variant is not None and self.cs is None:
             self.initialize_c(model, loss_fn)
         if seeds is None:
@@ -212,7 +213,11 @@ class MeZO:
             finally:
                 self.perturbation.reset()
         self.projected_grad = self.estimates[-1][1]
-        return loss, self.projected_grad
+        # a non-finite estimate skips the update (apply_update); its step reports a NaN loss so the
+        # loop counts it (--max_nonfinite): FZOO's N equal losses (std 0, 0/0), SPSA's loss2 NaN
+        # (0 * g is 0, NaN for a non-finite g: no host value, so a CUDA graph replays it)
+        skipped = (torch.stack([g for _, g in self.estimates]) * 0).sum()
+        return loss + skipped.to(loss.dtype), self.projected_grad
 
     def zo_estimate(self, model: nn.Module, loss_fn, seed: int, slots=None):
         """-> (loss1, projected_grad) of the z of `seed` (of `slots` only, for the variants)."""

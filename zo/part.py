@@ -9,6 +9,7 @@ cost; directions when they are selected.
 """
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,6 +34,21 @@ class Check:
 
 def at_least(low: int) -> Check:
     return Check(lambda v: v >= low, f">= {low}")
+
+
+# A step keeps each of its z's seed, estimate and trajectory line until its update (about 850 bytes
+# a z, measured): more z a step than this machine's memory holds would grow until MemoryError
+# before the first forward
+BYTES_PER_Z = 1024
+MAX_ZS_PER_STEP = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // BYTES_PER_Z
+
+
+def zs_per_step(low: int) -> Check:
+    """A count of z per step: at least low, at most what the memory holds."""
+    return Check(
+        lambda v: low <= v <= MAX_ZS_PER_STEP,
+        f"in [{low}, {MAX_ZS_PER_STEP}] (a step holds each of its z in memory)",
+    )
 
 
 IN_UNIT_INTERVAL = Check(lambda v: math.isfinite(v) and 0 <= v < 1, "in [0, 1)")

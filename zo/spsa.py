@@ -10,7 +10,7 @@ declares the estimator's fields, flags and limits.
 """
 
 from .optim import SAMPLE_SCHEDULES, num_samples
-from .part import ALL, Field, Part, at_least
+from .part import ALL, Field, Part, zs_per_step
 
 
 class SPSA(Part):
@@ -21,7 +21,7 @@ class SPSA(Part):
             1,
             int,
             "z samples per step (n-SPSA; medium: --zero_order_sample)",
-            at_least(1),
+            zs_per_step(1),
         ),
         Field(
             "n_spsa_schedule",

@@ -24,7 +24,7 @@ import sys
 import time
 
 from data import DataError
-from data.files import atomic_write, check_writes
+from data.files import atomic_write, check_file_target, check_writes
 from program.json_files import write_json
 from program.paper import report
 from program.paper.grid import train_argv
@@ -345,12 +345,45 @@ def grid_markdown(plan, out, rows=ROWS, grid=GRID):
     return "\n".join([report.grid_markdown(cells), *([""] + notes if notes else [])])
 
 
-def write_between_markers(path, text, begin=BEGIN, end=END):
-    old = open(path).read() if os.path.isfile(path) else f"# Results\n\n{begin}\n{end}\n"
+def marked_text(path, begin=BEGIN, end=END) -> str:
+    """FILE's text, with one begin ... end block (a new file's when it is missing)."""
+    if not os.path.isfile(path):
+        return f"# Results\n\n{begin}\n{end}\n"
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 at byte {e.start} ({path})") from None
     if old.count(begin) != 1 or old.count(end) != 1 or old.index(begin) > old.index(end):
         raise DataError(f"expected one {begin} ... {end} block ({path})")
-    head, rest = old.split(begin)
+    return old
+
+
+def write_between_markers(path, text, begin=BEGIN, end=END):
+    head, rest = marked_text(path, begin, end).split(begin)
     atomic_write(path, f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
+
+def check_outputs(args, plan, markers) -> None:
+    """--out, --write and --figure, refused now rather than after the whole plan has run."""
+    sources, own = inputs(plan, args.out)
+    check_writes([args.out], sources, f"--out {args.out}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise DataError(f"not a folder (--out {args.out})")
+    if args.figure and not args.estimators:
+        raise DataError(
+            f"--figure draws the estimators' curves: pass --estimators (--figure {args.figure})"
+        )
+    for flag, path in (("--write", args.write), ("--figure", args.figure)):
+        if path:
+            check_writes([path], sources + own, f"{flag} {path}")
+            check_file_target(path, f"{flag} {path}", make_parents=flag == "--figure")
+    if args.write:
+        marked_text(args.write, *markers)
+    if args.figure:
+        from program.paper import plots
+
+        plots.figure_class()  # matplotlib is there
 
 
 def main(argv=None):
@@ -385,20 +418,21 @@ def main(argv=None):
             plan = grid_runs(**where)
         else:
             plan = runs(ESTIMATOR_ROWS if args.estimators else ROWS, **where)
-        sources, own = inputs(plan, args.out)  # every output checked before the first run
-        check_writes([args.out], sources, f"--out {args.out}")
-        for flag, path in (("--write", args.write), ("--figure", args.figure)):
-            check_writes([path] if path else [], sources + own, f"{flag} {path}")
+        markers = (
+            (GRID_BEGIN, GRID_END)
+            if args.grid
+            else (ESTIMATORS_BEGIN, ESTIMATORS_END)
+            if args.estimators
+            else (BEGIN, END)
+        )
+        check_outputs(args, plan, markers)  # every output checked before the first run
         walls = run_all(plan, args.out)
         if args.grid:
-            text, markers = grid_markdown(plan, args.out), (GRID_BEGIN, GRID_END)
+            text = grid_markdown(plan, args.out)
         elif args.estimators:
-            text, markers = (
-                estimators_markdown(plan, args.out, args.figure),
-                (ESTIMATORS_BEGIN, ESTIMATORS_END),
-            )
+            text = estimators_markdown(plan, args.out, args.figure)
         else:
-            text, markers = markdown(plan, args.out, walls), (BEGIN, END)
+            text = markdown(plan, args.out, walls)
         if args.write:
             write_between_markers(args.write, text, *markers)
     except DataError as e:

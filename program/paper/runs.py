@@ -67,11 +67,57 @@ class Run:
         return Path(str(self.config.get("model", "?"))).name
 
 
+NUMBER = (int, float)
+# the types of what the tables and figures read (None: absent); a run's file with another type is
+# one error line, not a traceback in the middle of a table
+CONFIG_TYPES = {"family": str, "task": str, "model": str, "data_dir": str, "kind": str}
+CONFIG_TYPES |= {"select_by": str, "trainer": str, "k": int, "train_set_seed": int}
+CONFIG_TYPES |= {"num_train": int, "max_steps": int, "learning_rate": NUMBER, "zo_eps": NUMBER}
+RESULTS_TYPES = {"dev": dict, "test": dict, "best_step": int, "selection": str, "device": str}
+RESULTS_TYPES |= {"num_params": int, "num_test": int, "peak_memory_bytes": NUMBER}
+
+
+def _text(path):
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"not UTF-8 at byte {err.start} ({path})") from None
+
+
+def _object(value, what, path) -> dict:
+    if not isinstance(value, dict):
+        raise DataError(f"{what} holds a {type(value).__name__}, expected an object ({path})")
+    return value
+
+
+def _check_types(record: dict, types: dict, path, prefix="") -> None:
+    for key, expected in types.items():
+        value = record.get(key)
+        if value is not None and not isinstance(value, expected):
+            raise DataError(f"'{prefix}{key}' is a {type(value).__name__} ({path})")
+
+
+def _check_metrics(block: dict, key: str, path) -> None:
+    """dev / test: numbers, or a string beside a non-finite one (`loss_nonfinite`: "nan")."""
+    for name, value in block.items():
+        ok = isinstance(value, str) if name.endswith("_nonfinite") else isinstance(value, NUMBER)
+        if value is not None and not ok:
+            raise DataError(f"'{key}.{name}' is a {type(value).__name__} ({path})")
+
+
 def _read_json(path):
     try:
-        return json.loads(path.read_text())
+        return _object(json.loads(_text(path)), path.name, path)
     except json.JSONDecodeError as err:
         raise DataError(f"bad JSON: {err.msg} ({path}:{err.lineno})") from None
+
+
+def _read_results(path):
+    results = _read_json(path)
+    _check_types(results, RESULTS_TYPES, path)
+    for key in ("dev", "test"):
+        _check_metrics(results.get(key) or {}, key, path)
+    return results
 
 
 def _run_folders(folder):
@@ -98,6 +144,7 @@ def load_runs(run_dirs):
     runs = []
     for folder in sorted(set(folders), key=str):
         config = _read_json(folder / "config.json")
+        _check_types(config, CONFIG_TYPES, folder / "config.json")
         for key in ("family", "task"):
             if key not in config:
                 raise DataError(f"config.json without '{key}' ({folder / 'config.json'})")
@@ -107,7 +154,7 @@ def load_runs(run_dirs):
                 f"({folder / 'config.json'})"
             )
         results = (
-            _read_json(folder / "results.json") if (folder / "results.json").is_file() else None
+            _read_results(folder / "results.json") if (folder / "results.json").is_file() else None
         )
         runs.append(Run(folder, config, results))
     return runs
@@ -118,11 +165,10 @@ def read_metrics(run):
     path = run.path / "metrics.jsonl"
     if not path.is_file():
         return []
-    text = path.read_text()
     rows = []
-    for number, line in enumerate(text.splitlines(keepends=True), 1):
+    for number, line in enumerate(_text(path).splitlines(keepends=True), 1):
         try:
-            rows.append(json.loads(line))
+            rows.append(_object(json.loads(line), f"metrics.jsonl line {number}", path))
         except json.JSONDecodeError:
             if line.endswith("\n"):
                 raise DataError(f"bad JSON line ({path}:{number})") from None
