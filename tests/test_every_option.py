@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from program import flags
+from program import config, flags
 from program.checkpoint import trainable
 from program.paper import report, seeds
 from program.paper.runs import Run
@@ -179,7 +179,7 @@ def test_a_row_whose_every_seed_diverged_says_so():
 
 
 # --- every documented option, end to end ----------------------------------------------------------
-ACTIONS = {a.dest: a for a in flags.build_parser()._actions if a.dest not in flags.CONTROL_FLAGS}
+ACTIONS = {a.dest: a for a in flags.build_parser()._actions if a.dest not in config.CONTROL_FLAGS}
 # the switches of the variance-modified variants: run under each --zo_variant, not alone
 VARIANT_SWITCHES = [
     f.name
@@ -212,7 +212,7 @@ def cases():
             continue
         if action.choices:
             out += [[flag(dest), value] for value in action.choices]
-        elif action.const is True:  # a boolean switch (flags.BOOL or store_true)
+        elif action.const is True:  # a boolean switch (a boolean field or a switch)
             out.append([flag(dest)])
     for trainer in ACTIONS["trainer"].choices:
         out += [

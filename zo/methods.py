@@ -4,13 +4,11 @@ A run is an estimator (forwards -> (seed, projected_grad) estimates), a directio
 update rule (estimates -> parameter change), a perturbation (exact restore or the original's
 in-place moves) and optionally the control variates of the variants. Each method is one class in
 its own file (zo/part.py says what it declares); from the lines below come MeZOConfig's method
-fields and their checks, train.py's method flags (`add_flags`, `flag_checks`, `config_kwargs`), the
-one check of what the parts support together (`check_supported`: MeZO.__init__, CudaGraphStep,
-replay and the command line call it), run names and table labels. A new method is one file plus
-one line here.
+fields and their checks (train.py's too: program/config.py RunConfig), the one check of what the
+parts support together (`check_supported`: MeZO.__init__, CudaGraphStep, replay and the command
+line call it), run names and table labels. A new method is one file plus one line here.
 """
 
-import argparse
 import dataclasses
 import re
 from types import SimpleNamespace
@@ -150,49 +148,6 @@ def check_supported(
         problems.append("CUDA graphs run in a single process (data-parallel or FSDP training)")
     if problems:
         raise ValueError(f"unsupported combination: {'; '.join(problems)}")
-
-
-# ------------------------------------------------------------------ the command line
-def add_flags(parser: argparse.ArgumentParser, boolean) -> None:
-    """--estimator, --distribution and every method field with a help text, defaults those of the
-    fields; boolean: the parser's type for true/false values."""
-    parser.add_argument(
-        "--estimator",
-        choices=tuple(ESTIMATORS),
-        default=next(iter(ESTIMATORS)),
-        help="; ".join(
-            f"{name}: zo/{cls.__module__.split('.')[-1]}.py" for name, cls in ESTIMATORS.items()
-        ),
-    )
-    parser.add_argument(
-        "--distribution",
-        choices=DISTRIBUTIONS,
-        help="z (default: the estimator's: "
-        + ", ".join(f"{name} {cls.DISTRIBUTION}" for name, cls in ESTIMATORS.items())
-        + ")",
-    )
-    for f in fields():
-        if f.help is None:
-            continue
-        if f.type is bool:
-            parser.add_argument(
-                f"--{f.name}", nargs="?", const=True, type=boolean, default=f.default, help=f.help
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}", type=f.type, default=f.default, choices=f.choices, help=f.help
-            )
-
-
-def flag_checks() -> dict:
-    """{flag: (ok(value), what a value must be)} of the method flags (program/flags.py RULES)."""
-    return {f.name: (f.check.ok, f.check.what) for f in fields() if f.help and f.check}
-
-
-def config_kwargs(args) -> dict:
-    """The MeZOConfig keywords of the method flags of a parsed command line."""
-    names = ["estimator", "distribution"] + [f.name for f in fields() if f.help]
-    return {name: getattr(args, name) for name in names}
 
 
 # ------------------------------------------------------------------ run names and table labels
