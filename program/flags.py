@@ -214,7 +214,7 @@ def mezo_config(args):
         lr_scheduler=args.lr_scheduler_type,
         wd_exempt=wd_exempt(args),
         max_steps=args.max_steps,
-        perturbation={"exact": "fused"}.get(args.perturbation, args.perturbation),
+        perturbation=args.perturbation,
         seed=args.seed,
         seed_source=args.seed_source,
         optimizer=optimizer,
