@@ -204,9 +204,6 @@ def wd_exempt(args) -> tuple[str, ...]:
 
 def mezo_config(args):
     """The zo.MeZOConfig of a resolved command line (train.py builds MeZO and replays with it)."""
-    optimizer = (
-        "adam" if args.optimizer in ("adam", "adamw") else ("momentum" if args.momentum else "sgd")
-    )
     return MeZOConfig(
         lr=args.learning_rate,
         eps=args.zo_eps,
@@ -217,8 +214,8 @@ def mezo_config(args):
         perturbation=args.perturbation,
         seed=args.seed,
         seed_source=args.seed_source,
-        optimizer=optimizer,
-        momentum=args.momentum or 0.9,
+        optimizer=args.optimizer,
+        momentum=args.momentum,
         zo_variant=args.zo_variant,
         change_grad_estimate=bool(args.change_grad_estimate),
         recompute_norms=bool(args.recompute_norms),
@@ -233,7 +230,7 @@ def fo_config(args):
     """The zo.FOConfig of a resolved command line (--trainer fo: the backprop rows)."""
     return FOConfig(
         lr=args.learning_rate,
-        optimizer="sgd" if args.optimizer == "sgd" else "adam",
+        optimizer=args.optimizer,
         weight_decay=args.weight_decay,
         wd_exempt=wd_exempt(args),
         momentum=args.momentum,

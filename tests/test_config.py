@@ -12,6 +12,7 @@ from data import DataError
 from program import config, flags
 from program.paper import grid, presets
 from program.run_folder import resume_conflicts
+from zo import MeZOConfig, methods
 
 
 def test_the_parser_s_flags_are_exactly_the_fields():
@@ -69,3 +70,23 @@ def test_resume_may_change_the_fields_declared_free_and_no_other():
     changed = {"max_steps": 5, "device": "cpu", "learning_rate": 1.0, "estimator": "fzoo"}
     now = {**saved, **changed}
     assert resume_conflicts(saved, now, config.RESUME_FREE) == ["estimator", "learning_rate"]
+
+
+@pytest.mark.parametrize(
+    "argv, rule",
+    [([], "sgd"), (["--momentum", "0.9"], "momentum"), (["--optimizer", "adamw"], "adam")],
+)
+def test_the_library_speaks_the_command_line_s_vocabulary(argv, rule):
+    """--perturbation and --optimizer/--momentum reach zo.MeZOConfig as they are spelled."""
+    args = flags.resolve(flags.parse_args(["--perturbation", "eager", *argv]), "opt")
+    cfg = flags.mezo_config(args)
+    assert (cfg.perturbation, cfg.optimizer, cfg.momentum) == (
+        "eager",
+        args.optimizer,
+        args.momentum,
+    )
+    assert methods.update_rule(cfg).NAME == rule
+    assert flags.fo_config(flags.replace(args, trainer="fo")).optimizer == args.optimizer
+    for old in (dict(perturbation="fused"), dict(optimizer="momentum")):
+        with pytest.raises(ValueError, match="unknown"):
+            MeZOConfig(**old)

@@ -254,13 +254,13 @@ def test_registered_parts_each_have_a_case():
         for cls in (
             methods.ESTIMATORS[cfg.estimator],
             methods.direction_class(cfg),
-            methods.UPDATE_RULES[cfg.optimizer],
+            methods.update_rule(cfg),
             methods.perturbation_class(cfg),
         )
     }
     assert used == {*methods.METHODS, methods.ExactRestore, methods.InPlace}
     assert {cfg.estimator for cfg in configs} == set(methods.ESTIMATORS)
-    assert {cfg.optimizer for cfg in configs} == set(methods.UPDATE_RULES)
+    assert {methods.update_rule(cfg) for cfg in configs} == set(methods.UPDATE_RULES.values())
     assert {cfg.distribution for cfg in configs} == set(ACTIONS["distribution"].choices)
     assert {cfg.zo_variant for cfg in configs} == {None, *ACTIONS["zo_variant"].choices}
     for switch in VARIANT_SWITCHES:

@@ -46,6 +46,8 @@ UPDATE_RULES = _by_name(
 )
 METHODS = (*ESTIMATORS.values(), *DIRECTIONS.values(), *UPDATE_RULES.values())
 DISTRIBUTIONS = ("normal", "rademacher")
+# the command line's vocabulary: sgd with momentum > 0 is ZO-momentum; adam and adamw are both AdamW
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def fields() -> list[Field]:
@@ -70,7 +72,7 @@ def check_config(cfg) -> None:
     """ValueError for a method field out of range, or a selected method refusing the config."""
     choices = {
         "estimator": tuple(ESTIMATORS),
-        "optimizer": tuple(UPDATE_RULES),
+        "optimizer": OPTIMIZERS,
         "distribution": DISTRIBUTIONS,
     }
     for f in fields():
@@ -85,7 +87,7 @@ def check_config(cfg) -> None:
         value = getattr(cfg, f.name)
         if f.check is not None and value is not None and not f.check.ok(value):
             raise ValueError(f"{f.name} must be {f.check.what} ({f.name}={value})")
-    for part in (ESTIMATORS[cfg.estimator], direction_class(cfg), UPDATE_RULES[cfg.optimizer]):
+    for part in (ESTIMATORS[cfg.estimator], direction_class(cfg), update_rule(cfg)):
         part.check(cfg)
 
 
@@ -96,6 +98,13 @@ def direction_class(cfg) -> type[Part]:
     if len(chosen) > 1:
         raise ValueError(f"one direction at a time ({', '.join(d.NAME for d in chosen)})")
     return chosen[0] if chosen else default
+
+
+def update_rule(cfg) -> type[Part]:
+    """The update rule of cfg's optimizer and momentum (OPTIMIZERS)."""
+    if cfg.optimizer in ("adam", "adamw"):
+        return UPDATE_RULES["adam"]
+    return UPDATE_RULES["momentum" if cfg.momentum else "sgd"]
 
 
 def perturbation_class(cfg):
@@ -113,7 +122,7 @@ def parts(cfg) -> list[tuple[str, frozenset, frozenset]]:
             estimator,
         ),
         (tagged.get(direction, f"distribution={cfg.distribution}"), direction),
-        (f"optimizer={cfg.optimizer}", UPDATE_RULES[cfg.optimizer]),
+        (f"optimizer={update_rule(cfg).NAME}", update_rule(cfg)),
         (f"perturbation={cfg.perturbation}", perturbation_class(cfg)),
     ]
     if cfg.zo_variant is not None:

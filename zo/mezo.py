@@ -68,7 +68,7 @@ class MeZOConfig:
     #                                 "numpy_global": np.random.seed(seed), np.random.randint(1e9)
     #                                 (original)
     estimator: str = next(iter(methods.ESTIMATORS))  # zo/methods.py ESTIMATORS
-    optimizer: str = next(iter(methods.UPDATE_RULES))  # zo/methods.py UPDATE_RULES
+    optimizer: str = "sgd"  # zo/methods.py OPTIMIZERS; sgd with momentum > 0: ZO-momentum
     zo_variant: str | None = None  # None | "param_norm" | "grad_norm"
     use_zo_grad_est: bool = False  # grad_norm: c from per-group ZO estimates instead of a backward
     change_grad_estimate: bool = False  # gradient with plain z instead of z*c
@@ -162,7 +162,7 @@ class MeZO:
             self.perturbation = ExactRestore(self.slots, self.direction, local_view)
         self.estimator = methods.ESTIMATORS[cfg.estimator]
         # a torch optimizer stepped on p.grad, or None: MeZO's fused ZO-SGD
-        self.update_rule = methods.UPDATE_RULES[cfg.optimizer].build(self.slots, cfg)
+        self.update_rule = methods.update_rule(cfg).build(self.slots, cfg)
         self.local_view, self.reduce_losses, self.trajectory = local_view, reduce_losses, trajectory
         self.seeds = SeedStream(cfg.seed, cfg.seed_source)
         self.seed = StepScalar(torch.int64, self.device)  # zo_random_seed, also as a device tensor
