@@ -7,7 +7,7 @@ Each field carries its type, default, help, choices and value check; from them c
 preset may set (`RUN_FIELDS`). The method fields (--estimator's own, --lozo, ...) are declared by
 their methods (zo/part.py Field) and appended here. The command line and zo.MeZOConfig share one
 vocabulary: `perturbation` is exact | eager | reference; `optimizer` is sgd | adam | adamw with
-`momentum` (program/flags.py `mezo_config` picks the update rule). Defaults are the original's
+`momentum` (zo/methods.py `update_rule` picks the update rule). Defaults are the original's
 (large_models/mezo.sh, run.py, HF TrainingArguments).
 """
 
