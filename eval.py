@@ -22,26 +22,23 @@ import data
 import models
 from data.evaluate import DTYPES, evaluate
 from program import flags
+from program.config import CHECKS
 from program.folder_lock import FolderLock
 from program.json_files import write_json
 from program.paper import plots, report
 from program.paper.runs import files_read, load_finished, load_runs
 from program.progress import peak_memory
 from program.run_folder import check_run_folder, prepare_run_folder
+from zo.part import at_least
 
-# eval.py's flags and their ranges (program/flags.py), checked before the model is read
+# eval.py's flags and their ranges (those train.py shares are RunConfig's), checked before the
+# model is read
 RULES = {
-    "num_train": flags.at_least(0),
+    "num_train": at_least(0),
+    "max_new_tokens": at_least(1),
     **{
-        name: flags.RULES[name]
-        for name in (
-            "num_eval",
-            "k",
-            "train_set_seed",
-            "batch_size",
-            "max_length",
-            "max_new_tokens",
-        )
+        name: CHECKS[name]
+        for name in ("num_eval", "k", "train_set_seed", "batch_size", "max_length")
     },
 }
 

@@ -19,7 +19,7 @@ import data
 import models
 import zo
 from data.evaluate import to_device
-from program import flags, replay
+from program import config, flags, replay
 from program.checkpoint import load_trainable, trainable
 from program.folder_lock import hold
 from program.json_files import read_json, write_json
@@ -179,13 +179,13 @@ def main(argv=None):
             return replay.replay(args, dist)
         args, saved = configure(argv, args)
         if args.dry_run:
-            print(json.dumps(vars(args), indent=1))
+            print(json.dumps(config.values(args), indent=1))
             return 0
         # everything is checked before anything is written: folder, model, data, checkpoint
         args, lock = claim_folder(args, dist)
         run = Run(args, dist)
-        config = {**vars(run.args), "kind": "train", "base_fingerprint": run.fingerprint}
-        changed = resume_conflicts(saved, config, RESUME_FREE) if args.resume else []
+        settings = {**vars(run.args), "kind": "train", "base_fingerprint": run.fingerprint}
+        changed = resume_conflicts(saved, settings, config.RESUME_FREE) if args.resume else []
         if changed:
             raise ValueError(
                 f"--resume with other settings than the run's: {', '.join(changed)} "
@@ -196,7 +196,7 @@ def main(argv=None):
         if dist.is_main:
             prepare_run_folder(args.output_dir, resume=args.resume)
             os.makedirs(args.output_dir, exist_ok=True)
-            write_json(os.path.join(args.output_dir, "config.json"), config)
+            write_json(os.path.join(args.output_dir, "config.json"), settings)
         dist.barrier()  # rank 0 prepared the folder before any rank writes into it
     except ValueError as e:  # ModelError, DataError and bad values: one line, exit 2
         if lock is not None:

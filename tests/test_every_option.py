@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from program import flags
+from program import config, flags
 from program.checkpoint import trainable
 from program.paper import report, seeds
 from program.paper.runs import Run
@@ -179,7 +179,7 @@ def test_a_row_whose_every_seed_diverged_says_so():
 
 
 # --- every documented option, end to end ----------------------------------------------------------
-ACTIONS = {a.dest: a for a in flags.build_parser()._actions if a.dest not in flags.CONTROL_FLAGS}
+ACTIONS = {a.dest: a for a in flags.build_parser()._actions if a.dest not in config.CONTROL_FLAGS}
 # the switches of the variance-modified variants: run under each --zo_variant, not alone
 VARIANT_SWITCHES = [
     f.name
@@ -212,7 +212,7 @@ def cases():
             continue
         if action.choices:
             out += [[flag(dest), value] for value in action.choices]
-        elif action.const is True:  # a boolean switch (flags.BOOL or store_true)
+        elif action.const is True:  # a boolean switch (a boolean field or a switch)
             out.append([flag(dest)])
     for trainer in ACTIONS["trainer"].choices:
         out += [
@@ -254,13 +254,13 @@ def test_registered_parts_each_have_a_case():
         for cls in (
             methods.ESTIMATORS[cfg.estimator],
             methods.direction_class(cfg),
-            methods.UPDATE_RULES[cfg.optimizer],
+            methods.update_rule(cfg),
             methods.perturbation_class(cfg),
         )
     }
     assert used == {*methods.METHODS, methods.ExactRestore, methods.InPlace}
     assert {cfg.estimator for cfg in configs} == set(methods.ESTIMATORS)
-    assert {cfg.optimizer for cfg in configs} == set(methods.UPDATE_RULES)
+    assert {methods.update_rule(cfg) for cfg in configs} == set(methods.UPDATE_RULES.values())
     assert {cfg.distribution for cfg in configs} == set(ACTIONS["distribution"].choices)
     assert {cfg.zo_variant for cfg in configs} == {None, *ACTIONS["zo_variant"].choices}
     for switch in VARIANT_SWITCHES:

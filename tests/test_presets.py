@@ -416,8 +416,8 @@ def test_slurm_script_runs_torchrun_with_every_flag():
 
 
 def test_train_argv_round_trips_through_train_py_parser():
-    """TRAIN_FLAGS come from program.flags.build_parser(): a point spelled by train_argv parses
-    back to itself."""
+    """A point spelled by train_argv (RunConfig's fields) parses back to itself with
+    program.flags.build_parser()."""
     from program.flags import build_parser
 
     point = {
@@ -433,14 +433,13 @@ def test_train_argv_round_trips_through_train_py_parser():
     assert argv[:2] == ["--task", "opt/SST2"] and "--fsdp" in argv and "--select_by" not in argv
     parsed = vars(build_parser().parse_args(argv))
     assert all(parsed[k] == v for k, v in point.items())
-    from program.flags import TRAIN_FLAGS
+    from program.config import RUN_FIELDS
 
-    assert {"resume", "grid", "preset"}.isdisjoint(TRAIN_FLAGS) and "eval_final_step" in TRAIN_FLAGS
+    assert {"resume", "grid", "preset"}.isdisjoint(RUN_FIELDS) and "eval_final_step" in RUN_FIELDS
 
 
 def test_a_preset_setting_a_flag_train_py_lacks_is_refused(monkeypatch):
-    """Presets are plain data: program/flags.py applies them and checks every flag against
-    TRAIN_FLAGS."""
+    """Presets are plain data: they may set RunConfig's fields only (program/config.py)."""
     from data import DataError
     from program import flags
 

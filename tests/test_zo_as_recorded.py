@@ -28,7 +28,7 @@ CONFIGS = {
     "fzoo": {"estimator": "fzoo", "fzoo_n": 3},
     "sparse": {"sparse_mezo": 0.5},
     "n_spsa": {"n_spsa": 2},
-    "momentum": {"optimizer": "momentum"},
+    "momentum": {"momentum": 0.9},
     "adam": {"optimizer": "adam"},
     "rademacher": {"distribution": "rademacher"},
     "param_norm": {"zo_variant": "param_norm"},

@@ -97,11 +97,12 @@ def test_lr_schedules_match_hugging_face(schedule):
             sched.step()
 
 
-@pytest.mark.parametrize("optimizer,lr", [("momentum", 2e-3), ("adam", 2e-2)])
-def test_momentum_and_adam_reduce_loss(optimizer, lr):
+@pytest.mark.parametrize("optimizer,momentum,lr", [("sgd", 0.9, 2e-3), ("adam", 0.0, 2e-2)])
+def test_momentum_and_adam_reduce_loss(optimizer, momentum, lr):
     model, loss_fn = least_squares()
     start = loss_fn(model).item()
-    mezo = MeZO(model, MeZOConfig(optimizer=optimizer, lr=lr, eps=1e-3, weight_decay=1e-4, seed=0))
+    cfg = dict(optimizer=optimizer, momentum=momentum, lr=lr, eps=1e-3, weight_decay=1e-4)
+    mezo = MeZO(model, MeZOConfig(**cfg, seed=0))
     for _ in range(200):
         mezo.step(model, loss_fn)
     assert mezo.update_rule.optimizer.state  # the torch optimizer really ran
@@ -390,7 +391,7 @@ def test_zo_sgd_variants_equal_their_dense_formula(variant):
     assert_step_matches(mezo, before, {n: before[n] - lr * d for n, d in step.items()})
 
 
-@pytest.mark.parametrize("optimizer", ["momentum", "adam"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])  # with momentum: ZO-momentum
 def test_momentum_and_adam_equal_their_dense_formula(optimizer):
     """ZO-momentum: buf = mu buf + (g z + wd theta); theta -= lr buf (torch SGD, coupled decay).
     ZO-Adam: AdamW on g z with bias correction and decoupled decay theta -= lr wd theta."""
@@ -412,7 +413,7 @@ def test_momentum_and_adam_equal_their_dense_formula(optimizer):
         for s in mezo.slots:
             grad, (m, v), p = g * dense_z(s, seed), state[s.name], theta[s.name]
             decay = wd if s.decay else 0.0
-            if optimizer == "momentum":
+            if optimizer == "sgd":
                 m = grad + decay * p if t == 1 else mu * m + grad + decay * p
                 theta[s.name] = p - lr * m
             else:

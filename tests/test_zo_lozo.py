@@ -121,7 +121,7 @@ def run(tmp_path, steps, config, name="t.jsonl", state=None, model=None):
     return model, mezo
 
 
-@pytest.mark.parametrize("perturbation", ["fused", "eager"])
+@pytest.mark.parametrize("perturbation", ["exact", "eager"])
 def test_lozo_replays_bitwise(tmp_path, perturbation):
     config = cfg(lozo_nu=2, perturbation=perturbation)
     model, _ = run(tmp_path, 5, config)
@@ -134,7 +134,7 @@ def test_lozo_replays_bitwise(tmp_path, perturbation):
 
 def test_lozo_resumes_bitwise_mid_interval(tmp_path):
     """Resumed at step 3 with nu = 4: V is step 0's, known only from the checkpointed state."""
-    config = cfg(lozo_nu=4, perturbation="fused")
+    config = cfg(lozo_nu=4, perturbation="exact")
     whole, _ = run(tmp_path, 5, config, "whole.jsonl")
     model, first = run(tmp_path, 3, config, "resumed.jsonl")
     state = first.state_dict()

@@ -36,7 +36,7 @@ fp32 scalars (8 bytes); sharded, in each of the two forwards one all-gather per 
 block, then the root's own parameters), plus the same 8-byte all-reduce. No reduce-scatter (no
 gradients) and no restore pass: the perturbation is applied by zo/perturb.py's hooks to the
 transient all-gathered copy, and the update writes each rank's local shard with the z of its global
-indices (`local_view`). Sharded mode therefore needs MeZOConfig(perturbation="fused" or "eager"):
+indices (`local_view`). Sharded mode therefore needs MeZOConfig(perturbation="exact" or "eager"):
 the "reference" mode draws torch.normal over whole tensors in place. Build MeZO after shard_model
 (it holds the DTensor parameters). With bf16 compute the hooks perturb the bf16 all-gathered copy
 (theta rounded to bf16, then theta + eps z rounded again), while the update writes the fp32 master

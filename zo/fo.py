@@ -19,7 +19,7 @@ from .optim import WD_EXEMPT, build_optimizer, check_schedule, learning_rate, mi
 @dataclass
 class FOConfig:
     lr: float = 1e-5
-    optimizer: str = "adam"  # "adam" (AdamW) | "sgd"
+    optimizer: str = "adam"  # "adam" | "adamw" (both AdamW) | "sgd", as train.py --optimizer
     weight_decay: float = 0.0
     # names exempt from weight decay (zo.optim.decays); () decays all
     wd_exempt: tuple[str, ...] = WD_EXEMPT
@@ -32,9 +32,10 @@ class FOConfig:
     clip_grad_norm: float | None = 1.0  # HF max_grad_norm; None disables
 
     def __post_init__(self):
-        if self.optimizer not in ("adam", "sgd"):
+        if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(
-                f"unknown optimizer (optimizer={self.optimizer!r}; expected 'adam' or 'sgd')"
+                f"unknown optimizer (optimizer={self.optimizer!r}; expected 'adam', 'adamw' or "
+                "'sgd')"
             )
         check_schedule(self.lr_scheduler, self.max_steps, self.warmup_steps)
 
@@ -47,7 +48,7 @@ class FO:
             raise ValueError("the model has no trainable parameters (requires_grad=True)")
         self.params = [p for _, p in named]
         self.optimizer = build_optimizer(
-            cfg.optimizer,
+            "sgd" if cfg.optimizer == "sgd" else "adam",
             named,
             cfg.lr,
             cfg.weight_decay,

@@ -4,13 +4,11 @@ A run is an estimator (forwards -> (seed, projected_grad) estimates), a directio
 update rule (estimates -> parameter change), a perturbation (exact restore or the original's
 in-place moves) and optionally the control variates of the variants. Each method is one class in
 its own file (zo/part.py says what it declares); from the lines below come MeZOConfig's method
-fields and their checks, train.py's method flags (`add_flags`, `flag_checks`, `config_kwargs`), the
-one check of what the parts support together (`check_supported`: MeZO.__init__, CudaGraphStep,
-replay and the command line call it), run names and table labels. A new method is one file plus
-one line here.
+fields and their checks (train.py's too: program/config.py RunConfig), the one check of what the
+parts support together (`check_supported`: MeZO.__init__, CudaGraphStep, replay and the command
+line call it), run names and table labels. A new method is one file plus one line here.
 """
 
-import argparse
 import dataclasses
 import re
 from types import SimpleNamespace
@@ -48,6 +46,8 @@ UPDATE_RULES = _by_name(
 )
 METHODS = (*ESTIMATORS.values(), *DIRECTIONS.values(), *UPDATE_RULES.values())
 DISTRIBUTIONS = ("normal", "rademacher")
+# the command line's vocabulary: sgd with momentum > 0 is ZO-momentum; adam and adamw are both AdamW
+OPTIMIZERS = ("sgd", "adam", "adamw")
 
 
 def fields() -> list[Field]:
@@ -72,7 +72,7 @@ def check_config(cfg) -> None:
     """ValueError for a method field out of range, or a selected method refusing the config."""
     choices = {
         "estimator": tuple(ESTIMATORS),
-        "optimizer": tuple(UPDATE_RULES),
+        "optimizer": OPTIMIZERS,
         "distribution": DISTRIBUTIONS,
     }
     for f in fields():
@@ -87,7 +87,7 @@ def check_config(cfg) -> None:
         value = getattr(cfg, f.name)
         if f.check is not None and value is not None and not f.check.ok(value):
             raise ValueError(f"{f.name} must be {f.check.what} ({f.name}={value})")
-    for part in (ESTIMATORS[cfg.estimator], direction_class(cfg), UPDATE_RULES[cfg.optimizer]):
+    for part in (ESTIMATORS[cfg.estimator], direction_class(cfg), update_rule(cfg)):
         part.check(cfg)
 
 
@@ -98,6 +98,13 @@ def direction_class(cfg) -> type[Part]:
     if len(chosen) > 1:
         raise ValueError(f"one direction at a time ({', '.join(d.NAME for d in chosen)})")
     return chosen[0] if chosen else default
+
+
+def update_rule(cfg) -> type[Part]:
+    """The update rule of cfg's optimizer and momentum (OPTIMIZERS)."""
+    if cfg.optimizer in ("adam", "adamw"):
+        return UPDATE_RULES["adam"]
+    return UPDATE_RULES["momentum" if cfg.momentum else "sgd"]
 
 
 def perturbation_class(cfg):
@@ -115,7 +122,7 @@ def parts(cfg) -> list[tuple[str, frozenset, frozenset]]:
             estimator,
         ),
         (tagged.get(direction, f"distribution={cfg.distribution}"), direction),
-        (f"optimizer={cfg.optimizer}", UPDATE_RULES[cfg.optimizer]),
+        (f"optimizer={update_rule(cfg).NAME}", update_rule(cfg)),
         (f"perturbation={cfg.perturbation}", perturbation_class(cfg)),
     ]
     if cfg.zo_variant is not None:
@@ -150,49 +157,6 @@ def check_supported(
         problems.append("CUDA graphs run in a single process (data-parallel or FSDP training)")
     if problems:
         raise ValueError(f"unsupported combination: {'; '.join(problems)}")
-
-
-# ------------------------------------------------------------------ the command line
-def add_flags(parser: argparse.ArgumentParser, boolean) -> None:
-    """--estimator, --distribution and every method field with a help text, defaults those of the
-    fields; boolean: the parser's type for true/false values."""
-    parser.add_argument(
-        "--estimator",
-        choices=tuple(ESTIMATORS),
-        default=next(iter(ESTIMATORS)),
-        help="; ".join(
-            f"{name}: zo/{cls.__module__.split('.')[-1]}.py" for name, cls in ESTIMATORS.items()
-        ),
-    )
-    parser.add_argument(
-        "--distribution",
-        choices=DISTRIBUTIONS,
-        help="z (default: the estimator's: "
-        + ", ".join(f"{name} {cls.DISTRIBUTION}" for name, cls in ESTIMATORS.items())
-        + ")",
-    )
-    for f in fields():
-        if f.help is None:
-            continue
-        if f.type is bool:
-            parser.add_argument(
-                f"--{f.name}", nargs="?", const=True, type=boolean, default=f.default, help=f.help
-            )
-        else:
-            parser.add_argument(
-                f"--{f.name}", type=f.type, default=f.default, choices=f.choices, help=f.help
-            )
-
-
-def flag_checks() -> dict:
-    """{flag: (ok(value), what a value must be)} of the method flags (program/flags.py RULES)."""
-    return {f.name: (f.check.ok, f.check.what) for f in fields() if f.help and f.check}
-
-
-def config_kwargs(args) -> dict:
-    """The MeZOConfig keywords of the method flags of a parsed command line."""
-    names = ["estimator", "distribution"] + [f.name for f in fields() if f.help]
-    return {name: getattr(args, name) for name in names}
 
 
 # ------------------------------------------------------------------ run names and table labels

@@ -15,7 +15,7 @@ ZO-SGD (momentum, Adam) is a torch optimizer stepped on the p.grad accumulated h
 
 The perturbation is one of two objects with one interface (`perturb`, `reset`, `projected_grad`,
 `skip_non_finite`, `update`, `accumulate_grad`, `unseen`):
-- `zo.perturb.ExactRestore` (`perturbation="fused"`, the default; `"eager"` runs it uncompiled, for
+- `zo.perturb.ExactRestore` (`perturbation="exact"`, the default; `"eager"` runs it uncompiled, for
   debugging): the perturbation is virtual. `perturb` moves a shift (0 -> +1 -> -1 -> 0) and forward
   hooks show each module theta + shift*eps*z; the only write is the update, one fused pass per
   parameter, so a step with lr=0 leaves every parameter bitwise unchanged, in any dtype. z comes
@@ -61,14 +61,14 @@ class MeZOConfig:
     lr_scheduler: str = "constant"  # "constant" | "linear" (HF, lr at step t taken before stepping)
     warmup_steps: int = 0
     max_steps: int = 0  # needed by the linear schedules
-    perturbation: str = "fused"  # "fused" | "eager" | "reference"
+    perturbation: str = "exact"  # "exact" | "eager" | "reference" (train.py --perturbation)
     distribution: str | None = None  # "normal" | "rademacher"; None: the estimator's
     seed: int = 42
     seed_source: str = "generator"  # "generator": np.random.default_rng(seed).integers(1e9);
     #                                 "numpy_global": np.random.seed(seed), np.random.randint(1e9)
     #                                 (original)
     estimator: str = next(iter(methods.ESTIMATORS))  # zo/methods.py ESTIMATORS
-    optimizer: str = next(iter(methods.UPDATE_RULES))  # zo/methods.py UPDATE_RULES
+    optimizer: str = "sgd"  # zo/methods.py OPTIMIZERS; sgd with momentum > 0: ZO-momentum
     zo_variant: str | None = None  # None | "param_norm" | "grad_norm"
     use_zo_grad_est: bool = False  # grad_norm: c from per-group ZO estimates instead of a backward
     change_grad_estimate: bool = False  # gradient with plain z instead of z*c
@@ -76,7 +76,7 @@ class MeZOConfig:
 
     def __post_init__(self):
         choices = {
-            "perturbation": ("fused", "eager", "reference"),
+            "perturbation": ("exact", "eager", "reference"),
             "seed_source": ("generator", "numpy_global"),
             "zo_variant": (None, "param_norm", "grad_norm"),
         }
@@ -162,7 +162,7 @@ class MeZO:
             self.perturbation = ExactRestore(self.slots, self.direction, local_view)
         self.estimator = methods.ESTIMATORS[cfg.estimator]
         # a torch optimizer stepped on p.grad, or None: MeZO's fused ZO-SGD
-        self.update_rule = methods.UPDATE_RULES[cfg.optimizer].build(self.slots, cfg)
+        self.update_rule = methods.update_rule(cfg).build(self.slots, cfg)
         self.local_view, self.reduce_losses, self.trajectory = local_view, reduce_losses, trajectory
         self.seeds = SeedStream(cfg.seed, cfg.seed_source)
         self.seed = StepScalar(torch.int64, self.device)  # zo_random_seed, also as a device tensor

@@ -221,7 +221,7 @@ class PerturbHooks:
 
 
 class ExactRestore:
-    """`perturbation="fused"` / `"eager"`: the perturbation is virtual, the update one fused pass.
+    """`perturbation="exact"` / `"eager"`: the perturbation is virtual, the update one fused pass.
 
     `perturb` moves a shift (0 -> +1 -> -1 -> 0 in a step) and, while it is not 0, the hooks show
     every owning module theta + shift * eps * z in its forward. The stored weights are written only

@@ -3,19 +3,19 @@
 - `ZOSGD` (optimizer="sgd", MeZO): theta <- theta - lr * (sum_k g_k z_k + wd * theta), one fused
   pass per z (large_models/trainer.py zo_update), weight decay once per step; nothing materialised.
   The update is MeZO's own (zo/mezo.py `apply_update`): this rule builds nothing.
-- `Momentum`, `Adam` (optimizer="momentum": torch SGD with momentum; "adam": AdamW): MeZO
+- `Momentum`, `Adam` (optimizer="sgd" with momentum > 0: torch SGD; "adam"/"adamw": AdamW): MeZO
   accumulates p.grad = sum_k g_k z_k, then `TorchStep` steps the torch optimizer (medium_models
   `--zero_order_use_trainer_optim`): one extra copy of the trainable weights plus the optimizer's
   state, saved in checkpoints under "optimizer".
 
 Their fields have no flags of their own: train.py's --optimizer, --momentum and --max_grad_norm are
-shared with the backprop trainer (program/flags.py `mezo_config`).
+shared with the backprop trainer, in the same vocabulary (zo/methods.py `update_rule`).
 """
 
 import torch
 
 from .optim import build_optimizer, set_lr
-from .part import ALL, Field, Part
+from .part import ALL, IN_UNIT_INTERVAL, Field, Part
 
 
 class ZOSGD(Part):
@@ -25,7 +25,7 @@ class ZOSGD(Part):
     def check(cfg) -> None:
         if cfg.clip_grad_norm is not None:
             raise ValueError(
-                "clip_grad_norm needs a materialised gradient (optimizer=momentum or adam)"
+                "clip_grad_norm needs a materialised gradient (momentum > 0 or optimizer=adam)"
             )
 
     @staticmethod
@@ -52,7 +52,7 @@ class TorchOptimizer(Part):
 
 class Momentum(TorchOptimizer):
     NAME, KIND = "momentum", "sgd"
-    FIELDS = TorchOptimizer.FIELDS + (Field("momentum", 0.9, float),)
+    FIELDS = TorchOptimizer.FIELDS + (Field("momentum", 0.0, float, check=IN_UNIT_INTERVAL),)
 
 
 class Adam(TorchOptimizer):

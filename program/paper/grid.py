@@ -6,7 +6,6 @@ command line, `run_grid` runs the points one process after another, `slurm_scrip
 `torchrun` for sbatch.
 """
 
-import argparse
 import os
 import shlex
 import subprocess
@@ -14,28 +13,24 @@ import sys
 
 from data import DataError
 from data.files import atomic_write, check_writes
-from program.flags import TRAIN_FLAGS, build_parser
+from program.config import RUN_FIELDS, SWITCHES
 from program.paper import presets, report
 from program.paper.presets import run_name
 from program.paper.runs import load_runs
 
-_STORE_TRUE = frozenset(
-    a.dest for a in build_parser()._actions if isinstance(a, argparse._StoreTrueAction)
-)
-
 
 def train_argv(point):
-    """The point as train.py arguments, in the parser's order; booleans are spelled true/false and
+    """The point as train.py arguments, in RunConfig's order; booleans are spelled true/false and
     floats exactly (repr), e.g. ['--task', 'opt/SST2', ..., '--learning_rate', '1e-06']."""
-    unknown = sorted(set(point) - set(TRAIN_FLAGS))
+    unknown = sorted(set(point) - set(RUN_FIELDS))
     if unknown:
         raise DataError(f"unknown train.py flag '{unknown[0]}' (point for {run_name(point)})")
     argv = []
-    for flag in TRAIN_FLAGS:
+    for flag in RUN_FIELDS:
         value = point.get(flag)
-        if value is None or value is False and flag in _STORE_TRUE:
+        if value is None or value is False and flag in SWITCHES:
             continue
-        if flag in _STORE_TRUE:
+        if flag in SWITCHES:
             argv.append(f"--{flag}")
         else:
             argv += [f"--{flag}", str(value).lower() if isinstance(value, bool) else str(value)]

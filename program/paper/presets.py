@@ -29,8 +29,8 @@ from data import DataError
 from data.registry import get_task
 from program.paper.numbers import GENERATION_TASKS
 
-# Plain data: presets name train.py's run flags (program/flags.py TRAIN_FLAGS); program/flags.py
-# applies a preset and refuses any flag that is not one of them.
+# Plain data: presets name RunConfig's fields (program/config.py); program/flags.py applies a preset
+# and refuses any name that is not one of them.
 ROBERTA_SEEDS = (13, 21, 42, 87, 100)  # LM-BFF k-shot splits (tools/generate_k_shot_data.py)
 ROBERTA_K = (16, 512)
 
