@@ -27,12 +27,7 @@ from program.loop import Checkpoints, MetricsLog, Selection, start
 from program.paper import grid, presets
 from program.progress import peak_memory, stop_on_signals
 from program.run import Run
-from program.run_folder import (
-    RESUME_FREE,
-    check_run_folder,
-    prepare_run_folder,
-    resume_conflicts,
-)
+from program.run_folder import check_run_folder, prepare_run_folder, resume_conflicts
 from program.trajectory import Trajectory
 from zo import distributed
 

@@ -11,13 +11,11 @@ from torch import nn
 from data.files import check_writes, is_temp_of, recover_dir
 
 from .checkpoint import find_checkpoint, load_tensors, trainable
+from .config import RESUME_FREE
 from .folder_lock import LOCK_NAME
 from .json_files import read_json
 from .trajectory import read_trajectory
 
-# what --resume may change: where and how fast it runs, and how long (the checkpoint has the rest)
-RESUME_FREE = {"resume", "overwrite_output_dir", "device", "dist_timeout", "max_steps"}
-RESUME_FREE |= {"eval_batch_size", "kind"}
 RUN_KINDS = ("train", "replay", "eval")  # config.json's "kind": the folder holds such a run
 RUN_FILES = (
     "config.json",
