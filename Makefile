@@ -37,7 +37,8 @@ $(REALTEXT)/train.tsv: | $(STAMP)
 	$(PY) -m program.rotten_tomatoes $(REALTEXT)
 
 # The fast tier: every test not marked slow (tests/conftest.py assigns the mark), on the embedded
-# tiny models and bundled samples, offline, in about 3 minutes on 2 cores.
+# tiny models and bundled samples, offline: about 2 minutes on 2 cores from a fresh clone, set-up
+# included (BENCHMARKS.md).
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" tests $(PYTEST_FLAGS)
 
