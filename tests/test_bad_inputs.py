@@ -30,32 +30,10 @@ from program import prompts as data_cli
 from program import rotten_tomatoes as rt_cli
 from program import run_folder as rf
 from program.paper import results as paper_results
-from tests.helpers.refusals import READ, folder_hash, refused
+from tests.helpers.refusals import READ, SHORT_RUN, folder_hash, refused
 from zo import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPT = [
-    "--perturbation",
-    "eager",
-    "--num_train",
-    "16",
-    "--num_dev",
-    "8",
-    "--num_eval",
-    "4",
-    "--batch_size",
-    "4",
-    "--max_steps",
-    "2",
-    "--eval_steps",
-    "2",
-    "--save_steps",
-    "1",
-    "--logging_steps",
-    "1",
-    "--learning_rate",
-    "1e-3",
-]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +42,10 @@ def runs(tmp_path_factory):
     the tests that damage them."""
     root = tmp_path_factory.mktemp("runs")
     for trainer in ("zo", "fo"):
-        assert train.main(OPT + ["--trainer", trainer, "--output_dir", str(root / trainer)]) == 0
-    assert train.main(OPT + ["--mode", "lora", "--output_dir", str(root / "lora")]) == 0
+        assert (
+            train.main(SHORT_RUN + ["--trainer", trainer, "--output_dir", str(root / trainer)]) == 0
+        )
+    assert train.main(SHORT_RUN + ["--mode", "lora", "--output_dir", str(root / "lora")]) == 0
     return root
 
 
@@ -164,7 +144,7 @@ def test_bad_values_are_one_error_naming_the_flag(capsys, bad, what):
 
 @pytest.mark.parametrize("bad, what", TRAIN_FLAGS, ids=[" ".join(f) for f, _ in TRAIN_FLAGS])
 def test_train_flags(capsys, work, bad, what):
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out")] + bad, what, work)
+    refused(capsys, train.main, SHORT_RUN + ["--output_dir", str(work / "out")] + bad, what, work)
 
 
 def test_train_records_the_sizes_it_used(work):
@@ -172,7 +152,10 @@ def test_train_records_the_sizes_it_used(work):
     config.json says how many examples the run had, not the number asked for."""
     out = work / "out"
     assert (
-        train.main(OPT + ["--num_train", "5000", "--max_steps", "1", "--output_dir", str(out)]) == 0
+        train.main(
+            SHORT_RUN + ["--num_train", "5000", "--max_steps", "1", "--output_dir", str(out)]
+        )
+        == 0
     )
     config = json.loads((out / "config.json").read_text())
     rows = len(get_task("SST2").load(None)["train"])
@@ -239,7 +222,11 @@ MODEL_CONFIGS = [
 def test_train_bad_model_config(capsys, work, config, what):
     model = model_copy(work, **config)
     line = refused(
-        capsys, train.main, OPT + ["--model", model, "--output_dir", str(work / "out")], what, work
+        capsys,
+        train.main,
+        SHORT_RUN + ["--model", model, "--output_dir", str(work / "out")],
+        what,
+        work,
     )
     assert "config.json" in line
 
@@ -250,7 +237,7 @@ def test_train_corrupt_config_json(capsys, work):
     refused(
         capsys,
         train.main,
-        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        SHORT_RUN + ["--model", model, "--output_dir", str(work / "out")],
         "corrupt config file",
         work,
     )
@@ -269,7 +256,7 @@ def test_train_non_utf8_data_file_names_file_and_line(capsys, work):
     refused(
         capsys,
         train.main,
-        OPT
+        SHORT_RUN
         + ["--task", "RTE", "--data_dir", str(work / "data"), "--output_dir", str(work / "out")],
         f"{folder / 'train.jsonl'}:3",
         work,
@@ -281,7 +268,7 @@ def test_train_output_folder_is_a_file(capsys, work):
     refused(
         capsys,
         train.main,
-        OPT + ["--output_dir", str(work / "out")],
+        SHORT_RUN + ["--output_dir", str(work / "out")],
         "output folder is a file",
         work,
     )
@@ -289,7 +276,9 @@ def test_train_output_folder_is_a_file(capsys, work):
 
 def test_train_output_folder_not_writable(capsys, work, monkeypatch):
     monkeypatch.setattr(rf.os, "access", lambda *a: False)  # root may write anywhere: simulate
-    refused(capsys, train.main, OPT + ["--output_dir", str(work / "out")], "not writable", work)
+    refused(
+        capsys, train.main, SHORT_RUN + ["--output_dir", str(work / "out")], "not writable", work
+    )
 
 
 @pytest.mark.parametrize("where", ["the model", "inside the model", "holding the model"])
@@ -303,7 +292,7 @@ def test_train_output_folder_overlapping_the_model_is_refused(capsys, work, wher
     refused(
         capsys,
         train.main,
-        OPT + ["--model", model, "--output_dir", out, "--overwrite_output_dir"],
+        SHORT_RUN + ["--model", model, "--output_dir", out, "--overwrite_output_dir"],
         "overlaps the model folder",
         work,
     )
@@ -315,7 +304,7 @@ def test_train_output_folder_inside_the_data_folder_is_refused(capsys, work):
     refused(
         capsys,
         train.main,
-        OPT + ["--data_dir", str(data_dir), "--output_dir", str(data_dir / "run")],
+        SHORT_RUN + ["--data_dir", str(data_dir), "--output_dir", str(data_dir / "run")],
         "overlaps the data folder",
         work,
     )
@@ -327,7 +316,7 @@ def test_train_output_folder_with_a_foreign_config_json(capsys, work):
     refused(
         capsys,
         train.main,
-        OPT + ["--output_dir", str(work / "out"), "--overwrite_output_dir"],
+        SHORT_RUN + ["--output_dir", str(work / "out"), "--overwrite_output_dir"],
         "config.json that no run wrote",
         work,
     )
@@ -338,7 +327,7 @@ def test_train_output_folder_of_another_run(capsys, work, runs):
     refused(
         capsys,
         train.main,
-        OPT + ["--output_dir", str(work / "out")],
+        SHORT_RUN + ["--output_dir", str(work / "out")],
         "pass --resume or --overwrite_output_dir",
         work,
     )
@@ -353,7 +342,7 @@ def test_resume_without_a_checkpoint(capsys, work, runs):
     refused(
         capsys,
         train.main,
-        OPT + ["--output_dir", str(work / "out"), "--resume"],
+        SHORT_RUN + ["--output_dir", str(work / "out"), "--resume"],
         "nothing to resume",
         work,
     )
@@ -364,7 +353,7 @@ def test_resume_with_other_settings(capsys, work, runs):
     refused(
         capsys,
         train.main,
-        OPT[:-1] + ["1e-2", "--output_dir", str(work / "out"), "--resume"],
+        SHORT_RUN[:-1] + ["1e-2", "--output_dir", str(work / "out"), "--resume"],
         "other settings than the run's: learning_rate",
         work,
     )
@@ -378,7 +367,7 @@ def test_resume_with_a_corrupt_checkpoint(capsys, work, runs, damage):
     refused(
         capsys,
         train.main,
-        OPT + ["--output_dir", str(work / "out"), "--resume"],
+        SHORT_RUN + ["--output_dir", str(work / "out"), "--resume"],
         str(target.parent),
         work,
     )
@@ -398,7 +387,7 @@ def test_resume_refuses_a_pickle_payload_in_one_line(capsys, work, runs):
     refused(
         capsys,
         train.main,
-        OPT + ["--output_dir", str(work / "out"), "--resume"],
+        SHORT_RUN + ["--output_dir", str(work / "out"), "--resume"],
         "holds a pickle",
         work,
     )
@@ -409,7 +398,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(capsys, work, runs):
     """A checkpoint names the settings of the run that wrote it: one copied from a run with
     another --seed is not resumed under this run's config.json."""
     run = copy_run(runs, work)
-    assert train.main(OPT + ["--seed", "7", "--output_dir", str(work / "other")]) == 0
+    assert train.main(SHORT_RUN + ["--seed", "7", "--output_dir", str(work / "other")]) == 0
     shutil.rmtree(run / "checkpoint")
     shutil.copytree(work / "other" / "checkpoint", run / "checkpoint")
     line = refused(
@@ -789,7 +778,7 @@ def test_a_vocabulary_smaller_than_the_tokenizers_is_refused(capsys, work):
     line = refused(
         capsys,
         train.main,
-        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        SHORT_RUN + ["--model", model, "--output_dir", str(work / "out")],
         "1500 ids",
         work,
     )
@@ -812,7 +801,7 @@ def test_a_weight_of_a_non_floating_dtype_is_refused(capsys, work, dtype):
     refused(
         capsys,
         train.main,
-        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        SHORT_RUN + ["--model", model, "--output_dir", str(work / "out")],
         f"dtype {str(dtype).removeprefix('torch.')}, expected a floating-point dtype",
         work,
     )
@@ -822,7 +811,7 @@ def test_more_prefix_tokens_than_positions_is_refused(capsys, work):
     refused(
         capsys,
         train.main,
-        OPT + ["--mode", "prefix", "--num_prefix", "600", "--output_dir", str(work / "out")],
+        SHORT_RUN + ["--mode", "prefix", "--num_prefix", "600", "--output_dir", str(work / "out")],
         "600 prefix tokens, the model has 512 positions (--num_prefix 600)",
         work,
     )
@@ -832,7 +821,7 @@ def test_an_output_folder_name_over_255_bytes_is_refused(capsys, work):
     refused(
         capsys,
         train.main,
-        OPT + ["--output_dir", str(work / ("x" * 300))],
+        SHORT_RUN + ["--output_dir", str(work / ("x" * 300))],
         "a name of 300 bytes",
         work,
     )
@@ -893,7 +882,7 @@ def test_resume_with_a_non_utf8_metrics_file_is_refused(capsys, work, runs):
 
 def test_resume_onto_changed_base_weights_is_refused(capsys, work):
     model = model_copy(work)
-    assert train.main(OPT + ["--model", model, "--output_dir", str(work / "run")]) == 0
+    assert train.main(SHORT_RUN + ["--model", model, "--output_dir", str(work / "run")]) == 0
     model_copy(
         work, name="other", change=lambda t: t["model.decoder.final_layer_norm.bias"].add_(1.0)
     )
@@ -950,7 +939,8 @@ def test_nan_weights_give_strict_json_and_select_nothing(capsys, work):
     )
     assert (
         train.main(
-            OPT + ["--model", model, "--output_dir", str(work / "out"), "--max_nonfinite", "100"]
+            SHORT_RUN
+            + ["--model", model, "--output_dir", str(work / "out"), "--max_nonfinite", "100"]
         )
         == 0
     )
@@ -975,7 +965,7 @@ def test_fzoo_with_equal_losses_counts_its_skipped_updates_and_stops(capsys, wor
     --max_nonfinite stops the run instead of a silent exit 0."""
     out = work / "out"
     argv = ["--estimator", "fzoo", "--fzoo_n", "3", "--zo_eps", "1e-30", "--max_nonfinite", "2"]
-    assert train.main(OPT + argv + ["--max_steps", "6", "--output_dir", str(out)]) == 1
+    assert train.main(SHORT_RUN + argv + ["--max_steps", "6", "--output_dir", str(out)]) == 1
     assert "error: 2 non-finite losses in a row at step 3" in capsys.readouterr().err
 
 
@@ -1013,7 +1003,7 @@ def test_a_pytorch_model_bin_that_weights_only_refuses_is_one_line(capsys, work)
     line = refused(
         capsys,
         train.main,
-        OPT + ["--model", str(folder), "--output_dir", str(work / "out")],
+        SHORT_RUN + ["--model", str(folder), "--output_dir", str(work / "out")],
         "weight file holds Python objects besides tensors, which are never unpickled",
         work,
     )
@@ -1047,7 +1037,7 @@ def test_a_corrupt_sentencepiece_model_is_one_line_and_leaves_no_lock(capsys, wo
     refused(
         capsys,
         train.main,
-        OPT + ["--model", model, "--output_dir", str(work / "out")],
+        SHORT_RUN + ["--model", model, "--output_dir", str(work / "out")],
         "corrupt tokenizer file",
         work,
     )

@@ -381,28 +381,11 @@ def test_only_the_first_rank_to_notice_reports(monkeypatch, capsys):
 # ---------------------------------------------------------------- backprop runs: seeded, resumed
 # bitwise
 
-FO_RUN = [
-    "--trainer",
-    "fo",
-    "--num_train",
-    "16",
-    "--num_dev",
-    "8",
-    "--num_eval",
-    "4",
-    "--batch_size",
-    "4",
-    "--max_steps",
-    "6",
-    "--eval_steps",
-    "6",
-    "--save_steps",
-    "2",
-    "--logging_steps",
-    "1",
-    "--learning_rate",
-    "1e-3",
-]
+FO_RUN = (
+    "--trainer fo --num_train 16 --num_dev 8 --num_eval 4 --batch_size 4"
+    " --max_steps 6 --eval_steps 6 --save_steps 2 --logging_steps 1"
+    " --learning_rate 1e-3"
+).split()
 
 
 def weights(out):

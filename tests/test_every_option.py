@@ -20,18 +20,7 @@ from program.run_folder import check_run_folder
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
 from zo import MeZO, MeZOConfig, methods
 
-OPT = [
-    "--task",
-    "SST2",
-    "--num_train",
-    "24",
-    "--num_dev",
-    "8",
-    "--num_eval",
-    "8",
-    "--batch_size",
-    "4",
-]
+OPT = "--task SST2 --num_train 24 --num_dev 8 --num_eval 8 --batch_size 4".split()
 SHORT = ["--max_steps", "2", "--eval_steps", "2", "--logging_steps", "1", "--eval_batch_size", "16"]
 
 

@@ -13,24 +13,10 @@ import models
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--num_train",
-    "24",
-    "--num_dev",
-    "8",
-    "--num_eval",
-    "8",
-    "--batch_size",
-    "4",
-    "--max_steps",
-    "4",
-    "--eval_steps",
-    "2",
-    "--logging_steps",
-    "2",
-    "--dtype",
-    "fp32",
-]
+TINY = (
+    "--num_train 24 --num_dev 8 --num_eval 8 --batch_size 4 --max_steps 4"
+    " --eval_steps 2 --logging_steps 2 --dtype fp32"
+).split()
 
 
 @pytest.fixture(scope="module")

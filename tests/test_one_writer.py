@@ -17,20 +17,9 @@ from program.folder_lock import LOCK_NAME, FolderLock
 from program.json_files import MEASUREMENTS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARGS = [
-    "--num_train",
-    "16",
-    "--num_dev",
-    "8",
-    "--num_eval",
-    "4",
-    "--batch_size",
-    "4",
-    "--logging_steps",
-    "1",
-    "--learning_rate",
-    "1e-3",
-]
+ARGS = (
+    "--num_train 16 --num_dev 8 --num_eval 4 --batch_size 4 --logging_steps 1 --learning_rate 1e-3"
+).split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

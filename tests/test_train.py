@@ -22,18 +22,7 @@ from zo import distributed
 from zo.optim import WD_EXEMPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPT = [
-    "--task",
-    "SST2",
-    "--num_train",
-    "24",
-    "--num_dev",
-    "8",
-    "--num_eval",
-    "8",
-    "--batch_size",
-    "4",
-]
+OPT = "--task SST2 --num_train 24 --num_dev 8 --num_eval 8 --batch_size 4".split()
 ROBERTA = ["--task", "SST-2", "--model", models.TINY_ROBERTA, "--batch_size", "8"]
 SHORT = ["--max_steps", "4", "--eval_steps", "2", "--logging_steps", "2", "--eval_batch_size", "16"]
 LR = {
@@ -134,16 +123,7 @@ def test_every_mode_and_trainer_runs_and_writes_the_output_folder(tmp_path, fami
 def test_smoke_mezo_ft_runs_end_to_end_and_resumes_bitwise(tmp_path, monkeypatch):
     """The fast tier's one end-to-end run: train.py's main, MeZO ft, 4 steps, a real SIGINT at
     step 2, --resume, and the same trajectory and weights as the uninterrupted run."""
-    argv = OPT + [
-        "--max_steps",
-        "4",
-        "--eval_steps",
-        "2",
-        "--save_steps",
-        "1",
-        "--learning_rate",
-        "1e-3",
-    ]
+    argv = OPT + "--max_steps 4 --eval_steps 2 --save_steps 1 --learning_rate 1e-3".split()
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run(argv + ["--output_dir", str(whole)])
     batch = train.Run.batch
@@ -291,27 +271,10 @@ def test_squad_non_differentiable_run_trains_on_negative_f1(tmp_path, monkeypatc
     # evaluation
     monkeypatch.setattr(data.evaluate, "generate_text", spy(data.evaluate.generate_text))
     out, selected = str(tmp_path / "run"), str(tmp_path / "selected")
-    argv = [
-        "--task",
-        "SQuAD",
-        "--non_diff",
-        "--num_train",
-        "8",
-        "--num_dev",
-        "4",
-        "--num_eval",
-        "4",
-        "--batch_size",
-        "4",
-        "--max_steps",
-        "2",
-        "--eval_steps",
-        "2",
-        "--logging_steps",
-        "1",
-        "--max_length",
-        "500",
-    ]
+    argv = (
+        "--task SQuAD --non_diff --num_train 8 --num_dev 4 --num_eval 4 --batch_size"
+        " 4 --max_steps 2 --eval_steps 2 --logging_steps 1 --max_length 500"
+    ).split()
     run(argv + ["--output_dir", out])
     losses = [
         json.loads(line)["loss"]

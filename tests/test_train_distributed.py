@@ -14,22 +14,10 @@ from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 23 examples in batches of 5: the last batch of an epoch has 3 rows, split 2/1 across the ranks
-ARGS = [
-    "--num_train",
-    "23",
-    "--num_dev",
-    "8",
-    "--num_eval",
-    "8",
-    "--batch_size",
-    "5",
-    "--logging_steps",
-    "1",
-    "--learning_rate",
-    "1e-4",
-    "--eval_batch_size",
-    "16",
-]
+ARGS = (
+    "--num_train 23 --num_dev 8 --num_eval 8 --batch_size 5 --logging_steps 1"
+    " --learning_rate 1e-4 --eval_batch_size 16"
+).split()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -19,33 +19,10 @@ from data import SAMPLES_DIR, DataError, files
 from program import rotten_tomatoes
 from program.folder_lock import FolderLock
 from program.paper import results
-from tests.helpers.refusals import refused
+from tests.helpers.refusals import SHORT_RUN, refused
 
 # A two-step MeZO-LoRA run on the tiny OPT: an adapter, a checkpoint, a best model and a trajectory.
-LORA = [
-    "--mode",
-    "lora",
-    "--perturbation",
-    "eager",
-    "--num_train",
-    "16",
-    "--num_dev",
-    "8",
-    "--num_eval",
-    "4",
-    "--batch_size",
-    "4",
-    "--max_steps",
-    "2",
-    "--eval_steps",
-    "2",
-    "--save_steps",
-    "1",
-    "--logging_steps",
-    "1",
-    "--learning_rate",
-    "1e-3",
-]
+LORA = ["--mode", "lora", *SHORT_RUN]
 
 
 # ---------------------------------------------------------------- the rule itself

@@ -6,6 +6,12 @@ import os
 import models
 from data import SAMPLES_DIR
 
+# a two-step MeZO run on the tiny OPT that saves a checkpoint every step: the runs refusals damage
+SHORT_RUN = (
+    "--perturbation eager --num_train 16 --num_dev 8 --num_eval 4 --batch_size 4"
+    " --max_steps 2 --eval_steps 2 --save_steps 1 --logging_steps 1"
+    " --learning_rate 1e-3"
+).split()
 # folders every command reads: they must never change
 READ = [os.path.dirname(models.TINY_OPT), SAMPLES_DIR]
 
