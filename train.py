@@ -167,6 +167,8 @@ def main(argv=None):
         if args.grid or args.slurm:  # program/paper/grid.py runs or scripts every point
             command = [sys.executable, os.path.abspath(__file__)]
             return grid.main(args, flags.explicit_flags(argv), command)
+        if args.replay:
+            replay.check_flags(argv)
         flags.check_values(args)
         device = None if args.device == "auto" else args.device
         dist = distributed.setup(args.dist_timeout, device=device)
