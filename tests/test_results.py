@@ -226,3 +226,61 @@ def test_the_grid_runs_each_point_once_keeps_the_lowest_dev_loss_and_shares_the_
         assert [lines[i][-1] for i in (a, b)] == ["yes |" if i == kept else " |" for i in (a, b)]
         differs = plan[kept][3]["learning_rate"] != ROWS[row]["learning_rate"]
         assert (f"- {report.label(row)}: ROWS has" in text) == differs
+
+
+def test_the_gpu_table_is_table_1_at_the_gpu_step_counts(tmp_path):
+    # make results-gpu's plan: ROWS with each trainer's steps replaced, nothing else changed
+    gpu = results.gpu_rows()
+    for row, settings in results.ROWS.items():
+        if settings.get("kind") == "eval":
+            assert gpu[row] == settings
+        else:
+            steps = results.GPU_STEPS[settings["trainer"]]
+            assert (gpu[row]["max_steps"], gpu[row]["eval_steps"]) == steps
+            assert {k: v for k, v in gpu[row].items() if not k.endswith("_steps")} == {
+                k: v for k, v in settings.items() if not k.endswith("_steps")
+            }
+    # the same path at a tiny size on CPU: the runs take the steps, the table goes in its block
+    plan = results.runs(
+        results.gpu_rows(ROWS, steps={"zo": (3, 1), "fo": (2, 2)}),
+        seeds=(0,),
+        model=models.TINY_OPT,
+        data_dir=None,
+        data_flags=DATA,
+        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1},
+    )
+    walls = results.run_all(plan, str(tmp_path), in_process([]))
+    for row, _, script, flags in plan:
+        if script == "train.py":
+            config = json.load(
+                open(results.folder_of(str(tmp_path), script, flags) + "/config.json")
+            )
+            assert config["max_steps"] == (3 if row == "mezo-lora" else 2)
+    text = results.markdown(plan, str(tmp_path), walls)
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(
+        f"{results.BEGIN}\nTable 1\n{results.END}\n{results.GPU_BEGIN}\n{results.GPU_END}\n"
+    )
+    results.write_between_markers(doc, text, results.GPU_BEGIN, results.GPU_END)
+    assert doc.read_text() == (
+        f"{results.BEGIN}\nTable 1\n{results.END}\n{results.GPU_BEGIN}\n{text}\n{results.GPU_END}\n"
+    )
+    assert "| MeZO (LoRA) |" in text and "--max_steps 3" in text
+
+
+def test_the_tables_are_run_one_at_a_time(capsys):
+    assert results.main(["--gpu", "--grid", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --grid, --estimators and --gpu are three tables") and (
+        err.count("\n") == 1
+    )
+
+
+def test_results_md_has_one_block_per_table():
+    for begin, end in [
+        (results.BEGIN, results.END),
+        (results.GRID_BEGIN, results.GRID_END),
+        (results.ESTIMATORS_BEGIN, results.ESTIMATORS_END),
+        (results.GPU_BEGIN, results.GPU_END),
+    ]:
+        results.marked_text(results.ROOT + "/RESULTS.md", begin, end)  # raises otherwise

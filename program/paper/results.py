@@ -10,9 +10,10 @@ finished run (results.json) is skipped, an interrupted train.py run resumed. The
 (program/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
 the markers below, with each row's command.
 
-The settings of each row are in ROWS, the one place to change them. `--grid` (`make results-grid`)
-runs the grid on dev behind its learning rates (GRID, seed 0) and writes that table; `--estimators`
-(`make results-estimators`) the estimators side by side (ESTIMATOR_ROWS).
+The settings of each row are in program/paper/rows.py, the one place to change them. `--grid`
+(`make results-grid`) runs the grid on dev behind ROWS' learning rates (GRID, seed 0) and writes
+that table; `--estimators` (`make results-estimators`) the estimators side by side (ESTIMATOR_ROWS);
+`--gpu` (`make results-gpu`) ROWS at GPU_STEPS, the paper's step counts scaled to one GPU.
 """
 
 import itertools
@@ -29,125 +30,27 @@ from program.json_files import write_json
 from program.paper import report
 from program.paper.grid import train_argv
 from program.paper.presets import run_name
+from program.paper.rows import (
+    DATA,
+    DATA_FLAGS,
+    ESTIMATOR_ROWS,
+    GPU_STEPS,
+    GRID,
+    MODEL,
+    ROWS,
+    SEEDS,
+    TRAIN_FLAGS,
+)
 from program.paper.runs import files_read, load_finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODEL, DATA = ".cache/smollm2-135m-instruct", ".cache/rotten-tomatoes"
-# The paper's protocol (mezo.sh: 1000 train, 500 dev; 1000 test, here 500: 0.2 points per example).
-DATA_FLAGS = {
-    "task": "SST2",
-    "num_train": 1000,
-    "num_dev": 500,
-    "num_eval": 500,
-    "train_set_seed": 0,
-}
-# ZO/optimizer seeds of the trained rows; the data (train, dev, test rows) is the same for every
-# row.
-SEEDS = (0, 1, 2)
-TRAIN_FLAGS = {
-    "max_length": 128,
-    "eval_batch_size": 16,
-    "logging_steps": 10,
-    "eval_final_step": True,
-}
-# One row per line: eval.py flags (kind "eval") or train.py flags. Budget (README "make results"):
-# the whole table in 90 minutes on 2 idle cores. MeZO LoRA and prefix at batch 8: at equal forward
-# passes, twice the steps of batch 16 move the dev loss further. MeZO ft keeps 16: on 2 cores its
-# step is mostly the perturbation of 135M weights, which a smaller batch does not shrink. Learning
-# rates: GRID's best on dev. 16 demonstrations: the paper's 32 fit SmolLM2's 8192 positions but
-# double the cost (the timings behind these: BENCHMARKS.md, "make demo and make results").
-ROWS = {
-    "zero-shot": {"kind": "eval", "num_train": 0},
-    "icl": {"kind": "eval", "num_train": 16},
-    "mezo": {
-        "trainer": "zo",
-        "mode": "ft",
-        "batch_size": 16,
-        "learning_rate": 3e-5,
-        "zo_eps": 1e-3,
-        "max_steps": 100,
-        "eval_steps": 50,
-    },
-    "mezo-lora": {
-        "trainer": "zo",
-        "mode": "lora",
-        "batch_size": 8,
-        "learning_rate": 3e-3,
-        "zo_eps": 1e-2,
-        "max_steps": 100,
-        "eval_steps": 50,
-    },
-    "mezo-prefix": {
-        "trainer": "zo",
-        "mode": "prefix",
-        "batch_size": 8,
-        "learning_rate": 3e-2,
-        "zo_eps": 1e-1,
-        "max_steps": 100,
-        "eval_steps": 50,
-    },
-    "ft": {
-        "trainer": "fo",
-        "mode": "ft",
-        "batch_size": 16,
-        "learning_rate": 3e-5,
-        "max_steps": 40,
-        "eval_steps": 20,
-    },
-    "ft-lora": {
-        "trainer": "fo",
-        "mode": "lora",
-        "batch_size": 16,
-        "learning_rate": 5e-4,
-        "max_steps": 40,
-        "eval_steps": 20,
-    },
-}
-# The grid on dev behind ROWS' learning rates (`--grid`): each point is a row's seed-0 run at its
-# full length, so the point ROWS keeps is also that row's first run. eps is the paper's per mode (ft
-# 1e-3, LoRA 1e-2, prefix 1e-1), not varied: the paper's grids fix it too, and each point costs a
-# run.
-GRID = {
-    "mezo": {"learning_rate": (1e-5, 3e-5)},
-    "mezo-lora": {"learning_rate": (1.5e-3, 3e-3)},
-    "mezo-prefix": {"learning_rate": (1e-2, 3e-2)},
-    "ft": {"learning_rate": (1e-5, 3e-5)},
-    "ft-lora": {"learning_rate": (1e-4, 5e-4)},
-}
-# The estimators side by side (FZOO, Sparse-MeZO; README "Estimators") at 240 forward passes,
-# evaluated about every 80: MeZO's arm is MeZO-LoRA at batch 16, lr 3e-3.
-# Learning rates match the z noise an update adds (no grid): FZOO's normalised estimate sum_i g_i
-# z_i has norm ~ sqrt(d / N), MeZO's g z ~ |g| sqrt(d), |g| rms 1.6 in the MeZO-LoRA runs
-# (BENCHMARKS.md); equal noise per forward pass gives lr_fzoo = lr |g| sqrt(N (N + 1) / 2) ~ 3e-2,
-# taken at 2e-2. Sparse-MeZO perturbs a quarter of the weights, so lr / sqrt(1 - 0.75) = 6e-3 adds
-# MeZO's noise per step.
-_MEZO_LORA_BS16 = {
-    "trainer": "zo",
-    "mode": "lora",
-    "batch_size": 16,
-    "learning_rate": 3e-3,
-    "zo_eps": 1e-2,
-    "max_steps": 120,
-    "eval_steps": 40,
-}
-ESTIMATOR_ROWS = {
-    "mezo-lora": _MEZO_LORA_BS16,
-    "fzoo-lora": {
-        **_MEZO_LORA_BS16,
-        "estimator": "fzoo",
-        "fzoo_n": 8,
-        "learning_rate": 2e-2,
-        "max_steps": 27,
-        "eval_steps": 9,
-    },
-    "sparse-mezo-lora": {**_MEZO_LORA_BS16, "sparse_mezo": 0.75, "learning_rate": 6e-3},
-}
 BEGIN, END = "<!-- make results: begin -->", "<!-- make results: end -->"
 ESTIMATORS_BEGIN, ESTIMATORS_END = (
     "<!-- make results estimators: begin -->",
     "<!-- make results estimators: end -->",
 )
 GRID_BEGIN, GRID_END = "<!-- make results grid: begin -->", "<!-- make results grid: end -->"
+GPU_BEGIN, GPU_END = "<!-- make results gpu: begin -->", "<!-- make results gpu: end -->"
 EVAL_FLAGS = ("task", "num_train", "num_eval", "max_length", "batch_size")
 
 
@@ -192,6 +95,16 @@ def runs(
                 for seed in seeds
             ]
     return out
+
+
+def gpu_rows(rows=ROWS, steps=GPU_STEPS):
+    """ROWS with each trainer's (max_steps, eval_steps) from `steps` (make results-gpu)."""
+    return {
+        row: settings
+        if settings.get("kind") == "eval"
+        else {**settings, **dict(zip(("max_steps", "eval_steps"), steps[settings["trainer"]]))}
+        for row, settings in rows.items()
+    }
 
 
 def grid_runs(grid=GRID, rows=ROWS, **kwargs):
@@ -404,25 +317,31 @@ def main(argv=None):
     p.add_argument(
         "--grid", action="store_true", help="the grid on dev behind ROWS (GRID, seed 0) instead"
     )
+    p.add_argument(
+        "--gpu", action="store_true", help="ROWS at GPU_STEPS (the paper's, scaled to one GPU)"
+    )
     p.add_argument("--figure", metavar="PNG", help="--estimators: also draw their dev curves here")
     p.add_argument("--model", default=MODEL), p.add_argument("--data_dir", default=DATA)
     args = p.parse_args(argv)
     try:
-        if args.grid and args.estimators:
+        if args.grid + args.estimators + args.gpu > 1:
             raise DataError(
-                "--grid and --estimators are two tables, run one at a time "
+                "--grid, --estimators and --gpu are three tables, run one at a time "
                 "(python -m program.paper.results)"
             )
         where = {"model": args.model, "data_dir": args.data_dir}
         if args.grid:
             plan = grid_runs(**where)
         else:
-            plan = runs(ESTIMATOR_ROWS if args.estimators else ROWS, **where)
+            rows = ESTIMATOR_ROWS if args.estimators else gpu_rows() if args.gpu else ROWS
+            plan = runs(rows, **where)
         markers = (
             (GRID_BEGIN, GRID_END)
             if args.grid
             else (ESTIMATORS_BEGIN, ESTIMATORS_END)
             if args.estimators
+            else (GPU_BEGIN, GPU_END)
+            if args.gpu
             else (BEGIN, END)
         )
         check_outputs(args, plan, markers)  # every output checked before the first run
