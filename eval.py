@@ -218,9 +218,11 @@ def main(argv=None):
                     f"{len(splits['train'])} (--num_train {args.num_train})"
                 )
             test, demo_sets = data.icl_splits(splits, args.num_train, args.num_eval)
-    except ValueError as e:  # ModelError, DataError
+    except BaseException as e:  # nothing was written: the folder is left as it was
         lock.abandon()
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, ValueError):  # a bug or an interrupt: its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr)  # ModelError, DataError: one line
         return 2
     try:
         return run_eval(args, model, tok, task, test, demo_sets)

@@ -195,10 +195,12 @@ def main(argv=None):
             os.makedirs(args.output_dir, exist_ok=True)
             write_json(os.path.join(args.output_dir, "config.json"), settings)
         dist.barrier()  # rank 0 prepared the folder before any rank writes into it
-    except ValueError as e:  # ModelError, DataError and bad values: one line, exit 2
+    except BaseException as e:  # nothing was written: the folder is left as it was
         if lock is not None:
-            lock.abandon()  # nothing was written: the folder is as it was
-        print(f"error: {e}", file=sys.stderr)
+            lock.abandon()
+        if not isinstance(e, ValueError):  # a bug or an interrupt: its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr)  # ModelError, DataError, bad values: one line
         return 2
     try:
         with dist.guard():  # a lost rank ends the others with one error line, not a hang
