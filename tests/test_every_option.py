@@ -14,7 +14,7 @@ import torch
 import train
 from program import config, flags
 from program.checkpoint import trainable
-from program.paper import report, seeds
+from program.paper import seeds, tables
 from program.paper.runs import Run
 from program.run_folder import check_run_folder
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
@@ -137,7 +137,7 @@ def test_a_diverged_seed_is_a_marked_cell_of_the_estimators_table(tmp_path, nan)
             nan=nan,
         ),
     ]
-    text = report.estimators_markdown({"mezo-lora": runs}, baseline="mezo-lora")
+    text = tables.estimators_markdown({"mezo-lora": runs}, baseline="mezo-lora")
     cells = text.splitlines()[2].split(" | ")
     first, second = [50, 25, 50], [75, 50]  # every seed finite at 2 forward passes; seed 2 not at 4
     assert cells[1] == f"2: {seeds_cell(first, 0)}, 4: {seeds_cell(second, 1)}"
@@ -155,7 +155,7 @@ def test_a_diverged_seed_is_a_marked_cell_of_the_seeds_table(tmp_path, nan):
         finished_run(tmp_path / "s1", 1, [], test=0.75),
         finished_run(tmp_path / "s2", 2, [], test=bad, selected_loss=bad, nan=nan),
     ]
-    text = report.seeds_markdown({"mezo-lora": [(run, None) for run in runs]})
+    text = tables.seeds_markdown({"mezo-lora": [(run, None) for run in runs]})
     cells = text.splitlines()[2].split(" | ")
     assert cells[1] == seeds_cell([50, 75], 1) and cells[2] == "3"
     assert text.count(f"({seeds.DIVERGED}k)") == 1 and "seeds diverged" in text

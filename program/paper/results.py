@@ -7,7 +7,7 @@ in SST-2's format, not SST-2) under the paper's protocol: train and dev drawn fr
 / prefix (train.py) and backprop ft / LoRA (train.py --trainer fo), the trained rows over SEEDS.
 Every run has its own folder under --out (named by its flags, so a changed setting is a new run); a
 finished run (results.json) is skipped, an interrupted train.py run resumed. Then the table
-(program/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
+(program/paper/tables.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
 the markers below, with each row's command.
 
 The settings of each row are in program/paper/rows.py, the one place to change them. `--grid`
@@ -27,7 +27,7 @@ import time
 from data import DataError
 from data.files import atomic_write, check_file_target, check_writes
 from program.json_files import write_json
-from program.paper import report
+from program.paper import report, tables
 from program.paper.grid import train_argv
 from program.paper.presets import run_name
 from program.paper.rows import (
@@ -194,7 +194,7 @@ def markdown(plan, out, walls):
                 f"- {report.label(row)}: `python {shlex.join(command(script, flags, folder))}`"
             )
         cells.setdefault(row, []).append((load_finished([folder])[0], walls.get(folder)))
-    return "\n".join([report.seeds_markdown(cells), *commands])
+    return "\n".join([tables.seeds_markdown(cells), *commands])
 
 
 def inputs(plan, out):
@@ -213,7 +213,7 @@ def inputs(plan, out):
 
 
 def estimators_markdown(plan, out, figure_path=None):
-    """The estimators' table (report.estimators_markdown) and each row's command; with figure_path,
+    """The estimators' table (tables.estimators_markdown) and each row's command; with figure_path,
     their dev curves against forward passes as a PNG (plots.forward_pass_curves)."""
     rows, commands = {}, ["", "Commands (seeds as above):", ""]
     for row, seed, script, flags in plan:
@@ -237,11 +237,11 @@ def estimators_markdown(plan, out, figure_path=None):
             reads=sum(inputs(plan, out), []),
             where=f"--figure {figure_path}",
         )
-    return "\n".join([report.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
+    return "\n".join([tables.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
 
 
 def grid_markdown(plan, out, rows=ROWS, grid=GRID):
-    """The grid's table (report.grid_markdown); a row whose settings in ROWS are not its kept point
+    """The grid's table (tables.grid_markdown); a row whose settings in ROWS are not its kept point
     says so."""
     cells = {}
     for row, _, script, flags in plan:
@@ -255,7 +255,7 @@ def grid_markdown(plan, out, rows=ROWS, grid=GRID):
                 f"- {report.label(row)}: ROWS has {differ}; the grid keeps "
                 f"{ {k: kept.config.get(k) for k in differ} }."
             )
-    return "\n".join([report.grid_markdown(cells), *([""] + notes if notes else [])])
+    return "\n".join([tables.grid_markdown(cells), *([""] + notes if notes else [])])
 
 
 def marked_text(path, begin=BEGIN, end=END) -> str:
