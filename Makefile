@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install smollm2 rotten-tomatoes test check lint demo results results-grid results-estimators results-gpu bench gpu-check \
+.PHONY: install smollm2 rotten-tomatoes test check lint demo results results-grid results-estimators results-directions results-gpu bench gpu-check \
 	grid clean
 
 install: $(STAMP)
@@ -86,6 +86,11 @@ results-grid: $(RESULTS_DEPS)
 results-estimators: $(RESULTS_DEPS)
 	$(PY) -m program.paper.results --estimators --out runs/results --write RESULTS.md \
 		--figure program/paper/figures/estimators-lora.png
+
+# 1, 2, 4 and 8 directions a step side by side, MeZO-LoRA (program/paper/rows.py DIRECTION_ROWS).
+results-directions: $(RESULTS_DEPS)
+	$(PY) -m program.paper.results --directions --out runs/results --write RESULTS.md \
+		--figure program/paper/figures/directions-lora.png
 
 # Table 1 on one GPU: ROWS at the paper's step counts scaled to about 8 minutes on one H100 (rows.py
 # GPU_STEPS), with the GPU machine's own Python (see gpu-check); its own block of RESULTS.md.

@@ -13,6 +13,7 @@ the markers below, with each row's command.
 The settings of each row are in program/paper/rows.py, the one place to change them. `--grid`
 (`make results-grid`) runs the grid on dev behind ROWS' learning rates (GRID, seed 0) and writes
 that table; `--estimators` (`make results-estimators`) the estimators side by side (ESTIMATOR_ROWS);
+`--directions` (`make results-directions`) 1 to 8 directions a step side by side (DIRECTION_ROWS);
 `--gpu` (`make results-gpu`) ROWS at GPU_STEPS, the paper's step counts scaled to one GPU.
 """
 
@@ -33,6 +34,7 @@ from program.paper.presets import run_name
 from program.paper.rows import (
     DATA,
     DATA_FLAGS,
+    DIRECTION_ROWS,
     ESTIMATOR_ROWS,
     GPU_STEPS,
     GRID,
@@ -51,6 +53,25 @@ ESTIMATORS_BEGIN, ESTIMATORS_END = (
 )
 GRID_BEGIN, GRID_END = "<!-- make results grid: begin -->", "<!-- make results grid: end -->"
 GPU_BEGIN, GPU_END = "<!-- make results gpu: begin -->", "<!-- make results gpu: end -->"
+DIRECTIONS_BEGIN, DIRECTIONS_END = (
+    "<!-- make results directions: begin -->",
+    "<!-- make results directions: end -->",
+)
+# the tables of rows side by side against forward passes: (rows, table, markers, figure title)
+SIDE_BY_SIDE = {
+    "estimators": (
+        ESTIMATOR_ROWS,
+        tables.estimators_markdown,
+        (ESTIMATORS_BEGIN, ESTIMATORS_END),
+        "SmolLM2-135M-Instruct, LoRA, Rotten Tomatoes snippets: MeZO, FZOO, Sparse-MeZO",
+    ),
+    "directions": (
+        DIRECTION_ROWS,
+        tables.directions_markdown,
+        (DIRECTIONS_BEGIN, DIRECTIONS_END),
+        "SmolLM2-135M-Instruct, MeZO-LoRA, Rotten Tomatoes snippets: 1 to 8 directions a step",
+    ),
+}
 EVAL_FLAGS = ("task", "num_train", "num_eval", "max_length", "batch_size")
 
 
@@ -212,9 +233,11 @@ def inputs(plan, out):
     return sources, [("wall-times", os.path.join(out, "wall_times.json")), *files_read(folders)]
 
 
-def estimators_markdown(plan, out, figure_path=None):
-    """The estimators' table (tables.estimators_markdown) and each row's command; with figure_path,
-    their dev curves against forward passes as a PNG (plots.forward_pass_curves)."""
+def side_by_side_markdown(plan, out, kind="estimators", figure_path=None):
+    """The table of SIDE_BY_SIDE[kind] (tables.estimators_markdown, tables.directions_markdown;
+    the first row is the baseline) and each row's command; with figure_path, their dev curves
+    against forward passes as a PNG (plots.forward_pass_curves)."""
+    _, table, _, title = SIDE_BY_SIDE[kind]
     rows, commands = {}, ["", "Commands (seeds as above):", ""]
     for row, seed, script, flags in plan:
         folder = folder_of(out, script, flags)
@@ -224,11 +247,7 @@ def estimators_markdown(plan, out, figure_path=None):
     if figure_path:
         from program.paper import plots
 
-        fig = plots.forward_pass_curves(
-            plots.figure_class(),
-            rows,
-            "SmolLM2-135M-Instruct, LoRA, Rotten Tomatoes snippets: MeZO, FZOO, Sparse-MeZO",
-        )
+        fig = plots.forward_pass_curves(plots.figure_class(), rows, title)
         folder, name = os.path.split(os.path.abspath(figure_path))
         report.save(
             folder,
@@ -237,7 +256,7 @@ def estimators_markdown(plan, out, figure_path=None):
             reads=sum(inputs(plan, out), []),
             where=f"--figure {figure_path}",
         )
-    return "\n".join([tables.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
+    return "\n".join([table(rows, baseline=next(iter(rows))), *commands])
 
 
 def grid_markdown(plan, out, rows=ROWS, grid=GRID):
@@ -277,26 +296,47 @@ def write_between_markers(path, text, begin=BEGIN, end=END):
     atomic_write(path, f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
-def check_outputs(args, plan, markers) -> None:
+# the tables besides Table 1, one flag each: (help, markers)
+TABLES = {
+    "grid": ("the grid on dev behind ROWS (GRID, seed 0)", (GRID_BEGIN, GRID_END)),
+    "estimators": ("the estimators side by side (ESTIMATOR_ROWS)", SIDE_BY_SIDE["estimators"][2]),
+    "directions": (
+        "1 to 8 directions a step side by side (DIRECTION_ROWS)",
+        SIDE_BY_SIDE["directions"][2],
+    ),
+    "gpu": ("ROWS at GPU_STEPS (the paper's, scaled to one GPU)", (GPU_BEGIN, GPU_END)),
+}
+
+
+def check_outputs(args, plan, table) -> None:
     """--out, --write and --figure, refused now rather than after the whole plan has run."""
     sources, own = inputs(plan, args.out)
     check_writes([args.out], sources, f"--out {args.out}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DataError(f"not a folder (--out {args.out})")
-    if args.figure and not args.estimators:
+    if args.figure and table not in SIDE_BY_SIDE:
         raise DataError(
-            f"--figure draws the estimators' curves: pass --estimators (--figure {args.figure})"
+            "--figure draws rows side by side against forward passes: pass --estimators or "
+            f"--directions (--figure {args.figure})"
         )
     for flag, path in (("--write", args.write), ("--figure", args.figure)):
         if path:
             check_writes([path], sources + own, f"{flag} {path}")
             check_file_target(path, f"{flag} {path}", make_parents=flag == "--figure")
     if args.write:
-        marked_text(args.write, *markers)
+        marked_text(args.write, *TABLES.get(table, (None, (BEGIN, END)))[1])
     if args.figure:
         from program.paper import plots
 
         plots.figure_class()  # matplotlib is there
+
+
+def plan_of(table, **where):
+    if table == "grid":
+        return grid_runs(**where)
+    if table in SIDE_BY_SIDE:
+        return runs(SIDE_BY_SIDE[table][0], **where)
+    return runs(gpu_rows() if table == "gpu" else ROWS, **where)
 
 
 def main(argv=None):
@@ -309,51 +349,34 @@ def main(argv=None):
         metavar="FILE",
         help="put the table into FILE (e.g. RESULTS.md) between its markers",
     )
+    for name, (what, _) in TABLES.items():
+        p.add_argument(f"--{name}", action="store_true", help=f"{what} instead of Table 1")
     p.add_argument(
-        "--estimators",
-        action="store_true",
-        help="the estimators' comparison (ESTIMATOR_ROWS) instead",
+        "--figure",
+        metavar="PNG",
+        help="--estimators, --directions: also draw their dev curves here",
     )
-    p.add_argument(
-        "--grid", action="store_true", help="the grid on dev behind ROWS (GRID, seed 0) instead"
-    )
-    p.add_argument(
-        "--gpu", action="store_true", help="ROWS at GPU_STEPS (the paper's, scaled to one GPU)"
-    )
-    p.add_argument("--figure", metavar="PNG", help="--estimators: also draw their dev curves here")
     p.add_argument("--model", default=MODEL), p.add_argument("--data_dir", default=DATA)
     args = p.parse_args(argv)
     try:
-        if args.grid + args.estimators + args.gpu > 1:
+        chosen = [name for name in TABLES if getattr(args, name)]
+        if len(chosen) > 1:
             raise DataError(
-                "--grid, --estimators and --gpu are three tables, run one at a time "
-                "(python -m program.paper.results)"
+                f"{', '.join('--' + n for n in chosen)} are {len(chosen)} tables, run one at a "
+                "time (python -m program.paper.results)"
             )
-        where = {"model": args.model, "data_dir": args.data_dir}
-        if args.grid:
-            plan = grid_runs(**where)
-        else:
-            rows = ESTIMATOR_ROWS if args.estimators else gpu_rows() if args.gpu else ROWS
-            plan = runs(rows, **where)
-        markers = (
-            (GRID_BEGIN, GRID_END)
-            if args.grid
-            else (ESTIMATORS_BEGIN, ESTIMATORS_END)
-            if args.estimators
-            else (GPU_BEGIN, GPU_END)
-            if args.gpu
-            else (BEGIN, END)
-        )
-        check_outputs(args, plan, markers)  # every output checked before the first run
+        table = chosen[0] if chosen else "table1"
+        plan = plan_of(table, model=args.model, data_dir=args.data_dir)
+        check_outputs(args, plan, table)  # every output checked before the first run
         walls = run_all(plan, args.out)
-        if args.grid:
+        if table == "grid":
             text = grid_markdown(plan, args.out)
-        elif args.estimators:
-            text = estimators_markdown(plan, args.out, args.figure)
+        elif table in SIDE_BY_SIDE:
+            text = side_by_side_markdown(plan, args.out, table, args.figure)
         else:
             text = markdown(plan, args.out, walls)
         if args.write:
-            write_between_markers(args.write, text, *markers)
+            write_between_markers(args.write, text, *TABLES.get(table, (None, (BEGIN, END)))[1])
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

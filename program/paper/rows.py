@@ -1,6 +1,7 @@
 """The runs behind RESULTS.md, the one place to change them: the data and run flags every row
 shares, Table 1's rows (ROWS), the grid behind their learning rates (GRID), the estimators side by
-side (ESTIMATOR_ROWS) and `make results-gpu`'s step counts (GPU_STEPS). program/paper/results.py
+side (ESTIMATOR_ROWS), directions per step side by side (DIRECTION_ROWS) and `make results-gpu`'s
+step counts (GPU_STEPS). program/paper/results.py
 runs them.
 """
 
@@ -120,3 +121,17 @@ ESTIMATOR_ROWS = {
 # every 125 (per epoch). The 8 minutes are an estimate (9 MeZO runs at about 40 ms a step, 6
 # backprop runs, the two evaluations), not yet measured: no GPU has run it.
 GPU_STEPS = {"zo": (1000, 250), "fo": (625, 125)}
+# Directions per step (`make results-directions`): MeZO-LoRA at batch 16 with N = 1, 2, 4 and 8
+# directions a step (n-SPSA: each estimate divided by N; `--parallel directions` spreads the same
+# arithmetic over ranks), every N at the same steps and learning rate, so the table reads them at
+# equal steps and, through their forward passes, at equal forward passes. 40 steps, dev every 10:
+# the N = 8 row alone is 640 forward passes.
+DIRECTION_ROWS = {
+    ("mezo-lora" if n == 1 else f"mezo-lora-nspsa{n}"): {
+        **_MEZO_LORA_BS16,
+        "n_spsa": n,
+        "max_steps": 40,
+        "eval_steps": 10,
+    }
+    for n in (1, 2, 4, 8)
+}

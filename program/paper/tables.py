@@ -154,3 +154,43 @@ def estimators_markdown(rows, baseline):
             f"{_test_over_seeds(runs)} | {len(runs)} |"
         )
     return seeds.with_note(lines)
+
+
+def directions_markdown(rows, baseline):
+    """Directions per step side by side (`make results-directions`, RESULTS.md), every row at the
+    same steps: per row its mean dev loss at each evaluation step, the steps and the forward passes
+    at which its mean dev loss first reaches the baseline row's lowest mean dev loss (ratios to the
+    baseline's own), and the test accuracy of the selected models (mean ± std)."""
+    curves = dev_curve(rows)
+    target = min(
+        (loss for *_, loss, _ in curves[baseline] if not math.isnan(loss)), default=math.nan
+    )
+    lines = [
+        "| method | dev loss at steps | steps to the "
+        f"{label(rows[baseline][0].method)} lowest mean dev loss ({target:.4f}), ratio | "
+        "forward passes to it, ratio | test accuracy (%) | runs |",
+        "|---" * 6 + "|",
+    ]
+    points = {  # (step, forward passes, mean dev loss) of each evaluation
+        row: [
+            (passes // methods.forwards_per_step(runs[0].config), passes, loss)
+            for passes, _, _, loss, _ in curves[row]
+        ]
+        for row, runs in rows.items()
+    }
+    reached = {
+        row: next(((s, p) for s, p, loss in curve if loss <= target), None)
+        for row, curve in points.items()
+    }
+    for row, runs in rows.items():
+        if reached[row] is None:
+            steps = passes = f"not within {points[row][-1][0]} steps"
+        else:
+            (s, p), (base_s, base_p) = reached[row], reached[baseline]
+            steps, passes = f"{s} ({s / base_s:.2f}x)", f"{p} ({p / base_p:.2f}x)"
+        curve = ", ".join(f"{s}: {loss_cell(loss)}" for s, _, loss in points[row])
+        lines.append(
+            f"| {label(runs[0].method)} | {curve} | {steps} | {passes} | "
+            f"{_test_over_seeds(runs)} | {len(runs)} |"
+        )
+    return seeds.with_note(lines)
