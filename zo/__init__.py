@@ -22,7 +22,9 @@ imports nothing of data/, models/ or the program (program/): files on disk are t
     optim.py       lr and n-SPSA schedules, the weight-decay rule (MeZO and FO), torch optimizers
     fo.py          FOConfig, FO: the backprop baseline with the same interface
     replay.py      replay: logged (step, seed, projected_grad, lr) updates applied to base weights
-    distributed.py torchrun setup, replicated (two-scalar all-reduce) and FSDP2 sharded MeZO
+    shares.py      DirectionShare: a rank's share of the step's z, and the gather of the losses
+    distributed.py torchrun setup, replicated (two-scalar all-reduce) and FSDP2 sharded MeZO, the
+                   mesh of direction groups x data shards (--parallel directions)
 
 Training loop (train.py; the trajectory log is program/trajectory.py's, any object with
 `append(step, seed, projected_grad, lr)` will do); nothing returned syncs with the host:
@@ -69,10 +71,12 @@ from .mezo import MeZO, MeZOConfig
 from .optim import learning_rate, num_samples
 from .perturb import LocalView, ParamSlot, collect_slots, whole
 from .replay import replay
+from .shares import DirectionShare
 from .rng import name_key
 
 __all__ = [
     "CudaGraphStep",
+    "DirectionShare",
     "FO",
     "check_supported",
     "FOConfig",
