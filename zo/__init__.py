@@ -71,8 +71,8 @@ from .mezo import MeZO, MeZOConfig
 from .optim import learning_rate, num_samples
 from .perturb import LocalView, ParamSlot, collect_slots, whole
 from .replay import replay
-from .shares import DirectionShare
 from .rng import name_key
+from .shares import DirectionShare
 
 __all__ = [
     "CudaGraphStep",

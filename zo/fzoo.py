@@ -5,15 +5,16 @@ perturbations and one clean forward per step, normalised by the spread of the N 
     l_0 = L(theta)
     projected_grad_i = (l_i - l_0) / (N * std(l_1..l_N))  std over the N perturbed losses,
                                                           population (torch.std(unbiased=False))
-    theta <- theta - lr * sum_i projected_grad_i * z_i    (the fused ZO-SGD update, one z after
-                                                          another)
+    theta <- theta - lr * sum_i projected_grad_i * z_i    (the fused ZO-SGD update: the N z in one
+                                                          pass, rounded after each as N passes)
 
 The std acts as an adaptive step size. Each step costs N + 1 forwards; data-parallel runs reduce the
-N + 1 losses in one all-reduce; directions across ranks gather them in one all-gather. Perturbations are exact-restore (no +eps/-eps drift in the weights),
-z is the counter-based z of zo/rng.py, so the trajectory holds N (seed, projected_grad) lines per
-step and replays bitwise. The loss returned (and logged) is l_0, as the authors' zo_step returns.
-N equal losses (eps too small to move the loss) give std 0 and, as in the authors' formula,
-0/0: the update is skipped and the step counted non-finite (zo/mezo.py zo_step, --max_nonfinite).
+N + 1 losses in one all-reduce; directions across ranks gather them in one all-gather.
+Perturbations are exact-restore (no +eps/-eps drift in the weights), z is the counter-based z of
+zo/rng.py, so the trajectory holds N (seed, projected_grad) lines per step and replays bitwise.
+The loss returned (and logged) is l_0, as the authors' zo_step returns. N equal losses (eps too
+small to move the loss) give std 0 and, as in the authors' formula, 0/0: the update is skipped and
+the step counted non-finite (zo/mezo.py zo_step, --max_nonfinite).
 """
 
 import torch

@@ -124,11 +124,7 @@ class Kernels(NamedTuple):
 def _wrap(fn: Callable, compiled: bool, rounding: dict | None = None) -> Callable:
     def build(options):
         options = _INDUCTOR_OPTIONS | (rounding or {}) | options
-        return (
-            torch.compile(fn, dynamic=True, fullgraph=True, options=options)
-            if compiled
-            else fn
-        )
+        return torch.compile(fn, dynamic=True, fullgraph=True, options=options) if compiled else fn
 
     run, run_serial = build({}), build({"cpp.threads": 1})
     seen_kinds = set()  # (dtype, device, 1 element, serial): a new kind may compile a new graph
@@ -186,6 +182,4 @@ def get_update_many(
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"unknown perturbation distribution (distribution={dist!r})")
     # Inductor skips the rounding of an intermediate to a narrower dtype unless told to emulate it
-    return _wrap(
-        _build_update_many(dist, masked, n), compiled, {"emulate_precision_casts": True}
-    )
+    return _wrap(_build_update_many(dist, masked, n), compiled, {"emulate_precision_casts": True})
