@@ -196,8 +196,8 @@ def direction_groups(args, world: int) -> int:
     groups = args.direction_groups or world
     if world % groups:
         raise DataError(
-            f"{world} ranks do not split into {groups} direction groups "
-            f"(--direction_groups {groups}, WORLD_SIZE={world})"
+            f"WORLD_SIZE={world} does not split into {groups} direction groups "
+            f"(--direction_groups {groups})"
         )
     return groups
 

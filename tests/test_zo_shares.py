@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.zo import lm_batch, lm_loss, tiny_lm
-from zo import DirectionShare, MeZO, MeZOConfig
+from zo import DirectionShare, MeZO, MeZOConfig, check_supported
 from zo.kernels import get_kernels, get_update_many
 
 
@@ -148,3 +148,8 @@ def test_directions_that_cannot_be_shared_are_refused(cfg, what):
     with pytest.raises(ValueError, match="unsupported combination") as e:
         MeZO(model, MeZOConfig(**cfg), share=DirectionShare(0, 2, lambda t: t[None]))
     assert what in str(e.value)
+
+
+def test_cuda_graphs_do_not_share_directions():
+    with pytest.raises(ValueError, match="CUDA graphs run in a single process"):
+        check_supported(MeZOConfig(), cuda_graphs=True, direction_groups=1)
