@@ -31,6 +31,13 @@ equals the single-process loss up to floating-point summation order, the only di
 world sizes: z is a function of (seed, parameter key, global element index) (zo/rng.py), so the
 perturbation and the update are the same numbers on any number of ranks.
 
+Directions across ranks (`Dist.use_directions(G)`, train.py --parallel directions): the ranks form
+a G x W/G mesh, rank = g * (W/G) + d. The W/G ranks of direction group g split the batch as above
+and sum their terms over the "data" dimension (`reduce_losses`); the G groups each evaluate their
+share of the step's z (zo/shares.py) and exchange the losses in one all-gather over the
+"directions" dimension (`gather_losses`). Every rank then computes and applies the same N updates:
+no parameter is communicated. G = W is pure directions (no reduce), G = 1 data parallelism.
+
 Communication per z (tests/bench/comm_counter.py measures it): replicated, one all-reduce of two
 fp32 scalars (8 bytes); sharded, in each of the two forwards one all-gather per FSDP unit (each
 block, then the root's own parameters), plus the same 8-byte all-reduce. No reduce-scatter (no
