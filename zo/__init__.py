@@ -59,6 +59,10 @@ Distributed wrappers plug in through MeZO(model, config, local_view=..., reduce_
   the update writes the local shard with the z of its global indices. The forward hooks need
   nothing: they perturb the transient all-gathered tensor at offset 0 inside FSDP's unshard/reshard.
 
+- share=DirectionShare(group, groups, gather) (zo/shares.py): the rank evaluates only its group's
+  seeds of each step, and `gather` (`Dist.gather_losses`: one all-gather) hands every rank every
+  group's losses; all ranks then apply the same N updates (`--parallel directions`).
+
 Errors: bad configuration raises ValueError; a failing torch.compile raises RuntimeError naming
 perturbation="eager" (the uncompiled debugging path).
 """
