@@ -178,6 +178,7 @@ def main(argv=None):
         if args.dry_run:
             print(json.dumps(config.values(args), indent=1))
             return 0
+        dist.use_directions(flags.direction_groups(args, dist.world_size))  # the mesh, if any
         # everything is checked before anything is written: folder, model, data, checkpoint
         args, lock = claim_folder(args, dist)
         run = Run(args, dist)

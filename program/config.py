@@ -164,6 +164,19 @@ class RunConfig:
     # where and how it runs
     device: str = setting("auto", "auto: cuda:LOCAL_RANK when CUDA is there, else cpu", free=True)
     fsdp: bool = setting(False, "shard parameters with FSDP2 (torchrun)", switch=True)
+    parallel: str = setting(
+        "data",
+        "what torchrun's ranks share: data: the batch, every rank the same z; directions: the "
+        "step's z (--n_spsa or --fzoo_n), each rank its own on the whole batch",
+        choices=("data", "directions"),
+        free=True,
+    )
+    direction_groups: int | None = setting(
+        help="--parallel directions: groups of ranks sharing the step's z, the ranks of a group "
+        "splitting the batch (default: one group per rank)",
+        check=POSITIVE,
+        free=True,
+    )
     dist_timeout: float = setting(
         600.0, "seconds before a rank gives up on a lost peer", check=finite(0, False), free=True
     )

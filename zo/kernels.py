@@ -9,6 +9,8 @@ rounded to the parameter's dtype once.
     seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
                                                           (the update of large_models/trainer.py
                                                           zo_update)
+    update_many_(p, seeds=, grads=, wds=, ...)            the n updates of a step in one pass
+                                                          (get_update_many; bitwise n update_)
 
 Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and
 use z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no
@@ -96,19 +98,33 @@ def _build(dist: str, masked: bool):
     return perturb_, perturbed_, update_
 
 
+def _build_update_many(dist: str, masked: bool, n: int):
+    z_of = DISTRIBUTIONS[dist]
+
+    # n update_ passes in one: each direction's term is rounded to p's dtype before the next, as
+    # the n passes round (bitwise the same), but p is read and written once
+    def update_many_(p, seeds, key, offset, lr, grads, wds, threshold=None):
+        compute = _compute_dtype(p.dtype)
+        pf = p.to(compute)
+        for k in range(n):
+            z = z_of(seeds[k], key, offset, pf.numel(), pf.device)
+            z = torch.where(pf.abs() <= threshold, z, 0.0) if masked else z
+            pf = (pf - lr * (grads[k] * z + wds[k] * pf)).to(p.dtype).to(compute)
+        p.copy_(pf.to(p.dtype))
+
+    return update_many_
+
+
 class Kernels(NamedTuple):
     perturb_: Callable
     perturbed_: Callable
     update_: Callable
 
 
-def _wrap(fn: Callable, compiled: bool) -> Callable:
+def _wrap(fn: Callable, compiled: bool, rounding: dict | None = None) -> Callable:
     def build(options):
-        return (
-            torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS | options)
-            if compiled
-            else fn
-        )
+        options = _INDUCTOR_OPTIONS | (rounding or {}) | options
+        return torch.compile(fn, dynamic=True, fullgraph=True, options=options) if compiled else fn
 
     run, run_serial = build({}), build({"cpp.threads": 1})
     seen_kinds = set()  # (dtype, device, 1 element, serial): a new kind may compile a new graph
@@ -154,3 +170,16 @@ def get_kernels(dist: str = "normal", compiled: bool = True, masked: bool = Fals
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"unknown perturbation distribution (distribution={dist!r})")
     return Kernels(*(_wrap(fn, compiled) for fn in _build(dist, masked)))
+
+
+@functools.cache
+def get_update_many(
+    dist: str = "normal", compiled: bool = True, masked: bool = False, n: int = 2
+) -> Callable:
+    """update_many_(p, seeds=, key=, offset=, lr=, grads=, wds=): the n updates p -= lr * (grads[k]
+    * z(seeds[k]) + wds[k] * p), k = 0 .. n-1 in order, in one pass over p; bitwise the n update_
+    calls. seeds, grads, wds: (n,) tensors on p's device. One compiled kernel per n (unrolled)."""
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"unknown perturbation distribution (distribution={dist!r})")
+    # Inductor skips the rounding of an intermediate to a narrower dtype unless told to emulate it
+    return _wrap(_build_update_many(dist, masked, n), compiled, {"emulate_precision_casts": True})

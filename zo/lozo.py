@@ -68,6 +68,17 @@ class LOZO(Dense):
             "v_key": self.v_keys[slot],
         }
 
+    def update_many(self, slot, n: int):
+        """A matrix's n updates one after another (each materialises its U V^T)."""
+        if slot.param.dim() < 2:
+            return super().update_many(slot, n)
+
+        def update_many_(p, seeds, grads, wds, **args):
+            for k in range(n):
+                self.low_rank.update_(p, seed=seeds[k], grad=grads[k], wd=wds[k], **args)
+
+        return update_many_
+
     def prepare(self, step: int, seeds: list[int]) -> None:
         if step % self.nu == 0:
             self.v_seed.set(seeds[0])

@@ -37,8 +37,10 @@ class SparseMagnitude(Dense):
         ),
     )
     TAG = ("sparse", "sparse_mezo", "Sparse-MeZO {}")
+    MASKED = True
 
     def __init__(self, slots, cfg, compiled: bool):
+        self.distribution, self.compiled = cfg.distribution, compiled
         self.masked = get_kernels(cfg.distribution, compiled, masked=True)
         # k-th smallest |theta| of each parameter: a fraction (1 - sparsity) of it is perturbed
         self.ranks = {

@@ -18,9 +18,10 @@ import statistics
 import sys
 import time
 
+import bench_model  # puts the repository root on sys.path
 import torch
 
-from zo.kernels import get_kernels
+from zo.kernels import get_kernels, get_update_many
 
 EPS = 1e-3
 
@@ -134,6 +135,45 @@ def run(n: int = 50_000_000, repeats: int = 7) -> list[dict]:
                 }
             )
     return rows
+
+
+def update_many(
+    n: int, ns=(2, 4, 8), repeats: int = 5, device: str = "cpu", dtype=torch.float32
+) -> dict:
+    """A step's N updates (n-SPSA, FZOO, directions across ranks) over n elements: one fused
+    update_many_ pass against N update_ passes, timed interleaved (bench_model.interleaved), and
+    whether the two leave bitwise the same weights. -> {N: {ms, ratio: fused / passes, bitwise}}."""
+    update_ = get_kernels("normal").update_
+    out = {}
+    for count in ns:
+        scalar = lambda v, dtype=torch.float32: torch.full((), v, dtype=dtype, device=device)  # noqa: E731
+        seeds = torch.arange(1, count + 1, device=device) * 1_000_003
+        grads = torch.linspace(-2.0, 2.0, count, device=device)
+        wds = torch.zeros(count, device=device)
+        wds[0] = 0.1
+        common = dict(key=scalar(987654321, torch.int64), offset=scalar(0, torch.int64))
+        lr = scalar(1e-6)
+        fused = get_update_many("normal", n=count)
+        p = torch.randn(n, device=device).to(dtype)
+        q = p.clone()
+
+        def passes(p=p, seeds=seeds, grads=grads, wds=wds, count=count):
+            for k in range(count):
+                update_(p, seed=seeds[k], lr=lr, grad=grads[k], wd=wds[k], **common)
+
+        def one(q=q, seeds=seeds, grads=grads, wds=wds, fused=fused):
+            fused(q, seeds=seeds, lr=lr, grads=grads, wds=wds, **common)
+
+        passes(), one()  # compile, and the same updates from the same start
+        bitwise = torch.equal(p, q)
+        times = bench_model.interleaved({"passes": passes, "fused": one}, repeats, device, False)
+        out[count] = {
+            "ms": bench_model.medians_ms(times),
+            "ratio": bench_model.ratio(times, "fused", "passes"),
+            "bitwise": bitwise,
+        }
+        del p, q
+    return out
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ this run so that machine-wide slowdowns cancel (this 2-core machine is shared an
 6. shared-prompt scoring with logits where read vs one sequence per candidate with logits
    everywhere: MeZO steps, zero-shot / ICL / Copa / CB evaluations, peak memory (bench_scoring);
 7. FZOO's and Sparse-MeZO's time per forward pass against MeZO's, on the same LoRA model and batch
-   (bench_estimators).
+   (bench_estimators);
+8. the update of N = 2, 4, 8 directions in one fused pass vs N passes, 50M fp32 (bench_perturb).
 With CUDA the perturbation rows also run on the GPU (fused vs a device-to-device copy), and the step
 and memory rows at OPT-1.3b shape in bf16. `--quick` runs every row at tiny sizes (a smoke test,
 tests/test_bench.py); its numbers mean nothing.
@@ -280,6 +281,31 @@ def perturb_rows(plan, raw) -> list[dict]:
                 )
             )
     return rows
+
+
+def update_many_rows(plan, raw) -> list[dict]:
+    """N directions' updates in one fused pass vs N passes (issue 31), each N timed interleaved;
+    no goal on the CPU, where each pass is compute-bound (N hashes either way)."""
+    r = raw["update_many"] = bench_perturb.update_many(
+        plan["perturb_n"], repeats=plan["perturb_repeats"]
+    )
+    return [
+        row(
+            f"update_many.n{count}",
+            "cpu",
+            f"update of {count} directions, {plan['perturb_n'] / 1e6:g}M fp32: one fused pass / "
+            f"{count} passes",
+            m["ratio"]["median"],
+            "x",
+            None,
+            None,
+            "-",
+            f"fused {m['ms']['fused']:.1f} ms, {count} passes {m['ms']['passes']:.1f} ms; "
+            f"bitwise equal: {m['bitwise']}",
+            {**m["ratio"], "n": plan["perturb_repeats"]},
+        )
+        for count, m in r.items()
+    ]
 
 
 def forward_rows(plan, raw) -> list[dict]:
@@ -683,7 +709,7 @@ def main() -> None:
         "--only",
         nargs="+",
         metavar="SECTION",
-        help="run these sections only (perturb, forward, "
+        help="run these sections only (perturb, update_many, forward, "
         "llama, scoring, step.cpu, memory.cpu, comm, ...)",
     )
     args = ap.parse_args()
@@ -692,6 +718,7 @@ def main() -> None:
     start, raw, seconds = time.time(), {}, {}
     sections = [
         ("perturb", lambda: perturb_rows(plan, raw)),
+        ("update_many", lambda: update_many_rows(plan, raw)),
         ("forward", lambda: forward_rows(plan, raw)),
         ("llama", lambda: llama_rows(plan, raw)),
         ("scoring", lambda: scoring_rows(plan, raw)),
