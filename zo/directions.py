@@ -18,7 +18,7 @@ class Dense(Part):
     NAME = "dense"
 
     def __init__(self, slots, cfg, compiled: bool):
-        self.dense = get_kernels(cfg.distribution, compiled)
+        self.dense = get_kernels(cfg.distribution, compiled, normal_z=cfg.normal_z)
 
     @staticmethod
     def selected(cfg) -> bool:

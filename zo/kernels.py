@@ -39,14 +39,19 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .rng import DISTRIBUTIONS
+from .rng import DEFAULT_NORMAL_Z, z_function
 
 # Inductor re-evaluates an unrealized pointwise expression at every use while lowering; the hash
 # uses each intermediate twice per round, so the compile work grows like 8^rounds. Realizing
 # intermediates of more than 8 ops keeps it linear; they still fuse into one loop as local
 # temporaries (same speed, no extra memory: tests/bench/bench_perturb.py; compile times in
 # BENCHMARKS.md, "Measurements behind design choices").
-_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
+# Contracting a * b + c into one FMA (off by default, set here against the environment variable)
+# would round the polynomial cos of zo/rng.py differently from eager and from level to level.
+_INDUCTOR_OPTIONS = {
+    "realize_opcount_threshold": 8,
+    "cpp.enable_floating_point_contract_flag": "off",
+}
 _RECOMPILE_LIMIT = 32  # per kernel: a graph per dtype, and per dtype one for 1-element tensors
 # ATen's at::internal::GRAIN_SIZE: its own CPU loops stay on one thread below this many elements.
 # The compiled kernel opens an OpenMP region at every call whatever the size, and its barrier waits
@@ -71,8 +76,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _build(dist: str, masked: bool):
-    z_of = DISTRIBUTIONS[dist]
+def _build(z_of: Callable, masked: bool):
 
     def direction(pf, seed, key, offset, threshold):
         z = z_of(seed, key, offset, pf.numel(), pf.device)
@@ -148,9 +152,12 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
 
 
 @functools.cache
-def get_kernels(dist: str = "normal", compiled: bool = True, masked: bool = False) -> Kernels:
-    """The kernels for z ~ `dist` ("normal" or "rademacher"), masked by |theta| <= threshold or not;
-    built once per process."""
-    if dist not in DISTRIBUTIONS:
-        raise ValueError(f"unknown perturbation distribution (distribution={dist!r})")
-    return Kernels(*(_wrap(fn, compiled) for fn in _build(dist, masked)))
+def get_kernels(
+    dist: str = "normal",
+    compiled: bool = True,
+    masked: bool = False,
+    normal_z: str = DEFAULT_NORMAL_Z,
+) -> Kernels:
+    """The kernels for z ~ `dist` ("normal" or "rademacher"; normal z's cos by `normal_z`,
+    zo/rng.py NORMAL_Z), masked by |theta| <= threshold or not; built once per process."""
+    return Kernels(*(_wrap(fn, compiled) for fn in _build(z_function(dist, normal_z), masked)))
