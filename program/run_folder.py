@@ -187,8 +187,8 @@ def resume_conflicts(saved: dict, now: dict, free) -> list[str]:
 
 def run_settings(config: dict) -> dict:
     """What names a run in each of its checkpoints (state.json "run"): its config.json less what a
-    resume may change, so a checkpoint fits the config.json of its own run only; the fields either
-    predates as the run used them (config.as_recorded)."""
+    resume may change, so a checkpoint fits the config.json of its own run only; a field the record
+    predates counts as the value the run used (config.as_recorded)."""
     return {
         k: v for k, v in as_recorded(config).items() if k not in RESUME_FREE and k != "output_dir"
     }

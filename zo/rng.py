@@ -38,7 +38,8 @@ and u2 in [0, 1) from b, so |z| is at most sqrt(-2 ln 2^-24) ~= 5.77. `normal_z`
 - "poly_cos" (the default): -sin(2 pi t) with t = 1/4 - |u2 - 1/2| (exact), sin's Taylor
   polynomial to x^11 in fp32, + and * only. Within 3.7e-7 of the exact cos over every u2 (6.1 fp32
   units, derived in tests/helpers/zo.py `poly_cos_error`; 2.9 measured over all 2^24), closer than
-  the library's (6.4 units, its argument 2 pi u2 rounded), and 0.8x its time (BENCHMARKS.md).
+  the library's (6.4 units, its argument 2 pi u2 rounded); 0.95x the library's kernel time at
+  the AVX-512 level, no faster at AVX2 on the same CPU (BENCHMARKS.md, issue 30).
   Inductor's C++ is built without contracting a * b + c into an FMA (cpp
   enable_floating_point_contract_flag, "off" by default), so the cos is bitwise the same eager and
   compiled at every CPU dispatch level, and the same as numpy's float32 (tests/test_zo_rng.py).
