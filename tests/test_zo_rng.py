@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from tests.helpers.zo import NORMAL_Z_IMPL_BOUND, normal_z_exact_error, poly_cos_error
 from zo import MeZO, MeZOConfig, name_key
-from zo.kernels import _INDUCTOR_OPTIONS, get_kernels
+from zo.kernels import get_kernels
 from zo.rng import MINUS_SIN_2PI, NORMAL_Z, cos_2pi_poly, hash32, normal, rademacher, uniforms
 
 K = get_kernels("normal")  # compiled; shared by every zo test in the process
@@ -173,13 +173,13 @@ def cos_2pi_in_numpy(u2: np.ndarray, coefs=MINUS_SIN_2PI, fma=False) -> np.ndarr
 
 
 def test_poly_cos_is_bitwise_the_same_eager_compiled_and_in_numpy():
-    """Over every u2: + and * alone, no FMA contraction (zo/kernels.py), so eager (ATen),
-    compiled (Inductor, the kernels' options) and numpy's float32 round alike. numpy is untouched
-    by ATEN_CPU_CAPABILITY, so equal bits at each level (tests/test_isa_levels.py reruns this file)
-    are equal bits across levels. Negative control: the same steps with fused multiply-adds
-    differ."""
+    """Over every u2: + and * alone, no FMA contraction (Inductor's default, which zo/kernels.py
+    sets explicitly), so eager (ATen), compiled (Inductor) and numpy's float32 round alike. numpy
+    is untouched by ATEN_CPU_CAPABILITY, so equal bits at each level (tests/test_isa_levels.py
+    reruns this file) are equal bits across levels. Negative control: the same steps with fused
+    multiply-adds differ."""
     eager = cos_2pi_poly(EVERY_U2)
-    compiled = torch.compile(cos_2pi_poly, dynamic=True, options=_INDUCTOR_OPTIONS)(EVERY_U2)
+    compiled = torch.compile(cos_2pi_poly, dynamic=True)(EVERY_U2)
     in_numpy = torch.from_numpy(cos_2pi_in_numpy(EVERY_U2.numpy()))
     assert torch.equal(eager, compiled) and torch.equal(eager, in_numpy)
     assert not torch.equal(eager, torch.from_numpy(cos_2pi_in_numpy(EVERY_U2.numpy(), fma=True)))
