@@ -49,7 +49,7 @@ def configure(argv, args):
     saved = None
     if args.resume:
         folder = check_run_folder(args.output_dir, resume=True, overwrite=False)
-        saved = read_json(os.path.join(folder, "config.json"))
+        saved = config.as_recorded(read_json(os.path.join(folder, "config.json")))
         args = flags.resumed_args(argv, saved)
     return flags.resolve(args, model_type(args)), saved
 

@@ -268,6 +268,7 @@ def mezo_config(args):
         use_zo_grad_est=bool(args.use_zo_grad_est),
         estimator=args.estimator,
         distribution=args.distribution,
+        normal_z=args.normal_z,
         **{f.name: getattr(args, f.name) for f in config.METHOD_FIELDS},
     )
 

@@ -20,8 +20,8 @@ class Dense(Part):
     MASKED = False  # z masked by |theta| <= the slot's threshold (zo/kernels.py)
 
     def __init__(self, slots, cfg, compiled: bool):
-        self.distribution, self.compiled = cfg.distribution, compiled
-        self.dense = get_kernels(cfg.distribution, compiled)
+        self.distribution, self.compiled, self.normal_z = cfg.distribution, compiled, cfg.normal_z
+        self.dense = get_kernels(cfg.distribution, compiled, normal_z=cfg.normal_z)
 
     @staticmethod
     def selected(cfg) -> bool:
@@ -40,7 +40,7 @@ class Dense(Part):
 
     def update_many(self, slot, n: int):
         """The n updates of a step in one pass over the slot (zo/kernels.py get_update_many)."""
-        return get_update_many(self.distribution, self.compiled, self.MASKED, n)
+        return get_update_many(self.distribution, self.compiled, self.MASKED, n, self.normal_z)
 
     def prepare(self, step: int, seeds: list[int]) -> None:
         pass

@@ -46,7 +46,7 @@ class LOZO(Dense):
             s: torch.full((), name_key(f"{s.name}#V"), dtype=torch.int64, device=device)
             for s in slots
         }
-        self.low_rank = _kernels(cfg.lozo_rank)
+        self.low_rank = _kernels(cfg.lozo_rank, cfg.normal_z)
 
     @staticmethod
     def selected(cfg) -> bool:
@@ -91,14 +91,15 @@ class LOZO(Dense):
             self.v_seed.set(state["v_seed"])
 
 
-def _kernels(rank: int) -> Kernels:
-    """The fused kernels' three operations with z = U V^T (plain torch: one matmul per matrix)."""
+def _kernels(rank: int, normal_z: str) -> Kernels:
+    """The fused kernels' three operations with z = U V^T (plain torch: one matmul per matrix), U
+    and V normal z with normal_z's cos."""
 
     def z(like, seed, key, v_seed, v_key, rows):
         zero = torch.zeros((), dtype=torch.int64, device=like.device)
         cols = like.numel() // rows
-        u = normal(seed, key, zero, rows * rank, like.device).view(rows, rank)
-        v = normal(v_seed, v_key, zero, cols * rank, like.device).view(cols, rank)
+        u = normal(seed, key, zero, rows * rank, like.device, normal_z).view(rows, rank)
+        v = normal(v_seed, v_key, zero, cols * rank, like.device, normal_z).view(cols, rank)
         return (u @ v.T).reshape(-1)
 
     def compute(t):

@@ -20,6 +20,7 @@ from .lozo import LOZO
 from .part import FEATURES, Field, Part
 from .perturb import ExactRestore
 from .reference import InPlace
+from .rng import NORMAL_Z
 from .sparse import SparseMagnitude
 from .spsa import SPSA
 from .updates import ZOSGD, Adam, Momentum
@@ -74,6 +75,7 @@ def check_config(cfg) -> None:
         "estimator": tuple(ESTIMATORS),
         "optimizer": OPTIMIZERS,
         "distribution": DISTRIBUTIONS,
+        "normal_z": tuple(NORMAL_Z),
     }
     for f in fields():
         if f.choices is not None:

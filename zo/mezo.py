@@ -46,6 +46,7 @@ from . import methods, variants
 from .optim import WD_EXEMPT, check_schedule, learning_rate, micro_batches
 from .perturb import ExactRestore, LocalView, StepScalar, collect_slots, whole
 from .reference import InPlace
+from .rng import DEFAULT_NORMAL_Z
 from .shares import DirectionShare
 
 
@@ -64,6 +65,7 @@ class MeZOConfig:
     max_steps: int = 0  # needed by the linear schedules
     perturbation: str = "exact"  # "exact" | "eager" | "reference" (train.py --perturbation)
     distribution: str | None = None  # "normal" | "rademacher"; None: the estimator's
+    normal_z: str = DEFAULT_NORMAL_Z  # how normal z takes cos (zo/rng.py NORMAL_Z)
     seed: int = 42
     seed_source: str = "generator"  # "generator": np.random.default_rng(seed).integers(1e9);
     #                                 "numpy_global": np.random.seed(seed), np.random.randint(1e9)

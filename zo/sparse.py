@@ -40,8 +40,8 @@ class SparseMagnitude(Dense):
     MASKED = True
 
     def __init__(self, slots, cfg, compiled: bool):
-        self.distribution, self.compiled = cfg.distribution, compiled
-        self.masked = get_kernels(cfg.distribution, compiled, masked=True)
+        self.distribution, self.compiled, self.normal_z = cfg.distribution, compiled, cfg.normal_z
+        self.masked = get_kernels(cfg.distribution, compiled, masked=True, normal_z=cfg.normal_z)
         # k-th smallest |theta| of each parameter: a fraction (1 - sparsity) of it is perturbed
         self.ranks = {
             s: max(1, math.ceil((1.0 - cfg.sparse_mezo) * s.param.numel())) for s in slots

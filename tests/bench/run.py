@@ -167,8 +167,10 @@ def markdown(rows) -> str:
 
 # ---------------------------------------------------------------- the five benchmarks
 
-FUSED, FUSED_COPY, ORIGINAL, RANDN, ADD, COPY = (  # bench_perturb's variant names
+FUSED, LIBRARY_COS, RADEMACHER, FUSED_COPY, ORIGINAL, RANDN, ADD, COPY = (  # bench_perturb's
     "fused in place",
+    "fused in place, library cos",
+    "fused in place, Rademacher z",
     "fused copy",
     "original (manual_seed+normal+add)",
     "randn into buffer + add_",
@@ -185,6 +187,8 @@ def perturb_rows(plan, raw) -> list[dict]:
         for _ in range(plan["perturb_rounds"])
     ]
     raw["perturb"] = rounds
+    draws = min(plan["perturb_n"], 1 << 22)
+    raw["z_errors"] = errors = {"draws": draws, **bench_perturb.z_errors(draws)}
     rows, what = [], f"perturbation pass, {plan['perturb_n'] / 1e6:g}M fp32"
     for device in ("cpu", "cuda"):
         per_round = [
@@ -244,6 +248,8 @@ def perturb_rows(plan, raw) -> list[dict]:
                 f"(the forward hooks' transient copy) +{mib[FUSED_COPY]:.0f} MiB",
             )
         )
+        if cpu:
+            rows += normal_z_rows(what, over, ms, errors)
         s = over(FUSED, ADD)
         rows.append(
             row(
@@ -305,6 +311,49 @@ def update_many_rows(plan, raw) -> list[dict]:
             {**m["ratio"], "n": plan["perturb_repeats"]},
         )
         for count, m in r.items()
+    ]
+
+
+def normal_z_rows(what, over, ms, errors) -> list[dict]:
+    """The default normal z (polynomial cos) against the library's cos it replaced (issue 30): a
+    default only while it is faster at no larger error; Rademacher z (the hash alone) beside."""
+    poly, library = errors["poly_cos"], errors["library_cos"]
+    return [
+        row(
+            "perturb.poly_cos",
+            "cpu",
+            f"{what}: normal z, polynomial cos / library cos time",
+            over(FUSED, LIBRARY_COS)["median"],
+            "x",
+            "<=",
+            1.0,
+            "< 1x (the default only if faster)",
+            f"poly cos {ms[FUSED]:.1f} ms, library cos {ms[LIBRARY_COS]:.1f} ms",
+            over(FUSED, LIBRARY_COS),
+        ),
+        row(
+            "perturb.poly_cos_error",
+            "cpu",
+            "normal z, largest error (z - Box-Muller in float64): polynomial cos / library cos",
+            poly / library,
+            "x",
+            "<=",
+            1.0,
+            "<= 1x (no larger error)",
+            f"poly cos {poly:.2e}, library cos {library:.2e}, over {errors['draws']:,} draws",
+        ),
+        row(
+            "perturb.rademacher",
+            "cpu",
+            f"{what}: Rademacher z (the hash alone) / library cos time",
+            over(RADEMACHER, LIBRARY_COS)["median"],
+            "x",
+            None,
+            None,
+            "-",
+            f"Rademacher {ms[RADEMACHER]:.1f} ms",
+            over(RADEMACHER, LIBRARY_COS),
+        ),
     ]
 
 
