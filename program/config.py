@@ -257,5 +257,10 @@ def values(args) -> dict:
 
 def as_recorded(saved: dict) -> dict:
     """A run's record (its config.json, a checkpoint's run settings) with each field it predates
-    set to the value the run used (UNRECORDED), so --resume and --replay run it as it ran."""
-    return {**UNRECORDED, **saved}
+    set to the value the run used (UNRECORDED), so --resume and --replay run it as it ran; a
+    backprop run used no zeroth-order field (ZO_ONLY), so none is filled in for it."""
+    backprop = saved.get("trainer") == "fo"
+    return {
+        **{k: v for k, v in UNRECORDED.items() if not (backprop and k in ZO_ONLY)},
+        **saved,
+    }
