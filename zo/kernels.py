@@ -9,6 +9,10 @@ rounded to the parameter's dtype once.
     seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
                                                           (the update of large_models/trainer.py
                                                           zo_update)
+    perturbed_pair_(out, src=, minus=, seed=, key=, offset=, scale=)
+                                     out = src + scale * z, minus = src - scale * z from one z
+                                     (bitwise = perturbed_ with +scale and with -scale; the
+                                     paired step, zo/paired.py)
 
 Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and
 use z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no
@@ -93,13 +97,21 @@ def _build(dist: str, masked: bool):
             (pf - lr * (grad * direction(pf, seed, key, offset, threshold) + wd * pf)).to(p.dtype)
         )
 
-    return perturb_, perturbed_, update_
+    # the paired step's two transient weights from one z: read src once, write out and minus
+    def perturbed_pair_(out, src, minus, seed, key, offset, scale, threshold=None):
+        sf = src.to(_compute_dtype(src.dtype))
+        step = scale * direction(sf, seed, key, offset, threshold)
+        out.copy_((sf + step).to(src.dtype))
+        minus.copy_((sf - step).to(src.dtype))
+
+    return perturb_, perturbed_, update_, perturbed_pair_
 
 
 class Kernels(NamedTuple):
     perturb_: Callable
     perturbed_: Callable
     update_: Callable
+    perturbed_pair_: Callable
 
 
 def _wrap(fn: Callable, compiled: bool) -> Callable:
@@ -114,16 +126,18 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
     seen_kinds = set()  # (dtype, device, 1 element, serial): a new kind may compile a new graph
 
     @functools.wraps(fn)
-    def call(p: torch.Tensor, src: torch.Tensor | None = None, **scalars: torch.Tensor) -> None:
+    def call(p: torch.Tensor, **scalars: torch.Tensor) -> None:
         serial = p.device.type == "cpu" and p.numel() < _SERIAL_BELOW
         kind = (p.dtype, p.device, p.numel() == 1, serial)
-        if src is not None:
-            if (src.numel(), src.dtype, src.device) != (p.numel(), p.dtype, p.device):
-                raise ValueError(
-                    f"src must match out ({src.numel()} {src.dtype} {src.device} vs "
-                    f"{p.numel()} {p.dtype} {p.device})"
-                )
-            scalars["src"] = _flat(src)
+        for name in ("src", "minus"):  # tensors of p's size: plain 1-D aliases too
+            t = scalars.get(name)
+            if t is not None:
+                if (t.numel(), t.dtype, t.device) != (p.numel(), p.dtype, p.device):
+                    raise ValueError(
+                        f"{name} must match out ({t.numel()} {t.dtype} {t.device} vs "
+                        f"{p.numel()} {p.dtype} {p.device})"
+                    )
+                scalars[name] = _flat(t)
         with (
             torch.no_grad(),
             (

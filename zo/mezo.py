@@ -44,6 +44,7 @@ from torch import nn
 
 from . import methods, variants
 from .optim import WD_EXEMPT, check_schedule, learning_rate, micro_batches
+from .paired import Paired, PairedLoss
 from .perturb import ExactRestore, LocalView, StepScalar, collect_slots, whole
 from .reference import InPlace
 
@@ -61,7 +62,7 @@ class MeZOConfig:
     lr_scheduler: str = "constant"  # "constant" | "linear" (HF, lr at step t taken before stepping)
     warmup_steps: int = 0
     max_steps: int = 0  # needed by the linear schedules
-    perturbation: str = "exact"  # "exact" | "eager" | "reference" (train.py --perturbation)
+    perturbation: str = "exact"  # "exact" | "eager" | "reference" | "paired" (zo/paired.py)
     distribution: str | None = None  # "normal" | "rademacher"; None: the estimator's
     seed: int = 42
     seed_source: str = "generator"  # "generator": np.random.default_rng(seed).integers(1e9);
@@ -76,7 +77,7 @@ class MeZOConfig:
 
     def __post_init__(self):
         choices = {
-            "perturbation": ("exact", "eager", "reference"),
+            "perturbation": ("exact", "eager", "reference", "paired"),
             "seed_source": ("generator", "numpy_global"),
             "zo_variant": (None, "param_norm", "grad_norm"),
         }
@@ -158,8 +159,9 @@ class MeZO:
         )
         if cfg.perturbation == "reference":
             self.perturbation = InPlace(self.slots)
-        else:
-            self.perturbation = ExactRestore(self.slots, self.direction, local_view)
+        else:  # paired: ExactRestore whose two forwards of an estimate run as one
+            perturbation = Paired if cfg.perturbation == "paired" else ExactRestore
+            self.perturbation = perturbation(self.slots, self.direction, local_view)
         self.estimator = methods.ESTIMATORS[cfg.estimator]
         # a torch optimizer stepped on p.grad, or None: MeZO's fused ZO-SGD
         self.update_rule = methods.update_rule(cfg).build(self.slots, cfg)
@@ -223,11 +225,15 @@ class MeZO:
         """-> (loss1, projected_grad) of the z of `seed` (of `slots` only, for the variants)."""
         self.zo_random_seed = seed
         try:
-            self.zo_perturb_parameters(scaling_factor=1, slots=slots)
-            loss1 = self.zo_forward(model, loss_fn)
-            self.zo_perturb_parameters(scaling_factor=-2, slots=slots)
-            loss2 = self.zo_forward(model, loss_fn)
-            self.zo_perturb_parameters(scaling_factor=1, slots=slots)
+            if self.pairs(loss_fn):  # paired: one forward, rows [0, B) at +eps z, [B, 2B) at -eps z
+                self.zo_perturb_parameters(scaling_factor=1, slots=slots, paired=True)
+                loss1, loss2 = self.zo_forward(model, loss_fn, paired=True).unbind()
+            else:
+                self.zo_perturb_parameters(scaling_factor=1, slots=slots)
+                loss1 = self.zo_forward(model, loss_fn)
+                self.zo_perturb_parameters(scaling_factor=-2, slots=slots)
+                loss2 = self.zo_forward(model, loss_fn)
+                self.zo_perturb_parameters(scaling_factor=1, slots=slots)
         finally:
             self.perturbation.reset()  # exact restore: hooks off, even when a forward raised
         if self.reduce_losses is not None:  # data-parallel: sums of every rank's loss terms
@@ -258,32 +264,54 @@ class MeZO:
 
     # ------------------------------------------------- the original's helpers, and the host parts
     def zo_perturb_parameters(
-        self, random_seed: int | None = None, scaling_factor: float = 1, slots=None
+        self, random_seed: int | None = None, scaling_factor: float = 1, slots=None, paired=False
     ):
         """theta <- theta + scaling_factor * eps * z (z / c with a variant), the perturbation's way:
-        exact restore shows it to the forwards only; reference writes it into the weights."""
+        exact restore shows it to the forwards only; reference writes it into the weights; paired
+        shows +eps z and -eps z to the two halves of a paired forward's rows."""
         if random_seed is not None:
             self.zo_random_seed = random_seed
-        self.perturbation.perturb(
-            self.seed,
-            scaling_factor,
-            self.cfg.eps,
-            self.cs or {},
-            self.slots if slots is None else slots,
-        )
+        slots = self.slots if slots is None else slots
+        if paired:
+            self.perturbation.perturb_pair(self.seed, self.cfg.eps, self.cs or {}, slots)
+        else:
+            self.perturbation.perturb(self.seed, scaling_factor, self.cfg.eps, self.cs or {}, slots)
 
-    def zo_forward(self, model: nn.Module, loss_fn) -> torch.Tensor:
+    def zo_forward(self, model: nn.Module, loss_fn, paired: bool = False) -> torch.Tensor:
         """Loss without gradient, dropout off (model.eval(), as the original). `loss_fn(model)` may
         return any scalar: a differentiable loss or e.g. -F1 of greedy generations; a list of
         closures is the micro-batches of one step, their losses averaged. no_grad rather than
         inference_mode: the kernels called from the hooks then meet one grad mode (no
-        recompile)."""
+        recompile). paired: each closure's `paired` forward over 2B rows -> [loss1, loss2]."""
         model.eval()
         losses = []
         with torch.no_grad():
             for fn in micro_batches(loss_fn):
-                losses.append(torch.as_tensor(fn(model)).detach().reshape(()).to(self.device))
-        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+                if paired:
+                    with self.perturbation.hooks.rows(2 * fn.rows):
+                        loss = fn.paired(model).detach().reshape(2)
+                else:
+                    loss = torch.as_tensor(fn(model)).detach().reshape(())
+                losses.append(loss.to(self.device))
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean(0)
+
+    def pairs(self, loss_fn) -> bool:
+        """--perturbation paired, and every micro-batch closure scores both signs in one forward
+        (zo.paired.PairedLoss); otherwise the two forwards of exact restore (e.g. generations).
+        Sharded ranks must agree on the number of forwards: there a batch that does not pair is an
+        error."""
+        if self.cfg.perturbation != "paired":
+            return False
+        fns = micro_batches(loss_fn)
+        if all(isinstance(fn, PairedLoss) and fn.pairable() for fn in fns):
+            return True
+        if self.local_view is not whole:
+            raise ValueError(
+                "a sharded paired step needs loss closures that pair on every rank "
+                "(zo.paired.PairedLoss; a batch dimension other than its rows equals 2B): use "
+                "perturbation='exact'"
+            )
+        return False
 
     def learning_rate(self) -> float:
         c = self.cfg
