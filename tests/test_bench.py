@@ -39,6 +39,11 @@ ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
     "scoring.memory.eval",
     "estimators.fzoo",
     "estimators.sparse-mezo",
+    "paired.llama.normal",
+    "paired.llama.rademacher",
+    "paired.opt.normal",
+    "paired.lora",
+    "memory.tiny.sst2.paired",
 }
 
 
