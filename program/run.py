@@ -200,6 +200,10 @@ class Run:
                 closures.append(paired_loss(data.task_loss, b, share))
         return closures
 
+    def closure_of_batch(self, b):
+        """The loss closure of a whole collated batch on the device (a CUDA-graph step's)."""
+        return paired_loss(data.task_loss, b, 1.0)
+
     def shared(self):
         """Shared-prompt scoring, unless asked for the original's per-candidate sequences
         (reference mode keeps them: its promise is the original's run, bitwise)."""
