@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers.zo import lm_batch, lm_loss, paired_lm_loss, tiny_lm
-from zo import MeZO, MeZOConfig, PairedLoss, get_kernels, methods, replay
+from zo import MeZO, MeZOConfig, PairedLoss, get_kernels, methods, paired, replay
 from zo.lozo import _kernels as lozo_kernels
 
 
@@ -99,8 +99,8 @@ def test_paired_steps_equal_exact_steps_bitwise(name):
 
 
 def test_paired_step_evaluates_z_once_per_weight_in_the_forward(monkeypatch):
-    """One pair kernel per trainable parameter and forward (the tied embedding/head once), no
-    single perturbation, and no weight written before the update."""
+    """One pair kernel per trainable parameter and forward (the tied embedding/head once, at the
+    head), no single perturbation, and no weight written before the update."""
     model, ids = tiny_lm(), lm_batch()
     mezo = MeZO(model, MeZOConfig(lr=0.0, perturbation="paired"))
     calls, kernels = [], mezo.direction.dense
@@ -113,8 +113,54 @@ def test_paired_step_evaluates_z_once_per_weight_in_the_forward(monkeypatch):
     )
     before = [p.detach().clone() for p in model.parameters()]
     mezo.zo_step(model, paired_lm_loss(ids))
-    assert calls == ["perturbed_pair_"] * len(mezo.slots)
+    # the embedding: its gathered rows, once per half; the tied TiedHead pairs the whole table
+    assert calls == ["perturbed_at_"] * 2 + ["perturbed_pair_"] * len(mezo.slots)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_the_tied_head_runs_by_chunks_and_the_embedding_perturbs_its_rows_only(monkeypatch):
+    """An nn.Embedding perturbs the rows it gathers (z at row * D + column), the tied nn.Linear head
+    pairs HEAD_CHUNK rows of the table at a time: no whole perturbed copy of the table exists, and
+    the steps are exact restore's, bitwise."""
+    monkeypatch.setattr(paired, "HEAD_CHUNK", 16)
+    ids, vocab, dim = lm_batch(vocab=40), 40, 16
+
+    def model():
+        m = tiny_lm(vocab=vocab, dim=dim)
+        m.lm_head = nn.Linear(dim, vocab, bias=False)
+        m.lm_head.weight = m.embed_tokens.weight
+        return m
+
+    runs = []
+    for perturbation in ("exact", "paired"):
+        m = model()
+        mezo = MeZO(m, MeZOConfig(lr=1e-3, perturbation=perturbation))
+        calls, kernels = [], mezo.direction.dense
+        tied = mezo.slots[0].key_t
+
+        def counted(name):
+            def call(out, **k):
+                if k["key"] is tied:
+                    calls.append((name, out.numel()))
+                return getattr(kernels, name)(out, **k)
+
+            return call
+
+        monkeypatch.setattr(
+            mezo.direction, "dense", kernels._replace(**{n: counted(n) for n in kernels._fields})
+        )
+        steps = []
+        for _ in range(2):
+            steps.append(mezo.zo_step(m, paired_lm_loss(ids)))
+            mezo.zo_update(m)
+        runs.append((steps, [p.detach().clone() for p in m.parameters()], calls))
+    (exact, w1, _), (pairs, w2, calls) = runs
+    assert all(torch.equal(a, b) for x, y in zip(exact, pairs) for a, b in zip(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+    rows = ids.shape[0] * (ids.shape[1] - 1) * dim  # the tokens of one half, D values each
+    chunks = [("perturbed_pair_", 16 * dim)] * 2 + [("perturbed_pair_", 8 * dim)]
+    step = [("perturbed_at_", rows)] * 2 + chunks + [("update_", vocab * dim)]
+    assert calls == step * 2
 
 
 class Inner(nn.Module):

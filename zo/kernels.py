@@ -13,6 +13,9 @@ rounded to the parameter's dtype once.
                                      out = src + scale * z, minus = src - scale * z from one z
                                      (bitwise = perturbed_ with +scale and with -scale; the
                                      paired step, zo/paired.py)
+    perturbed_at_(out, src=, index=, seed=, key=, scale=)
+                                     out = src + scale * z at the global indices `index` (an
+                                     embedding's gathered rows, zo/paired.py)
 
 Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and
 use z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no
@@ -104,7 +107,13 @@ def _build(dist: str, masked: bool):
         out.copy_((sf + step).to(src.dtype))
         minus.copy_((sf - step).to(src.dtype))
 
-    return perturb_, perturbed_, update_, perturbed_pair_
+    # the paired step's embedding rows (zo/paired.py): out = src + scale * z at global `index`
+    def perturbed_at_(out, src, index, seed, key, scale, threshold=None):
+        sf = src.to(_compute_dtype(src.dtype))
+        shift = index - torch.arange(sf.numel(), device=sf.device)  # z_of counts from offset
+        out.copy_((sf + scale * direction(sf, seed, key, shift, threshold)).to(src.dtype))
+
+    return perturb_, perturbed_, update_, perturbed_pair_, perturbed_at_
 
 
 class Kernels(NamedTuple):
@@ -112,6 +121,7 @@ class Kernels(NamedTuple):
     perturbed_: Callable
     update_: Callable
     perturbed_pair_: Callable
+    perturbed_at_: Callable | None = None  # None: z is not a function of the element index
 
 
 def _wrap(fn: Callable, compiled: bool) -> Callable:
@@ -138,6 +148,12 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
                         f"{p.numel()} {p.dtype} {p.device})"
                     )
                 scalars[name] = _flat(t)
+        if "index" in scalars:  # int64 global indices, one per element of p
+            if scalars["index"].numel() != p.numel():
+                raise ValueError(
+                    f"index must match out ({scalars['index'].numel()} vs {p.numel()})"
+                )
+            scalars["index"] = _flat(scalars["index"])
         with (
             torch.no_grad(),
             (

@@ -23,8 +23,14 @@ forwards (a sharded step, whose ranks must run the same forwards, raises instead
 
 Nesting: inside one half of an owning module (a LoRA wrapper, an attention module owning prefix
 parameters), a child that owns trainable parameters too sees that half's sign for all its rows
-(today's single transient copy). A tied parameter (the embedding and the LM head) is paired once,
-at its first owner, and both copies are kept until the forward ends.
+(today's single transient copy).
+
+Memory: at most the two transient copies of one module's weights exist at a time, with two
+exceptions kept small. An nn.Embedding perturbs only the rows it gathers (z is a function of the
+element index: row * D + column; kernels.py perturbed_at_), and a tied nn.Linear head (its weight
+the embedding's) pairs HEAD_CHUNK rows of the table at a time, so the perturbed pair of the
+vocabulary table never exists whole. Any other tied parameter is paired once, at its first owner,
+and both copies are kept until the forward ends.
 
 Falls back to today's two forwards (said here, done by zo/mezo.py): a loss closure that is not a
 `PairedLoss` (greedy generations: the non-differentiable objective), a batch that is not pairable,
@@ -36,9 +42,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .perturb import ExactRestore, PerturbHooks
+
+# rows of a tied head's weight perturbed at a time: 4096 x 576 fp32 (SmolLM2) is 9 MiB a copy
+HEAD_CHUNK = 4096
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,7 @@ class PairedHooks(PerturbHooks):
         self.pair_scales: dict = {}
         self.shared_pairs: dict = {}  # tied slot -> (W+, W-), this forward
         self.replaced: dict[nn.Module, object] = {}  # module -> its own instance `forward`, if any
+        self.offsets: dict[int, torch.Tensor] = {}  # global offsets of the head's chunks
 
     def activate_pair(self, seed: torch.Tensor, scales: dict) -> None:
         self.deactivate(end_of_step=False)
@@ -154,6 +165,10 @@ class PairedHooks(PerturbHooks):
                     f"the paired step found no argument with the batch's {self.num_rows} rows in "
                     f"dim 0 ({type(module).__name__}); use perturbation='exact'"
                 )
+            if self._rows_only(module):  # an embedding: the rows it gathers, not the table
+                return self._embedding_rows(module, args[0])
+            if self._by_chunks(module):  # a tied head: the pair a chunk of the vocabulary at a time
+                return self._head_chunks(module, args[0])
             pairs = self._pairs(module)
             outs = []
             try:
@@ -174,6 +189,86 @@ class PairedHooks(PerturbHooks):
             return _cat(*outs, self.num_rows // 2, module)
 
         return paired
+
+    def _slot(self, module: nn.Module):
+        """The perturbed slot of a module whose only perturbed parameter is `weight`, else None."""
+        perturbed = [(a, s) for a, s in self.owned[module] if s in self.pair_scales]
+        return perturbed[0][1] if [a for a, _ in perturbed] == ["weight"] else None
+
+    def _rows_only(self, module: nn.Module) -> bool:
+        slot = self._slot(module)
+        return (
+            isinstance(module, nn.Embedding)
+            and module.max_norm is None
+            and slot is not None
+            and self.direction.kernels(slot).perturbed_at_ is not None
+        )
+
+    def _by_chunks(self, module: nn.Module) -> bool:
+        """A Linear whose weight is tied (its pair would otherwise live from the embedding to the
+        head) and has more rows than a chunk; its embedding twin perturbs rows only."""
+        slot = self._slot(module)
+        return (
+            isinstance(module, nn.Linear)
+            and module.bias is None
+            and slot is not None
+            and len(slot.owners) > 1
+            and module.weight.shape[0] > HEAD_CHUNK
+            and all(self._rows_only(m) or m is module for m, _ in slot.owners)
+        )
+
+    def _embedding_rows(self, module: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+        """Each half's rows of the table, gathered, plus or minus eps z at their global indices
+        (row * D + column): bitwise the rows of today's perturbed table, z only where read."""
+        slot, weight = self._slot(module), module._parameters["weight"]
+        rows = F.embedding(ids, weight.detach())
+        width = weight.shape[1]
+        index = ids[..., None] * width + torch.arange(width, device=ids.device)
+        out, half = torch.empty_like(rows), ids.shape[0] // 2
+        scale = self.pair_scales[slot]
+        for part, signed in ((slice(None, half), scale), (slice(half, None), -scale)):
+            self.direction.kernels(slot).perturbed_at_(
+                out[part],
+                src=rows[part],
+                index=index[part],
+                seed=self.seed,
+                key=slot.key_t,
+                scale=signed,
+                **self.direction.args(slot),
+            )
+        self.seen.add(slot)
+        return out
+
+    def _head_chunks(self, module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """Both halves' logits, HEAD_CHUNK rows of the weight at a time: the pair of a chunk (at
+        its global offset) exists, never the whole perturbed table."""
+        slot, weight = self._slot(module), module._parameters["weight"].detach()
+        half, width = x.shape[0] // 2, weight.shape[1]
+        outs: tuple[list, list] = ([], [])
+        for start in range(0, weight.shape[0], HEAD_CHUNK):
+            chunk = weight[start : start + HEAD_CHUNK]
+            plus, minus = self._buffer(chunk), self._buffer(chunk)
+            self.direction.kernels(slot).perturbed_pair_(
+                plus,
+                src=chunk,
+                minus=minus,
+                seed=self.seed,
+                key=slot.key_t,
+                offset=self._offset(start * width),
+                scale=self.pair_scales[slot],
+                **self.direction.args(slot),
+            )
+            outs[0].append(F.linear(x[:half], plus.view(chunk.shape)))
+            outs[1].append(F.linear(x[half:], minus.view(chunk.shape)))
+            self._free(plus)
+            self._free(minus)
+        self.seen.add(slot)
+        return torch.cat([torch.cat(outs[0], -1), torch.cat(outs[1], -1)])
+
+    def _offset(self, value: int) -> torch.Tensor:
+        if value not in self.offsets:
+            self.offsets[value] = torch.full((), value, dtype=torch.int64, device=self.zero.device)
+        return self.offsets[value]
 
     def _pairs(self, module: nn.Module) -> list:
         """(attr, stored tensor, (W+, W-, free after this module)) of each perturbed parameter."""
