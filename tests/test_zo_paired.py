@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers.zo import lm_batch, lm_loss, paired_lm_loss, tiny_lm
-from zo import MeZO, MeZOConfig, PairedLoss, get_kernels, methods, paired, replay
-from zo.lozo import _kernels as lozo_kernels
+from zo import MeZO, MeZOConfig, PairedLoss, collect_slots, get_kernels, methods, paired, replay
+from zo.lozo import LOZO
 
 
 def scalars(**extra):
@@ -49,14 +49,18 @@ def test_pair_kernel_is_bitwise_perturbed_with_plus_and_minus_scale(dist, masked
 
 
 def test_lozo_pair_kernel_is_bitwise_its_perturbed():
-    kernels = lozo_kernels(2)
-    src = torch.randn(12, 7)
-    low_rank = dict(rows=12, v_seed=torch.tensor(3), v_key=torch.tensor(4))
+    layer = nn.Linear(7, 12)
+    slots = collect_slots(layer, ())
+    lozo = LOZO(slots, MeZOConfig(lozo=True, lozo_rank=2), compiled=False)
+    lozo.prepare(0, [3])
+    kernels, low_rank = lozo.kernels(slots[0]), lozo.args(slots[0])
+    src = layer.weight.detach()
     out_plus, out_minus, plus, minus = (torch.empty_like(src) for _ in range(4))
     kernels.perturbed_pair_(out_plus, src, out_minus, **scalars(**low_rank))
     kernels.perturbed_(plus, src, **scalars(**low_rank))
     kernels.perturbed_(minus, src, **{**scalars(**low_rank), "scale": torch.tensor(-1e-2)})
     assert torch.equal(out_plus, plus) and torch.equal(out_minus, minus)
+    assert kernels.perturbed_at_ is None  # low-rank z is not a function of the index alone
 
 
 def trained(model, perturbation, loss_fn, steps=3, **cfg):
