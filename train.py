@@ -79,7 +79,11 @@ def train(run, trainer, state):
     metrics = MetricsLog(run, trainer, state)
     selection = Selection(run, state, metrics)
     checkpoints = Checkpoints(run, trainer, state, trajectory)
-    graphed = zo.CudaGraphStep(trainer, model, data.batch_loss) if a.cuda_graphs else None
+    graphed = (
+        zo.CudaGraphStep(trainer, model, data.batch_loss, run.closure_of_batch)
+        if a.cuda_graphs
+        else None
+    )
     selection.on_start(trainer.global_step)  # --eval_on_start: the base model's point
     metrics.start_clock()
     interrupted = False

@@ -6,8 +6,8 @@ Each field carries its type, default, help, choices and value check; from them c
 `--resume` may change (`RESUME_FREE`), the grid's and SLURM scripts' command lines and the fields a
 preset may set (`RUN_FIELDS`). The method fields (--estimator's own, --lozo, ...) are declared by
 their methods (zo/part.py Field) and appended here. The command line and zo.MeZOConfig share one
-vocabulary: `perturbation` is exact | eager | reference; `optimizer` is sgd | adam | adamw with
-`momentum` (zo/methods.py `update_rule` picks the update rule). Defaults are the original's
+vocabulary: `perturbation` is exact | paired | eager | reference; `optimizer` is sgd | adam | adamw
+with `momentum` (zo/methods.py `update_rule` picks the update rule). Defaults are the original's
 (large_models/mezo.sh, run.py, HF TrainingArguments).
 """
 
@@ -154,7 +154,13 @@ class RunConfig:
     zo_eps: float = setting(1e-3, check=finite(0, False), zo=True)
     seed: int = setting(42, check=SEED)
     seed_source: str = setting("generator", choices=("generator", "numpy_global"), zo=True)
-    perturbation: str = setting("exact", choices=("exact", "reference", "eager"), zo=True)
+    perturbation: str = setting(
+        "exact",
+        "exact: virtual theta +- eps z in each forward; paired: both forwards as one over 2B rows "
+        "(zo/paired.py); eager: exact, uncompiled; reference: the original's in-place moves",
+        choices=("exact", "paired", "reference", "eager"),
+        zo=True,
+    )
     estimator: str = setting(
         next(iter(methods.ESTIMATORS)),
         "; ".join(f"{n}: zo/{c.__module__.split('.')[-1]}.py" for n, c in ESTIMATORS.items()),

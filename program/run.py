@@ -29,6 +29,30 @@ from zo import distributed
 from . import flags
 
 
+def paired_loss(loss_of_logits, b: dict, share: float) -> zo.PairedLoss:
+    """A micro-batch's closure `loss_of_logits(data.batch_logits(m, b), b) * share`, which can also
+    score the batch for both signs of a paired step (zo/paired.py): one forward over the model
+    inputs' rows stacked twice (a per-row logits_to_keep too), each half's logits scored with the
+    batch's own index tensors."""
+    rows = b["input_ids"].shape[0]
+    inputs = {
+        k: t
+        for k, t in b.items()
+        if k in ("input_ids", "attention_mask", "position_ids")
+        or (k == "logits_to_keep" and t.dim() == 2)
+    }
+    doubled = {**b, **{k: torch.cat([t, t]) for k, t in inputs.items()}}
+
+    def paired(m):
+        logits = data.batch_logits(m, doubled)
+        halves = (loss_of_logits(logits[:rows], b), loss_of_logits(logits[rows:], b))
+        return torch.stack(halves) * share
+
+    return zo.PairedLoss(
+        lambda m: loss_of_logits(data.batch_logits(m, b), b) * share, paired, tuple(inputs.values())
+    )
+
+
 class Run:
     """Model, data and trainer of a run; `out` is its output folder."""
 
@@ -153,14 +177,18 @@ class Run:
             share = self.weight(local) / self.weight(micro)
             if not local:  # still run the (empty) forward: FSDP's all-gathers need every rank
                 empty = torch.zeros((0, 8), dtype=torch.long, device=self.dist.device)
-                closures.append(lambda m, e=empty: m(e, e).sum() * 0.0)
+                closures.append(
+                    zo.PairedLoss(
+                        lambda m, e=empty: m(e, e).sum() * 0.0,
+                        lambda m, e=empty: m(e, e).sum() * torch.zeros(2, device=e.device),
+                        (empty,),
+                    )
+                )
                 continue
             b = to_device(self.collate(local), self.dist.device)
             if a.non_diff and self.task.family == "roberta":  # -accuracy (--optimize_acc)
-                closures.append(
-                    lambda m, b=b, s=share: data.neg_accuracy(data.batch_logits(m, b), b) * s
-                )
-            elif a.non_diff:  # -F1 of greedy generations (zo_forward_nondiff)
+                closures.append(paired_loss(data.neg_accuracy, b, share))
+            elif a.non_diff:  # -F1 of greedy generations (zo_forward_nondiff): never paired
                 closures.append(
                     lambda m, b=b, s=share: (
                         data.neg_f1(
@@ -170,8 +198,12 @@ class Run:
                     )
                 )
             else:
-                closures.append(lambda m, b=b, s=share: data.batch_loss(m, b) * s)
+                closures.append(paired_loss(data.task_loss, b, share))
         return closures
+
+    def closure_of_batch(self, b):
+        """The loss closure of a whole collated batch on the device (a CUDA-graph step's)."""
+        return paired_loss(data.task_loss, b, 1.0)
 
     def shared(self):
         """Shared-prompt scoring, unless asked for the original's per-candidate sequences

@@ -45,6 +45,11 @@ ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
     "scoring.memory.eval",
     "estimators.fzoo",
     "estimators.sparse-mezo",
+    "paired.llama.normal",
+    "paired.llama.rademacher",
+    "paired.opt.normal",
+    "paired.lora",
+    "memory.tiny.sst2.paired",
 }
 
 
@@ -92,7 +97,7 @@ def test_quick_bench_produces_every_row(tmp_path):
     estimators = result["raw"]["estimators"]  # per forward: a step's time over the passes it makes
     assert estimators["forwards_per_step"] == {"MeZO": 2, "FZOO N=8": 9, "Sparse-MeZO 0.75": 2}
     memory = result["raw"]["memory"][0]["runs"]
-    assert set(memory) == {"inference", "mezo", "backprop_adamw"}
+    assert set(memory) == {"inference", "mezo", "backprop_adamw", "mezo_paired"}
     assert all(m["peak_MiB"] >= m["pre_step_MiB"] > 0 for m in memory.values())
     hardware = result["hardware"]
     assert (

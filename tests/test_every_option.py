@@ -254,7 +254,7 @@ def test_registered_parts_each_have_a_case():
             methods.perturbation_class(cfg),
         )
     }
-    assert used == {*methods.METHODS, methods.ExactRestore, methods.InPlace}
+    assert used == {*methods.METHODS, methods.ExactRestore, methods.InPlace, methods.Paired}
     assert {cfg.estimator for cfg in configs} == set(methods.ESTIMATORS)
     assert {methods.update_rule(cfg) for cfg in configs} == set(methods.UPDATE_RULES.values())
     assert {cfg.distribution for cfg in configs} == set(ACTIONS["distribution"].choices)

@@ -145,7 +145,14 @@ def test_smoke_mezo_ft_runs_end_to_end_and_resumes_bitwise(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(
-    "method", [[], ["--estimator", "fzoo", "--fzoo_n", "3"], ["--sparse_mezo", "0.5"]]
+    "method",
+    [
+        [],
+        ["--estimator", "fzoo", "--fzoo_n", "3"],
+        ["--sparse_mezo", "0.5"],
+        ["--perturbation", "paired"],
+        ["--perturbation", "paired", "--sparse_mezo", "0.5", "--n_spsa", "2"],
+    ],
 )
 def test_resume_after_interrupt_is_bitwise_identical(tmp_path, monkeypatch, method):
     argv = (

@@ -79,6 +79,23 @@ def test_two_ranks_replicated_and_sharded_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_paired_steps_on_two_ranks_equal_exact_steps(tmp_path):
+    """--perturbation paired (zo/paired.py) under FSDP2 (the pair built inside the units'
+    unshard/reshard) and replicated: each rank's forward over 2 x its rows gives the losses and
+    estimates of exact restore's two forwards, bitwise (the last batch of 3 rows is split 2/1)."""
+    steps = ["--max_steps", "5", "--eval_steps", "5"]
+    for name, extra in (("exact", []), ("paired", ["--perturbation", "paired"])):
+        launch(tmp_path / f"{name}-sharded", *steps, "--fsdp", *extra, nproc=2)
+    launch(tmp_path / "paired-replicated", *steps, "--perturbation", "paired", nproc=2)
+    exact, sharded, replicated = (
+        losses(tmp_path / d) for d in ("exact-sharded", "paired-sharded", "paired-replicated")
+    )
+    assert len(exact) == 5 and exact == sharded == replicated
+    w1, w2 = weights(tmp_path / "exact-sharded"), weights(tmp_path / "paired-sharded")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+@pytest.mark.slow
 def test_sharded_resume_after_sigint_continues_identically(tmp_path):
     steps = ["--max_steps", "30", "--eval_steps", "10", "--save_steps", "10", "--fsdp"]
     launch(tmp_path / "whole", *steps, nproc=2)

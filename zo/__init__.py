@@ -8,6 +8,8 @@ imports nothing of data/, models/ or the program (program/): files on disk are t
                    |p| <= h
     perturb.py     parameter slots (tied = one slot, owners, LocalView), the exact-restore hooks
                    and ExactRestore, the default perturbation; StepScalar (per-step device values)
+    paired.py      the paired step: +eps and -eps forwards as one over 2B rows, z once (Paired,
+                   PairedLoss: the loss closure that scores both halves)
     reference.py   InPlace: the original's torch.manual_seed + torch.normal operations ("reference")
     mezo.py        MeZOConfig, MeZO: zo_step / zo_perturb_parameters / zo_forward / zo_update, and
                    the step's host parts begin_step / finish_step
@@ -73,6 +75,7 @@ from .kernels import get_kernels
 from .methods import check_supported
 from .mezo import MeZO, MeZOConfig
 from .optim import learning_rate, num_samples
+from .paired import PairedLoss
 from .perturb import LocalView, ParamSlot, collect_slots, whole
 from .replay import replay
 from .rng import name_key
@@ -87,6 +90,7 @@ __all__ = [
     "LocalView",
     "MeZO",
     "MeZOConfig",
+    "PairedLoss",
     "ParamSlot",
     "collect_slots",
     "get_kernels",

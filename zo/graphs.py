@@ -77,11 +77,22 @@ def step_on_device(
 
 
 class CudaGraphStep:
-    def __init__(self, mezo: MeZO, model: nn.Module, loss_of_batch: LossOfBatch):
+    """closure_of_batch(batch) -> the step's loss closure on the graph's input buffers; default
+    `model -> loss_of_batch(model, batch)`. A zo.PairedLoss there captures the paired step
+    (perturbation="paired": one forward over 2B rows per replay)."""
+
+    def __init__(
+        self,
+        mezo: MeZO,
+        model: nn.Module,
+        loss_of_batch: LossOfBatch,
+        closure_of_batch: Callable[[dict], Callable] | None = None,
+    ):
         why = unsupported(mezo, model)
         if why is not None:
             raise ValueError(f"the MeZO step cannot be captured as a CUDA graph: {why}")
         self.mezo, self.model, self.loss_of_batch = mezo, model, loss_of_batch
+        self.closure_of_batch = closure_of_batch
         mezo.perturbation.hooks.keep_pool = True
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict, tuple]] = {}
@@ -129,4 +140,6 @@ class CudaGraphStep:
         return loss1.clone(), projected_grad.clone()
 
     def _loss_fn(self, inputs: dict):
+        if self.closure_of_batch is not None:
+            return self.closure_of_batch(inputs)
         return lambda model: self.loss_of_batch(model, inputs)

@@ -11,6 +11,13 @@ rounded to the parameter's dtype once.
                                                           zo_update)
     update_many_(p, seeds=, grads=, wds=, ...)            the n updates of a step in one pass
                                                           (get_update_many; bitwise n update_)
+    perturbed_pair_(out, src=, minus=, seed=, key=, offset=, scale=)
+                                     out = src + scale * z, minus = src - scale * z from one z
+                                     (bitwise = perturbed_ with +scale and with -scale; the
+                                     paired step, zo/paired.py)
+    perturbed_at_(out, src=, index=, seed=, key=, scale=)
+                                     out = src + scale * z at the global indices `index` (an
+                                     embedding's gathered rows, zo/paired.py)
 
 Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and
 use z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no
@@ -99,7 +106,20 @@ def _build(z_of: Callable, masked: bool):
             (pf - lr * (grad * direction(pf, seed, key, offset, threshold) + wd * pf)).to(p.dtype)
         )
 
-    return perturb_, perturbed_, update_
+    # the paired step's two transient weights from one z: read src once, write out and minus
+    def perturbed_pair_(out, src, minus, seed, key, offset, scale, threshold=None):
+        sf = src.to(_compute_dtype(src.dtype))
+        step = scale * direction(sf, seed, key, offset, threshold)
+        out.copy_((sf + step).to(src.dtype))
+        minus.copy_((sf - step).to(src.dtype))
+
+    # the paired step's embedding rows (zo/paired.py): out = src + scale * z at global `index`
+    def perturbed_at_(out, src, index, seed, key, scale, threshold=None):
+        sf = src.to(_compute_dtype(src.dtype))
+        shift = index - torch.arange(sf.numel(), device=sf.device)  # z_of counts from offset
+        out.copy_((sf + scale * direction(sf, seed, key, shift, threshold)).to(src.dtype))
+
+    return perturb_, perturbed_, update_, perturbed_pair_, perturbed_at_
 
 
 def _build_update_many(z_of: Callable, masked: bool, n: int):
@@ -122,6 +142,8 @@ class Kernels(NamedTuple):
     perturb_: Callable
     perturbed_: Callable
     update_: Callable
+    perturbed_pair_: Callable
+    perturbed_at_: Callable | None = None  # None: z is not a function of the element index
 
 
 def _wrap(fn: Callable, compiled: bool, rounding: dict | None = None) -> Callable:
@@ -133,16 +155,24 @@ def _wrap(fn: Callable, compiled: bool, rounding: dict | None = None) -> Callabl
     seen_kinds = set()  # (dtype, device, 1 element, serial): a new kind may compile a new graph
 
     @functools.wraps(fn)
-    def call(p: torch.Tensor, src: torch.Tensor | None = None, **scalars: torch.Tensor) -> None:
+    def call(p: torch.Tensor, **scalars: torch.Tensor) -> None:
         serial = p.device.type == "cpu" and p.numel() < _SERIAL_BELOW
         kind = (p.dtype, p.device, p.numel() == 1, serial)
-        if src is not None:
-            if (src.numel(), src.dtype, src.device) != (p.numel(), p.dtype, p.device):
+        for name in ("src", "minus"):  # tensors of p's size: plain 1-D aliases too
+            t = scalars.get(name)
+            if t is not None:
+                if (t.numel(), t.dtype, t.device) != (p.numel(), p.dtype, p.device):
+                    raise ValueError(
+                        f"{name} must match out ({t.numel()} {t.dtype} {t.device} vs "
+                        f"{p.numel()} {p.dtype} {p.device})"
+                    )
+                scalars[name] = _flat(t)
+        if "index" in scalars:  # int64 global indices, one per element of p
+            if scalars["index"].numel() != p.numel():
                 raise ValueError(
-                    f"src must match out ({src.numel()} {src.dtype} {src.device} vs "
-                    f"{p.numel()} {p.dtype} {p.device})"
+                    f"index must match out ({scalars['index'].numel()} vs {p.numel()})"
                 )
-            scalars["src"] = _flat(src)
+            scalars["index"] = _flat(scalars["index"])
         with (
             torch.no_grad(),
             (

@@ -121,4 +121,11 @@ def _kernels(rank: int, normal_z: str) -> Kernels:
         step = grad * z(p, seed, key, v_seed, v_key, rows) + wd * pf
         p.view(-1).copy_((pf - lr * step).to(p.dtype))
 
-    return Kernels(perturb_, perturbed_, update_)
+    @torch.no_grad()
+    def perturbed_pair_(out, src, minus, seed, key, offset, scale, rows, v_seed, v_key):
+        sf = compute(src)
+        step = scale * z(src, seed, key, v_seed, v_key, rows)
+        out.view(-1).copy_((sf + step).to(src.dtype))
+        minus.view(-1).copy_((sf - step).to(src.dtype))
+
+    return Kernels(perturb_, perturbed_, update_, perturbed_pair_)

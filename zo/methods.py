@@ -17,6 +17,7 @@ from . import variants
 from .directions import Dense
 from .fzoo import FZOO
 from .lozo import LOZO
+from .paired import Paired
 from .part import FEATURES, Field, Part
 from .perturb import ExactRestore
 from .reference import InPlace
@@ -138,7 +139,7 @@ def update_rule(cfg) -> type[Part]:
 
 
 def perturbation_class(cfg):
-    return InPlace if cfg.perturbation == "reference" else ExactRestore
+    return {"reference": InPlace, "paired": Paired}.get(cfg.perturbation, ExactRestore)
 
 
 def parts(cfg) -> list[tuple[str, frozenset, frozenset]]:

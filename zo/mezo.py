@@ -13,13 +13,16 @@ zo/methods.py plug in without seeing this object: an estimator other than MeZO's
 dense, Sparse-MeZO's mask) gives the perturbation its kernels; an update rule other than the fused
 ZO-SGD (momentum, Adam) is a torch optimizer stepped on the p.grad accumulated here.
 
-The perturbation is one of two objects with one interface (`perturb`, `reset`, `projected_grad`,
+The perturbation is one of three objects with one interface (`perturb`, `reset`, `projected_grad`,
 `skip_non_finite`, `update`, `accumulate_grad`, `unseen`):
 - `zo.perturb.ExactRestore` (`perturbation="exact"`, the default; `"eager"` runs it uncompiled, for
   debugging): the perturbation is virtual. `perturb` moves a shift (0 -> +1 -> -1 -> 0) and forward
   hooks show each module theta + shift*eps*z; the only write is the update, one fused pass per
   parameter, so a step with lr=0 leaves every parameter bitwise unchanged, in any dtype. z comes
   from a counter-based hash (zo/rng.py): the same on every device and shard.
+- `zo.paired.Paired` (`perturbation="paired"`): exact restore whose +eps and -eps forwards run as
+  one forward over the batch stacked twice (the loss closure a `zo.PairedLoss`), each owning module
+  computing theta + eps*z and theta - eps*z from one evaluation of z: z twice a step, no restore.
 - `zo.reference.InPlace` (`perturbation="reference"`): the original's operations, in place.
 
 Nothing in a step syncs with the host: seeds are drawn on the host, projected_grad stays a 0-d
@@ -44,6 +47,7 @@ from torch import nn
 
 from . import methods, variants
 from .optim import WD_EXEMPT, check_schedule, learning_rate, micro_batches
+from .paired import Paired, PairedLoss
 from .perturb import ExactRestore, LocalView, StepScalar, collect_slots, whole
 from .reference import InPlace
 from .rng import DEFAULT_NORMAL_Z
@@ -63,7 +67,7 @@ class MeZOConfig:
     lr_scheduler: str = "constant"  # "constant" | "linear" (HF, lr at step t taken before stepping)
     warmup_steps: int = 0
     max_steps: int = 0  # needed by the linear schedules
-    perturbation: str = "exact"  # "exact" | "eager" | "reference" (train.py --perturbation)
+    perturbation: str = "exact"  # "exact" | "eager" | "reference" | "paired" (zo/paired.py)
     distribution: str | None = None  # "normal" | "rademacher"; None: the estimator's
     normal_z: str = DEFAULT_NORMAL_Z  # how normal z takes cos (zo/rng.py NORMAL_Z)
     seed: int = 42
@@ -79,7 +83,7 @@ class MeZOConfig:
 
     def __post_init__(self):
         choices = {
-            "perturbation": ("exact", "eager", "reference"),
+            "perturbation": ("exact", "eager", "reference", "paired"),
             "seed_source": ("generator", "numpy_global"),
             "zo_variant": (None, "param_norm", "grad_norm"),
         }
@@ -179,8 +183,9 @@ class MeZO:
         )
         if cfg.perturbation == "reference":
             self.perturbation = InPlace(self.slots)
-        else:
-            self.perturbation = ExactRestore(self.slots, self.direction, local_view)
+        else:  # paired: ExactRestore whose two forwards of an estimate run as one
+            perturbation = Paired if cfg.perturbation == "paired" else ExactRestore
+            self.perturbation = perturbation(self.slots, self.direction, local_view)
         self.estimator = methods.ESTIMATORS[cfg.estimator]
         # a torch optimizer stepped on p.grad, or None: MeZO's fused ZO-SGD
         self.update_rule = methods.update_rule(cfg).build(self.slots, cfg)
@@ -251,11 +256,15 @@ class MeZO:
         only, for the variants), summed over the data-parallel ranks."""
         self.zo_random_seed = seed
         try:
-            self.zo_perturb_parameters(scaling_factor=1, slots=slots)
-            loss1 = self.zo_forward(model, loss_fn)
-            self.zo_perturb_parameters(scaling_factor=-2, slots=slots)
-            loss2 = self.zo_forward(model, loss_fn)
-            self.zo_perturb_parameters(scaling_factor=1, slots=slots)
+            if self.pairs(loss_fn):  # paired: one forward, rows [0, B) at +eps z, [B, 2B) at -eps z
+                self.zo_perturb_parameters(scaling_factor=1, slots=slots, paired=True)
+                loss1, loss2 = self.zo_forward(model, loss_fn, paired=True).unbind()
+            else:
+                self.zo_perturb_parameters(scaling_factor=1, slots=slots)
+                loss1 = self.zo_forward(model, loss_fn)
+                self.zo_perturb_parameters(scaling_factor=-2, slots=slots)
+                loss2 = self.zo_forward(model, loss_fn)
+                self.zo_perturb_parameters(scaling_factor=1, slots=slots)
         finally:
             self.perturbation.reset()  # exact restore: hooks off, even when a forward raised
         if self.reduce_losses is not None:  # data-parallel: sums of every rank's loss terms
@@ -291,32 +300,54 @@ class MeZO:
 
     # ------------------------------------------------- the original's helpers, and the host parts
     def zo_perturb_parameters(
-        self, random_seed: int | None = None, scaling_factor: float = 1, slots=None
+        self, random_seed: int | None = None, scaling_factor: float = 1, slots=None, paired=False
     ):
         """theta <- theta + scaling_factor * eps * z (z / c with a variant), the perturbation's way:
-        exact restore shows it to the forwards only; reference writes it into the weights."""
+        exact restore shows it to the forwards only; reference writes it into the weights; paired
+        shows +eps z and -eps z to the two halves of a paired forward's rows."""
         if random_seed is not None:
             self.zo_random_seed = random_seed
-        self.perturbation.perturb(
-            self.seed,
-            scaling_factor,
-            self.cfg.eps,
-            self.cs or {},
-            self.slots if slots is None else slots,
-        )
+        slots = self.slots if slots is None else slots
+        if paired:
+            self.perturbation.perturb_pair(self.seed, self.cfg.eps, self.cs or {}, slots)
+        else:
+            self.perturbation.perturb(self.seed, scaling_factor, self.cfg.eps, self.cs or {}, slots)
 
-    def zo_forward(self, model: nn.Module, loss_fn) -> torch.Tensor:
+    def zo_forward(self, model: nn.Module, loss_fn, paired: bool = False) -> torch.Tensor:
         """Loss without gradient, dropout off (model.eval(), as the original). `loss_fn(model)` may
         return any scalar: a differentiable loss or e.g. -F1 of greedy generations; a list of
         closures is the micro-batches of one step, their losses averaged. no_grad rather than
         inference_mode: the kernels called from the hooks then meet one grad mode (no
-        recompile)."""
+        recompile). paired: each closure's `paired` forward over 2B rows -> [loss1, loss2]."""
         model.eval()
         losses = []
         with torch.no_grad():
             for fn in micro_batches(loss_fn):
-                losses.append(torch.as_tensor(fn(model)).detach().reshape(()).to(self.device))
-        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+                if paired:
+                    with self.perturbation.hooks.rows(2 * fn.rows):
+                        loss = fn.paired(model).detach().reshape(2)
+                else:
+                    loss = torch.as_tensor(fn(model)).detach().reshape(())
+                losses.append(loss.to(self.device))
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean(0)
+
+    def pairs(self, loss_fn) -> bool:
+        """--perturbation paired, and every micro-batch closure scores both signs in one forward
+        (zo.paired.PairedLoss); otherwise the two forwards of exact restore (e.g. generations).
+        Sharded ranks must agree on the number of forwards: there a batch that does not pair is an
+        error."""
+        if self.cfg.perturbation != "paired":
+            return False
+        fns = micro_batches(loss_fn)
+        if all(isinstance(fn, PairedLoss) and fn.pairable() for fn in fns):
+            return True
+        if self.local_view is not whole:
+            raise ValueError(
+                "a sharded paired step needs loss closures that pair on every rank "
+                "(zo.paired.PairedLoss; a batch dimension other than its rows equals 2B): use "
+                "perturbation='exact'"
+            )
+        return False
 
     def learning_rate(self) -> float:
         c = self.cfg

@@ -31,9 +31,10 @@ def forwards_per_step(cfg: MeZOConfig) -> int:
     return cfg.fzoo_n + 1 if cfg.estimator == "fzoo" else 2
 
 
-def run(plan):
-    """-> {"ms_per_forward": {name: median ms}, "ratio": {name: [per-repetition per-forward time /
-    MeZO's]}, ...}."""
+def lora_model_and_batch(plan) -> dict:
+    """{"model", "batch", and what they are}: bench_scoring's SmolLM2-135M-Instruct with LoRA and a
+    shared-prompt batch of real review snippets (the tiny OPT and the bundled sample with --quick);
+    {"skipped": why} without the real model."""
     quick = plan["quick"]
     real = None if quick else smollm2()
     if real is None and not quick:
@@ -48,7 +49,22 @@ def run(plan):
         task, task.load(str(REAL_SNIPPETS) if real_text else None)["train"][: plan["batch"]], tok
     )
     models.apply_lora(model, r=8, alpha=16, generator=torch.Generator().manual_seed(0))
-    batch = data.collate(examples, "classification", tok.pad_token_id, shared=True)
+    return {
+        "model": model,
+        "batch": data.collate(examples, "classification", tok.pad_token_id, shared=True),
+        "model_name": "SmolLM2-135M-Instruct + LoRA" if real else "tiny OPT + LoRA",
+        "rows": len(examples),
+        "text": "real review snippets" if real_text else "the bundled SST-2 sample",
+    }
+
+
+def run(plan):
+    """-> {"ms_per_forward": {name: median ms}, "ratio": {name: [per-repetition per-forward time /
+    MeZO's]}, ...}."""
+    setup = lora_model_and_batch(plan)
+    if "skipped" in setup:
+        return setup
+    model, batch = setup["model"], setup["batch"]
     lr = 1e-7
     configs = {name: MeZOConfig(lr=lr, eps=1e-2, **kw) for name, kw in ESTIMATORS.items()}
     fns = {}
@@ -65,9 +81,9 @@ def run(plan):
         if name != "MeZO"
     }
     return {
-        "model": "SmolLM2-135M-Instruct + LoRA" if real else "tiny OPT + LoRA",
-        "batch": len(examples),
-        "text": "real review snippets" if real_text else "the bundled SST-2 sample",
+        "model": setup["model_name"],
+        "batch": setup["rows"],
+        "text": setup["text"],
         "ms_per_forward": medians_ms(per_forward),
         "ratio": ratios,
         "repeats": plan["step_repeats"],

@@ -30,8 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import models  # noqa: E402
 from data.collate import per_row_scoring  # noqa: E402
-from data.losses import batch_loss  # noqa: E402
+from data.losses import batch_loss, task_loss  # noqa: E402
 from models.opt import OPT, OPTConfig  # noqa: E402
+from program.run import paired_loss  # noqa: E402
 from zo import FO, FOConfig, MeZO, MeZOConfig  # noqa: E402
 
 # OPT shapes (hidden, layers, heads, ffn); vocabulary 50272 and 2048 positions as every OPT size.
@@ -74,17 +75,19 @@ def batch(
     return ids.to(device), torch.ones_like(ids)
 
 
-def lm_loss(ids, mask, answer_tokens=4):
+def lm_loss(ids, mask, answer_tokens=4, paired=False):
     """loss_fn(model): the loss MeZO trains with (data/losses.py `option_lm_loss`, the original's
     `forward_wrap_with_option_len`): next-token cross-entropy on the last `answer_tokens` tokens
-    of each row (the answer), log-softmax over that window only, logits kept there only."""
+    of each row (the answer), log-softmax over that window only, logits kept there only. paired:
+    the same loss as train.py's zo.PairedLoss (program/run.py paired_loss), for
+    perturbation="paired"."""
     scoring = per_row_scoring(ids.cpu(), [answer_tokens] * ids.shape[0])
     batch = {
         "input_ids": ids,
         "attention_mask": mask,
         **{k: v.to(ids.device) for k, v in scoring.items()},
     }
-    return lambda model: batch_loss(model, batch)
+    return paired_loss(task_loss, batch, 1.0) if paired else lambda model: batch_loss(model, batch)
 
 
 def last_position_loss(ids, mask):
@@ -341,7 +344,7 @@ def llama_forward_vs_transformers(shape: str, size: int, seq: int, repeats: int,
 
 # --------------------------------------------------------- row 4: peak memory, one process per mode
 
-MODES = ("inference", "mezo", "backprop_adamw")
+MODES = ("inference", "mezo", "backprop_adamw", "mezo_paired")  # mezo_paired: zo/paired.py
 
 
 def _status_mib(field: str) -> float:
@@ -356,7 +359,7 @@ def measure_memory(
     cuda = device.startswith("cuda")
     model = build(shape, vocab, device, dtype)
     ids, mask = batch(size, seq, vocab, device)
-    loss_fn = lm_loss(ids, mask)
+    loss_fn = lm_loss(ids, mask, paired=mode == "mezo_paired")
     _sync(device)
     post_build = torch.cuda.memory_allocated() / 2**20 if cuda else _status_mib("VmRSS")
     if mode == "inference":
@@ -366,8 +369,10 @@ def measure_memory(
                 loss_fn(model.eval()).item()
     else:
         trainer = (
-            MeZO(model, MeZOConfig(lr=1e-7, eps=1e-3))
-            if mode == "mezo"
+            MeZO(
+                model, MeZOConfig(lr=1e-7, eps=1e-3, perturbation=mode.partition("_")[2] or "exact")
+            )
+            if mode.startswith("mezo")
             else FO(model, FOConfig(lr=1e-5, optimizer="adam", lr_scheduler="constant"))
         )
         run = lambda: trainer.step(model, loss_fn).item()  # noqa: E731
@@ -436,6 +441,7 @@ def memory_table(
         "dtype": dtype,
         "runs": runs,
         "mezo_over_inference": mezo["peak_MiB"] / inference["peak_MiB"],
+        "paired_over_inference": runs["mezo_paired"]["peak_MiB"] / inference["peak_MiB"],
         "adamw_over_inference": runs["backprop_adamw"]["peak_MiB"] / inference["peak_MiB"],
         "mezo_warmup_residue_MiB": residue,
         "mezo_over_inference_without_residue": (mezo["peak_MiB"] - residue) / inference["peak_MiB"],

@@ -16,7 +16,9 @@ FAILED row and the exit status is 1; nothing is skipped.
 1b. the update of N = 2, 4, 8 directions (n-SPSA, FZOO, --parallel directions): one fused pass vs
    N passes over the same 1B bf16 elements (reported; bandwidth-bound passes would give 1/N);
 2. MeZO step / two plain forwards at OPT-1.3b shape, bf16, batch 16 x 64 (goal <= 1.10x), eager and
-   captured as CUDA graphs (zo/graphs.py);
+   captured as CUDA graphs (zo/graphs.py), with exact restore and with the paired step
+   (zo/paired.py: one forward over 2B rows, z twice a step); the kernels a paired step launches
+   over an exact one's (goal <= 0.75x: half the perturbation launches, one forward's launches);
 3. RoBERTa-large shape, batch 64 x 128 (the paper's RoBERTa setting): steps/s eager and graphed;
 4. peak memory (max_memory_allocated) of a MeZO step over inference on the same batch, at OPT-1.3b
    and at the largest OPT shape whose bf16 weights fit with room for activations (goal <= 1.05x),
@@ -266,7 +268,8 @@ def update_many_rows(plan) -> list[dict]:
 
 
 def step_rows(plan, family: str) -> list[dict]:
-    """Eager and graphed MeZO steps against two plain forwards, interleaved."""
+    """Eager and graphed MeZO steps, exact and paired (zo/paired.py, OPT only: its loss is a
+    zo.PairedLoss), against two plain forwards, interleaved; for OPT also the launches per step."""
     device = plan["device"]
     shape, vocab, (size, seq) = (plan[family], plan[f"{family}_vocab"], plan[f"{family}_batch"])
     make, make_batch, loss = (
@@ -274,45 +277,54 @@ def step_rows(plan, family: str) -> list[dict]:
     )
     model = make(shape, vocab, device)
     data = make_batch(size, seq, vocab, device)
-    eager = MeZO(model, MeZOConfig(lr=1e-9, eps=1e-3))
+    kinds = ("eager", "graphed", "paired eager", "paired graphed")[: 4 if family == "opt" else 2]
+
+    def mezo(kind):
+        perturbation = "paired" if kind.startswith("paired") else "exact"
+        return MeZO(model, MeZOConfig(lr=1e-9, eps=1e-3, perturbation=perturbation))
+
+    def closure(kind, batch):  # the loss closure of a batch (the graphs' input buffers)
+        if kind.startswith("paired"):
+            return B.lm_loss(batch["ids"], batch["mask"], paired=True)
+        return lambda m: loss(m, batch)
 
     @torch.no_grad()
     def two_forwards():
         loss(model, data)
         loss(model, data)
 
-    fns = {
-        "two forwards": two_forwards,
-        "eager step": lambda: eager.step(model, lambda m: loss(m, data)),
-    }
-    graph_error = None
-    try:
-        graphed = CudaGraphStep(MeZO(model, MeZOConfig(lr=1e-9, eps=1e-3)), model, loss)
-        fns["graphed step"] = lambda: graphed(data)
-    except ValueError as e:  # no CUDA (the CPU smoke run): the graphed rows fail below
-        graph_error = e
+    fns, errors, steppers = {"two forwards": two_forwards}, {}, {}
+    for kind in kinds:
+        if kind.endswith("eager"):
+            steppers[kind] = lambda t=mezo(kind), k=kind: t.step(model, closure(k, data))
+        else:
+            try:
+                graphed = CudaGraphStep(
+                    mezo(kind), model, loss, lambda batch, k=kind: closure(k, batch)
+                )
+                steppers[kind] = lambda g=graphed: g(data)
+            except ValueError as e:  # no CUDA (the CPU smoke run): the graphed rows fail below
+                errors[kind] = e
+        if kind in steppers:
+            fns[f"{kind} step"] = steppers[kind]
     times = B.interleaved(fns, plan["repeats"], device)
     ms = B.medians_ms(times)
     what = f"{'OPT' if family == 'opt' else 'RoBERTa'}-{shape} shape, {size}x{seq} bf16"
     rows = []
-    for kind in ("eager", "graphed"):
-        id = f"step.{family}.{kind}"
-        if kind == "graphed" and graph_error is not None:
-            rows.append(failed(id, f"MeZO step captured as CUDA graphs, {what}", graph_error))
+    for kind in kinds:
+        id = f"step.{family}.{kind.replace(' ', '.')}"
+        label = f"MeZO step ({kind}{', z twice a step' if 'paired' in kind else ''})"
+        if kind in errors:
+            paired = " (paired)" if "paired" in kind else ""
+            rows.append(
+                failed(id, f"MeZO step{paired} captured as CUDA graphs, {what}", errors[kind])
+            )
             continue
         r = B.ratio(times, f"{kind} step", "two forwards")
         notes = f"step {ms[f'{kind} step']:.1f} ms, two forwards {ms['two forwards']:.1f} ms"
         if family == "opt":
             rows.append(
-                row(
-                    id,
-                    f"MeZO step ({kind}) / two forwards, {what}",
-                    r["median"],
-                    "x",
-                    "<=",
-                    1.10,
-                    notes,
-                )
+                row(id, f"{label} / two forwards, {what}", r["median"], "x", "<=", 1.10, notes)
             )
         else:
             rows.append(
@@ -326,7 +338,37 @@ def step_rows(plan, family: str) -> list[dict]:
                     notes + f"; {r['median']:.2f}x two forwards",
                 )
             )
+    if family == "opt":
+        counts = {kind: launches(steppers[kind], device) for kind in ("eager", "paired eager")}
+        rows.append(
+            row(
+                "step.opt.launches",
+                f"launches per MeZO step, paired / exact (eager), {what}",
+                counts["paired eager"] / counts["eager"],
+                "x",
+                "<=",
+                0.75,
+                f"exact {counts['eager']}, paired {counts['paired eager']} "
+                f"{'CUDA kernels' if device == 'cuda' else 'CPU operators (smoke run)'} per step; "
+                "a captured step is one graph launch",
+            )
+        )
     return rows
+
+
+def launches(step, device: str) -> int:
+    """Kernels one call of `step` launches (CUDA), or operators it runs (the CPU smoke run), from
+    torch.profiler; the call after a warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    return sum(1 for e in prof.events() if e.device_type == kind)
 
 
 def peak_of(fn, device: str) -> float:

@@ -18,6 +18,9 @@ this run so that machine-wide slowdowns cancel (this 2-core machine is shared an
 7. FZOO's and Sparse-MeZO's time per forward pass against MeZO's, on the same LoRA model and batch
    (bench_estimators);
 8. the update of N = 2, 4, 8 directions in one fused pass vs N passes, 50M fp32 (bench_perturb).
+9. the paired step (zo/paired.py) and today's exact step / two forwards in one interleaving, at
+   SmolLM2-135M (normal and Rademacher z) and OPT-125m shape; MeZO-LoRA paired / exact; and its
+   peak memory / inference in row 4's table (bench_paired).
 With CUDA the perturbation rows also run on the GPU (fused vs a device-to-device copy), and the step
 and memory rows at OPT-1.3b shape in bf16. `--quick` runs every row at tiny sizes (a smoke test,
 tests/test_bench.py); its numbers mean nothing.
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_comm  # noqa: E402
 import bench_estimators  # noqa: E402
 import bench_model  # noqa: E402
+import bench_paired  # noqa: E402
 import bench_perturb  # noqa: E402
 import bench_scoring  # noqa: E402
 
@@ -103,6 +107,8 @@ QUICK = dict(
     ),
 )
 STEP_GOAL = {"cpu": 1.20, "cuda": 1.10}
+# issue 30: the paired step / two forwards (normal z, Rademacher z), its peak memory / inference
+PAIRED_GOAL = {"normal": 1.30, "rademacher": 1.10, "memory": 1.20}
 LLAMA_STEP_GOAL = 1.15  # issue 20: full-parameter MeZO step at SmolLM2-135M shape, 16 x 64 fp32
 
 
@@ -467,6 +473,62 @@ def llama_rows(plan, raw) -> list[dict]:
     ]
 
 
+def paired_rows(plan, raw) -> list[dict]:
+    """Issue 30: the paired and today's exact full-parameter step / two forwards, interleaved
+    (SmolLM2-135M shape with normal and Rademacher z, OPT-125m shape), and MeZO-LoRA on real
+    snippets, paired / exact (bench_paired)."""
+    (size, seq), repeats = plan["batch"], plan["step_repeats"]
+    runs = {
+        "llama": bench_paired.llama(plan["llama_shape"], size, seq, repeats),
+        "opt": bench_paired.opt(plan["shape"], plan["vocab"], size, seq, repeats),
+    }
+    shapes = {"llama": f"LLaMA-{plan['llama_shape']}", "opt": f"OPT-{plan['shape']}"}
+    lora = bench_paired.lora(plan["scoring"])
+    raw["paired"] = {**runs, "lora": lora}
+    rows = []
+    for model, r in runs.items():
+        for z in ("normal", "rademacher"):
+            if f"paired step, {z} z" not in r:
+                continue
+            rows.append(
+                row(
+                    f"paired.{model}.{z}",
+                    "cpu",
+                    f"paired MeZO step, {shapes[model]} shape, {size}x{seq} fp32, {z} z: "
+                    "step / two forwards",
+                    r[f"paired step, {z} z"]["median"],
+                    "x",
+                    "<=",
+                    PAIRED_GOAL[z],
+                    f"<= {PAIRED_GOAL[z]:.2f}x",
+                    f"today's exact step {r[f'exact step, {z} z']['median']:.2f}x in the same "
+                    f"interleaving; paired / exact {r[f'paired over exact, {z} z']['median']:.2f}x;"
+                    f" two forwards {r['ms']['two forwards']:.0f} ms, paired step "
+                    f"{r['ms'][f'paired step, {z} z']:.0f} ms",
+                    r[f"paired step, {z} z"] | {"n": r["repeats"]},
+                )
+            )
+    if "skipped" not in lora:
+        s = lora["paired over exact"]
+        rows.append(
+            row(
+                "paired.lora",
+                "cpu",
+                f"MeZO-LoRA step, {lora['model_name']}, {lora['rows']} {lora['text']}: "
+                "paired / exact",
+                s["median"],
+                "x",
+                None,
+                None,
+                "report",
+                f"exact {lora['ms']['exact step']:.0f} ms, "
+                f"paired {lora['ms']['paired step']:.0f} ms",
+                s | {"n": lora["repeats"]},
+            )
+        )
+    return rows
+
+
 def step_rows(plan, raw, device) -> list[dict]:
     gpu = device != "cpu"
     shape, dtype = (plan["gpu_shape"], "bf16") if gpu else (plan["shape"], "fp32")
@@ -527,6 +589,7 @@ def memory_rows(plan, raw, device) -> list[dict]:
             runs, unit = m["runs"], "allocated" if gpu else "RSS"
             peak = "/".join(f"{runs[k]['peak_MiB']:.0f}" for k in bench_model.MODES)
             inc = "/".join(f"+{runs[k]['increase_MiB']:.0f}" for k in bench_model.MODES)
+            what = f"peak memory, OPT-{shape} shape, {name}-like {size}x{seq} {dtype}"
             rows.append(
                 row(
                     f"memory.{shape}.{name}",
@@ -538,12 +601,27 @@ def memory_rows(plan, raw, device) -> list[dict]:
                     "<=",
                     1.10,
                     "<= 1.10x",
-                    f"peak inference/MeZO/backprop+AdamW {peak} MiB, over post-build "
+                    f"peak inference/MeZO/backprop+AdamW/paired MeZO {peak} MiB, over post-build "
                     f"({runs['inference']['post_build_MiB']:.0f} MiB) {inc}; MeZO's warm-up left "
                     f"+{m['mezo_warmup_residue_MiB']:.0f} MiB more than inference's "
                     "(torch.compile runtime, kernels), "
                     f"without it {m['mezo_over_inference_without_residue']:.2f}x; "
                     f"AdamW / inference {m['adamw_over_inference']:.2f}x",
+                )
+            )
+            rows.append(
+                row(
+                    f"memory.{shape}.{name}.paired",
+                    device,
+                    f"{what}: paired MeZO / inference peak {unit}",
+                    m["paired_over_inference"],
+                    "x",
+                    "<=",
+                    PAIRED_GOAL["memory"],
+                    f"<= {PAIRED_GOAL['memory']:.2f}x",
+                    f"peak paired MeZO {runs['mezo_paired']['peak_MiB']:.0f} MiB, exact MeZO "
+                    f"{runs['mezo']['peak_MiB']:.0f} MiB, inference "
+                    f"{runs['inference']['peak_MiB']:.0f} MiB",
                 )
             )
     return rows
@@ -759,7 +837,7 @@ def main() -> None:
         nargs="+",
         metavar="SECTION",
         help="run these sections only (perturb, update_many, forward, "
-        "llama, scoring, step.cpu, memory.cpu, comm, ...)",
+        "llama, scoring, paired, step.cpu, memory.cpu, comm, ...)",
     )
     args = ap.parse_args()
     plan = QUICK if args.quick else FULL
@@ -772,6 +850,7 @@ def main() -> None:
         ("llama", lambda: llama_rows(plan, raw)),
         ("scoring", lambda: scoring_rows(plan, raw)),
         ("estimators", lambda: estimator_rows(plan, raw)),
+        ("paired", lambda: paired_rows(plan, raw)),
     ]
     for device in devices:
         sections += [

@@ -190,3 +190,20 @@ def perturbed_loss_tolerance(model, loss_fn, eps, c_min=1.0) -> float:
     grad_l1 = sum(g.abs().sum().item() for g in torch.autograd.grad(loss_fn(model.eval()), params))
     theta_max = max(p.detach().abs().max().item() for p in params) + eps * Z_MAX / c_min
     return 2 * grad_l1 * (eps * NORMAL_Z_IMPL_BOUND / c_min + 2.0**-24 * theta_max)
+
+
+def paired_lm_loss(ids):
+    """lm_loss(ids) as a zo.PairedLoss: `paired` runs the model once over ids stacked twice and
+    returns the loss of each half (the --perturbation paired protocol, zo/paired.py)."""
+    from zo import PairedLoss
+
+    loss, n = lm_loss(ids), ids.shape[0]
+
+    def paired(model):
+        logits = model(torch.cat([ids, ids])[:, :-1]).float()
+        target = ids[:, 1:].flatten()
+        return torch.stack(
+            [F.cross_entropy(half.flatten(0, 1), target) for half in (logits[:n], logits[n:])]
+        )
+
+    return PairedLoss(loss, paired, (ids,))
