@@ -152,6 +152,11 @@ def resolve(args, model_type) -> argparse.Namespace:
         raise DataError("the non-differentiable objective needs --trainer zo (--non_diff)")
     if args.trainer == "fo":
         check_zo_only_unset(args)
+    if args.non_diff and not roberta and args.perturbation == "paired":
+        raise DataError(
+            "greedy generations (-F1) do not pair: each sign generates its own answers; use "
+            "--perturbation exact (--perturbation paired)"
+        )
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and (args.trainer == "fo" or args.zo_variant):
         raise DataError(

@@ -3,11 +3,13 @@ weights, bitwise, on every batch layout and mode the program builds (the bound d
 tests/test_zo_paired.py: zero wherever a non-owned op computes each row by the same arithmetic
 at 2B rows as at B rows; these runs show it holds for the tiny OPT and RoBERTa layers here,
 including the frozen Linears of LoRA and prefix runs, which see 2B rows). The generation loss
-(--non_diff on SQuAD) does not pair: it falls back to two forwards, also the same run."""
+(--non_diff on SQuAD) does not pair, and FZOO's forwards are one-sided: both are refused."""
 
 import pytest
 import torch
 
+import train
+from tests.helpers.refusals import refused
 from tests.test_train import OPT, ROBERTA, SHORT, run, tensors, trajectory
 from zo.paired import PairedHooks
 
@@ -19,8 +21,6 @@ CASES = {
     "--num_eval 4 --batch_size 4".split(),
     "roberta": ROBERTA,
     "roberta -accuracy": ROBERTA + ["--non_diff"],
-    "generation": "--task SQuAD --non_diff --num_train 8 --num_dev 4 --num_eval 4 "
-    "--batch_size 2".split(),
     "accumulation, n-SPSA, Adam": OPT
     + "--gradient_accumulation_steps 2 --n_spsa 2 --optimizer adam".split(),
 }
@@ -38,7 +38,7 @@ def test_paired_runs_equal_exact_runs_bitwise(tmp_path, monkeypatch, case):
         out = outs[perturbation] = str(tmp_path / perturbation)
         argv = ["--learning_rate", "1e-3", *CASES[case], *SHORT, "--perturbation", perturbation]
         run(argv + ["--output_dir", out])
-    assert bool(paired_forwards) == (case != "generation")  # the generation loss falls back
+    assert paired_forwards  # the paired forward ran
     assert trajectory(outs["exact"]) == trajectory(outs["paired"])
     assert len(trajectory(outs["exact"]).splitlines()) >= 4
     weights = [
@@ -49,3 +49,20 @@ def test_paired_runs_equal_exact_runs_bitwise(tmp_path, monkeypatch, case):
     ]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize(
+    "extra, what",
+    [
+        (["--task", "SQuAD", "--non_diff"], "greedy generations (-F1) do not pair"),
+        (
+            ["--estimator", "fzoo"],
+            "estimator=fzoo with fzoo_n=8 does not support perturbation=paired",
+        ),
+    ],
+)
+def test_what_does_not_pair_is_refused_in_one_line(capsys, tmp_path, extra, what):
+    out = tmp_path / "out"
+    argv = [*OPT, *SHORT, "--perturbation", "paired", *extra, "--output_dir", str(out)]
+    refused(capsys, train.main, argv, what, tmp_path)
+    assert not out.exists()

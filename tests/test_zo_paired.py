@@ -258,20 +258,21 @@ def test_a_module_without_the_row_dimension_is_an_error():
     assert "forward" not in model.table.__dict__  # the hooks are off again
 
 
-def test_plain_closures_and_fzoo_fall_back_to_two_forwards():
-    """A closure that is not a PairedLoss (e.g. greedy generations) and FZOO's one-sided forwards
-    run as exact restore: the same steps."""
-    ids = lm_batch()
-    for cfg, fn in (
-        (dict(), lm_loss(ids)),
-        (dict(estimator="fzoo", fzoo_n=2), paired_lm_loss(ids)),
+def test_a_plain_closure_falls_back_to_two_forwards():
+    """A closure that is not a PairedLoss (a library caller's own loss) runs as exact restore: the
+    same steps."""
+    ids, runs = lm_batch(), []
+    for perturbation in ("exact", "paired"):
+        steps, _ = trained(tiny_lm(), perturbation, lm_loss(ids), steps=2)
+        runs.append(steps)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(*runs))
+
+
+def test_fzoo_one_sided_forwards_do_not_pair_and_are_refused():
+    with pytest.raises(
+        ValueError, match="estimator=fzoo's forwards are one-sided: nothing to pair"
     ):
-        runs = []
-        for perturbation in ("exact", "paired"):
-            model = tiny_lm()
-            steps, _ = trained(model, perturbation, fn, steps=2, **cfg)
-            runs.append(steps)
-        assert all(torch.equal(a[1], b[1]) for a, b in zip(*runs))
+        MeZO(tiny_lm(), MeZOConfig(estimator="fzoo", fzoo_n=2, perturbation="paired"))
 
 
 def test_trajectories_of_exact_runs_replay_bitwise_under_paired():

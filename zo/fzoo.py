@@ -44,6 +44,13 @@ class FZOO(Part):
         return ALL - {"cuda_graphs", "reference"}
 
     @staticmethod
+    def check(cfg) -> None:
+        if cfg.perturbation == "paired":  # one-sided forwards: no +-eps pair to run as one
+            raise ValueError(
+                "estimator=fzoo's forwards are one-sided: nothing to pair (perturbation=paired)"
+            )
+
+    @staticmethod
     def num_zs(cfg, step: int) -> int:
         return cfg.fzoo_n
 

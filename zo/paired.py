@@ -33,8 +33,9 @@ vocabulary table never exists whole. Any other tied parameter is paired once, at
 and both copies are kept until the forward ends.
 
 Falls back to today's two forwards (said here, done by zo/mezo.py): a loss closure that is not a
-`PairedLoss` (greedy generations: the non-differentiable objective), a batch that is not pairable,
-and FZOO's one-sided forwards.
+`PairedLoss` (a library caller's own loss) and a batch that is not pairable. FZOO's one-sided
+forwards have no pair: zo/fzoo.py refuses perturbation=paired, and train.py refuses greedy
+generations (the non-differentiable objective) with it.
 """
 
 import contextlib
