@@ -165,6 +165,8 @@ def resolve(args, model_type) -> argparse.Namespace:
             fsdp=args.fsdp,
             data_parallel=world > 1,
         )
+    if args.fsdp and "RANK" not in os.environ:  # torch's own error would name no flag
+        raise DataError("FSDP shards the model across the processes torchrun starts (--fsdp)")
     if args.output_dir is None:
         name = os.path.basename(os.path.normpath(str(args.model)))
         args.output_dir = os.path.join(
