@@ -218,6 +218,11 @@ def main(argv=None):
                     f"{len(splits['train'])} (--num_train {args.num_train})"
                 )
             test, demo_sets = data.icl_splits(splits, args.num_train, args.num_eval)
+        if not test:  # an empty evaluation file: nothing to score (a mean of no rows)
+            raise data.DataError(
+                f"no evaluation examples for {task.name} (--data_dir "
+                f"{args.data_dir or data.SAMPLES_DIR})"
+            )
     except ValueError as e:  # ModelError, DataError
         lock.abandon()
         print(f"error: {e}", file=sys.stderr)
