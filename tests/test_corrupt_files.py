@@ -6,6 +6,7 @@ nothing half-written. The number of examples: tests/conftest.py."""
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
@@ -135,3 +136,26 @@ def test_a_corrupted_input_runs_or_is_refused_with_one_line(
         assert not (tree / "out").exists(), "refused, and wrote"
         assert folder_hash(tree / "run") == run_before, "refused, and changed the run"
     shutil.rmtree(tree)
+
+
+# found: a flipped byte in a key of results.json ("loss", "test") made compare a KeyError
+@pytest.mark.parametrize(
+    "results, code",
+    [
+        ({"dev": {"lose": 0.5}, "test": {"accuracy": 0.5}}, 0),  # no dev loss: "–"
+        ({"dev": {}, "tesu": {"accuracy": 0.5}}, 2),  # no test metrics: refused
+        ({"dev": {}, "test": {"accuracy": None, "accuracy_nonfinite": "nan"}}, 0),
+        ({"dev": {}, "test": {"accuracz": 0.5}, "num_test": 4}, 0),  # no gain without accuracy
+    ],
+)
+def test_compare_reads_a_results_json_with_a_key_changed(source, tmp_path, capsys, results, code):
+    shutil.copytree(source / "run", tmp_path / "run")
+    (tmp_path / "run" / "results.json").write_text(json.dumps(results))
+    before = folder_hash(tmp_path)
+    assert eval_py.main(["compare", str(source / "run"), str(tmp_path / "run")]) == code
+    out, err = capsys.readouterr()
+    if code:
+        one_error_line(code, err, "results.json without 'test'")
+    else:
+        assert "| run " in out and "Traceback" not in err
+    assert folder_hash(tmp_path) == before

@@ -334,7 +334,8 @@ def _number(value, spec, scale=1):
     return "–" if value is None else spec.format(value * scale)
 
 
-def _loss(value):
+def _finite4(value):
+    """A measured number to 4 decimals, or "non-finite" (null in strict JSON)."""
     return f"{value:.4f}" if seeds.finite(value) else "non-finite"
 
 
@@ -356,10 +357,10 @@ def compare_markdown(runs):
         res = run.results
         dev = [m for m in read_metrics(run) if "dev_loss" in m]
         # never evaluated, or no dev set: "–"; a non-finite loss (null in strict JSON): "non-finite"
-        first = f"{_loss(dev[0]['dev_loss'])} (step {dev[0]['step']})" if dev else "–"
-        selected = (
-            f"{_loss(res['dev']['loss'])} (step {res.get('best_step')})" if res.get("dev") else "–"
-        )
+        first = f"{_finite4(dev[0]['dev_loss'])} (step {dev[0]['step']})" if dev else "–"
+        selected = "–"  # no dev loss recorded; null: non-finite
+        if "loss" in (res.get("dev") or {}):
+            selected = f"{_finite4(res['dev']['loss'])} (step {res.get('best_step')})"
         base = " (lr 0: the base model)" if run.config.get("learning_rate") == 0 else ""
         cells = [
             run.path.name,
@@ -367,14 +368,17 @@ def compare_markdown(runs):
             first,
             selected,
             _number((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
-            ", ".join(f"{k} {v:.4f}" for k, v in res["test"].items()),
+            ", ".join(
+                f"{k} {_finite4(v)}" for k, v in res["test"].items() if not k.endswith("_nonfinite")
+            ),
             _number(res.get("peak_memory_bytes"), "{:.0f}", 2**-20),
             _number(res.get("time_per_step_s"), "{:.2f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     before, after = runs[0].results, runs[-1].results
     sizes = {r.results.get("num_test") for r in (runs[0], runs[-1])}
-    if len(runs) > 1 and None not in sizes and len(sizes) == 1 and "accuracy" in before["test"]:
+    both = all(seeds.finite(r["test"].get("accuracy")) for r in (before, after))
+    if len(runs) > 1 and None not in sizes and len(sizes) == 1 and both:
         n, (a, b) = sizes.pop(), (before["test"]["accuracy"], after["test"]["accuracy"])
         se = max(binomial_se(a, n), binomial_se(b, n))
         lines += [
@@ -458,7 +462,7 @@ def grid_markdown(rows):
             lines.append(
                 f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | "
                 f"{config['max_steps']} ({run.results.get('best_step')}) | "
-                f"{_loss(dev.get('loss'))} | "
+                f"{_finite4(dev.get('loss'))} | "
                 f"{_number(dev.get('accuracy'), '{:.1f}', 100)} | {'yes' if run is best else ''} |"
             )
     return "\n".join(lines)
