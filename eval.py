@@ -137,7 +137,7 @@ def report_main(argv):
     return 0
 
 
-def parse_args(argv):
+def build_parser():
     p = flags.Parser(
         description="Zero-shot / ICL / saved-model evaluation (run.py --trainer none)."
     )
@@ -172,7 +172,11 @@ def parse_args(argv):
     )
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", default="auto", help="auto: cuda when CUDA is there, else cpu")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
