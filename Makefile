@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install smollm2 rotten-tomatoes test check lint demo results results-grid results-estimators bench gpu-check \
+.PHONY: install smollm2 rotten-tomatoes test check lint demo results results-grid results-estimators results-directions results-gpu bench gpu-check \
 	grid clean
 
 install: $(STAMP)
@@ -71,7 +71,7 @@ demo: $(STAMP) $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
 	$(PY) eval.py compare runs/demo/zero-shot runs/demo/mezo --plot runs/demo/mezo/curves.png \
 		--title "SmolLM2-135M-Instruct, MeZO-LoRA: Rotten Tomatoes snippets (SST-2 format)"
 
-# The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (program/paper/results.py ROWS; at most 90
+# The paper's Table 1 on SmolLM2-135M-Instruct and the real snippets (program/paper/rows.py ROWS; at most 90
 # minutes on 2 idle cores): runs what is not finished under runs/results, prints the table and writes it into
 # RESULTS.md. results-grid: the grid on dev behind ROWS' learning rates (GRID, seed 0; its kept points are
 # the table's seed-0 runs). results-estimators: MeZO, FZOO and Sparse-MeZO side by side against forward
@@ -86,6 +86,16 @@ results-grid: $(RESULTS_DEPS)
 results-estimators: $(RESULTS_DEPS)
 	$(PY) -m program.paper.results --estimators --out runs/results --write RESULTS.md \
 		--figure program/paper/figures/estimators-lora.png
+
+# 1, 2, 4 and 8 directions a step side by side, MeZO-LoRA (program/paper/rows.py DIRECTION_ROWS).
+results-directions: $(RESULTS_DEPS)
+	$(PY) -m program.paper.results --directions --out runs/results --write RESULTS.md \
+		--figure program/paper/figures/directions-lora.png
+
+# Table 1 on one GPU: ROWS at the paper's step counts scaled to about 8 minutes on one H100 (rows.py
+# GPU_STEPS), with the GPU machine's own Python (see gpu-check); its own block of RESULTS.md.
+results-gpu: $(SMOLLM2)/config.json $(REALTEXT)/train.tsv
+	$(GPU_PYTHON) -m program.paper.results --gpu --out runs/results-gpu --write RESULTS.md
 
 bench: $(STAMP)
 	$(PY) tests/bench/run.py

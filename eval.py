@@ -227,9 +227,11 @@ def main(argv=None):
                 f"no evaluation examples for {task.name} (--data_dir "
                 f"{args.data_dir or data.SAMPLES_DIR})"
             )
-    except ValueError as e:  # ModelError, DataError
+    except BaseException as e:  # nothing was written: the folder is left as it was
         lock.abandon()
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, ValueError):  # a bug or an interrupt: its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr)  # ModelError, DataError: one line
         return 2
     try:
         return run_eval(args, model, tok, task, test, demo_sets)

@@ -167,6 +167,8 @@ def main(argv=None):
         if args.grid or args.slurm:  # program/paper/grid.py runs or scripts every point
             command = [sys.executable, os.path.abspath(__file__)]
             return grid.main(args, flags.explicit_flags(argv), command)
+        if args.replay:
+            replay.check_flags(argv)
         flags.check_values(args)
         device = None if args.device == "auto" else args.device
         dist = distributed.setup(args.dist_timeout, device=device)
@@ -193,10 +195,12 @@ def main(argv=None):
             os.makedirs(args.output_dir, exist_ok=True)
             write_json(os.path.join(args.output_dir, "config.json"), settings)
         dist.barrier()  # rank 0 prepared the folder before any rank writes into it
-    except ValueError as e:  # ModelError, DataError and bad values: one line, exit 2
+    except BaseException as e:  # nothing was written: the folder is left as it was
         if lock is not None:
-            lock.abandon()  # nothing was written: the folder is as it was
-        print(f"error: {e}", file=sys.stderr)
+            lock.abandon()
+        if not isinstance(e, ValueError):  # a bug or an interrupt: its traceback
+            raise
+        print(f"error: {e}", file=sys.stderr)  # ModelError, DataError, bad values: one line
         return 2
     try:
         with dist.guard():  # a lost rank ends the others with one error line, not a hang

@@ -34,10 +34,13 @@ SEED = Check(lambda v: 0 <= v < 2**32, "in [0, 2**32)")  # numpy's legacy seedin
 POSITIVE = at_least(1)
 
 
-def setting(default=None, help=None, *, choices=None, check=None, free=False, switch=False, **arg):
+def setting(
+    default=None, help=None, *, choices=None, check=None, free=False, switch=False, zo=False, **arg
+):
     """A field with what the command line needs: `free`: --resume may change it; `switch`: a
-    store_true flag; `arg`: more argparse keywords (metavar, the flag's spelling as `flag`)."""
-    meta = dict(help=help, choices=choices, check=check, free=free, switch=switch, arg=arg)
+    store_true flag; `zo`: only the zeroth-order step reads it (--trainer fo refuses it set); `arg`:
+    more argparse keywords (metavar, the flag's spelling as `flag`)."""
+    meta = dict(help=help, choices=choices, check=check, free=free, switch=switch, zo=zo, arg=arg)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -136,26 +139,28 @@ class RunConfig:
     momentum: float = setting(0.0, check=IN_UNIT_INTERVAL)
     max_grad_norm: float = setting(1.0, check=finite(0, False))
     # the zeroth-order step (zo.MeZOConfig; each method's own fields follow)
-    zo_eps: float = setting(1e-3, check=finite(0, False))
+    zo_eps: float = setting(1e-3, check=finite(0, False), zo=True)
     seed: int = setting(42, check=SEED)
-    seed_source: str = setting("generator", choices=("generator", "numpy_global"))
-    perturbation: str = setting("exact", choices=("exact", "reference", "eager"))
+    seed_source: str = setting("generator", choices=("generator", "numpy_global"), zo=True)
+    perturbation: str = setting("exact", choices=("exact", "reference", "eager"), zo=True)
     estimator: str = setting(
         next(iter(methods.ESTIMATORS)),
         "; ".join(f"{n}: zo/{c.__module__.split('.')[-1]}.py" for n, c in ESTIMATORS.items()),
         choices=tuple(ESTIMATORS),
+        zo=True,
     )
     distribution: str | None = setting(
         help="z (default: the estimator's: "
         + ", ".join(f"{name} {cls.DISTRIBUTION}" for name, cls in ESTIMATORS.items())
         + ")",
         choices=methods.DISTRIBUTIONS,
+        zo=True,
     )
-    zo_variant: str | None = setting(choices=("param_norm", "grad_norm"))
-    change_grad_estimate: bool | None = setting()
-    recompute_norms: bool | None = setting()
-    use_zo_grad_est: bool | None = setting()
-    non_diff: bool | None = setting()
+    zo_variant: str | None = setting(choices=("param_norm", "grad_norm"), zo=True)
+    change_grad_estimate: bool | None = setting(zo=True)
+    recompute_norms: bool | None = setting(zo=True)
+    use_zo_grad_est: bool | None = setting(zo=True)
+    non_diff: bool | None = setting(zo=True)
     # where and how it runs
     device: str = setting("auto", "auto: cuda:LOCAL_RANK when CUDA is there, else cpu", free=True)
     fsdp: bool = setting(False, "shard parameters with FSDP2 (torchrun)", switch=True)
@@ -172,7 +177,7 @@ METHOD_FIELDS = tuple(f for f in methods.fields() if f.help)
 
 
 def _method_field(f: Field):
-    return (f.name, f.type, setting(f.default, f.help, choices=f.choices, check=f.check))
+    return (f.name, f.type, setting(f.default, f.help, choices=f.choices, check=f.check, zo=True))
 
 
 RunConfig = dataclasses.make_dataclass(
@@ -189,6 +194,8 @@ SWITCHES = frozenset(
 RESUME_FREE = frozenset(
     f.name for cls in (Command, RunConfig) for f in dataclasses.fields(cls) if f.metadata["free"]
 )
+# what only the zeroth-order step reads: --trainer fo refuses them set (flags.resolve)
+ZO_ONLY = frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata["zo"])
 CHECKS = {
     f.name: f.metadata["check"]
     for cls in (Command, RunConfig)

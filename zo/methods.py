@@ -87,8 +87,36 @@ def check_config(cfg) -> None:
         value = getattr(cfg, f.name)
         if f.check is not None and value is not None and not f.check.ok(value):
             raise ValueError(f"{f.name} must be {f.check.what} ({f.name}={value})")
-    for part in (ESTIMATORS[cfg.estimator], direction_class(cfg), update_rule(cfg)):
+    selected = (ESTIMATORS[cfg.estimator], direction_class(cfg), update_rule(cfg))
+    for part in selected:
         part.check(cfg)
+    check_used(cfg, selected)
+
+
+def check_used(cfg, selected) -> None:
+    """ValueError for a method field set away from its default while no selected part reads it
+    (fzoo_n with estimator=spsa, n_spsa with fzoo, clip_grad_norm with the fused ZO-SGD): a setting
+    that does nothing is a mistake, not a preference."""
+    read = {f.name for part in selected for f in part.FIELDS}
+    for kind in (ESTIMATORS, DIRECTIONS, UPDATE_RULES):
+        for method in kind.values():
+            for f in method.FIELDS:
+                value = getattr(cfg, f.name)
+                if f.name in read or value == f.default:
+                    continue
+                owners = [_named(m) for m in kind.values() if f in m.FIELDS]
+                used = _named(next(p for p in selected if p in kind.values()))
+                raise ValueError(
+                    f"{f.name} does nothing with {used}: only {' or '.join(owners)} reads it "
+                    f"({f.name}={value!r})"
+                )
+
+
+def _named(part: type[Part]) -> str:
+    """A part as the messages name it: estimator=fzoo, the lozo direction, the adam update."""
+    if part in ESTIMATORS.values():
+        return f"estimator={part.NAME}"
+    return f"the {part.NAME} {'direction' if part in DIRECTIONS.values() else 'update'}"
 
 
 def direction_class(cfg) -> type[Part]:

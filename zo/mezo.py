@@ -87,6 +87,18 @@ class MeZOConfig:
                 )
         if self.distribution is None and self.estimator in methods.ESTIMATORS:
             self.distribution = methods.ESTIMATORS[self.estimator].DISTRIBUTION
+        unused = {
+            "change_grad_estimate": self.zo_variant is None,
+            "recompute_norms": self.zo_variant is None,
+            "use_zo_grad_est": self.zo_variant != "grad_norm",
+        }
+        for name, does_nothing in unused.items():
+            if does_nothing and getattr(self, name):
+                raise ValueError(
+                    f"{name} does nothing with zo_variant={self.zo_variant}: only "
+                    f"{'zo_variant=grad_norm' if name == 'use_zo_grad_est' else 'a zo_variant'} "
+                    f"reads it ({name}=True)"
+                )
         check_schedule(self.lr_scheduler, self.max_steps, self.warmup_steps)
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0 (eps={self.eps})")

@@ -31,7 +31,7 @@ class SPSA(Part):
             choices=SAMPLE_SCHEDULES,
         ),
     )
-    TAG = ("nspsa", "n_spsa", None)
+    TAG = ("nspsa", "n_spsa", "n-SPSA N={}")
     DISTRIBUTION = "normal"  # z unless --distribution says otherwise
     estimate = None  # MeZO's own two forwards per z (zo/mezo.py zo_estimate)
 

@@ -22,13 +22,6 @@ class ZOSGD(Part):
     NAME = "sgd"
 
     @staticmethod
-    def check(cfg) -> None:
-        if cfg.clip_grad_norm is not None:
-            raise ValueError(
-                "clip_grad_norm needs a materialised gradient (momentum > 0 or optimizer=adam)"
-            )
-
-    @staticmethod
     def build(slots, cfg) -> None:
         return None  # MeZO's fused update
 

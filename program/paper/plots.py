@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 
 from data import DataError
-from program.paper.report import dev_curve, group_by, label, memory_records, save
+from program.paper.report import group_by, label, memory_records, save
 from program.paper.runs import load_runs, read_metrics
+from program.paper.tables import dev_curve
 
 
 def figure_class():
@@ -136,7 +137,7 @@ def run_curves(figure, run, baseline=None, title=None):
 
 def forward_pass_curves(figure, rows, title):
     """{row: [runs over seeds]} -> dev accuracy (mean, ± std band) and dev loss against training
-    forward passes, a line per row (report.dev_curve)."""
+    forward passes, a line per row (tables.dev_curve)."""
     fig = figure(figsize=(8, 6.5))
     acc_ax, loss_ax = fig.subplots(2, 1, sharex=True)
     for row, curve in dev_curve(rows).items():

@@ -10,8 +10,8 @@ Ties go to the first run in path order, as in gather_result.py.
 
     python eval.py report RUN_DIR... [--out DIR] [--plot]     (plots: program/paper/plots.py)
 
-Also the tables of `eval.py compare` (runs side by side, `make demo`) and of `make results`
-(rows over seeds, RESULTS.md): every table of runs is built here.
+Also the table of `eval.py compare` (runs side by side, `make demo`); those of `make results`
+(rows over seeds, RESULTS.md) are program/paper/tables.py's.
 """
 
 import csv
@@ -64,7 +64,7 @@ def select_best(runs, select_by, notes):
     return max(runs, key=goodness)
 
 
-def _test_percent(run):
+def test_percent(run):
     value = _score(run.results.get("test") or {})
     if value is None:
         raise DataError(f"results.json without a test metric ({run.path / 'results.json'})")
@@ -97,7 +97,7 @@ def opt_records(runs, notes):
                 size=best.size,
                 task=task,
                 method=method,
-                ours=_test_percent(best),
+                ours=test_percent(best),
                 paper=paper.opt_test(best.size or "13b", method, task),
                 select_by=select_by,
                 dev=_dev_value(best, select_by),
@@ -116,7 +116,7 @@ def roberta_records(runs, notes):
         select_by = _select_by(cell)
         per_seed = group_by(cell, lambda r: r.config.get("train_set_seed"))
         best = [select_best(per_seed[seed], select_by, notes) for seed in sorted(per_seed, key=str)]
-        scores = [_test_percent(run) for run in best]
+        scores = [test_percent(run) for run in best]
         paper_mean, paper_std = paper.roberta_test(k, method, task)
         records.append(
             dict(
@@ -330,12 +330,11 @@ def build(runs):
 
 
 # --- runs side by side (`eval.py compare`, `make demo`) ------------------------------------------
-def _number(value, spec, scale=1):
+def number_cell(value, spec, scale=1):
     return "–" if value is None else spec.format(value * scale)
 
 
-def _finite4(value):
-    """A measured number to 4 decimals, or "non-finite" (null in strict JSON)."""
+def loss_cell(value):
     return f"{value:.4f}" if seeds.finite(value) else "non-finite"
 
 
@@ -357,22 +356,22 @@ def compare_markdown(runs):
         res = run.results
         dev = [m for m in read_metrics(run) if "dev_loss" in m]
         # never evaluated, or no dev set: "–"; a non-finite loss (null in strict JSON): "non-finite"
-        first = f"{_finite4(dev[0]['dev_loss'])} (step {dev[0]['step']})" if dev else "–"
+        first = f"{loss_cell(dev[0]['dev_loss'])} (step {dev[0]['step']})" if dev else "–"
         selected = "–"  # no dev loss recorded; null: non-finite
         if "loss" in (res.get("dev") or {}):
-            selected = f"{_finite4(res['dev']['loss'])} (step {res.get('best_step')})"
+            selected = f"{loss_cell(res['dev']['loss'])} (step {res.get('best_step')})"
         base = " (lr 0: the base model)" if run.config.get("learning_rate") == 0 else ""
         cells = [
             run.path.name,
             label(run.method) + base,
             first,
             selected,
-            _number((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
+            number_cell((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
             ", ".join(
-                f"{k} {_finite4(v)}" for k, v in res["test"].items() if not k.endswith("_nonfinite")
+                f"{k} {loss_cell(v)}" for k, v in res["test"].items() if not k.endswith("_nonfinite")
             ),
-            _number(res.get("peak_memory_bytes"), "{:.0f}", 2**-20),
-            _number(res.get("time_per_step_s"), "{:.2f}"),
+            number_cell(res.get("peak_memory_bytes"), "{:.0f}", 2**-20),
+            number_cell(res.get("time_per_step_s"), "{:.2f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     before, after = runs[0].results, runs[-1].results
@@ -388,148 +387,6 @@ def compare_markdown(runs):
             f"(sqrt(p(1-p)/n) = {se:.4f}, the larger of the two).",
         ]
     return "\n".join(lines)
-
-
-def _minutes(seconds):
-    return "–" if seconds is None else f"{seconds / 60:.1f} min"
-
-
-def _test_over_seeds(runs):
-    """A row's test cell; a seed that diverged (seeds.diverged) is left out and marked."""
-    return seeds.over_seeds([None if seeds.diverged(r.results) else _test_percent(r) for r in runs])
-
-
-def seeds_markdown(rows):
-    """{row: [(run, wall seconds or None)]} -> one line per row (`make results`, RESULTS.md): test
-    accuracy mean ± std over the row's runs (sample std, n - 1), steps (max and selected), forward
-    passes of training, wall time per run and in all, peak memory (the largest of the row's
-    runs)."""
-    lines = [
-        "| method | test accuracy (%) | runs | steps (selected) | training forward passes | "
-        "wall time per run (all) | peak memory (GB) |",
-        "|---" * 7 + "|",
-    ]
-    for row, cell in rows.items():
-        runs = [run for run, _ in cell]
-        config = runs[0].config
-        name = label(runs[0].method) + (
-            f", {config['num_train']} demonstrations" if runs[0].method == "icl" else ""
-        )
-        if config.get("kind") == "eval":
-            steps = passes = "–"
-        else:
-            best = ", ".join(str(r.results.get("best_step")) for r in runs)
-            steps = f"{config['max_steps']} ({best})"
-            per_step = methods.forwards_per_step(config)
-            passes = (
-                f"{per_step * config['max_steps']} ({per_step} per step)"
-                if config.get("trainer") == "zo"
-                else f"{config['max_steps']} + as many backward"
-            )
-        walls = [wall for _, wall in cell]
-        known = [w for w in walls if w is not None]
-        wall = (
-            "–"
-            if not known
-            else (
-                f"{_minutes(statistics.fmean(known))} ({_minutes(sum(known))}"
-                + ("" if len(known) == len(walls) else f", {len(known)} of {len(walls)} timed")
-                + ")"
-            )
-        )
-        memory = max((r.results.get("peak_memory_bytes") or 0 for r in runs), default=0)
-        lines.append(
-            f"| {name} | {_test_over_seeds(runs)} | {len(runs)} | {steps} | {passes} | "
-            f"{wall} | {_number(memory or None, '{:.2f}', 2**-30)} |"
-        )
-    return seeds.with_note(lines)
-
-
-def grid_markdown(rows):
-    """{row: [run, one per grid point]} -> the grid on dev (`make results-grid`, RESULTS.md): per
-    point its learning rate, eps, steps (selected), and the dev loss and accuracy of its selected
-    model; per row the
-    point kept, the lowest dev loss (select_best's OPT rule, the paper's)."""
-    lines = [
-        "| method | learning rate | eps | steps (selected) | dev loss | dev accuracy (%) | kept |",
-        "|---" * 7 + "|",
-    ]
-    for row, runs in rows.items():
-        best = select_best(runs, "loss", [])
-        for run in runs:
-            config, dev = run.config, run.results.get("dev") or {}
-            eps = "–" if config.get("trainer") == "fo" else f"{config['zo_eps']:g}"
-            lines.append(
-                f"| {label(run.method)} | {config['learning_rate']:g} | {eps} | "
-                f"{config['max_steps']} ({run.results.get('best_step')}) | "
-                f"{_finite4(dev.get('loss'))} | "
-                f"{_number(dev.get('accuracy'), '{:.1f}', 100)} | {'yes' if run is best else ''} |"
-            )
-    return "\n".join(lines)
-
-
-def dev_curve(rows):
-    """{row: [runs, one per seed, one evaluation schedule]} -> {row: [(forward passes, mean dev
-    accuracy, its sample std, mean dev loss, seeds diverged)]}: the rows' dev evaluations against
-    training
-    forward passes. A seed whose dev loss or accuracy is not finite there is left out (seeds.py)."""
-    out = {}
-    for row, runs in rows.items():
-        per_run = [[m for m in read_metrics(run) if "dev_loss" in m] for run in runs]
-        if (
-            not per_run[0]
-            or len({tuple(m.get("forward_passes") for m in dev) for dev in per_run}) != 1
-        ):
-            raise DataError(
-                f"the {row} runs do not share one evaluation schedule in forward passes "
-                f"({runs[0].path / 'metrics.jsonl'})"
-            )
-        out[row] = []
-        for points in zip(*per_run):
-            kept = [
-                p
-                for p in points
-                if seeds.finite(p.get("dev_loss")) and seeds.finite(p.get("dev_accuracy"))
-            ]
-            accuracy, std, _, _ = seeds.stats([p["dev_accuracy"] for p in kept])
-            loss, diverged = seeds.stats([p["dev_loss"] for p in kept])[0], len(points) - len(kept)
-            out[row].append((points[0]["forward_passes"], accuracy, std, loss, diverged))
-    return out
-
-
-def estimators_markdown(rows, baseline):
-    """The estimators side by side against forward passes (`make results-estimators`, RESULTS.md):
-    per row its dev accuracy at each evaluation (mean ± std over seeds), the forward passes its
-    mean first reaches the baseline row's best mean dev accuracy at (the peak of its curve, not
-    its last point: a seed that diverges late would lower that), as a ratio to the baseline's
-    own, and the test accuracy
-    of the selected models (mean ± std), all within one forward-pass budget."""
-    curves = dev_curve(rows)
-    target = max((acc for _, acc, *_ in curves[baseline] if not math.isnan(acc)), default=math.nan)
-    reached = {
-        row: next((passes for passes, acc, *_ in curve if acc >= target), None)
-        for row, curve in curves.items()
-    }
-    lines = [
-        "| method | dev accuracy (%) at forward passes | forward passes to the "
-        f"{label(rows[baseline][0].method)} best mean dev accuracy ({100 * target:.1f}%), ratio "
-        "| test accuracy (%) | runs |",
-        "|---" * 5 + "|",
-    ]
-    for row, runs in rows.items():
-        curve = ", ".join(
-            f"{passes}: {seeds.cell(100 * acc, 100 * std, diverged, True)}"
-            for passes, acc, std, _, diverged in curves[row]
-        )
-        if reached[row] is None:
-            to_target = f"not within {curves[row][-1][0]}"
-        else:
-            to_target = f"{reached[row]} ({reached[row] / reached[baseline]:.2f}x)"
-        lines.append(
-            f"| {label(runs[0].method)} | {curve} | {to_target} | "
-            f"{_test_over_seeds(runs)} | {len(runs)} |"
-        )
-    return seeds.with_note(lines)
 
 
 def save(out_dir, texts, figures=None, *, reads, where):

@@ -7,12 +7,14 @@ in SST-2's format, not SST-2) under the paper's protocol: train and dev drawn fr
 / prefix (train.py) and backprop ft / LoRA (train.py --trainer fo), the trained rows over SEEDS.
 Every run has its own folder under --out (named by its flags, so a changed setting is a new run); a
 finished run (results.json) is skipped, an interrupted train.py run resumed. Then the table
-(program/paper/report.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
+(program/paper/tables.py `seeds_markdown`) is printed and, with --write FILE, put into FILE between
 the markers below, with each row's command.
 
-The settings of each row are in ROWS, the one place to change them. `--grid` (`make results-grid`)
-runs the grid on dev behind its learning rates (GRID, seed 0) and writes that table; `--estimators`
-(`make results-estimators`) the estimators side by side (ESTIMATOR_ROWS).
+The settings of each row are in program/paper/rows.py, the one place to change them. `--grid`
+(`make results-grid`) runs the grid on dev behind ROWS' learning rates (GRID, seed 0) and writes
+that table; `--estimators` (`make results-estimators`) the estimators side by side (ESTIMATOR_ROWS);
+`--directions` (`make results-directions`) 1 to 8 directions a step side by side (DIRECTION_ROWS);
+`--gpu` (`make results-gpu`) ROWS at GPU_STEPS, the paper's step counts scaled to one GPU.
 """
 
 import itertools
@@ -26,128 +28,50 @@ import time
 from data import DataError
 from data.files import atomic_write, check_file_target, check_writes
 from program.json_files import write_json
-from program.paper import report
+from program.paper import report, tables
 from program.paper.grid import train_argv
 from program.paper.presets import run_name
+from program.paper.rows import (
+    DATA,
+    DATA_FLAGS,
+    DIRECTION_ROWS,
+    ESTIMATOR_ROWS,
+    GPU_STEPS,
+    GRID,
+    MODEL,
+    ROWS,
+    SEEDS,
+    TRAIN_FLAGS,
+)
 from program.paper.runs import files_read, load_finished
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MODEL, DATA = ".cache/smollm2-135m-instruct", ".cache/rotten-tomatoes"
-# The paper's protocol (mezo.sh: 1000 train, 500 dev; 1000 test, here 500: 0.2 points per example).
-DATA_FLAGS = {
-    "task": "SST2",
-    "num_train": 1000,
-    "num_dev": 500,
-    "num_eval": 500,
-    "train_set_seed": 0,
-}
-# ZO/optimizer seeds of the trained rows; the data (train, dev, test rows) is the same for every
-# row.
-SEEDS = (0, 1, 2)
-TRAIN_FLAGS = {
-    "max_length": 128,
-    "eval_batch_size": 16,
-    "logging_steps": 10,
-    "eval_final_step": True,
-}
-# One row per line: eval.py flags (kind "eval") or train.py flags. Budget (README "make results"):
-# the whole table in 90 minutes on 2 idle cores. MeZO LoRA and prefix at batch 8: at equal forward
-# passes, twice the steps of batch 16 move the dev loss further. MeZO ft keeps 16: on 2 cores its
-# step is mostly the perturbation of 135M weights, which a smaller batch does not shrink. Learning
-# rates: GRID's best on dev. 16 demonstrations: the paper's 32 fit SmolLM2's 8192 positions but
-# double the cost (the timings behind these: BENCHMARKS.md, "make demo and make results").
-ROWS = {
-    "zero-shot": {"kind": "eval", "num_train": 0},
-    "icl": {"kind": "eval", "num_train": 16},
-    "mezo": {
-        "trainer": "zo",
-        "mode": "ft",
-        "batch_size": 16,
-        "learning_rate": 3e-5,
-        "zo_eps": 1e-3,
-        "max_steps": 100,
-        "eval_steps": 50,
-    },
-    "mezo-lora": {
-        "trainer": "zo",
-        "mode": "lora",
-        "batch_size": 8,
-        "learning_rate": 3e-3,
-        "zo_eps": 1e-2,
-        "max_steps": 100,
-        "eval_steps": 50,
-    },
-    "mezo-prefix": {
-        "trainer": "zo",
-        "mode": "prefix",
-        "batch_size": 8,
-        "learning_rate": 3e-2,
-        "zo_eps": 1e-1,
-        "max_steps": 100,
-        "eval_steps": 50,
-    },
-    "ft": {
-        "trainer": "fo",
-        "mode": "ft",
-        "batch_size": 16,
-        "learning_rate": 3e-5,
-        "max_steps": 40,
-        "eval_steps": 20,
-    },
-    "ft-lora": {
-        "trainer": "fo",
-        "mode": "lora",
-        "batch_size": 16,
-        "learning_rate": 5e-4,
-        "max_steps": 40,
-        "eval_steps": 20,
-    },
-}
-# The grid on dev behind ROWS' learning rates (`--grid`): each point is a row's seed-0 run at its
-# full length, so the point ROWS keeps is also that row's first run. eps is the paper's per mode (ft
-# 1e-3, LoRA 1e-2, prefix 1e-1), not varied: the paper's grids fix it too, and each point costs a
-# run.
-GRID = {
-    "mezo": {"learning_rate": (1e-5, 3e-5)},
-    "mezo-lora": {"learning_rate": (1.5e-3, 3e-3)},
-    "mezo-prefix": {"learning_rate": (1e-2, 3e-2)},
-    "ft": {"learning_rate": (1e-5, 3e-5)},
-    "ft-lora": {"learning_rate": (1e-4, 5e-4)},
-}
-# The estimators side by side (FZOO, Sparse-MeZO; README "Estimators") at 240 forward passes,
-# evaluated about every 80: MeZO's arm is MeZO-LoRA at batch 16, lr 3e-3.
-# Learning rates match the z noise an update adds (no grid): FZOO's normalised estimate sum_i g_i
-# z_i has norm ~ sqrt(d / N), MeZO's g z ~ |g| sqrt(d), |g| rms 1.6 in the MeZO-LoRA runs
-# (BENCHMARKS.md); equal noise per forward pass gives lr_fzoo = lr |g| sqrt(N (N + 1) / 2) ~ 3e-2,
-# taken at 2e-2. Sparse-MeZO perturbs a quarter of the weights, so lr / sqrt(1 - 0.75) = 6e-3 adds
-# MeZO's noise per step.
-_MEZO_LORA_BS16 = {
-    "trainer": "zo",
-    "mode": "lora",
-    "batch_size": 16,
-    "learning_rate": 3e-3,
-    "zo_eps": 1e-2,
-    "max_steps": 120,
-    "eval_steps": 40,
-}
-ESTIMATOR_ROWS = {
-    "mezo-lora": _MEZO_LORA_BS16,
-    "fzoo-lora": {
-        **_MEZO_LORA_BS16,
-        "estimator": "fzoo",
-        "fzoo_n": 8,
-        "learning_rate": 2e-2,
-        "max_steps": 27,
-        "eval_steps": 9,
-    },
-    "sparse-mezo-lora": {**_MEZO_LORA_BS16, "sparse_mezo": 0.75, "learning_rate": 6e-3},
-}
 BEGIN, END = "<!-- make results: begin -->", "<!-- make results: end -->"
 ESTIMATORS_BEGIN, ESTIMATORS_END = (
     "<!-- make results estimators: begin -->",
     "<!-- make results estimators: end -->",
 )
 GRID_BEGIN, GRID_END = "<!-- make results grid: begin -->", "<!-- make results grid: end -->"
+GPU_BEGIN, GPU_END = "<!-- make results gpu: begin -->", "<!-- make results gpu: end -->"
+DIRECTIONS_BEGIN, DIRECTIONS_END = (
+    "<!-- make results directions: begin -->",
+    "<!-- make results directions: end -->",
+)
+# the tables of rows side by side against forward passes: (rows, table, markers, figure title)
+SIDE_BY_SIDE = {
+    "estimators": (
+        ESTIMATOR_ROWS,
+        tables.estimators_markdown,
+        (ESTIMATORS_BEGIN, ESTIMATORS_END),
+        "SmolLM2-135M-Instruct, LoRA, Rotten Tomatoes snippets: MeZO, FZOO, Sparse-MeZO",
+    ),
+    "directions": (
+        DIRECTION_ROWS,
+        tables.directions_markdown,
+        (DIRECTIONS_BEGIN, DIRECTIONS_END),
+        "SmolLM2-135M-Instruct, MeZO-LoRA, Rotten Tomatoes snippets: 1 to 8 directions a step",
+    ),
+}
 EVAL_FLAGS = ("task", "num_train", "num_eval", "max_length", "batch_size")
 
 
@@ -192,6 +116,16 @@ def runs(
                 for seed in seeds
             ]
     return out
+
+
+def gpu_rows(rows=ROWS, steps=GPU_STEPS):
+    """ROWS with each trainer's (max_steps, eval_steps) from `steps` (make results-gpu)."""
+    return {
+        row: settings
+        if settings.get("kind") == "eval"
+        else {**settings, **dict(zip(("max_steps", "eval_steps"), steps[settings["trainer"]]))}
+        for row, settings in rows.items()
+    }
 
 
 def grid_runs(grid=GRID, rows=ROWS, **kwargs):
@@ -281,7 +215,7 @@ def markdown(plan, out, walls):
                 f"- {report.label(row)}: `python {shlex.join(command(script, flags, folder))}`"
             )
         cells.setdefault(row, []).append((load_finished([folder])[0], walls.get(folder)))
-    return "\n".join([report.seeds_markdown(cells), *commands])
+    return "\n".join([tables.seeds_markdown(cells), *commands])
 
 
 def inputs(plan, out):
@@ -299,9 +233,11 @@ def inputs(plan, out):
     return sources, [("wall-times", os.path.join(out, "wall_times.json")), *files_read(folders)]
 
 
-def estimators_markdown(plan, out, figure_path=None):
-    """The estimators' table (report.estimators_markdown) and each row's command; with figure_path,
-    their dev curves against forward passes as a PNG (plots.forward_pass_curves)."""
+def side_by_side_markdown(plan, out, kind="estimators", figure_path=None):
+    """The table of SIDE_BY_SIDE[kind] (tables.estimators_markdown, tables.directions_markdown;
+    the first row is the baseline) and each row's command; with figure_path, their dev curves
+    against forward passes as a PNG (plots.forward_pass_curves)."""
+    _, table, _, title = SIDE_BY_SIDE[kind]
     rows, commands = {}, ["", "Commands (seeds as above):", ""]
     for row, seed, script, flags in plan:
         folder = folder_of(out, script, flags)
@@ -311,11 +247,7 @@ def estimators_markdown(plan, out, figure_path=None):
     if figure_path:
         from program.paper import plots
 
-        fig = plots.forward_pass_curves(
-            plots.figure_class(),
-            rows,
-            "SmolLM2-135M-Instruct, LoRA, Rotten Tomatoes snippets: MeZO, FZOO, Sparse-MeZO",
-        )
+        fig = plots.forward_pass_curves(plots.figure_class(), rows, title)
         folder, name = os.path.split(os.path.abspath(figure_path))
         report.save(
             folder,
@@ -324,11 +256,11 @@ def estimators_markdown(plan, out, figure_path=None):
             reads=sum(inputs(plan, out), []),
             where=f"--figure {figure_path}",
         )
-    return "\n".join([report.estimators_markdown(rows, baseline=next(iter(rows))), *commands])
+    return "\n".join([table(rows, baseline=next(iter(rows))), *commands])
 
 
 def grid_markdown(plan, out, rows=ROWS, grid=GRID):
-    """The grid's table (report.grid_markdown); a row whose settings in ROWS are not its kept point
+    """The grid's table (tables.grid_markdown); a row whose settings in ROWS are not its kept point
     says so."""
     cells = {}
     for row, _, script, flags in plan:
@@ -342,7 +274,7 @@ def grid_markdown(plan, out, rows=ROWS, grid=GRID):
                 f"- {report.label(row)}: ROWS has {differ}; the grid keeps "
                 f"{ {k: kept.config.get(k) for k in differ} }."
             )
-    return "\n".join([report.grid_markdown(cells), *([""] + notes if notes else [])])
+    return "\n".join([tables.grid_markdown(cells), *([""] + notes if notes else [])])
 
 
 def marked_text(path, begin=BEGIN, end=END) -> str:
@@ -364,26 +296,47 @@ def write_between_markers(path, text, begin=BEGIN, end=END):
     atomic_write(path, f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
-def check_outputs(args, plan, markers) -> None:
+# the tables besides Table 1, one flag each: (help, markers)
+TABLES = {
+    "grid": ("the grid on dev behind ROWS (GRID, seed 0)", (GRID_BEGIN, GRID_END)),
+    "estimators": ("the estimators side by side (ESTIMATOR_ROWS)", SIDE_BY_SIDE["estimators"][2]),
+    "directions": (
+        "1 to 8 directions a step side by side (DIRECTION_ROWS)",
+        SIDE_BY_SIDE["directions"][2],
+    ),
+    "gpu": ("ROWS at GPU_STEPS (the paper's, scaled to one GPU)", (GPU_BEGIN, GPU_END)),
+}
+
+
+def check_outputs(args, plan, table) -> None:
     """--out, --write and --figure, refused now rather than after the whole plan has run."""
     sources, own = inputs(plan, args.out)
     check_writes([args.out], sources, f"--out {args.out}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise DataError(f"not a folder (--out {args.out})")
-    if args.figure and not args.estimators:
+    if args.figure and table not in SIDE_BY_SIDE:
         raise DataError(
-            f"--figure draws the estimators' curves: pass --estimators (--figure {args.figure})"
+            "--figure draws rows side by side against forward passes: pass --estimators or "
+            f"--directions (--figure {args.figure})"
         )
     for flag, path in (("--write", args.write), ("--figure", args.figure)):
         if path:
             check_writes([path], sources + own, f"{flag} {path}")
             check_file_target(path, f"{flag} {path}", make_parents=flag == "--figure")
     if args.write:
-        marked_text(args.write, *markers)
+        marked_text(args.write, *TABLES.get(table, (None, (BEGIN, END)))[1])
     if args.figure:
         from program.paper import plots
 
         plots.figure_class()  # matplotlib is there
+
+
+def plan_of(table, **where):
+    if table == "grid":
+        return grid_runs(**where)
+    if table in SIDE_BY_SIDE:
+        return runs(SIDE_BY_SIDE[table][0], **where)
+    return runs(gpu_rows() if table == "gpu" else ROWS, **where)
 
 
 def main(argv=None):
@@ -396,45 +349,34 @@ def main(argv=None):
         metavar="FILE",
         help="put the table into FILE (e.g. RESULTS.md) between its markers",
     )
+    for name, (what, _) in TABLES.items():
+        p.add_argument(f"--{name}", action="store_true", help=f"{what} instead of Table 1")
     p.add_argument(
-        "--estimators",
-        action="store_true",
-        help="the estimators' comparison (ESTIMATOR_ROWS) instead",
+        "--figure",
+        metavar="PNG",
+        help="--estimators, --directions: also draw their dev curves here",
     )
-    p.add_argument(
-        "--grid", action="store_true", help="the grid on dev behind ROWS (GRID, seed 0) instead"
-    )
-    p.add_argument("--figure", metavar="PNG", help="--estimators: also draw their dev curves here")
     p.add_argument("--model", default=MODEL), p.add_argument("--data_dir", default=DATA)
     args = p.parse_args(argv)
     try:
-        if args.grid and args.estimators:
+        chosen = [name for name in TABLES if getattr(args, name)]
+        if len(chosen) > 1:
             raise DataError(
-                "--grid and --estimators are two tables, run one at a time "
-                "(python -m program.paper.results)"
+                f"{', '.join('--' + n for n in chosen)} are {len(chosen)} tables, run one at a "
+                "time (python -m program.paper.results)"
             )
-        where = {"model": args.model, "data_dir": args.data_dir}
-        if args.grid:
-            plan = grid_runs(**where)
-        else:
-            plan = runs(ESTIMATOR_ROWS if args.estimators else ROWS, **where)
-        markers = (
-            (GRID_BEGIN, GRID_END)
-            if args.grid
-            else (ESTIMATORS_BEGIN, ESTIMATORS_END)
-            if args.estimators
-            else (BEGIN, END)
-        )
-        check_outputs(args, plan, markers)  # every output checked before the first run
+        table = chosen[0] if chosen else "table1"
+        plan = plan_of(table, model=args.model, data_dir=args.data_dir)
+        check_outputs(args, plan, table)  # every output checked before the first run
         walls = run_all(plan, args.out)
-        if args.grid:
+        if table == "grid":
             text = grid_markdown(plan, args.out)
-        elif args.estimators:
-            text = estimators_markdown(plan, args.out, args.figure)
+        elif table in SIDE_BY_SIDE:
+            text = side_by_side_markdown(plan, args.out, table, args.figure)
         else:
             text = markdown(plan, args.out, walls)
         if args.write:
-            write_between_markers(args.write, text, *markers)
+            write_between_markers(args.write, text, *TABLES.get(table, (None, (BEGIN, END)))[1])
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

