@@ -368,7 +368,9 @@ def compare_markdown(runs):
             selected,
             number_cell((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
             ", ".join(
-                f"{k} {loss_cell(v)}" for k, v in res["test"].items() if not k.endswith("_nonfinite")
+                f"{k} {loss_cell(v)}"  # a non-finite metric: null, with its `_nonfinite` beside it
+                for k, v in res["test"].items()
+                if not k.endswith("_nonfinite")
             ),
             number_cell(res.get("peak_memory_bytes"), "{:.0f}", 2**-20),
             number_cell(res.get("time_per_step_s"), "{:.2f}"),
