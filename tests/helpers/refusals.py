@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 
 import models
 from data import SAMPLES_DIR
@@ -52,10 +53,12 @@ def exit_status(main, argv) -> int:
 
 
 def one_error_line(code, err, what="") -> str:
-    """A refusal's output: exit 2, one `error:` line holding `what`, no traceback. -> the line."""
+    """A refusal's output: exit 2, one line `error: <what> (<where>)` holding `what`, no
+    traceback. -> the line."""
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
     assert lines and lines[-1].startswith("error: ") and what in lines[-1], err
+    assert re.search(r" \(.+\)$", lines[-1]), f"no (<where>) in {lines[-1]!r}"
     assert sum("error:" in line for line in lines) == 1 and "Traceback" not in err, err
     return lines[-1]
 
