@@ -166,12 +166,13 @@ def resolve(args, model_type) -> argparse.Namespace:
     if args.cuda_graphs:
         check_cuda_graphs(args, world)
     if args.trainer == "zo":  # the parts of the step support each other (zo.methods: the one list)
-        check_supported(
-            mezo_config(args),
-            cuda_graphs=bool(args.cuda_graphs),
-            fsdp=args.fsdp,
-            data_parallel=world > 1,
-        )
+        cfg = mezo_config(args)
+        try:
+            check_supported(
+                cfg, cuda_graphs=bool(args.cuda_graphs), fsdp=args.fsdp, data_parallel=world > 1
+            )
+        except ValueError as e:  # the parts it names were chosen by the flags
+            raise DataError(f"{e} (command line)") from None
     if args.fsdp and "RANK" not in os.environ:  # torch's own error would name no flag
         raise DataError("FSDP shards the model across the processes torchrun starts (--fsdp)")
     if args.output_dir is None:

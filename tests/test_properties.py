@@ -227,6 +227,7 @@ def drawn(argv: str):
 @example(drawn(f"--mode lora --lora_r {2**31}"))
 @example(drawn(f"--lozo true --lozo_rank {2**31}"))
 @example((("fsdp", None, True),))  # the bare switch
+@example((("lozo", None, True), ("fsdp", None, True)))  # zo's line, where added by flags.py
 def test_drawn_train_flags_run_or_are_refused_with_one_line(flags):
     check_outcome(*run(train.main, TRAIN_BASE, flags), flags)
 
