@@ -11,8 +11,9 @@ model or text, fails and says which marker it needs.
 so the next split between the tiers uses numbers.
 
 The property-based tests (Hypothesis) run under one profile: a fixed seed (the same examples every
-run), no example database written into the checkout, no deadline (an example runs a main), and
-MEZO_HYPOTHESIS_EXAMPLES examples per property (default EXAMPLES).
+run), nothing written into the checkout (no example database; its source cache in the temporary
+folder), no deadline (an example runs a main), and MEZO_HYPOTHESIS_EXAMPLES examples per property
+(default EXAMPLES).
 """
 
 import ast
@@ -23,10 +24,12 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAINS = {"train": "train.py's main", "eval": "eval.py's main"}
@@ -43,6 +46,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("mezo")
+# Hypothesis caches what it reads of the source (.hypothesis/constants): outside the checkout
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "mezo-hypothesis"))
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import math
 import os
 import tempfile
 
-from hypothesis import event, example, given
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 import eval as eval_py
@@ -49,6 +49,7 @@ def eval_flag(action) -> Flag:
     return Flag(action.dest, kind, choices, eval_py.RULES.get(action.dest), switch)
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = {f.name: train_flag(f) for f in dataclasses.fields(config.RunConfig)}
 EVAL = {a.dest: eval_flag(a) for a in eval_py.build_parser()._actions if a.dest != "help"}
 # set by the test: the paths (a fresh output folder; the tiny OPT and the bundled samples) and the
@@ -214,6 +215,18 @@ def check_outcome(code, err, written, flags):
         assert not written, f"refused ({line}) and wrote the output folder"
     else:  # a diverged run ends with its own line (train.py)
         assert code == 0 or (code == 1 and "non-finite losses in a row" in err), err
+
+
+def test_hypothesis_writes_nothing_into_the_checkout():
+    """The profile of tests/conftest.py: no example database, no .hypothesis folder here."""
+
+    @given(st.integers(0, 9))
+    def holds(n):
+        assert 0 <= n <= 9
+
+    holds()
+    assert settings.default.database is None
+    assert not os.path.exists(os.path.join(ROOT, ".hypothesis"))
 
 
 def drawn(argv: str):
