@@ -222,6 +222,11 @@ def main(argv=None):
                     f"{len(splits['train'])} (--num_train {args.num_train})"
                 )
             test, demo_sets = data.icl_splits(splits, args.num_train, args.num_eval)
+        if (args.sfc or args.icl_sfc) and task.generation:  # known now, not in the scoring
+            raise data.DataError(
+                f"SFC calibration is not defined for generation tasks like {task.name} "
+                f"(--{'sfc' if args.sfc else 'icl_sfc'})"
+            )
         if not test:  # an empty evaluation file: nothing to score (a mean of no rows)
             raise data.DataError(
                 f"no evaluation examples for {task.name} (--data_dir "

@@ -50,6 +50,7 @@ def configure(argv, args):
     if args.resume:
         folder = check_run_folder(args.output_dir, resume=True, overwrite=False)
         saved = read_json(os.path.join(folder, "config.json"))
+        config.check_saved(saved, os.path.join(folder, "config.json"))
         args = flags.resumed_args(argv, saved)
     return flags.resolve(args, model_type(args)), saved
 

@@ -121,6 +121,17 @@ def check_device(device: str) -> None:
         raise DataError(f"CUDA is not available on this machine (--device {device})")
 
 
+# what `resolve` fills in where the command line left it None: a run's config.json holds each
+RESOLVED = (
+    "train_set_seed",
+    "wd_exempt",
+    "lr_scheduler_type",
+    "optimizer",
+    "save_steps",
+    "num_train",
+)
+
+
 def resolve(args, model_type) -> argparse.Namespace:
     """The run's flags with the defaults that depend on the model family and trainer filled in
     (a new Namespace; `args` is left as it was); values checked (ValueError). `model_type` is the

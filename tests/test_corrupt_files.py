@@ -18,7 +18,14 @@ import eval as eval_py
 import models
 import train
 from data import SAMPLES_DIR
-from tests.helpers.refusals import READ, SHORT_RUN, exit_status, folder_hash, one_error_line
+from tests.helpers.refusals import (
+    READ,
+    SHORT_RUN,
+    exit_status,
+    folder_hash,
+    one_error_line,
+    refused,
+)
 
 EVAL = "--num_eval 2 --batch_size 4 --device cpu".split()
 
@@ -162,3 +169,25 @@ def test_compare_reads_a_results_json_with_a_key_changed(source, tmp_path, capsy
     else:
         assert "| run " in out and "Traceback" not in err
     assert folder_hash(tmp_path) == before
+
+
+# found: a flipped byte in a key of config.json made --replay a TypeError (num_train None)
+@pytest.mark.parametrize(
+    "command, edit, what",
+    [
+        (replay, {"num_train": None}, "config.json without num_train"),
+        (replay, {"max_length": "64"}, "config.json holds max_length='64'"),
+        (resume, {"max_length": "64"}, "config.json holds max_length='64'"),
+        (resume, {"mode": "lorb"}, "config.json holds mode='lorb'"),
+    ],
+)
+def test_a_run_config_with_a_field_changed_is_refused(
+    source, tmp_path, capsys, command, edit, what
+):
+    for part in ("model", "data", "run"):
+        shutil.copytree(source / part, tmp_path / part)
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(edit)
+    path.write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    refused(capsys, command, str(tmp_path), what, tmp_path)

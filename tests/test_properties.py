@@ -241,10 +241,12 @@ def drawn(argv: str):
 @example(drawn(f"--lozo true --lozo_rank {2**31}"))
 @example((("fsdp", None, True),))  # the bare switch
 @example((("lozo", None, True), ("fsdp", None, True)))  # zo's line, where added by flags.py
+@example(drawn("--learning_rate 1e300"))  # more than the step's fp32 scalar holds: a traceback
 def test_drawn_train_flags_run_or_are_refused_with_one_line(flags):
     check_outcome(*run(train.main, TRAIN_BASE, flags), flags)
 
 
 @given(combinations(EVAL, EVAL_COST))
+@example((("task", "SQuAD", "SQuAD"), ("icl_sfc", None, True)))  # refused only after the model ran
 def test_drawn_eval_flags_run_or_are_refused_with_one_line(flags):
     check_outcome(*run(eval_py.main, EVAL_BASE, flags), flags)
