@@ -51,6 +51,7 @@ def configure(argv, args):
         folder = check_run_folder(args.output_dir, resume=True, overwrite=False)
         saved = read_json(os.path.join(folder, "config.json"))
         config.check_saved(saved, os.path.join(folder, "config.json"))
+        saved = config.as_recorded(saved)
         args = flags.resumed_args(argv, saved)
     return flags.resolve(args, model_type(args)), saved
 
@@ -179,6 +180,7 @@ def main(argv=None):
         if args.dry_run:
             print(json.dumps(config.values(args), indent=1))
             return 0
+        dist.use_directions(flags.direction_groups(args, dist.world_size))  # the mesh, if any
         # everything is checked before anything is written: folder, model, data, checkpoint
         args, lock = claim_folder(args, dist)
         run = Run(args, dist)

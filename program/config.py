@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from zo import methods
 from zo.methods import ESTIMATORS
 from zo.part import IN_UNIT_INTERVAL, Check, Field, at_least
+from zo.rng import DEFAULT_NORMAL_Z, NORMAL_Z
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
@@ -40,12 +41,23 @@ POSITIVE = at_least(1)
 
 
 def setting(
-    default=None, help=None, *, choices=None, check=None, free=False, switch=False, zo=False, **arg
+    default=None,
+    help=None,
+    *,
+    choices=None,
+    check=None,
+    free=False,
+    switch=False,
+    zo=False,
+    unrecorded=None,
+    **arg,
 ):
     """A field with what the command line needs: `free`: --resume may change it; `switch`: a
-    store_true flag; `zo`: only the zeroth-order step reads it (--trainer fo refuses it set); `arg`:
-    more argparse keywords (metavar, the flag's spelling as `flag`)."""
+    store_true flag; `zo`: only the zeroth-order step reads it (--trainer fo refuses it set);
+    `unrecorded`: the value a run recorded before the field existed ran with (its config.json lacks
+    the field); `arg`: more argparse keywords (metavar, the flag's spelling as `flag`)."""
     meta = dict(help=help, choices=choices, check=check, free=free, switch=switch, zo=zo, arg=arg)
+    meta["unrecorded"] = unrecorded
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -161,6 +173,14 @@ class RunConfig:
         choices=methods.DISTRIBUTIONS,
         zo=True,
     )
+    normal_z: str = setting(
+        DEFAULT_NORMAL_Z,
+        "how normal z takes cos(2 pi u2) in Box-Muller: poly_cos, a polynomial (+ and * only, "
+        "bitwise the same on every CPU); library_cos, the backend's cos (zo/rng.py)",
+        choices=tuple(NORMAL_Z),
+        zo=True,
+        unrecorded="library_cos",  # the z of every run before the choice (issue 30)
+    )
     zo_variant: str | None = setting(choices=("param_norm", "grad_norm"), zo=True)
     change_grad_estimate: bool | None = setting(zo=True)
     recompute_norms: bool | None = setting(zo=True)
@@ -169,6 +189,19 @@ class RunConfig:
     # where and how it runs
     device: str = setting("auto", "auto: cuda:LOCAL_RANK when CUDA is there, else cpu", free=True)
     fsdp: bool = setting(False, "shard parameters with FSDP2 (torchrun)", switch=True)
+    parallel: str = setting(
+        "data",
+        "what torchrun's ranks share: data: the batch, every rank the same z; directions: the "
+        "step's z (--n_spsa or --fzoo_n), each rank its own on the whole batch",
+        choices=("data", "directions"),
+        free=True,
+    )
+    direction_groups: int | None = setting(
+        help="--parallel directions: groups of ranks sharing the step's z, the ranks of a group "
+        "splitting the batch (default: one group per rank)",
+        check=POSITIVE,
+        free=True,
+    )
     dist_timeout: float = setting(
         600.0, "seconds before a rank gives up on a lost peer", check=finite(0, False), free=True
     )
@@ -201,6 +234,12 @@ RESUME_FREE = frozenset(
 )
 # what only the zeroth-order step reads: --trainer fo refuses them set (flags.resolve)
 ZO_ONLY = frozenset(f.name for f in dataclasses.fields(RunConfig) if f.metadata["zo"])
+# what a run recorded before a field existed ran with (`unrecorded`)
+UNRECORDED = {
+    f.name: f.metadata["unrecorded"]
+    for f in dataclasses.fields(RunConfig)
+    if f.metadata["unrecorded"] is not None
+}
 CHECKS = {
     f.name: f.metadata["check"]
     for cls in (Command, RunConfig)
@@ -242,3 +281,14 @@ def check_saved(saved: dict, where: str) -> None:
 def values(args) -> dict:
     """The RunConfig fields of a parsed (or resolved) command line, in declaration order."""
     return {name: getattr(args, name) for name in RUN_FIELDS}
+
+
+def as_recorded(saved: dict) -> dict:
+    """A run's record (its config.json, a checkpoint's run settings) with each field it predates
+    set to the value the run used (UNRECORDED), so --resume and --replay run it as it ran; a
+    backprop run used no zeroth-order field (ZO_ONLY), so none is filled in for it."""
+    backprop = saved.get("trainer") == "fo"
+    return {
+        **{k: v for k, v in UNRECORDED.items() if not (backprop and k in ZO_ONLY)},
+        **saved,
+    }

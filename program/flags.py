@@ -176,11 +176,16 @@ def resolve(args, model_type) -> argparse.Namespace:
         )
     if args.cuda_graphs:
         check_cuda_graphs(args, world)
+    groups = direction_groups(args, world)
     if args.trainer == "zo":  # the parts of the step support each other (zo.methods: the one list)
         cfg = mezo_config(args)
         try:
             check_supported(
-                cfg, cuda_graphs=bool(args.cuda_graphs), fsdp=args.fsdp, data_parallel=world > 1
+                cfg,
+                cuda_graphs=bool(args.cuda_graphs),
+                fsdp=args.fsdp,
+                data_parallel=world // groups > 1,
+                direction_groups=groups if args.parallel == "directions" else None,
             )
         except ValueError as e:  # the parts it names were chosen by the flags
             raise DataError(f"{e} (command line)") from None
@@ -206,6 +211,31 @@ def check_zo_only_unset(args) -> None:
                 f"--{name} does nothing with --trainer fo: only the zeroth-order step reads it "
                 f"(--{name} {getattr(args, name)})"
             )
+
+
+def direction_groups(args, world: int) -> int:
+    """The direction groups of --parallel directions on `world` ranks (1: data parallelism, every
+    rank the same z); DataError for a mesh that cannot be built. One process with --parallel
+    directions is the one-group case: the same step, checked the same way."""
+    if args.parallel != "directions":
+        if args.direction_groups is not None:
+            raise DataError(
+                f"--direction_groups needs --parallel directions "
+                f"(--direction_groups {args.direction_groups})"
+            )
+        return 1
+    if args.trainer != "zo" or args.fsdp:
+        raise DataError(
+            "directions are shared among replicas of a zeroth-order step, not with "
+            f"{'--trainer fo' if args.trainer != 'zo' else '--fsdp'} (--parallel directions)"
+        )
+    groups = args.direction_groups or world
+    if world % groups:
+        raise DataError(
+            f"WORLD_SIZE={world} does not split into {groups} direction groups "
+            f"(--direction_groups {groups})"
+        )
+    return groups
 
 
 def check_cuda_graphs(args, world):
@@ -255,6 +285,7 @@ def mezo_config(args):
         use_zo_grad_est=bool(args.use_zo_grad_est),
         estimator=args.estimator,
         distribution=args.distribution,
+        normal_z=args.normal_z,
         **{f.name: getattr(args, f.name) for f in config.METHOD_FIELDS},
     )
 

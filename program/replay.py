@@ -12,7 +12,7 @@ import sys
 from zo import replay as replay_updates
 
 from . import flags
-from .config import check_saved
+from .config import as_recorded, check_saved
 from .folder_lock import hold
 from .json_files import read_json, write_json
 from .run import Run
@@ -44,6 +44,7 @@ def replay(args, dist):
     if run_kind(src) != "train" or config.get("trainer") != "zo":
         raise ValueError(f"only ZO runs have a trajectory to replay ({src}/config.json)")
     check_saved(config, f"{src}/config.json")
+    config = as_recorded(config)
     unresolved = [k for k in ("family", *flags.RESOLVED) if config.get(k) is None]
     if unresolved:  # train.py records them resolved; the replay resolves nothing
         raise ValueError(f"config.json without {unresolved[0]} ({src}/config.json)")

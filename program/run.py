@@ -153,10 +153,11 @@ class Run:
     def loss_fns(self, examples):
         """One closure per micro-batch (one z across them). With data parallelism each rank scores
         its slice and weights it by its share of the global normaliser, so the all-reduced SUM is
-        the single-process loss."""
+        the single-process loss (with directions across ranks: the ranks of a direction group)."""
         a, closures = self.args, []
         for micro in chunks(examples, math.ceil(len(examples) / a.gradient_accumulation_steps)):
-            local = micro[distributed.split(len(micro), self.dist.rank, self.dist.world_size)]
+            d = self.dist  # the ranks of one direction group split its batch
+            local = micro[distributed.split(len(micro), d.data_rank, d.data_size)]
             share = self.weight(local) / self.weight(micro)
             if not local:  # still run the (empty) forward: FSDP's all-gathers need every rank
                 empty = torch.zeros((0, 8), dtype=torch.long, device=self.dist.device)
@@ -226,8 +227,14 @@ class Run:
 
     def mezo_kwargs(self):
         """Replicated: all-reduce the two losses; sharded: also update local shards at global
-        indices."""
-        kwargs = {"reduce_losses": self.dist.reduce_losses} if self.dist.grouped else {}
+        indices; directions across ranks: this rank's seeds, the losses gathered."""
+        d, kwargs = self.dist, {}
+        if d.grouped and not (d.direction_groups > 1 and d.data_size == 1):  # shards to sum
+            kwargs["reduce_losses"] = d.reduce_losses
+        if d.direction_groups > 1:
+            kwargs["share"] = zo.DirectionShare(
+                d.direction_group, d.direction_groups, d.gather_losses
+            )
         return {**kwargs, "local_view": distributed.local_view} if self.args.fsdp else kwargs
 
     def save_model(self, path):

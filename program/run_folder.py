@@ -11,7 +11,7 @@ from torch import nn
 from data.files import check_writes, is_temp_of, recover_dir
 
 from .checkpoint import find_checkpoint, load_tensors, trainable
-from .config import RESUME_FREE
+from .config import RESUME_FREE, as_recorded
 from .folder_lock import LOCK_NAME
 from .json_files import read_json
 from .trajectory import read_trajectory
@@ -187,8 +187,11 @@ def resume_conflicts(saved: dict, now: dict, free) -> list[str]:
 
 def run_settings(config: dict) -> dict:
     """What names a run in each of its checkpoints (state.json "run"): its config.json less what a
-    resume may change, so a checkpoint fits the config.json of its own run only."""
-    return {k: v for k, v in config.items() if k not in RESUME_FREE and k != "output_dir"}
+    resume may change, so a checkpoint fits the config.json of its own run only; a field the record
+    predates counts as the value the run used (config.as_recorded)."""
+    return {
+        k: v for k, v in as_recorded(config).items() if k not in RESUME_FREE and k != "output_dir"
+    }
 
 
 def check_belongs(directory: str, folder: str) -> bool:
@@ -205,6 +208,7 @@ def check_belongs(directory: str, folder: str) -> bool:
     if not isinstance(record, dict):
         raise ValueError(f"corrupt checkpoint: bad run record ({directory}/state.json)")
     now = run_settings(read_json(os.path.join(folder, "config.json")))
+    record = run_settings(record)
     differ = sorted(set(resume_conflicts(record, now, ())) | (set(now) ^ set(record)))
     if differ:
         raise ValueError(

@@ -1,7 +1,9 @@
 """Worker for tests/test_distributed.py: a few MeZO steps on the tiny OPT, alone or under torchrun.
 
     python tests/dist_worker.py single OUT                         # one process, no process group
+    python tests/dist_worker.py single OUT --n_spsa 2              # two z a step
     torchrun --nproc_per_node 2 --standalone tests/dist_worker.py replicated|sharded OUT
+    torchrun ... tests/dist_worker.py directions OUT --n_spsa 2    # each rank one z, whole batch
     torchrun ... tests/dist_worker.py replicated OUT --fail-at 2 --failure exit|hang
 
 Each rank writes OUT/<mode>.rank<r>.json (losses, projected grads and the checks below); rank 0
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "bench"))
 from comm_counter import CommCounter  # noqa: E402
 
 import models  # noqa: E402
-from zo import MeZO, MeZOConfig, whole  # noqa: E402
+from zo import DirectionShare, MeZO, MeZOConfig, whole  # noqa: E402
 from zo import distributed as zd  # noqa: E402
 
 LR, EPS, WD, SEED, STEPS, RESUME_AT = 1e-3, 1e-3, 0.1, 7, 5, 3
@@ -67,7 +69,7 @@ def loss_closure(ids, mask, d: zd.Dist, single: bool):
     """Token-mean next-token cross-entropy of the GLOBAL batch. One process: the plain mean. Ranks:
     the sum over this rank's rows divided by the global number of target tokens
     (zo/distributed.py)."""
-    rows = zd.split(len(ids), d.rank, d.world_size)
+    rows = zd.split(len(ids), d.data_rank, d.data_size)
     n_tokens = int(mask[:, 1:].sum())
     ids, mask = ids[rows].to(d.device), mask[rows].to(d.device)
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -193,7 +195,8 @@ def sharded_checks(d, model, mezo, batches, record, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["single", "replicated", "sharded"])
+    ap.add_argument("mode", choices=["single", "replicated", "sharded", "directions"])
+    ap.add_argument("--n_spsa", type=int, default=1)
     ap.add_argument("out", type=Path)
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--fail-at", type=int)
@@ -202,6 +205,8 @@ def main():
     d = zd.setup(timeout_s=args.timeout, device="cpu")
     single = args.mode == "single"
     assert (d.world_size == 1 and not d.grouped) if single else d.world_size == 2
+    if args.mode == "directions":  # every rank its own direction group: no data shards to sum
+        d.use_directions(d.world_size)
     batches = global_batches()
     record = {
         "rank": d.rank,
@@ -216,17 +221,21 @@ def main():
         if args.mode == "sharded":
             model = zd.shard_model(model, d)
         local_view = zd.local_view if args.mode == "sharded" else whole
+        shared = args.mode == "directions"
         mezo = MeZO(
             model,
-            MeZOConfig(lr=LR, eps=EPS, weight_decay=WD, seed=SEED),
+            MeZOConfig(lr=LR, eps=EPS, weight_decay=WD, seed=SEED, n_spsa=args.n_spsa),
             local_view=local_view,
-            reduce_losses=d.reduce_losses,
+            reduce_losses=None if shared else d.reduce_losses,
+            share=DirectionShare(d.direction_group, d.direction_groups, d.gather_losses)
+            if shared
+            else DirectionShare(),
         )
         if args.mode == "sharded":
             final = sharded_checks(d, model, mezo, batches, record, args.out)
         else:
             fail = None if args.fail_at is None else (args.fail_at, args.failure, args.out)
-            run_steps(mezo, model, batches, d, single, range(STEPS), record, fail)
+            run_steps(mezo, model, batches, d, single or shared, range(STEPS), record, fail)
             final = zd.full_state_dict(model) if d.grouped else model.state_dict()
         (args.out / f"{args.mode}.rank{d.rank}.json").write_text(json.dumps(record))
         if d.is_main:

@@ -112,6 +112,27 @@ TRAIN_FLAGS = [
     (["--task", "NoSuchTask"], "unknown task"),
     (["--model", "/no/such/model"], "missing model directory"),
     (["--eval_on_start", "maybe"], "argument --eval_on_start: expected true or false, got 'maybe'"),
+    # directions across ranks (--parallel directions): what cannot share a step's z
+    (["--direction_groups", "0"], "direction_groups must be >= 1"),
+    (["--direction_groups", "2"], "--direction_groups needs --parallel directions"),
+    (
+        ["--parallel", "directions", "--direction_groups", "2"],
+        "WORLD_SIZE=1 does not split into 2 direction groups",
+    ),
+    (["--parallel", "directions", "--trainer", "fo"], "not with --trainer fo"),
+    (["--parallel", "directions", "--fsdp"], "not with --fsdp"),
+    (
+        ["--parallel", "directions", "--perturbation", "reference"],
+        "perturbation=reference does not support directions shared across ranks",
+    ),
+    (
+        ["--parallel", "directions", "--n_spsa", "2", "--n_spsa_schedule", "linear"],
+        "n_spsa=2 does not support directions shared across ranks",
+    ),
+    (
+        ["--parallel", "directions", "--zo_variant", "param_norm"],
+        "zo_variant=param_norm does not support directions shared across ranks",
+    ),
 ]
 
 
@@ -140,6 +161,22 @@ FLAG_CHECKS = [f for f in TRAIN_FLAGS if f[0][0] not in ("--model", "--device")]
 def test_bad_values_are_one_error_naming_the_flag(capsys, bad, what):
     line = flags_error(capsys, ["--output_dir", "unused"] + bad)
     assert line.startswith("error: ") and what in line and "\n" not in line
+
+
+@pytest.mark.parametrize(
+    "world, method",
+    [("2", "--n_spsa 3"), ("4", "--estimator fzoo --fzoo_n 6")],
+    ids=["nspsa", "fzoo"],
+)
+def test_directions_not_a_multiple_of_the_ranks_are_refused(capsys, monkeypatch, world, method):
+    """N z per step must split evenly among the direction groups (WORLD_SIZE as torchrun sets)."""
+    monkeypatch.setenv("WORLD_SIZE", world)
+    line = flags_error(
+        capsys, ["--output_dir", "unused", "--parallel", "directions", *method.split()]
+    )
+    assert (
+        line.startswith("error: ") and f"do not split evenly among {world} direction groups" in line
+    )
 
 
 @pytest.mark.parametrize("bad, what", TRAIN_FLAGS, ids=[" ".join(f) for f, _ in TRAIN_FLAGS])

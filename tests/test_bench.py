@@ -19,6 +19,12 @@ ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
     "perturb.vs_randn",
     "perturb.extra_memory",
     "perturb.vs_add",
+    "update_many.n2",
+    "update_many.n4",
+    "update_many.n8",
+    "perturb.poly_cos",
+    "perturb.poly_cos_error",
+    "perturb.rademacher",
     "forward.vs_transformers",
     "step.fused",
     "step.reference",
@@ -70,6 +76,8 @@ def test_quick_bench_produces_every_row(tmp_path):
             "info" if r["op"] is None else "meets" if met else "misses"
         ), r
         assert f"] {r['row']} |" in proc.stdout  # printed in the one table
+    # not a timing: the polynomial cos's z is nearer float64 Box-Muller than the library's
+    assert rows["perturb.poly_cos_error"]["measured"] < 1
     assert (
         rows["comm.replicated"]["measured"] == 8 and rows["comm.replicated"]["verdict"] == "meets"
     )
@@ -77,6 +85,8 @@ def test_quick_bench_produces_every_row(tmp_path):
     # 2 blocks + root
     assert result["raw"]["comm"]["sharded"]["per_step"]["all_gather_single"]["calls"] == 2 * 3
     assert result["raw"]["forward"]["max_abs_logit_diff"] < 1e-4
+    # the fused N-direction update leaves the weights of the N passes, bitwise
+    assert all(m["bitwise"] for m in result["raw"]["update_many"].values())
     scoring = result["raw"]["scoring"]  # the layouts predict alike whatever the timing
     assert all(scoring[k]["same_predictions"] for k in ("zero_shot", "icl16", "Copa", "CB"))
     estimators = result["raw"]["estimators"]  # per forward: a step's time over the passes it makes

@@ -125,6 +125,25 @@ def test_replicated_two_ranks_match_one_process(single, replicated):
 
 
 @pytest.mark.slow
+def test_directions_two_ranks_equal_one_process_with_two_z_bitwise(tmp_path_factory):
+    """`--parallel directions` at the library level: each rank evaluates one of the step's two z
+    on the whole batch and the ranks exchange the losses and nothing else; every rank's losses,
+    estimates and weights are the one process's with n_spsa=2, bitwise."""
+    out = tmp_path_factory.mktemp("directions")
+    for mode, nproc in (("single", 0), ("directions", 2)):
+        proc = launch(mode, out, "--n_spsa", "2", nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    (one,), one_weights = results(out, "single", 1)
+    records, weights = results(out, "directions", 2)
+    for r in records:
+        assert (r["loss"], r["projected_grad"]) == (one["loss"], one["projected_grad"])
+        # one all-gather a step of each rank's two fp32 losses: 2 ranks x 2 x 4 bytes
+        assert r["comm"] == [{"calls": {"all_gather": 1}, "bytes": {"all_gather": 16}}] * W.STEPS
+    assert weights.keys() == one_weights.keys()
+    assert all(torch.equal(weights[n], one_weights[n]) for n in weights)
+
+
+@pytest.mark.slow
 def test_sharded_two_ranks_match_one_process_and_replicated(single, replicated, tmp_path_factory):
     records, weights = run_two_ranks(tmp_path_factory, "sharded")
     assert_matches_single(records, weights, single)

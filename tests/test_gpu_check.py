@@ -25,11 +25,34 @@ def test_refuses_without_cuda(tmp_path, capsys):
 def test_rows_run_on_the_cpu_and_graph_rows_fail_loudly(tmp_path, capsys):
     out = tmp_path / "gpu-results.json"
     status = gpu_check.main(
-        ["--cpu-smoke", "--only", "perturb", "step.opt", "memory", "--out", str(out)]
+        [
+            "--cpu-smoke",
+            "--only",
+            "perturb",
+            "update_many",
+            "step.opt",
+            "memory",
+            "--out",
+            str(out),
+        ]
     )
     result = json.loads(out.read_text())
     rows = {r["id"]: r for r in result["rows"]}
-    assert set(rows) == {"perturb.bandwidth", "step.opt.eager", "step.opt.graphed", "memory.tiny"}
+    updates = {f"update_many.n{n}" for n in (2, 4, 8)}
+    assert (
+        set(rows)
+        == {
+            "perturb.bandwidth",
+            "step.opt.eager",
+            "step.opt.graphed",
+            "memory.tiny",
+        }
+        | updates
+    )
+    # the fused N-direction update: measured, and bitwise the N passes
+    assert all(
+        rows[u]["measured"] > 0 and "bitwise equal: True" in rows[u]["notes"] for u in updates
+    )
     for id in ("perturb.bandwidth", "step.opt.eager", "memory.tiny"):
         # the verdict follows from the measured value and the goal
         op, target = rows[id]["goal"].split()

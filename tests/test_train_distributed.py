@@ -124,3 +124,78 @@ def test_sharded_optimizer_state_is_resharded_on_resume(tmp_path, optimizer):
     )
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "parts")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def saved_tensors(out) -> dict:
+    """Every tensor of every .safetensors file the run wrote (model or adapter, best, checkpoints),
+    by file and name."""
+    return {
+        (str(path.relative_to(out)), name): t
+        for path in sorted(out.rglob("*.safetensors"))
+        for name, t in load_file(path).items()
+    }
+
+
+def assert_same_run(a, b):
+    """Two run folders with bitwise the same losses, trajectory and saved weights."""
+    assert losses(a) == losses(b)
+    assert (a / "trajectory.jsonl").read_text() == (b / "trajectory.jsonl").read_text()
+    wa, wb = saved_tensors(a), saved_tensors(b)
+    assert wa and wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), [
+        k for k in wa if not torch.equal(wa[k], wb[k])
+    ]
+
+
+DIRECTIONS = {
+    "ft-nspsa": "--n_spsa 2",
+    "lora-nspsa": "--mode lora --n_spsa 2",
+    "ft-fzoo": "--estimator fzoo --fzoo_n 2",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", DIRECTIONS.values(), ids=DIRECTIONS)
+def test_directions_across_two_ranks_equal_one_process_bitwise(tmp_path, method):
+    """`torchrun --nproc 2 train.py --parallel directions`: each rank evaluates one of the step's
+    two z on the whole batch; the gathered losses give every rank the same two updates, so the run
+    is the one-process run with the same N, bitwise."""
+    steps = ["--max_steps", "4", "--eval_steps", "2", *method.split()]
+    launch(tmp_path / "one", *steps)
+    launch(tmp_path / "two", *steps, "--parallel", "directions", nproc=2)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    trajectory = (tmp_path / "two" / "trajectory.jsonl").read_text().splitlines()
+    assert len(losses(tmp_path / "two")) == 4 and len(trajectory) == 4 * 2  # every (seed, g)
+
+
+@pytest.mark.slow
+def test_directions_run_resumes_on_one_process_and_replays_bitwise(tmp_path):
+    """A two-rank directions run stopped at step 2 and resumed by one process (where it runs is
+    --resume's to change) equals the whole two-rank run; one process replays it bitwise."""
+    steps = "--eval_steps 2 --save_steps 2 --n_spsa 2 --parallel directions".split()
+    launch(tmp_path / "whole", "--max_steps", "4", *steps, nproc=2)
+    launch(tmp_path / "parts", "--max_steps", "2", *steps, nproc=2)
+    launch(tmp_path / "parts", "--max_steps", "4", "--resume")
+    assert len(losses(tmp_path / "whole")) == 4
+    assert_same_run(tmp_path / "whole", tmp_path / "parts")
+    launch(tmp_path / "replayed", "--replay", str(tmp_path / "whole"))
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "replayed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_mesh_of_two_direction_groups_by_two_data_shards(tmp_path):
+    """4 ranks = 2 direction groups x 2 data shards: each group's two ranks sum their halves of
+    the batch (as 2-rank data parallelism does), the groups gather. Bitwise the 2-rank data-parallel
+    run with the same N; the one-process run up to the data-parallel tolerance (the order of the
+    loss sum, test_two_ranks_replicated_and_sharded_match_one_process)."""
+    steps = "--max_steps 4 --eval_steps 2 --n_spsa 2".split()
+    launch(tmp_path / "one", *steps)
+    launch(tmp_path / "data", *steps, nproc=2)
+    launch(
+        tmp_path / "mesh", *steps, "--parallel", "directions", "--direction_groups", "2", nproc=4
+    )
+    assert_same_run(tmp_path / "data", tmp_path / "mesh")
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "mesh"), rel=2e-6, abs=0)
+    w1, w4 = weights(tmp_path / "one"), weights(tmp_path / "mesh")
+    assert all(torch.allclose(w1[k], w4[k], rtol=0, atol=1e-5) for k in w1)

@@ -166,3 +166,13 @@ def test_replay_with_its_own_flags_still_runs(tmp_path, zo_run):
     out = tmp_path / "replayed"
     argv = ["--replay", str(zo_run), "--output_dir", str(out), "--device", "cpu"]
     assert train.main(argv) == 0 and (out / "config.json").exists()
+
+
+def test_a_backprop_record_gets_no_zeroth_order_field_filled_in():
+    # a record that predates a zeroth-order field (normal_z) is filled in with the value its run
+    # used, but a backprop run used none: filling it in would make --resume refuse the run
+    assert config.as_recorded({"trainer": "zo"})["normal_z"] == config.UNRECORDED["normal_z"]
+    record = config.as_recorded({"trainer": "fo", "output_dir": "unused"})
+    assert "normal_z" not in record
+    args = flags.resumed_args(["--resume", "--output_dir", "unused"], record)
+    assert flags.resolve(args, None).trainer == "fo"

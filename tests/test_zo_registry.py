@@ -1,7 +1,7 @@
 """A method is one file and one registry line (issue 28): no module but the method's own file and
 zo/methods.py names an estimator or a direction, or one of their config fields. Tests and the
-README may (they exercise and document the methods), and so may ALLOWED: the command lines of
-RESULTS.md's estimator comparison select methods by their flags, as a user would.
+README may (they exercise and document the methods), and so may ALLOWED: the runs behind RESULTS.md
+(its estimators and directions comparisons) select methods by their flags, as a user would.
 
 Update rules are not held to it: their names and fields (sgd, momentum, adam, clip_grad_norm) are
 also the backprop trainer's (--optimizer, --momentum, --max_grad_norm of program/flags.py;
@@ -19,7 +19,7 @@ from zo import methods
 ROOT = Path(__file__).resolve().parent.parent
 # the default direction is selected by no value (its name, "dense", is also a RoBERTa layer's)
 CHECKED = [*methods.ESTIMATORS.values(), *list(methods.DIRECTIONS.values())[1:]]
-ALLOWED = {"program/paper/results.py"}
+ALLOWED = {"program/paper/rows.py"}
 
 
 def names_of(method) -> set[str]:

@@ -3,15 +3,16 @@ recompiles."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from tests.helpers.zo import NORMAL_Z_IMPL_BOUND
+from tests.helpers.zo import NORMAL_Z_IMPL_BOUND, normal_z_exact_error, poly_cos_error
 from zo import MeZO, MeZOConfig, name_key
 from zo.kernels import get_kernels
-from zo.rng import hash32, normal, rademacher
+from zo.rng import MINUS_SIN_2PI, NORMAL_Z, cos_2pi_poly, hash32, normal, rademacher, uniforms
 
 K = get_kernels("normal")  # compiled; shared by every zo test in the process
 N = 1 << 20  # >= 1M samples for the statistics
@@ -44,9 +45,10 @@ def corr(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-@pytest.fixture(scope="module")
-def z():
-    return z_compiled(seed=123456789, key=name_key("decoder.layers.0.fc1.weight"))
+@pytest.fixture(scope="module", params=list(NORMAL_Z))
+def z(request):
+    kernels = get_kernels("normal", normal_z=request.param)
+    return z_compiled(seed=123456789, key=name_key("decoder.layers.0.fc1.weight"), kernels=kernels)
 
 
 def test_name_key_is_fnv1a_of_the_name():
@@ -133,23 +135,88 @@ def test_shard_equals_slice_of_whole_bitwise():
     assert torch.equal(z_compiled(seed, key, 6 * 7_000, offset=7 * 7_000).view(6, 7_000), rows[7:])
 
 
-def test_eager_and_compiled_normal_agree_within_the_derived_bound():
+@pytest.mark.parametrize("normal_z", NORMAL_Z)
+def test_eager_and_compiled_normal_agree_within_the_derived_bound(normal_z):
     """ATen's and Inductor's log/cos differ in the last bits (which ones depends on the CPU's vector
     instructions), so eager and compiled z may differ, but never by more than NORMAL_Z_IMPL_BOUND
     (derived in tests/helpers/zo.py). Negative controls: an off-by-one offset, another key and a
     bf16 round
     trip (a precision regression) each break that same bound."""
-    key = name_key("decoder.layers.0.fc1.weight")
+    key, kernels = name_key("decoder.layers.0.fc1.weight"), get_kernels(normal_z=normal_z)
     for seed in (0, 999_999_999):
-        eager = normal(T(seed), T(key), T(12345), N // 2, "cpu")
-        compiled = z_compiled(seed, key, N // 2, offset=12345)
+        eager = normal(T(seed), T(key), T(12345), N // 2, "cpu", normal_z)
+        compiled = z_compiled(seed, key, N // 2, 12345, kernels)
         assert (eager - compiled).abs().max().item() <= NORMAL_Z_IMPL_BOUND
         for wrong in (
-            z_compiled(seed, key, N // 2, offset=12346),
-            z_compiled(seed, key ^ 1, N // 2, offset=12345),
+            z_compiled(seed, key, N // 2, 12346, kernels),
+            z_compiled(seed, key ^ 1, N // 2, 12345, kernels),
             compiled.bfloat16().float(),
         ):
             assert (eager - wrong).abs().max().item() > NORMAL_Z_IMPL_BOUND
+
+
+# every 24-bit u2 Box-Muller can draw
+EVERY_U2 = torch.arange(1 << 24, dtype=torch.float32) * 2.0**-24
+
+
+def cos_2pi_in_numpy(u2: np.ndarray, coefs=MINUS_SIN_2PI, fma=False) -> np.ndarray:
+    """zo/rng.py cos_2pi_poly's steps in numpy float32 (each + and * rounded once); fma: each
+    q * s + c rounded once instead (exact in float64, then to float32), as a contracting
+    compiler would."""
+    c = [np.float32(v) for v in coefs]
+    t = np.float32(0.25) - np.abs(u2 - np.float32(0.5))
+    s = t * t
+    p = c[-1]
+    for ck in reversed(c[:-1]):
+        p = (p.astype(np.float64) * s + ck).astype(np.float32) if fma else p * s + ck
+    return t * p
+
+
+def test_poly_cos_is_bitwise_the_same_eager_compiled_and_in_numpy():
+    """Over every u2: + and * alone, no FMA contraction (Inductor's default, which zo/kernels.py
+    sets explicitly), so eager (ATen), compiled (Inductor) and numpy's float32 round alike. numpy
+    is untouched by ATEN_CPU_CAPABILITY, so equal bits at each level (tests/test_isa_levels.py
+    reruns this file) are equal bits across levels. Negative control: the same steps with fused
+    multiply-adds differ."""
+    eager = cos_2pi_poly(EVERY_U2)
+    compiled = torch.compile(cos_2pi_poly, dynamic=True)(EVERY_U2)
+    in_numpy = torch.from_numpy(cos_2pi_in_numpy(EVERY_U2.numpy()))
+    assert torch.equal(eager, compiled) and torch.equal(eager, in_numpy)
+    assert not torch.equal(eager, torch.from_numpy(cos_2pi_in_numpy(EVERY_U2.numpy(), fma=True)))
+
+
+def test_poly_cos_is_within_its_derived_error_over_every_u2():
+    """tests/helpers/zo.py poly_cos_error (Taylor remainder, fp32 coefficients, every rounding)
+    bounds |cos_2pi_poly - cos(2 pi u2)| over all 2^24 u2; the same derivation bounds the
+    polynomial one term shorter, whose error breaks the shipped bound (the check can fail)."""
+    exact = torch.cos(2 * math.pi * EVERY_U2.double())
+    assert (cos_2pi_poly(EVERY_U2).double() - exact).abs().max().item() <= poly_cos_error()
+    shorter = torch.from_numpy(cos_2pi_in_numpy(EVERY_U2.numpy(), MINUS_SIN_2PI[:-1])).double()
+    error = (shorter - exact).abs().max().item()
+    assert error <= poly_cos_error(MINUS_SIN_2PI[:-1]) and error > poly_cos_error()
+
+
+@pytest.mark.parametrize("normal_z", NORMAL_Z)
+def test_normal_z_is_within_its_derived_error_of_float64_box_muller(normal_z):
+    """Eager and compiled z against sqrt(-2 ln u1) cos(2 pi u2) in float64 on the same u1, u2,
+    4M draws: within tests/helpers/zo.py normal_z_exact_error. Negative control: z rounded to
+    bf16 breaks it."""
+    seed, key, n = 31337, name_key("model.layers.0.mlp.down_proj.weight"), 1 << 22
+    u1, u2 = uniforms(T(seed), T(key), T(0), n, "cpu")
+    exact = torch.sqrt(-2 * torch.log(u1.double())) * torch.cos(2 * math.pi * u2.double())
+    bound = normal_z_exact_error(normal_z)
+    eager = normal(T(seed), T(key), T(0), n, "cpu", normal_z)
+    compiled = z_compiled(seed, key, n, kernels=get_kernels(normal_z=normal_z))
+    for z in (eager, compiled):
+        assert (z.double() - exact).abs().max().item() <= bound
+    assert (compiled.bfloat16().double() - exact).abs().max().item() > bound
+
+
+def test_unknown_normal_z_is_refused():
+    with pytest.raises(ValueError, match="normal_z='cos'"):
+        get_kernels(normal_z="cos")
+    with pytest.raises(ValueError, match="unknown normal_z"):
+        MeZOConfig(normal_z="cos")
 
 
 def test_rademacher_values_and_balance():

@@ -22,7 +22,9 @@ imports nothing of data/, models/ or the program (program/): files on disk are t
     optim.py       lr and n-SPSA schedules, the weight-decay rule (MeZO and FO), torch optimizers
     fo.py          FOConfig, FO: the backprop baseline with the same interface
     replay.py      replay: logged (step, seed, projected_grad, lr) updates applied to base weights
-    distributed.py torchrun setup, replicated (two-scalar all-reduce) and FSDP2 sharded MeZO
+    shares.py      DirectionShare: a rank's share of the step's z, and the gather of the losses
+    distributed.py torchrun setup, replicated (two-scalar all-reduce) and FSDP2 sharded MeZO, the
+                   mesh of direction groups x data shards (--parallel directions)
 
 Training loop (train.py; the trajectory log is program/trajectory.py's, any object with
 `append(step, seed, projected_grad, lr)` will do); nothing returned syncs with the host:
@@ -57,6 +59,10 @@ Distributed wrappers plug in through MeZO(model, config, local_view=..., reduce_
   the update writes the local shard with the z of its global indices. The forward hooks need
   nothing: they perturb the transient all-gathered tensor at offset 0 inside FSDP's unshard/reshard.
 
+- share=DirectionShare(group, groups, gather) (zo/shares.py): the rank evaluates only its group's
+  seeds of each step, and `gather` (`Dist.gather_losses`: one all-gather) hands every rank every
+  group's losses; all ranks then apply the same N updates (`--parallel directions`).
+
 Errors: bad configuration raises ValueError; a failing torch.compile raises RuntimeError naming
 perturbation="eager" (the uncompiled debugging path).
 """
@@ -70,9 +76,11 @@ from .optim import learning_rate, num_samples
 from .perturb import LocalView, ParamSlot, collect_slots, whole
 from .replay import replay
 from .rng import name_key
+from .shares import DirectionShare
 
 __all__ = [
     "CudaGraphStep",
+    "DirectionShare",
     "FO",
     "check_supported",
     "FOConfig",

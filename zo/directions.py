@@ -3,11 +3,12 @@ hash (zo/rng.py), drawn inside the fused kernels (zo/kernels.py). Others: Sparse
 mask (zo/sparse.py), LOZO's low-rank z (zo/lozo.py).
 
 A direction gives the perturbation the kernels of a slot (`kernels(slot)`) and their extra arguments
-(`args(slot)`), and `prepare(step, seeds)`, called at the start of each step and before each
+(`args(slot)`), the kernel applying a step's n updates in one pass (`update_many(slot, n)`), and
+`prepare(step, seeds)`, called at the start of each step and before each
 replayed step, on the weights of that step. What it carries from step to step is its `state_dict`.
 """
 
-from .kernels import Kernels, get_kernels
+from .kernels import Kernels, get_kernels, get_update_many
 from .part import ALL, Part
 
 
@@ -16,9 +17,11 @@ class Dense(Part):
     parameter: the default direction."""
 
     NAME = "dense"
+    MASKED = False  # z masked by |theta| <= the slot's threshold (zo/kernels.py)
 
     def __init__(self, slots, cfg, compiled: bool):
-        self.dense = get_kernels(cfg.distribution, compiled)
+        self.distribution, self.compiled, self.normal_z = cfg.distribution, compiled, cfg.normal_z
+        self.dense = get_kernels(cfg.distribution, compiled, normal_z=cfg.normal_z)
 
     @staticmethod
     def selected(cfg) -> bool:
@@ -34,6 +37,10 @@ class Dense(Part):
 
     def args(self, slot) -> dict:
         return {}
+
+    def update_many(self, slot, n: int):
+        """The n updates of a step in one pass over the slot (zo/kernels.py get_update_many)."""
+        return get_update_many(self.distribution, self.compiled, self.MASKED, n, self.normal_z)
 
     def prepare(self, step: int, seeds: list[int]) -> None:
         pass

@@ -31,6 +31,13 @@ equals the single-process loss up to floating-point summation order, the only di
 world sizes: z is a function of (seed, parameter key, global element index) (zo/rng.py), so the
 perturbation and the update are the same numbers on any number of ranks.
 
+Directions across ranks (`Dist.use_directions(G)`, train.py --parallel directions): the ranks form
+a G x W/G mesh, rank = g * (W/G) + d. The W/G ranks of direction group g split the batch as above
+and sum their terms over the "data" dimension (`reduce_losses`); the G groups each evaluate their
+share of the step's z (zo/shares.py) and exchange the losses in one all-gather over the
+"directions" dimension (`gather_losses`). Every rank then computes and applies the same N updates:
+no parameter is communicated. G = W is pure directions (no reduce), G = 1 data parallelism.
+
 Communication per z (tests/bench/comm_counter.py measures it): replicated, one all-reduce of two
 fp32 scalars (8 bytes); sharded, in each of the two forwards one all-gather per FSDP unit (each
 block, then the root's own parameters), plus the same 8-byte all-reduce. No reduce-scatter (no
@@ -74,6 +81,10 @@ class Dist:
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     timeout_s: float = 600.0
+    # the mesh (use_directions): rank = direction_group * data_size + data_rank
+    direction_groups: int = 1
+    data_group: object = None  # the ranks that sum a step's losses (None: all)
+    directions_group: object = None  # the ranks whose losses are gathered (one per direction group)
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +94,35 @@ class Dist:
     def grouped(self) -> bool:
         """A process group exists (launched by torchrun, even with one process)."""
         return dist.is_available() and dist.is_initialized()
+
+    @property
+    def data_size(self) -> int:
+        """Ranks that split one batch (all of them in data parallelism, the default)."""
+        return self.world_size // self.direction_groups
+
+    @property
+    def data_rank(self) -> int:
+        return self.rank % self.data_size
+
+    @property
+    def direction_group(self) -> int:
+        return self.rank // self.data_size
+
+    def use_directions(self, groups: int) -> None:
+        """Split the ranks into `groups` direction groups x world/groups data shards (a 2-D mesh,
+        row-major: the ranks of a direction group are neighbours, as the GPUs of one host). A
+        collective: every rank calls it."""
+        if self.world_size % groups:
+            raise ValueError(f"{self.world_size} ranks do not split into {groups} direction groups")
+        self.direction_groups = groups
+        if groups > 1:
+            mesh = init_device_mesh(
+                self.device.type,
+                (groups, self.data_size),
+                mesh_dim_names=("directions", "data"),
+            )
+            self.data_group = mesh.get_group("data")
+            self.directions_group = mesh.get_group("directions")
 
     def barrier(self) -> None:
         if self.grouped:
@@ -98,13 +138,22 @@ class Dist:
             dist.destroy_process_group()
 
     def reduce_losses(self, losses: torch.Tensor) -> torch.Tensor:
-        """MeZO's `reduce_losses`: SUM across ranks of each rank's pre-weighted [loss1, loss2]
-        (module
-        docstring); fp32, so the step's only replicated communication is 8 bytes."""
+        """MeZO's `reduce_losses`: SUM across the data ranks of each rank's pre-weighted [loss1,
+        loss2] (module docstring); fp32, so the step's only replicated communication is 8 bytes."""
         losses = losses.float()
         if self.grouped:
-            dist.all_reduce(losses, op=dist.ReduceOp.SUM)
+            dist.all_reduce(losses, op=dist.ReduceOp.SUM, group=self.data_group)
         return losses
+
+    def gather_losses(self, losses: torch.Tensor) -> torch.Tensor:
+        """MeZO's `gather_losses`: every direction group's losses (one all-gather), stacked in
+        group order: (direction_groups, *losses.shape), fp32."""
+        losses = losses.float().contiguous()
+        if self.direction_groups == 1:
+            return losses[None]
+        parts = [torch.empty_like(losses) for _ in range(self.direction_groups)]
+        dist.all_gather(parts, losses, group=self.directions_group)
+        return torch.stack(parts)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on any rank: one scalar all-reduce, so that ranks

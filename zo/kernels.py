@@ -9,6 +9,8 @@ rounded to the parameter's dtype once.
     seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
                                                           (the update of large_models/trainer.py
                                                           zo_update)
+    update_many_(p, seeds=, grads=, wds=, ...)            the n updates of a step in one pass
+                                                          (get_update_many; bitwise n update_)
 
 Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and
 use z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no
@@ -39,14 +41,19 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .rng import DISTRIBUTIONS
+from .rng import DEFAULT_NORMAL_Z, z_function
 
 # Inductor re-evaluates an unrealized pointwise expression at every use while lowering; the hash
 # uses each intermediate twice per round, so the compile work grows like 8^rounds. Realizing
 # intermediates of more than 8 ops keeps it linear; they still fuse into one loop as local
 # temporaries (same speed, no extra memory: tests/bench/bench_perturb.py; compile times in
 # BENCHMARKS.md, "Measurements behind design choices").
-_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 8}
+# Contracting a * b + c into one FMA (off by default, set here against the environment variable)
+# would round the polynomial cos of zo/rng.py differently from eager and from level to level.
+_INDUCTOR_OPTIONS = {
+    "realize_opcount_threshold": 8,
+    "cpp.enable_floating_point_contract_flag": "off",
+}
 _RECOMPILE_LIMIT = 32  # per kernel: a graph per dtype, and per dtype one for 1-element tensors
 # ATen's at::internal::GRAIN_SIZE: its own CPU loops stay on one thread below this many elements.
 # The compiled kernel opens an OpenMP region at every call whatever the size, and its barrier waits
@@ -71,8 +78,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _build(dist: str, masked: bool):
-    z_of = DISTRIBUTIONS[dist]
+def _build(z_of: Callable, masked: bool):
 
     def direction(pf, seed, key, offset, threshold):
         z = z_of(seed, key, offset, pf.numel(), pf.device)
@@ -96,19 +102,32 @@ def _build(dist: str, masked: bool):
     return perturb_, perturbed_, update_
 
 
+def _build_update_many(z_of: Callable, masked: bool, n: int):
+
+    # n update_ passes in one: each direction's term is rounded to p's dtype before the next, as
+    # the n passes round (bitwise the same), but p is read and written once
+    def update_many_(p, seeds, key, offset, lr, grads, wds, threshold=None):
+        compute = _compute_dtype(p.dtype)
+        pf = p.to(compute)
+        for k in range(n):
+            z = z_of(seeds[k], key, offset, pf.numel(), pf.device)
+            z = torch.where(pf.abs() <= threshold, z, 0.0) if masked else z
+            pf = (pf - lr * (grads[k] * z + wds[k] * pf)).to(p.dtype).to(compute)
+        p.copy_(pf.to(p.dtype))
+
+    return update_many_
+
+
 class Kernels(NamedTuple):
     perturb_: Callable
     perturbed_: Callable
     update_: Callable
 
 
-def _wrap(fn: Callable, compiled: bool) -> Callable:
+def _wrap(fn: Callable, compiled: bool, rounding: dict | None = None) -> Callable:
     def build(options):
-        return (
-            torch.compile(fn, dynamic=True, fullgraph=True, options=_INDUCTOR_OPTIONS | options)
-            if compiled
-            else fn
-        )
+        options = _INDUCTOR_OPTIONS | (rounding or {}) | options
+        return torch.compile(fn, dynamic=True, fullgraph=True, options=options) if compiled else fn
 
     run, run_serial = build({}), build({"cpp.threads": 1})
     seen_kinds = set()  # (dtype, device, 1 element, serial): a new kind may compile a new graph
@@ -148,9 +167,28 @@ def _wrap(fn: Callable, compiled: bool) -> Callable:
 
 
 @functools.cache
-def get_kernels(dist: str = "normal", compiled: bool = True, masked: bool = False) -> Kernels:
-    """The kernels for z ~ `dist` ("normal" or "rademacher"), masked by |theta| <= threshold or not;
-    built once per process."""
-    if dist not in DISTRIBUTIONS:
-        raise ValueError(f"unknown perturbation distribution (distribution={dist!r})")
-    return Kernels(*(_wrap(fn, compiled) for fn in _build(dist, masked)))
+def get_kernels(
+    dist: str = "normal",
+    compiled: bool = True,
+    masked: bool = False,
+    normal_z: str = DEFAULT_NORMAL_Z,
+) -> Kernels:
+    """The kernels for z ~ `dist` ("normal" or "rademacher"; normal z's cos by `normal_z`,
+    zo/rng.py NORMAL_Z), masked by |theta| <= threshold or not; built once per process."""
+    return Kernels(*(_wrap(fn, compiled) for fn in _build(z_function(dist, normal_z), masked)))
+
+
+@functools.cache
+def get_update_many(
+    dist: str = "normal",
+    compiled: bool = True,
+    masked: bool = False,
+    n: int = 2,
+    normal_z: str = DEFAULT_NORMAL_Z,
+) -> Callable:
+    """update_many_(p, seeds=, key=, offset=, lr=, grads=, wds=): the n updates p -= lr * (grads[k]
+    * z(seeds[k]) + wds[k] * p), k = 0 .. n-1 in order, in one pass over p; bitwise the n update_
+    calls. seeds, grads, wds: (n,) tensors on p's device. One compiled kernel per n (unrolled)."""
+    z_of = z_function(dist, normal_z)
+    # Inductor skips the rounding of an intermediate to a narrower dtype unless told to emulate it
+    return _wrap(_build_update_many(z_of, masked, n), compiled, {"emulate_precision_casts": True})

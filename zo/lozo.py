@@ -46,7 +46,7 @@ class LOZO(Dense):
             s: torch.full((), name_key(f"{s.name}#V"), dtype=torch.int64, device=device)
             for s in slots
         }
-        self.low_rank = _kernels(cfg.lozo_rank)
+        self.low_rank = _kernels(cfg.lozo_rank, cfg.normal_z)
         # z of the largest matrix materialises U [rows, r] and V [cols, r]: refused now, not as an
         # allocation failure at the first step
         sizes = [s.param.shape[0] + s.param[0].numel() for s in slots if s.param.dim() >= 2]
@@ -77,6 +77,17 @@ class LOZO(Dense):
             "v_key": self.v_keys[slot],
         }
 
+    def update_many(self, slot, n: int):
+        """A matrix's n updates one after another (each materialises its U V^T)."""
+        if slot.param.dim() < 2:
+            return super().update_many(slot, n)
+
+        def update_many_(p, seeds, grads, wds, **args):
+            for k in range(n):
+                self.low_rank.update_(p, seed=seeds[k], grad=grads[k], wd=wds[k], **args)
+
+        return update_many_
+
     def prepare(self, step: int, seeds: list[int]) -> None:
         if step % self.nu == 0:
             self.v_seed.set(seeds[0])
@@ -89,14 +100,15 @@ class LOZO(Dense):
             self.v_seed.set(state["v_seed"])
 
 
-def _kernels(rank: int) -> Kernels:
-    """The fused kernels' three operations with z = U V^T (plain torch: one matmul per matrix)."""
+def _kernels(rank: int, normal_z: str) -> Kernels:
+    """The fused kernels' three operations with z = U V^T (plain torch: one matmul per matrix), U
+    and V normal z with normal_z's cos."""
 
     def z(like, seed, key, v_seed, v_key, rows):
         zero = torch.zeros((), dtype=torch.int64, device=like.device)
         cols = like.numel() // rows
-        u = normal(seed, key, zero, rows * rank, like.device).view(rows, rank)
-        v = normal(v_seed, v_key, zero, cols * rank, like.device).view(cols, rank)
+        u = normal(seed, key, zero, rows * rank, like.device, normal_z).view(rows, rank)
+        v = normal(v_seed, v_key, zero, cols * rank, like.device, normal_z).view(cols, rank)
         return (u @ v.T).reshape(-1)
 
     def compute(t):

@@ -20,6 +20,7 @@ from .lozo import LOZO
 from .part import FEATURES, Field, Part
 from .perturb import ExactRestore
 from .reference import InPlace
+from .rng import NORMAL_Z
 from .sparse import SparseMagnitude
 from .spsa import SPSA
 from .updates import ZOSGD, Adam, Momentum
@@ -74,6 +75,7 @@ def check_config(cfg) -> None:
         "estimator": tuple(ESTIMATORS),
         "optimizer": OPTIMIZERS,
         "distribution": DISTRIBUTIONS,
+        "normal_z": tuple(NORMAL_Z),
     }
     for f in fields():
         if f.choices is not None:
@@ -159,15 +161,17 @@ def parts(cfg) -> list[tuple[str, frozenset, frozenset]]:
 
 
 def check_supported(
-    cfg, *, cuda_graphs=False, fsdp=False, data_parallel=False, replay=False
+    cfg, *, cuda_graphs=False, fsdp=False, data_parallel=False, replay=False, direction_groups=None
 ) -> None:
-    """ValueError naming every part that does not support what the run uses (one message)."""
+    """ValueError naming every part that does not support what the run uses (one message).
+    direction_groups: the step's z are shared among that many groups of ranks (zo/shares.py)."""
     used = {
         name
         for name, on in (
             ("cuda_graphs", cuda_graphs),
             ("fsdp", fsdp),
             ("data_parallel", data_parallel),
+            ("directions", direction_groups is not None),
             ("replay", replay),
             ("reference", cfg.perturbation == "reference"),
         )
@@ -181,8 +185,21 @@ def check_supported(
         for what, supports, _ in run_parts
         for f in sorted(used - supports)
     ]
-    if cuda_graphs and (fsdp or data_parallel):
-        problems.append("CUDA graphs run in a single process (data-parallel or FSDP training)")
+    if cuda_graphs and (fsdp or data_parallel or direction_groups is not None):
+        problems.append(
+            "CUDA graphs run in a single process (data-parallel, directions or FSDP training)"
+        )
+    if fsdp and direction_groups is not None:
+        problems.append("FSDP shards over every rank; shared directions need whole replicas")
+    if direction_groups is not None:
+        estimator = ESTIMATORS[cfg.estimator]
+        zs = estimator.num_zs(cfg, cfg.max_steps)
+        if zs % direction_groups:
+            field = estimator.TAG[1] if estimator.TAG else "z per step"
+            problems.append(
+                f"{zs} z per step ({field}) do not split evenly among {direction_groups} "
+                "direction groups"
+            )
     if problems:
         raise ValueError(f"unsupported combination: {'; '.join(problems)}")
 

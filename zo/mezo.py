@@ -5,7 +5,7 @@
     zo_update: theta <- theta - lr * (projected_grad * z + wd * theta)   (z regenerated from the
                seed)
 
-Same names, same order: `zo_step`, `zo_estimate`, `zo_update` and `apply_update` below are one block
+Same names, same order: `zo_step`, `zo_losses`, `zo_update` and `apply_update` below are one block
 of about 40 lines, the whole step. zo/graphs.py captures the same `zo_step` and `apply_update` as a
 CUDA graph (the host draws the seeds before and records the step after). The methods registered in
 zo/methods.py plug in without seeing this object: an estimator other than MeZO's (FZOO) gets
@@ -46,6 +46,8 @@ from . import methods, variants
 from .optim import WD_EXEMPT, check_schedule, learning_rate, micro_batches
 from .perturb import ExactRestore, LocalView, StepScalar, collect_slots, whole
 from .reference import InPlace
+from .rng import DEFAULT_NORMAL_Z
+from .shares import DirectionShare
 
 
 @dataclass
@@ -63,6 +65,7 @@ class MeZOConfig:
     max_steps: int = 0  # needed by the linear schedules
     perturbation: str = "exact"  # "exact" | "eager" | "reference" (train.py --perturbation)
     distribution: str | None = None  # "normal" | "rademacher"; None: the estimator's
+    normal_z: str = DEFAULT_NORMAL_Z  # how normal z takes cos (zo/rng.py NORMAL_Z)
     seed: int = 42
     seed_source: str = "generator"  # "generator": np.random.default_rng(seed).integers(1e9);
     #                                 "numpy_global": np.random.seed(seed), np.random.randint(1e9)
@@ -145,6 +148,8 @@ class MeZO:
     reduce_losses: applied once per estimate to the stacked losses of this rank's pre-weighted loss
         terms (two per z for SPSA, N + 1 for FZOO), e.g. an all-reduce SUM across data-parallel
         ranks (zo/distributed.py); must return a tensor of the same shape.
+    share: which of a step's seeds this rank evaluates, and the gather of every rank's losses
+        (zo/shares.py; directions across ranks); the default evaluates them all.
     trajectory: a program.trajectory.Trajectory; each update appends (step, seed,
     projected_grad, lr).
     """
@@ -156,11 +161,15 @@ class MeZO:
         *,
         local_view: LocalView = whole,
         reduce_losses=None,
+        share: DirectionShare = DirectionShare(),
         trajectory=None,
     ):
         self.cfg = cfg = config or MeZOConfig()
         methods.check_supported(
-            cfg, fsdp=local_view is not whole, data_parallel=reduce_losses is not None
+            cfg,
+            fsdp=local_view is not whole,
+            data_parallel=reduce_losses is not None,
+            direction_groups=share.groups if share.groups > 1 else None,
         )
         self.slots = collect_slots(model, cfg.wd_exempt)
         self.trainable_ids = [id(s.param) for s in self.slots]
@@ -176,6 +185,7 @@ class MeZO:
         # a torch optimizer stepped on p.grad, or None: MeZO's fused ZO-SGD
         self.update_rule = methods.update_rule(cfg).build(self.slots, cfg)
         self.local_view, self.reduce_losses, self.trajectory = local_view, reduce_losses, trajectory
+        self.share = share
         self.seeds = SeedStream(cfg.seed, cfg.seed_source)
         self.seed = StepScalar(torch.int64, self.device)  # zo_random_seed, also as a device tensor
         self.lr = StepScalar(torch.float32, self.device)
@@ -211,16 +221,21 @@ class MeZO:
             self.initialize_c(model, loss_fn)
         if seeds is None:
             seeds = self.begin_step(model)  # self.zo_random_seed = np.random.randint(1e9), per z
+        mine = self.share.mine(seeds)  # all of them, unless directions are shared across ranks
         if self.estimator.estimate is None:  # MeZO: two forwards per z; n-SPSA: the mean
-            self.estimates = []
-            for seed in seeds:
-                loss, projected_grad = self.zo_estimate(model, loss_fn, seed)
-                self.estimates.append((seed, projected_grad / len(seeds)))
+            losses = torch.stack([torch.stack(self.zo_losses(model, loss_fn, s)) for s in mine])
+            every = self.share.everyone(losses).reshape(len(seeds), 2)  # seed order
+            # (loss1 - loss2) / (2 eps) in fp32 (reference: in the losses' dtype first)
+            self.estimates = [
+                (seed, self.perturbation.projected_grad(loss1, loss2, self.cfg.eps) / len(seeds))
+                for seed, (loss1, loss2) in zip(seeds, every)
+            ]
+            loss = every[-1, 0]
         else:  # another estimator's forwards (FZOO: N one-sided + one clean; its loss L(theta))
             forward = lambda: self.zo_forward(model, loss_fn)  # noqa: E731
             try:
                 loss, self.estimates = self.estimator.estimate(
-                    self.zo_perturb_parameters, forward, seeds, self.reduce_losses
+                    self.zo_perturb_parameters, forward, seeds, self.reduce_losses, self.share
                 )
             finally:
                 self.perturbation.reset()
@@ -231,8 +246,9 @@ class MeZO:
         skipped = (torch.stack([g for _, g in self.estimates]) * 0).sum()
         return loss + skipped.to(loss.dtype), self.projected_grad
 
-    def zo_estimate(self, model: nn.Module, loss_fn, seed: int, slots=None):
-        """-> (loss1, projected_grad) of the z of `seed` (of `slots` only, for the variants)."""
+    def zo_losses(self, model: nn.Module, loss_fn, seed: int, slots=None):
+        """-> (loss1, loss2) = L(theta + eps z), L(theta - eps z) of the z of `seed` (of `slots`
+        only, for the variants), summed over the data-parallel ranks."""
         self.zo_random_seed = seed
         try:
             self.zo_perturb_parameters(scaling_factor=1, slots=slots)
@@ -244,8 +260,7 @@ class MeZO:
             self.perturbation.reset()  # exact restore: hooks off, even when a forward raised
         if self.reduce_losses is not None:  # data-parallel: sums of every rank's loss terms
             loss1, loss2 = self.reduce_losses(torch.stack([loss1, loss2])).unbind()
-        # (loss1 - loss2) / (2 eps) in fp32 (reference: in the losses' dtype first, as the original)
-        return loss1, self.perturbation.projected_grad(loss1, loss2, self.cfg.eps)
+        return loss1, loss2
 
     def zo_update(self, model: nn.Module | None = None) -> None:
         """The step's update with the scheduled lr, then its record (lr_scheduler.step())."""
@@ -257,6 +272,12 @@ class MeZO:
         replay's). A non-finite g skips the update on the device (perturbation.skip_non_finite)."""
         self.lr.set(lr)
         gs = self.perturbation.skip_non_finite([g for _, g in estimates])
+        if self.update_rule is None and len(gs) > 1 and isinstance(self.perturbation, ExactRestore):
+            # ZO-SGD with several z: all of them in one fused pass per parameter, bitwise the loop
+            seeds = torch.tensor([seed for seed, _ in estimates], device=self.device)
+            grads = self.grad_scales(torch.stack(gs))
+            self.perturbation.update_many(seeds, self.lr, grads, self.cfg.weight_decay)
+            return
         for k, ((seed, _), g) in enumerate(zip(estimates, gs)):
             self.zo_random_seed = seed
             if self.update_rule is None:  # ZO-SGD: one fused pass per parameter; wd once per step
@@ -353,7 +374,8 @@ class MeZO:
             self.cs, cs = None, {}
             for group, group_slots in groups.items():
                 seed = self.seeds.next()
-                cs[group] = self.zo_estimate(model, loss_fn, seed, slots=group_slots)[1].abs()
+                losses = self.zo_losses(model, loss_fn, seed, slots=group_slots)
+                cs[group] = self.perturbation.projected_grad(*losses, self.cfg.eps).abs()
                 self.forward_passes += 2
         self.cs = variants.nonzero(cs)
 

@@ -18,6 +18,7 @@ FEATURES = {
     "cuda_graphs": "CUDA graphs",
     "fsdp": "FSDP local views",
     "data_parallel": "data-parallel ranks",
+    "directions": "directions shared across ranks (--parallel directions)",
     "reference": "perturbation=reference",
     "replay": "trajectory replay",
     "dense_grad": "a materialised p.grad = g * z",

@@ -233,7 +233,15 @@ class ExactRestore:
     @staticmethod
     def supports(cfg) -> frozenset:
         return frozenset(
-            {"cuda_graphs", "fsdp", "data_parallel", "replay", "dense_grad", "variants"}
+            {
+                "cuda_graphs",
+                "fsdp",
+                "data_parallel",
+                "directions",
+                "replay",
+                "dense_grad",
+                "variants",
+            }
         )
 
     @staticmethod
@@ -300,6 +308,26 @@ class ExactRestore:
                     **self.direction.args(s),
                 )
 
+    def update_many(self, seeds: torch.Tensor, lr: StepScalar, grads: dict, wd: float) -> None:
+        """The step's n updates theta <- theta - lr * (g_k * z_k + [k = 0] wd * theta) in one
+        fused pass over each local shard (bitwise n `update` passes); seeds and grads[slot]: (n,)
+        device tensors."""
+        lr = torch.mul(lr.tensor, self.finite, out=self.lr_applied)
+        n = len(seeds)
+        for s in self.slots:
+            local, offset = self.local_view(s.param)
+            if local.numel():
+                self.direction.update_many(s, n)(
+                    local,
+                    seeds=seeds,
+                    key=s.key_t,
+                    lr=lr,
+                    grads=grads[s],
+                    offset=self._const(offset, torch.int64),
+                    wds=self._first(wd if s.decay else 0.0, n),
+                    **self.direction.args(s),
+                )
+
     def accumulate_grad(self, seed: StepScalar, grads: dict) -> None:
         """p.grad += g * z, materialised for a torch optimizer (not with a mask read from the
         weights: zo.methods.check_supported refuses the combination)."""
@@ -330,6 +358,14 @@ class ExactRestore:
             if (base, group) not in self._divided:
                 self._divided[(base, group)] = self._const(base) / c
         return {s: self._divided.get((base, s.group), self._const(base)) for s in slots}
+
+    def _first(self, value: float, n: int) -> torch.Tensor:
+        """(n,) [value, 0, ..., 0]: weight decay applied once per step, with the first z."""
+        if ("first", value, n) not in self.consts:
+            first = torch.zeros(n, dtype=torch.float32, device=self.slots[0].param.device)
+            first[0] = value
+            self.consts[("first", value, n)] = first
+        return self.consts[("first", value, n)]
 
     def _const(self, value, dtype=torch.float32) -> torch.Tensor:
         if (value, dtype) not in self.consts:

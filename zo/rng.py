@@ -33,18 +33,31 @@ coincidences like random ones. Each element has 32 bits of state per step, so a 
 single parameter may have at most 2^32 elements. A two-round version (mix(mix(i ^ k1) ^ k2)) was
 slower at equal statistics (BENCHMARKS.md, "Measurements behind design choices").
 
-Normal z: Box-Muller on two 24-bit uniforms, u1 in (0, 1] from a and u2 in [0, 1) from b, so |z| is
-at most sqrt(-2 ln 2^-24) ~= 5.77. The hash, and so Rademacher z, is bitwise the same eager and
-compiled. Normal z is not: ATen's and Inductor's log and cos differ in the last bits, and where they
-differ depends on the CPU's vector instructions (ATEN_CPU_CAPABILITY). Each is within a few units of
-fp32 rounding of the exact Box-Muller value, so the two differ by at most 2.75e-6 (derived in
-tests/helpers_zo.py `normal_z_error`; tests/test_zo_rng.py checks it at every dispatch level the
-machine offers). Through 1/(2 eps) such a difference moves projected_grad, so a run, its resume and
-its replay must use one kernel mode. The compiled kernel itself is bitwise invariant to chunking (a
-shard's z is exactly the slice of the whole tensor's z).
+Normal z: Box-Muller on two 24-bit uniforms, z = sqrt(-2 ln u1) cos(2 pi u2), u1 in (0, 1] from a
+and u2 in [0, 1) from b, so |z| is at most sqrt(-2 ln 2^-24) ~= 5.77. `normal_z` picks the cos:
+- "poly_cos" (the default): -sin(2 pi t) with t = 1/4 - |u2 - 1/2| (exact), sin's Taylor
+  polynomial to x^11 in fp32, + and * only. Within 3.7e-7 of the exact cos over every u2 (6.1 fp32
+  units, derived in tests/helpers/zo.py `poly_cos_error`; 2.9 measured over all 2^24), closer than
+  the library's (6.4 units, its argument 2 pi u2 rounded); 0.95x the library's kernel time at
+  the AVX-512 level, no faster at AVX2 on the same CPU (BENCHMARKS.md, issue 30).
+  Inductor's C++ is built without contracting a * b + c into an FMA (cpp
+  enable_floating_point_contract_flag, "off" by default), so the cos is bitwise the same eager and
+  compiled at every CPU dispatch level, and the same as numpy's float32 (tests/test_zo_rng.py).
+- "library_cos": the backend's cos of fl(2 pi u2): the z of every run recorded before the choice
+  (issue 30); a config.json without normal_z means it (program/config.py `as_recorded`).
+The hash, and so Rademacher z, is bitwise the same eager and compiled. Normal z is not: ATen's and
+Inductor's log (and library cos) differ in the last bits, and where they differ depends on the CPU's
+vector instructions (ATEN_CPU_CAPABILITY). Each is within a few units of fp32 rounding of the exact
+Box-Muller value, so the two differ by at most 2.75e-6 (derived in tests/helpers/zo.py
+`normal_z_error`; tests/test_zo_rng.py checks it at every dispatch level the machine offers).
+Through 1/(2 eps) such a difference moves projected_grad, so a run, its resume and its replay must
+use one kernel mode and one normal_z. The compiled kernel itself is bitwise invariant to chunking
+(a shard's z is exactly the slice of the whole tensor's z).
 """
 
+import functools
 import math
+import struct
 
 import torch
 
@@ -105,13 +118,55 @@ def _top24(x: torch.Tensor) -> torch.Tensor:
     return ((x >> 8) & 0xFFFFFF).to(torch.float32)
 
 
-def normal(seed, key, offset, n, device) -> torch.Tensor:
-    """float32 z ~ N(0, 1) for global indices offset .. offset+n-1 (Box-Muller)."""
+def _fp32(x: float) -> float:
+    """x rounded to the nearest float32: the constant eager and compiled code both multiply by."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+# -sin(2 pi t) = t * sum_j MINUS_SIN_2PI[j] * t^(2j): sin's Taylor series at x = 2 pi t to x^11,
+# negated, each coefficient rounded to fp32 once here
+MINUS_SIN_2PI = tuple(
+    _fp32((-1) ** (j + 1) * (2 * math.pi) ** (2 * j + 1) / math.factorial(2 * j + 1))
+    for j in range(6)
+)
+
+
+def cos_2pi_poly(u2: torch.Tensor) -> torch.Tensor:
+    """cos(2 pi u2) for 24-bit fractions u2 in [0, 1) from + and * alone: -sin(2 pi t) with
+    t = 1/4 - |u2 - 1/2| in [-1/4, 1/4] (exact: u2 is a multiple of 2^-24), so |2 pi t| <= pi/2,
+    then sin's Taylor polynomial in t^2 by Horner's rule."""
+    t = 0.25 - (u2 - 0.5).abs()
+    s = t * t
+    p = s * MINUS_SIN_2PI[-1] + MINUS_SIN_2PI[-2]
+    for c in reversed(MINUS_SIN_2PI[:-2]):
+        p = p * s + c
+    return t * p
+
+
+def cos_2pi_library(u2: torch.Tensor) -> torch.Tensor:
+    """cos(2 pi u2) by the backend's cos (ATen's or Inductor's: Sleef or the C library)."""
+    return torch.cos((2.0 * math.pi) * u2)
+
+
+# how normal z computes cos(2 pi u2); the first is the default. library_cos is the z of every run
+# recorded before the choice existed (issue 30): its config.json has no normal_z.
+NORMAL_Z = {"poly_cos": cos_2pi_poly, "library_cos": cos_2pi_library}
+DEFAULT_NORMAL_Z = next(iter(NORMAL_Z))
+
+
+def uniforms(seed, key, offset, n, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Box-Muller's float32 u1 in (0, 1] and u2 in [0, 1), 24-bit fractions, for global indices
+    offset .. offset+n-1."""
     a = hash32(seed, key, offset, n, device)
     b = _mix32_lanes(a ^ 0x68E31DA4)
-    u1 = (_top24(a) + 1.0) * 2.0**-24  # (0, 1]: log(u1) is finite
-    u2 = _top24(b) * 2.0**-24  # [0, 1)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
+    return (_top24(a) + 1.0) * 2.0**-24, _top24(b) * 2.0**-24  # u1 > 0: log(u1) is finite
+
+
+def normal(seed, key, offset, n, device, normal_z: str = DEFAULT_NORMAL_Z) -> torch.Tensor:
+    """float32 z ~ N(0, 1) for global indices offset .. offset+n-1 (Box-Muller, its cos by
+    NORMAL_Z[normal_z])."""
+    u1, u2 = uniforms(seed, key, offset, n, device)
+    return torch.sqrt(-2.0 * torch.log(u1)) * NORMAL_Z[normal_z](u2)
 
 
 def rademacher(seed, key, offset, n, device) -> torch.Tensor:
@@ -119,4 +174,14 @@ def rademacher(seed, key, offset, n, device) -> torch.Tensor:
     return (((hash32(seed, key, offset, n, device) >> 31) & 1) * 2 - 1).to(torch.float32)
 
 
-DISTRIBUTIONS = {"normal": normal, "rademacher": rademacher}
+def z_function(distribution: str, normal_z: str = DEFAULT_NORMAL_Z):
+    """z(seed, key, offset, n, device) of a distribution ("normal" | "rademacher") and, for normal
+    z, its cos (NORMAL_Z)."""
+    if distribution == "rademacher":
+        return rademacher
+    if distribution != "normal" or normal_z not in NORMAL_Z:
+        raise ValueError(
+            f"unknown z (distribution={distribution!r}, normal_z={normal_z!r}; expected "
+            f"normal | rademacher and one of {tuple(NORMAL_Z)})"
+        )
+    return functools.partial(normal, normal_z=normal_z)

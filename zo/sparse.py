@@ -37,9 +37,11 @@ class SparseMagnitude(Dense):
         ),
     )
     TAG = ("sparse", "sparse_mezo", "Sparse-MeZO {}")
+    MASKED = True
 
     def __init__(self, slots, cfg, compiled: bool):
-        self.masked = get_kernels(cfg.distribution, compiled, masked=True)
+        self.distribution, self.compiled, self.normal_z = cfg.distribution, compiled, cfg.normal_z
+        self.masked = get_kernels(cfg.distribution, compiled, masked=True, normal_z=cfg.normal_z)
         # k-th smallest |theta| of each parameter: a fraction (1 - sparsity) of it is perturbed
         self.ranks = {
             s: max(1, math.ceil((1.0 - cfg.sparse_mezo) * s.param.numel())) for s in slots

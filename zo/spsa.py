@@ -5,7 +5,7 @@ zo_step), and n-SPSA (several z per step, each estimate divided by their number;
     for each seed of the step:  loss1 = L(theta + eps z);  loss2 = L(theta - eps z)
                                 projected_grad = (loss1 - loss2) / (2 eps)   [/ n]
 
-The forwards themselves are MeZO's own step (zo/mezo.py `zo_step`, `zo_estimate`): this file
+The forwards themselves are MeZO's own step (zo/mezo.py `zo_step`, `zo_losses`): this file
 declares the estimator's fields, flags and limits.
 """
 
@@ -33,7 +33,7 @@ class SPSA(Part):
     )
     TAG = ("nspsa", "n_spsa", "n-SPSA N={}")
     DISTRIBUTION = "normal"  # z unless --distribution says otherwise
-    estimate = None  # MeZO's own two forwards per z (zo/mezo.py zo_estimate)
+    estimate = None  # MeZO's own two forwards per z (zo/mezo.py zo_losses)
 
     @staticmethod
     def check(cfg) -> None:
@@ -44,8 +44,12 @@ class SPSA(Part):
 
     @staticmethod
     def supports(cfg) -> frozenset:
-        # a CUDA graph replays one z per step (zo/graphs.py)
-        return ALL if cfg.n_spsa == 1 else ALL - {"cuda_graphs"}
+        # a CUDA graph replays one z per step (zo/graphs.py); a varying number of z per step
+        # cannot be shared evenly among direction groups
+        unsupported = ({"cuda_graphs"} if cfg.n_spsa > 1 else set()) | (
+            {"directions"} if cfg.n_spsa_schedule == "linear" else set()
+        )
+        return ALL - unsupported
 
     @staticmethod
     def num_zs(cfg, step: int) -> int:

@@ -1,26 +1,35 @@
 """Benchmark: one perturbation pass over n fp32 elements (README, "Performance").
 
 Rows, timed in the same run so that the ratios are side by side:
-- fused in place: zo.kernels perturb_ (p += s*z, z from the hash, one compiled pass);
+- fused in place: zo.kernels perturb_ (p += s*z, z from the hash, one compiled pass), normal z
+  with the default cos (zo/rng.py NORMAL_Z: the polynomial);
+- fused in place, library cos: the same with the backend's cos (normal_z="library_cos", the z of
+  runs before issue 30); fused in place, Rademacher z: the hash alone;
 - fused copy: a new buffer, copy_, then perturb_ (the transient copy the forward hooks build);
 - original: `torch.manual_seed(s); z = torch.normal(...); p = p + scaling * z * eps` (trainer.py);
 - randn + add_: `torch.manual_seed(s); torch.randn(n, out=buf); p.add_(buf, alpha=eps)`;
 - add_: `p.add_(eps)`, the memory-bandwidth floor of an in-place pass.
-Time is the median of several runs after a warm-up. Extra memory is the peak RSS (VmHWM, reset by
-writing 5 to /proc/self/clear_refs, which also resets ru_maxrss) above the RSS before the call; on a
-GPU it is max_memory_allocated above the allocated memory before the call. With CUDA the same rows
-run on the GPU, plus a device-to-device copy (`q.copy_(p)`): the bandwidth target of the fused pass.
+Time is the median of several runs, the rows taking turns, after a warm-up. Extra memory is the
+peak RSS (VmHWM, reset by writing 5 to /proc/self/clear_refs, which also resets ru_maxrss) above the
+RSS before the call; on a GPU it is max_memory_allocated above the allocated memory before the
+call. With CUDA the same rows run on the GPU, plus a device-to-device copy (`q.copy_(p)`): the
+bandwidth target of the fused pass.
+
+`z_errors` measures each normal z's largest distance from Box-Muller in float64 on the same u1, u2.
 
     python tests/bench/bench_perturb.py [n]      # prints a table; run(n) returns the rows
 """
 
+import math
 import statistics
 import sys
 import time
 
+import bench_model  # puts the repository root on sys.path
 import torch
 
-from zo.kernels import get_kernels
+from zo.kernels import get_kernels, get_update_many
+from zo.rng import NORMAL_Z, uniforms
 
 EPS = 1e-3
 
@@ -47,22 +56,29 @@ def _extra_mib_cuda(fn) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def _median_ms(fn, device, repeats) -> float:
-    fn()  # warm-up (and compile)
-    times = []
+def _ms(fn, device) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _median_ms(variants: dict, device, repeats) -> dict:
+    """name -> median ms; the variants take turns at each repetition, after one warm-up (and
+    compile) each, so that a slowdown of this shared machine falls on all of them."""
+    for fn in variants.values():
+        fn()
+    times = {name: [] for name in variants}
     for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        for name, fn in variants.items():
+            times[name].append(_ms(fn, device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _variants(n: int, device: str) -> dict:
@@ -97,10 +113,15 @@ def _variants(n: int, device: str) -> dict:
         buf.copy_(p)
         kernels.perturb_(buf, seed=seed, key=key, offset=offset, scale=scale)
 
-    rows = {
-        "fused in place": lambda: kernels.perturb_(
+    def fused(other: dict):
+        return lambda: get_kernels(**other).perturb_(
             p, seed=seed, key=key, offset=offset, scale=scale
-        ),
+        )
+
+    rows = {
+        "fused in place": fused({}),
+        "fused in place, library cos": fused({"normal_z": "library_cos"}),
+        "fused in place, Rademacher z": fused({"dist": "rademacher"}),
         "fused copy": fused_copy,
         "original (manual_seed+normal+add)": original,
         "randn into buffer + add_": randn_add,
@@ -111,14 +132,31 @@ def _variants(n: int, device: str) -> dict:
     return rows
 
 
+def z_errors(n: int = 1 << 22) -> dict:
+    """normal_z -> largest |compiled z - sqrt(-2 ln u1) cos(2 pi u2) in float64| over n draws."""
+
+    def t(v):
+        return torch.full((), v, dtype=torch.int64)
+
+    seed, key, offset = t(123456789), t(987654321), t(0)
+    u1, u2 = uniforms(seed, key, offset, n, "cpu")
+    exact = torch.sqrt(-2 * torch.log(u1.double())) * torch.cos(2 * math.pi * u2.double())
+    out = {}
+    for normal_z in NORMAL_Z:
+        z = torch.zeros(n)
+        scale = torch.ones(())
+        get_kernels(normal_z=normal_z).perturb_(z, seed=seed, key=key, offset=offset, scale=scale)
+        out[normal_z] = (z.double() - exact).abs().max().item()
+    return out
+
+
 def run(n: int = 50_000_000, repeats: int = 7) -> list[dict]:
     rows = []
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
         variants = _variants(n, device)
         extra = _extra_mib_cuda if device == "cuda" else _extra_mib_cpu
-        timed = {}
-        for name, fn in variants.items():
-            timed[name] = _median_ms(fn, device, repeats), extra(fn)
+        ms = _median_ms(variants, device, repeats)
+        timed = {name: (ms[name], extra(fn)) for name, fn in variants.items()}
         fused_ms = timed["fused in place"][0]
         for name, (ms, mib) in timed.items():
             rows.append(
@@ -134,6 +172,45 @@ def run(n: int = 50_000_000, repeats: int = 7) -> list[dict]:
                 }
             )
     return rows
+
+
+def update_many(
+    n: int, ns=(2, 4, 8), repeats: int = 5, device: str = "cpu", dtype=torch.float32
+) -> dict:
+    """A step's N updates (n-SPSA, FZOO, directions across ranks) over n elements: one fused
+    update_many_ pass against N update_ passes, timed interleaved (bench_model.interleaved), and
+    whether the two leave bitwise the same weights. -> {N: {ms, ratio: fused / passes, bitwise}}."""
+    update_ = get_kernels("normal").update_
+    out = {}
+    for count in ns:
+        scalar = lambda v, dtype=torch.float32: torch.full((), v, dtype=dtype, device=device)  # noqa: E731
+        seeds = torch.arange(1, count + 1, device=device) * 1_000_003
+        grads = torch.linspace(-2.0, 2.0, count, device=device)
+        wds = torch.zeros(count, device=device)
+        wds[0] = 0.1
+        common = dict(key=scalar(987654321, torch.int64), offset=scalar(0, torch.int64))
+        lr = scalar(1e-6)
+        fused = get_update_many("normal", n=count)
+        p = torch.randn(n, device=device).to(dtype)
+        q = p.clone()
+
+        def passes(p=p, seeds=seeds, grads=grads, wds=wds, count=count):
+            for k in range(count):
+                update_(p, seed=seeds[k], lr=lr, grad=grads[k], wd=wds[k], **common)
+
+        def one(q=q, seeds=seeds, grads=grads, wds=wds, fused=fused):
+            fused(q, seeds=seeds, lr=lr, grads=grads, wds=wds, **common)
+
+        passes(), one()  # compile, and the same updates from the same start
+        bitwise = torch.equal(p, q)
+        times = bench_model.interleaved({"passes": passes, "fused": one}, repeats, device, False)
+        out[count] = {
+            "ms": bench_model.medians_ms(times),
+            "ratio": bench_model.ratio(times, "fused", "passes"),
+            "bitwise": bitwise,
+        }
+        del p, q
+    return out
 
 
 def main() -> None:

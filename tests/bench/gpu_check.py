@@ -13,6 +13,8 @@ FAILED row and the exit status is 1; nothing is skipped.
 
 1. perturbation: one fused perturb_ over 1B bf16 elements vs a device-to-device copy_ of the same
    bytes (goal: >= 80% of the copy's bandwidth);
+1b. the update of N = 2, 4, 8 directions (n-SPSA, FZOO, --parallel directions): one fused pass vs
+   N passes over the same 1B bf16 elements (reported; bandwidth-bound passes would give 1/N);
 2. MeZO step / two plain forwards at OPT-1.3b shape, bf16, batch 16 x 64 (goal <= 1.10x), eager and
    captured as CUDA graphs (zo/graphs.py);
 3. RoBERTa-large shape, batch 64 x 128 (the paper's RoBERTa setting): steps/s eager and graphed;
@@ -37,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as B  # noqa: E402  (puts the repository root on sys.path)
+import bench_perturb  # noqa: E402
 
 import models  # noqa: E402
 from data.files import atomic_write  # noqa: E402
@@ -47,7 +50,7 @@ from zo import FO, CudaGraphStep, FOConfig, MeZO, MeZOConfig  # noqa: E402
 from zo.kernels import get_kernels  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-SECTIONS = ("tests", "perturb", "step.opt", "step.roberta", "memory", "forward")
+SECTIONS = ("tests", "perturb", "update_many", "step.opt", "step.roberta", "memory", "forward")
 # OPT shapes beyond bench_model's (hidden, layers, heads, ffn), largest last
 OPT_SHAPES = {
     **B.SHAPES,
@@ -237,6 +240,28 @@ def perturb_row(plan) -> list[dict]:
             0.8,
             f"fused {ms['fused']:.2f} ms ({gbs:.0f} GB/s), copy_ {ms['copy_']:.2f} ms",
         )
+    ]
+
+
+def update_many_rows(plan) -> list[dict]:
+    """A step's N updates in one fused pass vs N passes over the same bf16 elements (issue 31):
+    bandwidth-bound passes would give 1/N; the hash's compute sets how close it gets."""
+    n = plan["perturb_n"]
+    r = bench_perturb.update_many(
+        n, repeats=plan["perturb_repeats"], device=plan["device"], dtype=torch.bfloat16
+    )
+    return [
+        row(
+            f"update_many.n{count}",
+            f"update of {count} directions over {n / 1e9:g}B bf16: one fused pass / {count} passes",
+            m["ratio"]["median"],
+            "x",
+            None,
+            None,
+            f"fused {m['ms']['fused']:.2f} ms, passes {m['ms']['passes']:.2f} ms (1/N = "
+            f"{1 / count:.3f}); bitwise equal: {m['bitwise']}",
+        )
+        for count, m in r.items()
     ]
 
 
@@ -507,6 +532,7 @@ def main(argv=None) -> int:
     sections = {
         "tests": cuda_tests,
         "perturb": lambda: perturb_row(plan),
+        "update_many": lambda: update_many_rows(plan),
         "step.opt": lambda: step_rows(plan, "opt"),
         "step.roberta": lambda: step_rows(plan, "roberta"),
         "memory": lambda: memory_rows(plan),

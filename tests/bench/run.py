@@ -16,7 +16,8 @@ this run so that machine-wide slowdowns cancel (this 2-core machine is shared an
 6. shared-prompt scoring with logits where read vs one sequence per candidate with logits
    everywhere: MeZO steps, zero-shot / ICL / Copa / CB evaluations, peak memory (bench_scoring);
 7. FZOO's and Sparse-MeZO's time per forward pass against MeZO's, on the same LoRA model and batch
-   (bench_estimators).
+   (bench_estimators);
+8. the update of N = 2, 4, 8 directions in one fused pass vs N passes, 50M fp32 (bench_perturb).
 With CUDA the perturbation rows also run on the GPU (fused vs a device-to-device copy), and the step
 and memory rows at OPT-1.3b shape in bf16. `--quick` runs every row at tiny sizes (a smoke test,
 tests/test_bench.py); its numbers mean nothing.
@@ -166,8 +167,10 @@ def markdown(rows) -> str:
 
 # ---------------------------------------------------------------- the five benchmarks
 
-FUSED, FUSED_COPY, ORIGINAL, RANDN, ADD, COPY = (  # bench_perturb's variant names
+FUSED, LIBRARY_COS, RADEMACHER, FUSED_COPY, ORIGINAL, RANDN, ADD, COPY = (  # bench_perturb's
     "fused in place",
+    "fused in place, library cos",
+    "fused in place, Rademacher z",
     "fused copy",
     "original (manual_seed+normal+add)",
     "randn into buffer + add_",
@@ -184,6 +187,8 @@ def perturb_rows(plan, raw) -> list[dict]:
         for _ in range(plan["perturb_rounds"])
     ]
     raw["perturb"] = rounds
+    draws = min(plan["perturb_n"], 1 << 22)
+    raw["z_errors"] = errors = {"draws": draws, **bench_perturb.z_errors(draws)}
     rows, what = [], f"perturbation pass, {plan['perturb_n'] / 1e6:g}M fp32"
     for device in ("cpu", "cuda"):
         per_round = [
@@ -243,6 +248,8 @@ def perturb_rows(plan, raw) -> list[dict]:
                 f"(the forward hooks' transient copy) +{mib[FUSED_COPY]:.0f} MiB",
             )
         )
+        if cpu:
+            rows += normal_z_rows(what, over, ms, errors)
         s = over(FUSED, ADD)
         rows.append(
             row(
@@ -280,6 +287,74 @@ def perturb_rows(plan, raw) -> list[dict]:
                 )
             )
     return rows
+
+
+def update_many_rows(plan, raw) -> list[dict]:
+    """N directions' updates in one fused pass vs N passes (issue 31), each N timed interleaved;
+    no goal on the CPU, where each pass is compute-bound (N hashes either way)."""
+    r = raw["update_many"] = bench_perturb.update_many(
+        plan["perturb_n"], repeats=plan["perturb_repeats"]
+    )
+    return [
+        row(
+            f"update_many.n{count}",
+            "cpu",
+            f"update of {count} directions, {plan['perturb_n'] / 1e6:g}M fp32: one fused pass / "
+            f"{count} passes",
+            m["ratio"]["median"],
+            "x",
+            None,
+            None,
+            "-",
+            f"fused {m['ms']['fused']:.1f} ms, {count} passes {m['ms']['passes']:.1f} ms; "
+            f"bitwise equal: {m['bitwise']}",
+            {**m["ratio"], "n": plan["perturb_repeats"]},
+        )
+        for count, m in r.items()
+    ]
+
+
+def normal_z_rows(what, over, ms, errors) -> list[dict]:
+    """The default normal z (polynomial cos) against the library's cos it replaced (issue 30): a
+    default only while it is faster at no larger error; Rademacher z (the hash alone) beside."""
+    poly, library = errors["poly_cos"], errors["library_cos"]
+    return [
+        row(
+            "perturb.poly_cos",
+            "cpu",
+            f"{what}: normal z, polynomial cos / library cos time",
+            over(FUSED, LIBRARY_COS)["median"],
+            "x",
+            "<=",
+            1.0,
+            "< 1x (the default only if faster)",
+            f"poly cos {ms[FUSED]:.1f} ms, library cos {ms[LIBRARY_COS]:.1f} ms",
+            over(FUSED, LIBRARY_COS),
+        ),
+        row(
+            "perturb.poly_cos_error",
+            "cpu",
+            "normal z, largest error (z - Box-Muller in float64): polynomial cos / library cos",
+            poly / library,
+            "x",
+            "<=",
+            1.0,
+            "<= 1x (no larger error)",
+            f"poly cos {poly:.2e}, library cos {library:.2e}, over {errors['draws']:,} draws",
+        ),
+        row(
+            "perturb.rademacher",
+            "cpu",
+            f"{what}: Rademacher z (the hash alone) / library cos time",
+            over(RADEMACHER, LIBRARY_COS)["median"],
+            "x",
+            None,
+            None,
+            "-",
+            f"Rademacher {ms[RADEMACHER]:.1f} ms",
+            over(RADEMACHER, LIBRARY_COS),
+        ),
+    ]
 
 
 def forward_rows(plan, raw) -> list[dict]:
@@ -683,7 +758,7 @@ def main() -> None:
         "--only",
         nargs="+",
         metavar="SECTION",
-        help="run these sections only (perturb, forward, "
+        help="run these sections only (perturb, update_many, forward, "
         "llama, scoring, step.cpu, memory.cpu, comm, ...)",
     )
     args = ap.parse_args()
@@ -692,6 +767,7 @@ def main() -> None:
     start, raw, seconds = time.time(), {}, {}
     sections = [
         ("perturb", lambda: perturb_rows(plan, raw)),
+        ("update_many", lambda: update_many_rows(plan, raw)),
         ("forward", lambda: forward_rows(plan, raw)),
         ("llama", lambda: llama_rows(plan, raw)),
         ("scoring", lambda: scoring_rows(plan, raw)),
