@@ -36,7 +36,7 @@ MAINS = {"train": "train.py's main", "eval": "eval.py's main"}
 PROCESS_MODULES = {subprocess, multiprocessing, importlib.import_module("torch.multiprocessing")}
 PROCESS_CALLS = {os.system, os.popen, os.fork, os.execv, os.execvp, os.spawnv}
 
-EXAMPLES = 40
+EXAMPLES = 100
 settings.register_profile(
     "mezo",
     max_examples=int(os.environ.get("MEZO_HYPOTHESIS_EXAMPLES", EXAMPLES)),
