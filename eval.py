@@ -137,7 +137,7 @@ def report_main(argv):
     return 0
 
 
-def parse_args(argv):
+def build_parser():
     p = flags.Parser(
         description="Zero-shot / ICL / saved-model evaluation (run.py --trainer none)."
     )
@@ -172,7 +172,11 @@ def parse_args(argv):
     )
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", default="auto", help="auto: cuda when CUDA is there, else cpu")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
@@ -218,6 +222,16 @@ def main(argv=None):
                     f"{len(splits['train'])} (--num_train {args.num_train})"
                 )
             test, demo_sets = data.icl_splits(splits, args.num_train, args.num_eval)
+        if (args.sfc or args.icl_sfc) and task.generation:  # known now, not in the scoring
+            raise data.DataError(
+                f"SFC calibration is not defined for generation tasks like {task.name} "
+                f"(--{'sfc' if args.sfc else 'icl_sfc'})"
+            )
+        if not test:  # an empty evaluation file: nothing to score (a mean of no rows)
+            raise data.DataError(
+                f"no evaluation examples for {task.name} (--data_dir "
+                f"{args.data_dir or data.SAMPLES_DIR})"
+            )
     except BaseException as e:  # nothing was written: the folder is left as it was
         lock.abandon()
         if not isinstance(e, ValueError):  # a bug or an interrupt: its traceback

@@ -49,7 +49,9 @@ def configure(argv, args):
     saved = None
     if args.resume:
         folder = check_run_folder(args.output_dir, resume=True, overwrite=False)
-        saved = config.as_recorded(read_json(os.path.join(folder, "config.json")))
+        saved = read_json(os.path.join(folder, "config.json"))
+        config.check_saved(saved, os.path.join(folder, "config.json"))
+        saved = config.as_recorded(saved)
         args = flags.resumed_args(argv, saved)
     return flags.resolve(args, model_type(args)), saved
 

@@ -29,6 +29,7 @@ from .peft import (
     apply_lora,
     apply_prefix,
     load_adapter,
+    lora_bytes,
     read_adapter,
     save_adapter,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "adapter_state_dict",
     "apply_adapter",
     "load_adapter",
+    "lora_bytes",
     "read_adapter",
     "save_adapter",
     "resolve_model_path",

@@ -77,6 +77,12 @@ def _freeze_all_but_adapters(model: nn.Module) -> None:
         p.requires_grad_(_is_adapter(name))
 
 
+def lora_bytes(model: nn.Module, r: int) -> int:
+    """The bytes apply_lora(model, r) adds: lora_A [r, in] and lora_B [out, r] per projection."""
+    projections = [getattr(a, name) for a in _attention_modules(model) for name in a.lora_targets]
+    return sum(r * sum(p.weight.shape) * p.weight.element_size() for p in projections)
+
+
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, generator=None) -> nn.Module:
     """Replace the q and v projections of every attention by LoRALinear (in place) and freeze the
     rest."""

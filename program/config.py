@@ -31,6 +31,11 @@ def finite(low, inclusive=True) -> Check:
     )
 
 
+FP32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+# the ZO step holds the learning rate in an fp32 scalar (zo/mezo.py): a larger one cannot be held
+LEARNING_RATE = Check(lambda v: 0 <= v <= FP32_MAX, f"in [0, {FP32_MAX:g}]")
+
+
 SEED = Check(lambda v: 0 <= v < 2**32, "in [0, 2**32)")  # numpy's legacy seeding takes no more
 POSITIVE = at_least(1)
 
@@ -139,7 +144,7 @@ class RunConfig:
         20, "stop after this many non-finite losses in a row", check=POSITIVE
     )
     # the optimizer (both trainers)
-    learning_rate: float = setting(1e-5, check=finite(0))
+    learning_rate: float = setting(1e-5, check=LEARNING_RATE)
     weight_decay: float = setting(0.0, check=finite(0))
     wd_exempt: str | None = setting(
         help="names exempt from weight decay (default: bias_norm "
@@ -254,6 +259,29 @@ def scalar_type(field: dataclasses.Field) -> type:
     if isinstance(field.type, types.UnionType):
         return next(t for t in field.type.__args__ if t is not type(None))
     return field.type
+
+
+def check_saved(saved: dict, where: str) -> None:
+    """A run's config.json (--resume, --replay): each RunConfig field it holds of the field's type
+    (None where the field may be None), among its choices and within its check; ValueError
+    `<what> (<where>)` otherwise. A field it lacks (an older run's) takes its default."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"config.json holds a {type(saved).__name__}, not an object ({where})")
+    for field in dataclasses.fields(RunConfig):
+        if field.name not in saved:
+            continue
+        value, kind, meta = saved[field.name], scalar_type(field), field.metadata
+        if value is None:
+            ok = isinstance(field.type, types.UnionType)
+        else:  # JSON writes a float that is whole as a float, an int never as a bool
+            kinds = (int, float) if kind is float else (kind,)
+            ok = isinstance(value, kinds) and (kind is bool or not isinstance(value, bool))
+            ok = ok and (meta["choices"] is None or value in meta["choices"])
+            ok = ok and (meta["check"] is None or meta["check"].ok(value))
+        if not ok:
+            raise ValueError(
+                f"config.json holds {field.name}={value!r}, not a value of it ({where})"
+            )
 
 
 def values(args) -> dict:

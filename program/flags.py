@@ -121,6 +121,17 @@ def check_device(device: str) -> None:
         raise DataError(f"CUDA is not available on this machine (--device {device})")
 
 
+# what `resolve` fills in where the command line left it None: a run's config.json holds each
+RESOLVED = (
+    "train_set_seed",
+    "wd_exempt",
+    "lr_scheduler_type",
+    "optimizer",
+    "save_steps",
+    "num_train",
+)
+
+
 def resolve(args, model_type) -> argparse.Namespace:
     """The run's flags with the defaults that depend on the model family and trainer filled in
     (a new Namespace; `args` is left as it was); values checked (ValueError). `model_type` is the
@@ -172,13 +183,19 @@ def resolve(args, model_type) -> argparse.Namespace:
         check_cuda_graphs(args, world)
     groups = direction_groups(args, world)
     if args.trainer == "zo":  # the parts of the step support each other (zo.methods: the one list)
-        check_supported(
-            mezo_config(args),
-            cuda_graphs=bool(args.cuda_graphs),
-            fsdp=args.fsdp,
-            data_parallel=world // groups > 1,
-            direction_groups=groups if args.parallel == "directions" else None,
-        )
+        cfg = mezo_config(args)
+        try:
+            check_supported(
+                cfg,
+                cuda_graphs=bool(args.cuda_graphs),
+                fsdp=args.fsdp,
+                data_parallel=world // groups > 1,
+                direction_groups=groups if args.parallel == "directions" else None,
+            )
+        except ValueError as e:  # the parts it names were chosen by the flags
+            raise DataError(f"{e} (command line)") from None
+    if args.fsdp and "RANK" not in os.environ:  # torch's own error would name no flag
+        raise DataError("FSDP shards the model across the processes torchrun starts (--fsdp)")
     if args.output_dir is None:
         name = os.path.basename(os.path.normpath(str(args.model)))
         args.output_dir = os.path.join(

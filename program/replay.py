@@ -12,7 +12,7 @@ import sys
 from zo import replay as replay_updates
 
 from . import flags
-from .config import as_recorded
+from .config import as_recorded, check_saved
 from .folder_lock import hold
 from .json_files import read_json, write_json
 from .run import Run
@@ -41,9 +41,13 @@ def replay(args, dist):
     --output_dir (default RUN_DIR-replay); everything is checked before anything is written."""
     src = args.replay
     config, results = (read_json(os.path.join(src, f)) for f in ("config.json", "results.json"))
-    config = as_recorded(config)
     if run_kind(src) != "train" or config.get("trainer") != "zo":
         raise ValueError(f"only ZO runs have a trajectory to replay ({src}/config.json)")
+    check_saved(config, f"{src}/config.json")
+    config = as_recorded(config)
+    unresolved = [k for k in ("family", *flags.RESOLVED) if config.get(k) is None]
+    if unresolved:  # train.py records them resolved; the replay resolves nothing
+        raise ValueError(f"config.json without {unresolved[0]} ({src}/config.json)")
     out = check_run_folder(
         args.output_dir or os.path.normpath(src) + "-replay",
         resume=False,

@@ -25,6 +25,7 @@ from data.evaluate import (
     to_device,
 )
 from zo import distributed
+from zo.part import MEMORY_BYTES
 
 from . import flags
 
@@ -72,6 +73,13 @@ class Run:
             raise models.ModelError(
                 f"{args.num_prefix} prefix tokens, the model has {self.positions} positions "
                 f"(--num_prefix {args.num_prefix})"
+            )
+        # a rank the memory cannot hold: refused now, not as an allocation failure
+        if args.mode == "lora" and models.lora_bytes(self.model, args.lora_r) > MEMORY_BYTES:
+            raise models.ModelError(
+                f"LoRA of rank {args.lora_r} adds {models.lora_bytes(self.model, args.lora_r)} "
+                f"bytes, more than this machine's memory ({MEMORY_BYTES} bytes) "
+                f"(--lora_r {args.lora_r})"
             )
         # LoRA / prefix init: part of the run, replayable
         gen = torch.Generator().manual_seed(args.seed)

@@ -9,6 +9,11 @@ model or text, fails and says which marker it needs.
 
 `--durations-file PATH` writes (appends) every test's duration, setup + call + teardown, as TSV,
 so the next split between the tiers uses numbers.
+
+The property-based tests (Hypothesis) run under one profile: a fixed seed (the same examples every
+run), nothing written into the checkout (no example database; its source cache in the temporary
+folder), no deadline (an example runs a main), and MEZO_HYPOTHESIS_EXAMPLES examples per property
+(default EXAMPLES).
 """
 
 import ast
@@ -19,14 +24,30 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAINS = {"train": "train.py's main", "eval": "eval.py's main"}
 PROCESS_MODULES = {subprocess, multiprocessing, importlib.import_module("torch.multiprocessing")}
 PROCESS_CALLS = {os.system, os.popen, os.fork, os.execv, os.execvp, os.spawnv}
+
+EXAMPLES = 100
+settings.register_profile(
+    "mezo",
+    max_examples=int(os.environ.get("MEZO_HYPOTHESIS_EXAMPLES", EXAMPLES)),
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("mezo")
+# Hypothesis caches what it reads of the source (.hypothesis/constants): outside the checkout
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "mezo-hypothesis"))
 
 
 @functools.cache
@@ -84,6 +105,7 @@ def is_suite_function(obj) -> bool:
 
 def slow_reason(func, seen: set) -> str | None:
     """Why func (a test, fixture or helper of the suite) is slow, following suite functions."""
+    func = getattr(getattr(func, "hypothesis", None), "inner_test", func)  # a property's body
     func = inspect.unwrap(func)
     if not is_suite_function(func) or func in seen:
         return None

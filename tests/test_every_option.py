@@ -228,7 +228,7 @@ def cases():
 # refused by design, each with its one line: FSDP needs torchrun's ranks, -F1 generated text, CUDA
 # graphs a CUDA device
 REFUSED = {
-    ("--fsdp",): "environment variable RANK expected",
+    ("--fsdp",): "across the processes torchrun starts",
     ("--non_diff",): "needs a generation task",
 }
 if not torch.cuda.is_available():

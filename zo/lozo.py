@@ -23,7 +23,7 @@ import torch
 
 from .directions import Dense
 from .kernels import Kernels
-from .part import ALL, Field, at_least
+from .part import ALL, MEMORY_BYTES, Field, at_least
 from .perturb import StepScalar
 from .rng import name_key, normal
 
@@ -47,6 +47,15 @@ class LOZO(Dense):
             for s in slots
         }
         self.low_rank = _kernels(cfg.lozo_rank, cfg.normal_z)
+        # z of the largest matrix materialises U [rows, r] and V [cols, r]: refused now, not as an
+        # allocation failure at the first step
+        sizes = [s.param.shape[0] + s.param[0].numel() for s in slots if s.param.dim() >= 2]
+        needed = max(sizes, default=0) * cfg.lozo_rank * 4
+        if needed > MEMORY_BYTES:
+            raise ValueError(
+                f"LOZO's U and V of rank {cfg.lozo_rank} take {needed} bytes, more than this "
+                f"machine's memory ({MEMORY_BYTES} bytes) (lozo_rank={cfg.lozo_rank})"
+            )
 
     @staticmethod
     def selected(cfg) -> bool:

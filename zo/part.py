@@ -41,7 +41,8 @@ def at_least(low: int) -> Check:
 # a z, measured): more z a step than this machine's memory holds would grow until MemoryError
 # before the first forward
 BYTES_PER_Z = 1024
-MAX_ZS_PER_STEP = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // BYTES_PER_Z
+MEMORY_BYTES = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # this machine's
+MAX_ZS_PER_STEP = MEMORY_BYTES // BYTES_PER_Z
 
 
 def zs_per_step(low: int) -> Check:

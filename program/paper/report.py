@@ -357,11 +357,9 @@ def compare_markdown(runs):
         dev = [m for m in read_metrics(run) if "dev_loss" in m]
         # never evaluated, or no dev set: "–"; a non-finite loss (null in strict JSON): "non-finite"
         first = f"{loss_cell(dev[0]['dev_loss'])} (step {dev[0]['step']})" if dev else "–"
-        selected = (
-            f"{loss_cell(res['dev']['loss'])} (step {res.get('best_step')})"
-            if res.get("dev")
-            else "–"
-        )
+        selected = "–"  # no dev loss recorded; null: non-finite
+        if "loss" in (res.get("dev") or {}):
+            selected = f"{loss_cell(res['dev']['loss'])} (step {res.get('best_step')})"
         base = " (lr 0: the base model)" if run.config.get("learning_rate") == 0 else ""
         cells = [
             run.path.name,
@@ -369,14 +367,19 @@ def compare_markdown(runs):
             first,
             selected,
             number_cell((res.get("dev") or {}).get("accuracy"), "{:.4f}"),
-            ", ".join(f"{k} {v:.4f}" for k, v in res["test"].items()),
+            ", ".join(
+                f"{k} {loss_cell(v)}"  # a non-finite metric: null, with its `_nonfinite` beside it
+                for k, v in res["test"].items()
+                if not k.endswith("_nonfinite")
+            ),
             number_cell(res.get("peak_memory_bytes"), "{:.0f}", 2**-20),
             number_cell(res.get("time_per_step_s"), "{:.2f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     before, after = runs[0].results, runs[-1].results
     sizes = {r.results.get("num_test") for r in (runs[0], runs[-1])}
-    if len(runs) > 1 and None not in sizes and len(sizes) == 1 and "accuracy" in before["test"]:
+    both = all(seeds.finite(r["test"].get("accuracy")) for r in (before, after))
+    if len(runs) > 1 and None not in sizes and len(sizes) == 1 and both:
         n, (a, b) = sizes.pop(), (before["test"]["accuracy"], after["test"]["accuracy"])
         se = max(binomial_se(a, n), binomial_se(b, n))
         lines += [

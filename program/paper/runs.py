@@ -114,6 +114,8 @@ def _read_json(path):
 
 def _read_results(path):
     results = _read_json(path)
+    if "test" not in results:  # every run's results.json holds its test metrics
+        raise DataError(f"results.json without 'test' ({path})")
     _check_types(results, RESULTS_TYPES, path)
     for key in ("dev", "test"):
         _check_metrics(results.get(key) or {}, key, path)

@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import re
 
 import models
 from data import SAMPLES_DIR
@@ -43,19 +44,31 @@ def folder_hash(*roots) -> str:
     return h.hexdigest()
 
 
+def exit_status(main, argv) -> int:
+    """main(argv)'s exit status, whether it returns it or raises SystemExit (argparse)."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def one_error_line(code, err, what="") -> str:
+    """A refusal's output: exit 2, one line `error: <what> (<where>)` holding `what`, no
+    traceback. -> the line."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert lines and lines[-1].startswith("error: ") and what in lines[-1], err
+    assert re.search(r" \(.+\)$", lines[-1]), f"no (<where>) in {lines[-1]!r}"
+    assert sum("error:" in line for line in lines) == 1 and "Traceback" not in err, err
+    return lines[-1]
+
+
 def refused(capsys, main, argv, what, *roots):
     """main(argv) exits 2 with one `error:` line holding `what` and no traceback; everything under
     roots and READ is unchanged. -> the error line."""
     assert all(os.path.lexists(root) for root in roots), roots  # something to protect
     before = folder_hash(*roots, *READ)
-    try:
-        code = main(argv)
-    except SystemExit as e:
-        code = e.code
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert lines and lines[-1].startswith("error: ") and what in lines[-1], err
-    assert sum("error:" in line for line in lines) == 1 and "Traceback" not in err, err
+    code = exit_status(main, argv)
+    line = one_error_line(code, capsys.readouterr().err, what)
     assert folder_hash(*roots, *READ) == before, "something was written"
-    return lines[-1]
+    return line
