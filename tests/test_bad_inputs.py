@@ -30,7 +30,7 @@ from program import prompts as data_cli
 from program import rotten_tomatoes as rt_cli
 from program import run_folder as rf
 from program.paper import results as paper_results
-from tests.helpers.refusals import READ, SHORT_RUN, folder_hash, refused
+from tests.helpers.refusals import READ, SHORT_FO_RUN, SHORT_RUN, folder_hash, refused
 from zo import distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,10 +41,8 @@ def runs(tmp_path_factory):
     """A finished MeZO run, a finished backprop run and a MeZO-LoRA run (its adapter), copied by
     the tests that damage them."""
     root = tmp_path_factory.mktemp("runs")
-    for trainer in ("zo", "fo"):
-        assert (
-            train.main(SHORT_RUN + ["--trainer", trainer, "--output_dir", str(root / trainer)]) == 0
-        )
+    for trainer, short in (("zo", SHORT_RUN), ("fo", SHORT_FO_RUN)):
+        assert train.main(short + ["--trainer", trainer, "--output_dir", str(root / trainer)]) == 0
     assert train.main(SHORT_RUN + ["--mode", "lora", "--output_dir", str(root / "lora")]) == 0
     return root
 
@@ -181,7 +179,8 @@ def test_directions_not_a_multiple_of_the_ranks_are_refused(capsys, monkeypatch,
 
 @pytest.mark.parametrize("bad, what", TRAIN_FLAGS, ids=[" ".join(f) for f, _ in TRAIN_FLAGS])
 def test_train_flags(capsys, work, bad, what):
-    refused(capsys, train.main, SHORT_RUN + ["--output_dir", str(work / "out")] + bad, what, work)
+    short = SHORT_FO_RUN if "fo" in bad else SHORT_RUN
+    refused(capsys, train.main, short + ["--output_dir", str(work / "out")] + bad, what, work)
 
 
 def test_train_records_the_sizes_it_used(work):

@@ -57,7 +57,7 @@ def test_paired_runs_equal_exact_runs_bitwise(tmp_path, monkeypatch, case):
         (["--task", "SQuAD", "--non_diff"], "greedy generations (-F1) do not pair"),
         (
             ["--estimator", "fzoo"],
-            "estimator=fzoo with fzoo_n=8 does not support perturbation=paired",
+            "estimator=fzoo's forwards are one-sided",
         ),
     ],
 )

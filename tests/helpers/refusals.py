@@ -7,12 +7,15 @@ import re
 import models
 from data import SAMPLES_DIR
 
-# a two-step MeZO run on the tiny OPT that saves a checkpoint every step: the runs refusals damage
-SHORT_RUN = (
-    "--perturbation eager --num_train 16 --num_dev 8 --num_eval 4 --batch_size 4"
+# a two-step run on the tiny OPT that saves a checkpoint every step: the runs refusals damage;
+# SHORT_RUN is MeZO's (uncompiled: no compile time), SHORT_FO_RUN the backprop trainer's, which
+# refuses a zeroth-order flag such as --perturbation
+SHORT_FO_RUN = (
+    "--num_train 16 --num_dev 8 --num_eval 4 --batch_size 4"
     " --max_steps 2 --eval_steps 2 --save_steps 1 --logging_steps 1"
     " --learning_rate 1e-3"
 ).split()
+SHORT_RUN = ["--perturbation", "eager", *SHORT_FO_RUN]
 # folders every command reads: they must never change
 READ = [os.path.dirname(models.TINY_OPT), SAMPLES_DIR]
 
