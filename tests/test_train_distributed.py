@@ -22,7 +22,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def launch(out, *extra, nproc=None, wait=True):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *ARGS, "--output_dir", str(out), *extra]
+    """train.py with ARGS and `extra` into out; a --replay takes only its own flags (the replayed
+    run's config.json sets the rest)."""
+    run_args = [] if "--replay" in extra else ARGS
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *run_args, "--output_dir", str(out)]
+    cmd += extra
     if nproc:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     proc = subprocess.Popen(
