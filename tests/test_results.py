@@ -37,6 +37,20 @@ ROWS = {
 DATA = {"task": "SST2", "num_train": 16, "num_dev": 8, "num_eval": 8, "train_set_seed": 0}
 
 
+def dev_points(plan, out, row):
+    """A row's dev evaluations, one tuple per evaluation holding each seed's metrics line."""
+    logs = [
+        [
+            json.loads(line)
+            for line in open(results.folder_of(str(out), s, f) + "/metrics.jsonl")
+            if "dev_loss" in line
+        ]
+        for r, _, s, f in plan
+        if r == row
+    ]
+    return list(zip(*logs))
+
+
 def in_process(calls):
     def launch(argv):
         calls.append(argv)
@@ -148,18 +162,9 @@ def test_the_estimators_table_and_figure_follow_from_the_logged_dev_curves(tmp_p
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def dev(row):  # [(forward passes, [dev accuracy per seed])]
-        logs = [
-            [
-                json.loads(line)
-                for line in open(results.folder_of(str(tmp_path), s, f) + "/metrics.jsonl")
-                if "dev_loss" in line
-            ]
-            for r, _, s, f in plan
-            if r == row
-        ]
         return [
             (points[0]["forward_passes"], [p["dev_accuracy"] for p in points])
-            for points in zip(*logs)
+            for points in dev_points(plan, tmp_path, row)
         ]
 
     assert [p for p, _ in dev("mezo-lora")] == [2, 4, 6] and [p for p, _ in dev("fzoo-lora")] == [
@@ -313,18 +318,9 @@ def test_the_directions_table_reads_rows_at_equal_steps_and_forward_passes(tmp_p
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     def dev_losses(row):  # [(step, forward passes, mean dev loss over seeds)]
-        logs = [
-            [
-                json.loads(line)
-                for line in open(results.folder_of(str(tmp_path), s, f) + "/metrics.jsonl")
-                if "dev_loss" in line
-            ]
-            for r, _, s, f in plan
-            if r == row
-        ]
         return [
             (p[0]["step"], p[0]["forward_passes"], statistics.fmean(x["dev_loss"] for x in p))
-            for p in zip(*logs)
+            for p in dev_points(plan, tmp_path, row)
         ]
 
     one, two = dev_losses("mezo-lora"), dev_losses("mezo-lora-nspsa2")
