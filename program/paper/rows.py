@@ -130,6 +130,7 @@ DIRECTION_ROWS = {
     ("mezo-lora" if n == 1 else f"mezo-lora-nspsa{n}"): {
         **_MEZO_LORA_BS16,
         "n_spsa": n,
+        "perturbation": "paired",
         "max_steps": 40,
         "eval_steps": 10,
     }
