@@ -159,12 +159,15 @@ class RunConfig:
     zo_eps: float = setting(1e-3, check=finite(0, False), zo=True)
     seed: int = setting(42, check=SEED)
     seed_source: str = setting("generator", choices=("generator", "numpy_global"), zo=True)
-    perturbation: str = setting(
-        "exact",
-        "exact: virtual theta +- eps z in each forward; paired: both forwards as one over 2B rows "
-        "(zo/paired.py); eager: exact, uncompiled; reference: the original's in-place moves",
+    perturbation: str | None = setting(
+        help="exact: virtual theta +- eps z in each forward; paired: both forwards as one over 2B "
+        "rows (zo/paired.py); eager: exact, uncompiled; reference: the original's in-place moves "
+        "(default: the estimator's: "
+        + ", ".join(f"{name} {cls.PERTURBATION}" for name, cls in ESTIMATORS.items())
+        + "; exact for greedy generations, which do not pair)",
         choices=("exact", "paired", "reference", "eager"),
         zo=True,
+        unrecorded="exact",
     )
     estimator: str = setting(
         next(iter(methods.ESTIMATORS)),

@@ -15,6 +15,7 @@ import torch
 
 from data import DataError, get_task
 from zo import FOConfig, MeZOConfig, check_supported
+from zo.methods import ESTIMATORS
 from zo.optim import WD_EXEMPT
 
 from . import config
@@ -163,6 +164,9 @@ def resolve(args, model_type) -> argparse.Namespace:
         raise DataError("the non-differentiable objective needs --trainer zo (--non_diff)")
     if args.trainer == "fo":
         check_zo_only_unset(args)
+    if args.trainer == "zo" and args.perturbation is None:  # greedy generations do not pair
+        generations = args.non_diff and not roberta
+        args.perturbation = "exact" if generations else ESTIMATORS[args.estimator].PERTURBATION
     if args.non_diff and not roberta and args.perturbation == "paired":
         raise DataError(
             "greedy generations (-F1) do not pair: each sign generates its own answers; use "

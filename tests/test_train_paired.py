@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train
+from program import config, flags
 from tests.helpers.refusals import refused
 from tests.test_train import OPT, ROBERTA, SHORT, run, tensors, trajectory
 from zo.paired import PairedHooks
@@ -66,3 +67,30 @@ def test_what_does_not_pair_is_refused_in_one_line(capsys, tmp_path, extra, what
     argv = [*OPT, *SHORT, "--perturbation", "paired", *extra, "--output_dir", str(out)]
     refused(capsys, train.main, argv, what, tmp_path)
     assert not out.exists()
+
+
+DEFAULTS = {
+    "mezo": ([], "paired"),
+    "n-SPSA lora": (["--mode", "lora", "--n_spsa", "2"], "paired"),
+    "fzoo": (["--estimator", "fzoo"], "exact"),
+    "greedy generations": (["--task", "SQuAD", "--non_diff"], "exact"),
+    "roberta -accuracy": (ROBERTA[2:] + ["--non_diff"], "paired"),
+    "asked for": (["--perturbation", "exact"], "exact"),
+    "backprop": (["--trainer", "fo"], None),
+}
+
+
+@pytest.mark.parametrize("extra, expected", DEFAULTS.values(), ids=list(DEFAULTS))
+def test_the_default_perturbation_pairs_where_the_step_pairs(extra, expected):
+    """Paired is the default wherever both signs of a z can run as one forward (SPSA with a
+    differentiable loss, or RoBERTa's -accuracy); FZOO's one-sided forwards and greedy generations
+    take exact restore. The resolved value is what config.json records."""
+    args = flags.parse_args([*OPT, *SHORT, *extra])
+    family = "roberta" if "--model" in extra else "opt"
+    assert flags.resolve(args, family).perturbation == expected
+
+
+def test_a_record_without_perturbation_ran_exact():
+    """A record that predates the field ran exact restore (the default before paired)."""
+    assert config.as_recorded({"trainer": "zo"})["perturbation"] == "exact"
+    assert "perturbation" not in config.as_recorded({"trainer": "fo"})

@@ -36,6 +36,7 @@ class FZOO(Part):
     )
     TAG = ("fzoo", "fzoo_n", "FZOO N={}")
     DISTRIBUTION = "rademacher"  # its z unless --distribution says otherwise
+    PERTURBATION = "exact"  # one-sided forwards: no +-eps pair to run as one
 
     @staticmethod
     def supports(cfg) -> frozenset:

@@ -15,14 +15,16 @@ ZO-SGD (momentum, Adam) is a torch optimizer stepped on the p.grad accumulated h
 
 The perturbation is one of three objects with one interface (`perturb`, `reset`, `projected_grad`,
 `skip_non_finite`, `update`, `accumulate_grad`, `unseen`):
-- `zo.perturb.ExactRestore` (`perturbation="exact"`, the default; `"eager"` runs it uncompiled, for
-  debugging): the perturbation is virtual. `perturb` moves a shift (0 -> +1 -> -1 -> 0) and forward
-  hooks show each module theta + shift*eps*z; the only write is the update, one fused pass per
-  parameter, so a step with lr=0 leaves every parameter bitwise unchanged, in any dtype. z comes
-  from a counter-based hash (zo/rng.py): the same on every device and shard.
-- `zo.paired.Paired` (`perturbation="paired"`): exact restore whose +eps and -eps forwards run as
-  one forward over the batch stacked twice (the loss closure a `zo.PairedLoss`), each owning module
-  computing theta + eps*z and theta - eps*z from one evaluation of z: z twice a step, no restore.
+- `zo.perturb.ExactRestore` (`perturbation="exact"`, the library's default, as any closure works
+  with it; `"eager"` runs it uncompiled, for debugging): the perturbation is virtual. `perturb`
+  moves a shift (0 -> +1 -> -1 -> 0) and forward hooks show each module theta + shift*eps*z; the
+  only write is the update, one fused pass per parameter, so a step with lr=0 leaves every
+  parameter bitwise unchanged, in any dtype. z comes from a counter-based hash (zo/rng.py): the
+  same on every device and shard.
+- `zo.paired.Paired` (`perturbation="paired"`, train.py's default where the step pairs): exact
+  restore whose +eps and -eps forwards run as one forward over the batch stacked twice (the loss
+  closure a `zo.PairedLoss`), each owning module computing theta + eps*z and theta - eps*z from one
+  evaluation of z: z twice a step, no restore.
 - `zo.reference.InPlace` (`perturbation="reference"`): the original's operations, in place.
 
 Nothing in a step syncs with the host: seeds are drawn on the host, projected_grad stays a 0-d

@@ -33,6 +33,9 @@ class SPSA(Part):
     )
     TAG = ("nspsa", "n_spsa", "n-SPSA N={}")
     DISTRIBUTION = "normal"  # z unless --distribution says otherwise
+    # the +eps and -eps forwards of each z run as one (zo/paired.py): 0.91x-0.95x the step time of
+    # two forwards on CPU, and less memory
+    PERTURBATION = "paired"
     estimate = None  # MeZO's own two forwards per z (zo/mezo.py zo_losses)
 
     @staticmethod
