@@ -3,13 +3,15 @@
 zo/ sees nn.Modules, named parameters and loss closures; it knows nothing of OPT or RoBERTa, and
 imports nothing of data/, models/ or the program (program/): files on disk are the program's.
 
-    rng.py         z(seed, key(name), global index): counter-based hash + Box-Muller / Rademacher
+    rng.py         z(seed, key(name), global index): counter-based hash + Box-Muller / Rademacher;
+                   SeedStream, the seeds of a run's z
     kernels.py     fused compiled kernels: p += s*z, p -= lr*(g*z + wd*p), optionally z masked by
                    |p| <= h
     perturb.py     parameter slots (tied = one slot, owners, LocalView), the exact-restore hooks
-                   and ExactRestore, the default perturbation; StepScalar (per-step device values)
+                   and ExactRestore, the library's default perturbation; StepScalar (per-step
+                   device values)
     paired.py      the paired step: +eps and -eps forwards as one over 2B rows, z once (Paired,
-                   PairedLoss: the loss closure that scores both halves)
+                   PairedLoss: the loss closure that scores both halves); train.py's default
     reference.py   InPlace: the original's torch.manual_seed + torch.normal operations ("reference")
     mezo.py        MeZOConfig, MeZO: zo_step / zo_perturb_parameters / zo_forward / zo_update, and
                    the step's host parts begin_step / finish_step

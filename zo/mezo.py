@@ -43,7 +43,6 @@ medium_models' `--zero_order_use_trainer_optim`), and the variance-modified vari
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -52,7 +51,7 @@ from .optim import WD_EXEMPT, check_schedule, learning_rate, micro_batches
 from .paired import Paired, PairedLoss
 from .perturb import ExactRestore, LocalView, StepScalar, collect_slots, whole
 from .reference import InPlace
-from .rng import DEFAULT_NORMAL_Z
+from .rng import DEFAULT_NORMAL_Z, SeedStream
 from .shares import DirectionShare
 
 
@@ -115,34 +114,6 @@ class MeZOConfig:
 
 
 MeZOConfig = methods.with_method_fields(MeZOConfig)
-
-
-class SeedStream:
-    """One seed per z, from a seeded numpy RNG (large_models: `np.random.randint(1000000000)` on the
-    numpy global RNG, which HF `set_seed(42)` seeded in Trainer.__init__)."""
-
-    def __init__(self, seed: int, source: str):
-        self.rng = np.random.default_rng(seed) if source == "generator" else None
-        if self.rng is None:
-            np.random.seed(seed)
-
-    def next(self) -> int:
-        if self.rng is not None:
-            return int(self.rng.integers(1_000_000_000))
-        return int(np.random.randint(1000000000))
-
-    def state(self) -> dict:
-        if self.rng is not None:
-            return self.rng.bit_generator.state
-        state = np.random.get_state(legacy=False)
-        return {**state, "state": {**state["state"], "key": state["state"]["key"].tolist()}}
-
-    def set_state(self, state: dict) -> None:
-        if self.rng is not None:
-            self.rng.bit_generator.state = state
-        else:
-            key = np.array(state["state"]["key"], dtype=np.uint32)
-            np.random.set_state({**state, "state": {**state["state"], "key": key}})
 
 
 class MeZO:

@@ -53,12 +53,15 @@ Box-Muller value, so the two differ by at most 2.75e-6 (derived in tests/helpers
 Through 1/(2 eps) such a difference moves projected_grad, so a run, its resume and its replay must
 use one kernel mode and one normal_z. The compiled kernel itself is bitwise invariant to chunking
 (a shard's z is exactly the slice of the whole tensor's z).
+
+The seeds themselves come from SeedStream, one per z, drawn on the host.
 """
 
 import functools
 import math
 import struct
 
+import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
@@ -185,3 +188,31 @@ def z_function(distribution: str, normal_z: str = DEFAULT_NORMAL_Z):
             f"normal | rademacher and one of {tuple(NORMAL_Z)})"
         )
     return functools.partial(normal, normal_z=normal_z)
+
+
+class SeedStream:
+    """One seed per z, from a seeded numpy RNG (large_models: `np.random.randint(1000000000)` on the
+    numpy global RNG, which HF `set_seed(42)` seeded in Trainer.__init__)."""
+
+    def __init__(self, seed: int, source: str):
+        self.rng = np.random.default_rng(seed) if source == "generator" else None
+        if self.rng is None:
+            np.random.seed(seed)
+
+    def next(self) -> int:
+        if self.rng is not None:
+            return int(self.rng.integers(1_000_000_000))
+        return int(np.random.randint(1000000000))
+
+    def state(self) -> dict:
+        if self.rng is not None:
+            return self.rng.bit_generator.state
+        state = np.random.get_state(legacy=False)
+        return {**state, "state": {**state["state"], "key": state["state"]["key"].tolist()}}
+
+    def set_state(self, state: dict) -> None:
+        if self.rng is not None:
+            self.rng.bit_generator.state = state
+        else:
+            key = np.array(state["state"]["key"], dtype=np.uint32)
+            np.random.set_state({**state, "state": {**state["state"], "key": key}})
