@@ -31,6 +31,7 @@ ROWS = {  # the rows of BENCHMARKS.md on a machine without CUDA
     "memory.tiny.sst2",
     "comm.replicated",
     "comm.sharded",
+    "comm.directions",
     "forward.llama.vs_transformers",
     "step.llama.fused",
     "step.llama.fused.last_position",
@@ -87,6 +88,9 @@ def test_quick_bench_produces_every_row(tmp_path):
         rows["comm.replicated"]["measured"] == 8 and rows["comm.replicated"]["verdict"] == "meets"
     )
     assert rows["comm.sharded"]["verdict"] == "meets"
+    # one z per rank: the losses of 2 directions gathered, 2 x 8 B, and no parameter
+    directions = rows["comm.directions"]
+    assert directions["measured"] == 16 and directions["verdict"] == "meets"
     # 2 blocks + root
     assert result["raw"]["comm"]["sharded"]["per_step"]["all_gather_single"]["calls"] == 2 * 3
     assert result["raw"]["forward"]["max_abs_logit_diff"] < 1e-4

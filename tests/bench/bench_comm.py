@@ -9,7 +9,9 @@ what
 the design predicts from the model alone:
 - replicated: one all-reduce of the two fp32 losses, 8 bytes;
 - sharded: in each of the two forwards one all-gather per FSDP unit of the whole (padded) model,
-  plus the same 8-byte all-reduce; no reduce-scatter (no gradients).
+  plus the same 8-byte all-reduce; no reduce-scatter (no gradients);
+- directions (one z per rank, N = world size): one all-gather of every rank's two fp32 losses,
+  8 N bytes gathered, no parameter; with the median time of that all-gather.
 
     python tests/bench/bench_comm.py       # prints the summary as JSON
 """
@@ -48,6 +50,8 @@ def launch(out: Path, steps: int, nproc: int = 2) -> None:
 
 def expected(mode: str, info: dict) -> dict:
     """{op: (calls, bytes)} per step that the design predicts."""
+    if mode == "directions":
+        return {"all_gather": (1, 8 * info["n_spsa"])}
     per_step = {"all_reduce": (1, 8)}
     if mode == "sharded":
         per_step["all_gather_single"] = (2 * info["fsdp_units"], 2 * info["padded_param_bytes"])
@@ -67,6 +71,7 @@ def summarise(records: list[dict], mode: str) -> dict:
         "param_bytes": info["param_bytes"],
         "padded_param_bytes": info["padded_param_bytes"],
         "fsdp_units": info["fsdp_units"],
+        "n_spsa": info["n_spsa"],
     }
 
 
@@ -74,12 +79,15 @@ def run(steps: int = 3, nproc: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         launch(Path(tmp), steps, nproc)
         records = [json.loads((Path(tmp) / f"comm.rank{r}.json").read_text()) for r in range(nproc)]
-    return {
+    result = {
         "world_size": nproc,
         "steps": steps,
         "model": "models.TINY_OPT (fp32)",
-        **{mode: summarise(records, mode) for mode in ("replicated", "sharded")},
+        **{mode: summarise(records, mode) for mode in ("replicated", "sharded", "directions")},
     }
+    # the slower rank's median all-gather of a directions step's losses
+    result["directions"]["gather_us"] = max(r["directions"]["gather_us"] for r in records)
+    return result
 
 
 if __name__ == "__main__":

@@ -636,10 +636,10 @@ def comm_rows(plan, raw) -> list[dict]:
             f"{op} {v['calls']}x {v['bytes']:,} B" for op, v in r[mode]["per_step"].items()
         )
 
-    rep, sh = r["replicated"], r["sharded"]
+    rep, sh, di = r["replicated"], r["sharded"], r["directions"]
     consistent = (
         "same every step and rank"
-        if rep["same_every_step_and_rank"] and sh["same_every_step_and_rank"]
+        if all(m["same_every_step_and_rank"] for m in (rep, sh, di))
         else "DIFFERS between steps or ranks"
     )
     return [
@@ -666,6 +666,19 @@ def comm_rows(plan, raw) -> list[dict]:
             f"{calls('sharded')} ({sh['fsdp_units']} FSDP units, "
             f"tiny OPT {sh['param_bytes']:,} B of fp32 params); "
             "no reduce-scatter",
+        ),
+        row(
+            "comm.directions",
+            "cpu/gloo",
+            f"bytes communicated per step, --parallel directions, {r['world_size']} ranks, "
+            f"N = {di['n_spsa']}",
+            di["bytes_per_step"],
+            "B",
+            "==",
+            sum(v["bytes"] for v in di["expected"].values()),
+            "one all-gather of 2 fp32 losses per direction, no parameter",
+            f"{calls('directions')}; the all-gather's median {di['gather_us']:.0f} us "
+            "(gloo, ranks sharing the cores)",
         ),
     ]
 
