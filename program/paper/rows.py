@@ -125,7 +125,8 @@ GPU_STEPS = {"zo": (1000, 250), "fo": (625, 125)}
 # directions a step (n-SPSA: each estimate divided by N; `--parallel directions` spreads the same
 # arithmetic over ranks), every N at the same steps and learning rate, so the table reads them at
 # equal steps and, through their forward passes, at equal forward passes. 40 steps, dev every 10:
-# the N = 8 row alone is 640 forward passes.
+# the N = 8 row alone is 640 forward passes. The perturbation is named (paired, the default) so
+# that the folders' hash does not move with a default.
 DIRECTION_ROWS = {
     ("mezo-lora" if n == 1 else f"mezo-lora-nspsa{n}"): {
         **_MEZO_LORA_BS16,
