@@ -24,11 +24,12 @@ TRAIN_FLAGS = {
     "eval_final_step": True,
 }
 # One row per line: eval.py flags (kind "eval") or train.py flags. Budget (README "make results"):
-# the whole table in 90 minutes on 2 idle cores. MeZO LoRA and prefix at batch 8: at equal forward
-# passes, twice the steps of batch 16 move the dev loss further. MeZO ft keeps 16: on 2 cores its
-# step is mostly the perturbation of 135M weights, which a smaller batch does not shrink. Learning
-# rates: GRID's best on dev. 16 demonstrations: the paper's 32 fit SmolLM2's 8192 positions but
-# double the cost (the timings behind these: BENCHMARKS.md, "make demo and make results").
+# the whole table in 90 minutes on 2 idle cores. Every MeZO row at batch 16: batch 8 doubles the
+# variance of each step's estimate, and LoRA and prefix at batch 8 diverged or flattened at their
+# upper learning rates within 100 steps (RESULTS.md, run 2026-12-06). Learning rates: GRID's best on
+# dev. 16 demonstrations: the paper's 32 fit SmolLM2's 8192 positions but double the cost (the
+# timings behind these: BENCHMARKS.md, "make demo and make results"). The MeZO rows name the
+# paired step (the default) so that their folders' hash does not move with a default.
 ROWS = {
     "zero-shot": {"kind": "eval", "num_train": 0},
     "icl": {"kind": "eval", "num_train": 16},
@@ -38,24 +39,27 @@ ROWS = {
         "batch_size": 16,
         "learning_rate": 3e-5,
         "zo_eps": 1e-3,
+        "perturbation": "paired",
         "max_steps": 100,
         "eval_steps": 50,
     },
     "mezo-lora": {
         "trainer": "zo",
         "mode": "lora",
-        "batch_size": 8,
+        "batch_size": 16,
         "learning_rate": 3e-3,
         "zo_eps": 1e-2,
+        "perturbation": "paired",
         "max_steps": 100,
         "eval_steps": 50,
     },
     "mezo-prefix": {
         "trainer": "zo",
         "mode": "prefix",
-        "batch_size": 8,
+        "batch_size": 16,
         "learning_rate": 3e-2,
         "zo_eps": 1e-1,
+        "perturbation": "paired",
         "max_steps": 100,
         "eval_steps": 50,
     },
@@ -81,7 +85,7 @@ ROWS = {
 # 1e-3, LoRA 1e-2, prefix 1e-1), not varied: the paper's grids fix it too, and each point costs a
 # run.
 GRID = {
-    "mezo": {"learning_rate": (1e-5, 3e-5)},
+    "mezo": {"learning_rate": (1e-5, 3e-5, 1e-4, 3e-4)},
     "mezo-lora": {"learning_rate": (1.5e-3, 3e-3)},
     "mezo-prefix": {"learning_rate": (1e-2, 3e-2)},
     "ft": {"learning_rate": (1e-5, 3e-5)},
