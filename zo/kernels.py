@@ -4,20 +4,22 @@ z is generated inside the loop from (seed, key, global index) (zo/rng.py), so a 
 no memory beyond the tensor it writes. All arithmetic is done in fp32 (fp64 for fp64 parameters) and
 rounded to the parameter's dtype once.
 
-    perturb_(p, seed=, key=, offset=, scale=)             p += scale * z perturbed_(out, src=,
-    seed=, key=, offset=, scale=)   out = src + scale * z   (bitwise = copy_ + perturb_) update_(p,
-    seed=, key=, offset=, lr=, grad=, wd=)     p -= lr * (grad * z + wd * p)
-                                                          (the update of large_models/trainer.py
-                                                          zo_update)
-    update_many_(p, seeds=, grads=, wds=, ...)            the n updates of a step in one pass
-                                                          (get_update_many; bitwise n update_)
+    perturb_(p, seed=, key=, offset=, scale=)           p += scale * z
+    perturbed_(out, src=, seed=, key=, offset=, scale=) out = src + scale * z
+                                                        (bitwise = copy_ + perturb_)
+    update_(p, seed=, key=, offset=, lr=, grad=, wd=)   p -= lr * (grad * z + wd * p)
+                                                        (the original's zo_update)
+    update_many_(p, seeds=, grads=, wds=, ...)          the n updates of a step in one pass
+                                                        (get_update_many; bitwise n update_)
     perturbed_pair_(out, src=, minus=, seed=, key=, offset=, scale=)
-                                     out = src + scale * z, minus = src - scale * z from one z
-                                     (bitwise = perturbed_ with +scale and with -scale; the
-                                     paired step, zo/paired.py)
+                                                        out = src + scale * z,
+                                                        minus = src - scale * z from one z
+                                                        (bitwise = perturbed_ with +scale and
+                                                        -scale; the paired step, zo/paired.py)
     perturbed_at_(out, src=, index=, seed=, key=, scale=)
-                                     out = src + scale * z at the global indices `index` (an
-                                     embedding's gathered rows, zo/paired.py)
+                                                        out = src + scale * z at the global
+                                                        indices `index` (an embedding's
+                                                        gathered rows, zo/paired.py)
 
 Masked kernels (`masked=True`, Sparse-MeZO, zo/sparse.py) take one more 0-d tensor, `threshold`, and
 use z * (|theta| <= threshold), the mask read from p (src for perturbed_) inside the same pass: no
