@@ -281,18 +281,7 @@ class PairedHooks(PerturbHooks):
             current = module._parameters[attr]  # the Parameter, or FSDP2's unsharded copy of it
             pair = self.shared_pairs.get(slot)
             if pair is None:
-                plus, minus = self._buffer(current), self._buffer(current)
-                self.direction.kernels(slot).perturbed_pair_(
-                    plus,
-                    src=current.detach(),
-                    minus=minus,
-                    seed=self.seed,
-                    key=slot.key_t,
-                    offset=self.zero,
-                    scale=scale,
-                    **self.direction.args(slot),
-                )
-                pair = (plus, minus, len(slot.owners) == 1)
+                pair = (*self._perturbed(slot, current, scale, minus=True), len(slot.owners) == 1)
                 if len(slot.owners) > 1:
                     self.shared_pairs[slot] = pair
             self.seen.add(slot)
@@ -311,17 +300,8 @@ class PairedHooks(PerturbHooks):
                     continue
                 current = module._parameters[attr]
                 pair = self.shared_pairs.get(slot)
-                buf = None if pair is not None else self._buffer(current)
-                if buf is not None:
-                    self.direction.kernels(slot).perturbed_(
-                        buf,
-                        src=current.detach(),
-                        seed=self.seed,
-                        key=slot.key_t,
-                        offset=self.zero,
-                        scale=scale if half == 0 else -scale,
-                        **self.direction.args(slot),
-                    )
+                signed = scale if half == 0 else -scale
+                buf = None if pair is not None else self._perturbed(slot, current, signed)
                 swapped.append((attr, current, buf))
                 self.seen.add(slot)
                 module._parameters[attr] = (pair[half] if buf is None else buf).view(current.shape)

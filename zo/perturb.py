@@ -182,16 +182,7 @@ class PerturbHooks:
             current = module._parameters[attr]  # the Parameter, or FSDP2's unsharded copy of it
             buf = self.shared.get(slot)
             if buf is None:
-                buf = self._buffer(current)
-                self.direction.kernels(slot).perturbed_(
-                    buf,
-                    src=current.detach(),
-                    seed=self.seed,
-                    key=slot.key_t,
-                    offset=self.zero,
-                    scale=scale,
-                    **self.direction.args(slot),
-                )
+                buf = self._perturbed(slot, current, scale)
                 if len(slot.owners) > 1:
                     self.shared[slot] = buf
             saved.append((attr, current, None if slot in self.shared else buf))
@@ -204,6 +195,24 @@ class PerturbHooks:
             module._parameters[attr] = current
             if buf is not None:
                 self._free(buf)
+
+    def _perturbed(self, slot: ParamSlot, current: torch.Tensor, scale, minus: bool = False):
+        """A pooled copy of current + scale * z(seed), from one pass; with `minus`, the pair
+        (current + scale * z, current - scale * z) from one evaluation of z (zo/paired.py)."""
+        plus = self._buffer(current)
+        pair = {"minus": self._buffer(current)} if minus else {}
+        kernels = self.direction.kernels(slot)
+        (kernels.perturbed_pair_ if minus else kernels.perturbed_)(
+            plus,
+            src=current.detach(),
+            **pair,
+            seed=self.seed,
+            key=slot.key_t,
+            offset=self.zero,
+            scale=scale,
+            **self.direction.args(slot),
+        )
+        return (plus, pair["minus"]) if minus else plus
 
     def _buffer(self, like: torch.Tensor) -> torch.Tensor:
         free = self.pool.get((like.numel(), like.dtype, like.device))
