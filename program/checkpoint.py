@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -51,19 +51,61 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"corrupt checkpoint: {e} ({path})") from None
 
 
+def trainable_layout(model: nn.Module, path) -> dict[str, tuple[str, int]]:
+    """name -> (safetensors dtype, byte offset) of each tensor of a trainable-tensors file, after
+    checking that it matches the model's trainable parameters; ValueError if not. Reads the header
+    only: safetensors validates it (offsets, sizes), then its offsets are read here."""
+    if not os.path.isfile(path):
+        raise ValueError(f"corrupt checkpoint: missing file ({path})")
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"corrupt checkpoint: {e} ({path})") from None
+    own = trainable(model)
+    if shapes.keys() != own.keys() or any(shapes[n] != tuple(p.shape) for n, p in own.items()):
+        raise ValueError(
+            f"corrupt checkpoint: {os.path.basename(path)} does not match the model's trainable "
+            f"parameters ({path})"
+        )
+    return {n: (header[n]["dtype"], 8 + size + header[n]["data_offsets"][0]) for n in shapes}
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 @torch.no_grad()
 def load_trainable(model: nn.Module, path) -> None:
-    """Copy saved trainable tensors back; a sharded parameter takes its own slice of the whole."""
-    saved, own = load_tensors(path), trainable(model)
-    if saved.keys() != own.keys() or any(saved[n].shape != p.shape for n, p in own.items()):
-        raise ValueError(f"checkpoint does not match the model's trainable parameters ({path})")
-    for name, p in own.items():
-        if hasattr(p, "device_mesh"):  # DTensor: distribute the full tensor the way p is placed
-            from torch.distributed.tensor import distribute_tensor
+    """Copy saved trainable tensors back; a sharded parameter takes its own slice of the whole.
 
-            p.copy_(distribute_tensor(saved[name].to(p.dtype), p.device_mesh, p.placements))
-        else:
-            p.copy_(saved[name])
+    Each tensor is read from the file straight into its parameter (a CPU parameter of the saved
+    dtype) or through one temporary of its size, so loading adds at most the largest tensor to the
+    process's memory. safetensors' own loader maps the file, and every page it copies from stays
+    resident: for full-parameter training, a second copy of the model at the end of every run."""
+    layout = trainable_layout(model, path)
+    with open(path, "rb") as f:
+        for name, p in trainable(model).items():
+            dtype, offset = layout[name]
+            if dtype not in _DTYPES:
+                raise ValueError(f"corrupt checkpoint: {name} has dtype {dtype} ({path})")
+            direct = p.device.type == "cpu" and p.dtype == _DTYPES[dtype] and p.is_contiguous()
+            direct = direct and not hasattr(p, "device_mesh")
+            target = p.detach() if direct else torch.empty(p.shape, dtype=_DTYPES[dtype])
+            f.seek(offset)
+            want = target.numel() * target.element_size()
+            if f.readinto(target.reshape(-1).view(torch.uint8).numpy()) != want:
+                raise ValueError(f"corrupt checkpoint: {name} is cut short ({path})")
+            if direct:
+                continue
+            if hasattr(p, "device_mesh"):  # DTensor: distribute the full tensor the way p is placed
+                from torch.distributed.tensor import distribute_tensor
+
+                p.copy_(distribute_tensor(target.to(p.dtype), p.device_mesh, p.placements))
+            else:
+                p.copy_(target)
 
 
 # ---------------------------------------------------------------- state as JSON + tensors

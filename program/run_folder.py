@@ -10,7 +10,7 @@ from torch import nn
 
 from data.files import check_writes, is_temp_of, recover_dir
 
-from .checkpoint import find_checkpoint, load_tensors, trainable
+from .checkpoint import find_checkpoint, trainable_layout
 from .config import RESUME_FREE, as_recorded
 from .folder_lock import LOCK_NAME
 from .json_files import read_json
@@ -149,13 +149,7 @@ def check_resumable(folder: str, model: nn.Module, loop, trajectory: bool) -> No
     readable and agree with the checkpoint (its LoopState `loop`); ValueError naming the file."""
     # finish() loads it; refuse now, not after the remaining steps
     if loop.best_step is not None:
-        path = os.path.join(folder, "best.safetensors")
-        saved, own = load_tensors(path), trainable(model)
-        if saved.keys() != own.keys() or any(saved[n].shape != p.shape for n, p in own.items()):
-            raise ValueError(
-                f"corrupt checkpoint: best.safetensors does not match the model's trainable "
-                f"parameters ({path})"
-            )
+        trainable_layout(model, os.path.join(folder, "best.safetensors"))
     if trajectory:
         read_trajectory(os.path.join(folder, "trajectory.jsonl"))
     path = os.path.join(folder, "metrics.jsonl")

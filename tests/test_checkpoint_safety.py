@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -203,6 +205,7 @@ def test_a_save_after_a_crash_needs_no_resume_first(tmp_path, monkeypatch):
         "missing state.json",
         "torn state.json",
         "torn tensors",
+        "torn trainable tensors",
         "wrong shapes",
         "missing trainer state",
     ],
@@ -222,9 +225,73 @@ def test_a_corrupt_checkpoint_is_one_value_error_naming_it(tmp_path, damage):
         (directory / "state.safetensors").write_bytes(
             (directory / "state.safetensors").read_bytes()[:100]
         )
+    elif damage == "torn trainable tensors":
+        path = directory / "trainable.safetensors"
+        path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(ValueError, match="checkpoint|JSON") as e:
         ck.restore(directory, *trained("mezo", steps=0))
     assert "\n" not in str(e.value) and str(directory) in str(e.value)
+
+
+# Run in a fresh process, so that its peak resident memory is this load's own.
+_LOAD_PEAK = """
+import sys, torch
+from safetensors.torch import load_file
+from program import checkpoint as ck
+
+def status(field):  # in bytes
+    line = next(line for line in open("/proc/self/status") if line.startswith(field))
+    return int(line.split()[1]) * 1024
+
+def peak_of(load):  # what `load` adds to the process's peak resident memory
+    open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) := resident now
+    before = status("VmRSS")
+    load()
+    return status("VmHWM") - before
+
+def model():
+    return torch.nn.ParameterList(torch.nn.Parameter(torch.ones(1 << 22)) for _ in range(8))
+
+ck.save_trainable(model(), sys.argv[1])
+target = model()
+ours = peak_of(lambda: ck.load_trainable(target, sys.argv[1]))
+
+@torch.no_grad()
+def mapped():  # safetensors' loader, as load_trainable read before
+    for (name, p), saved in zip(target.named_parameters(), load_file(sys.argv[1]).values()):
+        p.copy_(saved)
+
+print(ours, peak_of(mapped))
+"""
+
+
+def test_loading_trainable_tensors_adds_at_most_one_tensor_to_memory(tmp_path):
+    """load_trainable reads each tensor into its parameter: the peak grows by at most one tensor
+    (16 MiB here), where safetensors' mapped file kept every page it copied from resident (the
+    whole 128 MiB file; the control, in the same process)."""
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak")
+    out = subprocess.run(
+        [sys.executable, "-c", _LOAD_PEAK, str(tmp_path / "t.safetensors")],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ).stdout.split()
+    ours, mapped = int(out[0]), int(out[1])
+    whole = 8 * (4 << 22)
+    assert ours < whole / 2 < mapped, (ours, mapped)
+
+
+def test_trainable_tensors_load_into_another_dtype(tmp_path):
+    """A parameter of another dtype than the file's goes through one temporary: the saved values,
+    converted."""
+    saved = tiny_lm()
+    ck.save_trainable(saved, tmp_path / "t.safetensors")
+    target = tiny_lm().to(torch.bfloat16)
+    ck.load_trainable(target, tmp_path / "t.safetensors")
+    for (name, p), q in zip(saved.named_parameters(), target.parameters()):
+        assert torch.equal(p.detach().to(torch.bfloat16), q.detach()), name
 
 
 def test_overwrite_removes_only_the_runs_own_files(tmp_path):
