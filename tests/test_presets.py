@@ -14,7 +14,7 @@ import shlex
 import pytest
 
 from data import DataError
-from program.paper import grid, presets
+from program.paper import grid, names, presets
 
 # The flags a preset may set: the original's run.py arguments that train.py keeps.
 CONTRACT_FLAGS = set(
@@ -351,15 +351,15 @@ def test_describe_names_its_source():
 
 def test_run_name_stable_and_unique():
     point = presets.grid_points("opt-mezo-ft", "sst2")[0]
-    name = presets.run_name(point)
+    name = names.run_name(point)
     # key order does not matter
-    assert name == presets.run_name(dict(reversed(list(point.items()))))
-    assert name == presets.run_name({**point, "output_dir": "/elsewhere", "data_dir": "/data"})
-    assert name != presets.run_name({**point, "model": "facebook/opt-1.3b"})
+    assert name == names.run_name(dict(reversed(list(point.items()))))
+    assert name == names.run_name({**point, "output_dir": "/elsewhere", "data_dir": "/data"})
+    assert name != names.run_name({**point, "model": "facebook/opt-1.3b"})
     assert name.startswith("sst2-mezo-bs16-lr1e-06-eps0.001-wd0-seed0-")
     # the data seed (train_set_seed, the paper's "seed") and the run's own --seed are both in the
     # name
-    assert presets.run_name({**point, "seed": 2}).startswith(
+    assert names.run_name({**point, "seed": 2}).startswith(
         "sst2-mezo-bs16-lr1e-06-eps0.001-wd0-seed0-runseed2-"
     )
     points = [
@@ -380,7 +380,7 @@ def test_run_name_stable_and_unique():
     # one folder per distinct configuration (a README point that is also a grid point shares it)
     configs = {}
     for p in points:
-        configs.setdefault(presets.run_name(p), set()).add(json.dumps(p, sort_keys=True))
+        configs.setdefault(names.run_name(p), set()).add(json.dumps(p, sort_keys=True))
     assert all(len(c) == 1 for c in configs.values())
     assert len(configs) == len({json.dumps(p, sort_keys=True) for p in points}) > 700
     assert all(re.fullmatch(r"[A-Za-z0-9._+-]+", n) for n in configs)
@@ -389,7 +389,7 @@ def test_run_name_stable_and_unique():
 def test_slurm_script_runs_torchrun_with_every_flag():
     point = presets.grid_points("roberta-mezo-lora", "mnli", 512)[5]  # LR 5e-5, seed 13
     script = grid.slurm_script(point, 4, time="12:00:00", runs_dir="out")
-    name = presets.run_name(point)
+    name = names.run_name(point)
     for line in (
         f"#SBATCH --job-name={name}",
         "#SBATCH --gpus-per-node=4",

@@ -234,7 +234,7 @@ def _fmt(value) -> str:
 
 
 def run_name_parts(config: dict) -> list[str]:
-    """The method id's parts of the selected methods, e.g. ['fzoo8'] (program/paper/presets.py)."""
+    """The method id's parts of the selected methods, e.g. ['fzoo8'] (program/paper/names.py)."""
     return [f"{p.TAG[0]}{_fmt(getattr(cfg, p.TAG[1]))}" for p, cfg in _tagged(view(config))]
 
 

@@ -15,7 +15,7 @@ from data import DataError
 from data.files import atomic_write, check_writes
 from program.config import RUN_FIELDS, SWITCHES
 from program.paper import presets, report
-from program.paper.presets import run_name
+from program.paper.names import run_name
 from program.paper.runs import load_runs
 
 

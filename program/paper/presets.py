@@ -1,8 +1,9 @@
 """Hyperparameter presets: the paper's grids (Tables 15 and 16) and the READMEs' example points.
 
 A preset resolves, for one task (and for RoBERTa one k), to the train.py flags it fixes plus a grid
-(flag -> list of values). `grid_points` expands the grid into one full flag dict per run, `run_name`
-names a run's folder; program/paper/grid.py runs the points or writes SLURM scripts for them:
+(flag -> list of values). `grid_points` expands the grid into one full flag dict per run,
+program/paper/names.py `run_name` names a run's folder; program/paper/grid.py runs the points or
+writes SLURM scripts for them:
 
     for point in grid_points("opt-mezo-ft", "sst2"):
         print(run_name(point), point)
@@ -19,14 +20,13 @@ Rules the grids share, from the original scripts:
   Table 18 reports, per seed, the grid point with the best dev accuracy, averaged over seeds.
 """
 
-import hashlib
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 
 from data import DataError
 from data.registry import get_task
+from program.paper.names import canonical_task, fmt
 from program.paper.numbers import GENERATION_TASKS
 
 # Plain data: presets name RunConfig's fields (program/config.py); program/flags.py applies a preset
@@ -326,11 +326,6 @@ _PRESETS = {
 
 
 # --- resolution -----------------------------------------------------------------------------
-def canonical_task(name):
-    """'SST-2', 'roberta/SST-2', 'SST2' -> 'sst2': the key the presets and paper tables use."""
-    return "".join(c for c in str(name).rsplit("/", 1)[-1].lower() if c.isalnum())
-
-
 def _get(name):
     if name not in _PRESETS:
         raise DataError(f"unknown preset '{name}' (known: {', '.join(_PRESETS)})")
@@ -398,7 +393,7 @@ def grid_points(name, task, k=None):
 
 
 def _grid_text(grid):
-    return "; ".join(f"{flag} {{{', '.join(map(_fmt, values))}}}" for flag, values in grid.items())
+    return "; ".join(f"{flag} {{{', '.join(map(fmt, values))}}}" for flag, values in grid.items())
 
 
 def describe(name):
@@ -406,7 +401,7 @@ def describe(name):
     p = _get(name)
     lines = [
         f"{p.name} ({p.family}): {p.source}",
-        "  fixed: " + " ".join(f"{k}={_fmt(v)}" for k, v in p.fixed.items()),
+        "  fixed: " + " ".join(f"{k}={fmt(v)}" for k, v in p.fixed.items()),
     ]
     if p.grid:
         lines.append(f"  grid: {_grid_text(p.grid)}")
@@ -419,59 +414,3 @@ def describe(name):
     if p.tasks:
         lines.append(f"  tasks: {', '.join(p.tasks)}")
     return "\n".join(lines)
-
-
-# --- method names, run folders, launch scripts ----------------------------------------------
-def method_id(flags):
-    """The paper's method name of a run, e.g. 'mezo-prefix', 'ft', 'icl' (see paper.METHOD_LABELS).
-
-    Variants that the paper tabulates apart get their own suffix so that a report never mixes
-    them into one cell: n-SPSA, ZO momentum, non-differentiable objective.
-    """
-    if flags.get("kind") == "eval":
-        return "icl" if flags.get("num_train") else "zero-shot"
-    zo = flags.get("trainer", "zo") == "zo"
-    optimizer = flags.get("optimizer") or ("sgd" if zo else "adamw")
-    parts = ["mezo" if zo else "ft"]
-    if zo and optimizer in ("adam", "adamw"):
-        parts = ["mezo-adam"]
-    elif zo and flags.get("momentum"):
-        parts = ["mezo-momentum"]
-    elif not zo and optimizer == "sgd":
-        parts = ["ft-sgd"]
-    if flags.get("mode", "ft") not in (None, "ft"):
-        parts.append(flags["mode"])
-    if zo:  # the estimator's and the direction's own part, e.g. fzoo8 (zo/methods.py)
-        from zo import methods
-
-        parts += methods.run_name_parts(flags)
-    if flags.get("non_diff"):
-        parts.append("nondiff")
-    return "-".join(parts)
-
-
-def _fmt(value):
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def run_name(point):
-    """A stable, unique folder name: readable hyperparameters plus a hash of all the flags.
-
-    The hash covers every flag except where things are stored (`output_dir`, `data_dir`), so the
-    same configuration always maps to the same folder and the grid runner can skip finished runs.
-    """
-    key = {k: v for k, v in point.items() if k not in ("output_dir", "data_dir")}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    parts = [canonical_task(point.get("task", "task")), method_id(point)]
-    parts += [f"k{point['k']}"] if point.get("k") else []
-    for flag, short in (
-        ("batch_size", "bs"),
-        ("learning_rate", "lr"),
-        ("zo_eps", "eps"),
-        ("weight_decay", "wd"),
-        ("train_set_seed", "seed"),
-        ("seed", "runseed"),
-    ):
-        if point.get(flag) is not None and not (flag == "zo_eps" and point.get("trainer") == "fo"):
-            parts.append(short + _fmt(point[flag]))
-    return "-".join(parts + [digest])

@@ -167,7 +167,7 @@ def _order(values, canonical):
 
 
 def label(key):
-    """The paper's spelling of a method or task key; an estimator suffix (presets.method_id) spelled
+    """The paper's spelling of a method or task key; an estimator suffix (names.method_id) spelled
     out."""
     found = paper.METHOD_LABELS.get(key) or paper.TASK_LABELS.get(key)
     if found is None and "-" in str(key):

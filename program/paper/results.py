@@ -30,7 +30,7 @@ from data.files import atomic_write, check_file_target, check_writes
 from program.json_files import write_json
 from program.paper import report, tables
 from program.paper.grid import train_argv
-from program.paper.presets import run_name
+from program.paper.names import run_name
 from program.paper.rows import (
     DATA,
     DATA_FLAGS,

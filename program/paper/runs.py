@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data import DataError
-from program.paper.presets import canonical_task, method_id
+from program.paper.names import canonical_task, method_id
 
 SELECT_BY = {"opt": "loss", "roberta": "accuracy"}
 RUN_READS = ("config.json", "results.json", "metrics.jsonl")  # what tables and figures read
