@@ -37,7 +37,7 @@ ROWS = {
         "trainer": "zo",
         "mode": "ft",
         "batch_size": 16,
-        "learning_rate": 3e-5,
+        "learning_rate": 1e-4,
         "zo_eps": 1e-3,
         "perturbation": "paired",
         "max_steps": 100,
