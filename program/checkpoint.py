@@ -51,8 +51,11 @@ def load_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"corrupt checkpoint: {e} ({path})") from None
 
 
-def trainable_layout(model: nn.Module, path) -> dict[str, tuple[str, int]]:
-    """name -> (safetensors dtype, byte offset) of each tensor of a trainable-tensors file, after
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def trainable_layout(model: nn.Module, path) -> dict[str, tuple[torch.dtype, int]]:
+    """name -> (dtype, byte offset) of each tensor of a trainable-tensors file, after
     checking that it matches the model's trainable parameters; ValueError if not. Reads the header
     only: safetensors validates it (offsets, sizes), then its offsets are read here."""
     if not os.path.isfile(path):
@@ -71,10 +74,11 @@ def trainable_layout(model: nn.Module, path) -> dict[str, tuple[str, int]]:
             f"corrupt checkpoint: {os.path.basename(path)} does not match the model's trainable "
             f"parameters ({path})"
         )
-    return {n: (header[n]["dtype"], 8 + size + header[n]["data_offsets"][0]) for n in shapes}
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    wrong = next((n for n in shapes if header[n]["dtype"] not in _DTYPES), None)
+    if wrong is not None:  # refused before load_trainable writes any parameter
+        raise ValueError(f"corrupt checkpoint: {wrong} has dtype {header[wrong]['dtype']} ({path})")
+    start = 8 + size  # the data follow the header
+    return {n: (_DTYPES[header[n]["dtype"]], start + header[n]["data_offsets"][0]) for n in shapes}
 
 
 @torch.no_grad()
@@ -89,11 +93,9 @@ def load_trainable(model: nn.Module, path) -> None:
     with open(path, "rb") as f:
         for name, p in trainable(model).items():
             dtype, offset = layout[name]
-            if dtype not in _DTYPES:
-                raise ValueError(f"corrupt checkpoint: {name} has dtype {dtype} ({path})")
-            direct = p.device.type == "cpu" and p.dtype == _DTYPES[dtype] and p.is_contiguous()
+            direct = p.device.type == "cpu" and p.dtype == dtype and p.is_contiguous()
             direct = direct and not hasattr(p, "device_mesh")
-            target = p.detach() if direct else torch.empty(p.shape, dtype=_DTYPES[dtype])
+            target = p.detach() if direct else torch.empty(p.shape, dtype=dtype)
             f.seek(offset)
             want = target.numel() * target.element_size()
             if f.readinto(target.reshape(-1).view(torch.uint8).numpy()) != want:

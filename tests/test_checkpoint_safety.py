@@ -294,6 +294,25 @@ def test_trainable_tensors_load_into_another_dtype(tmp_path):
         assert torch.equal(p.detach().to(torch.bfloat16), q.detach()), name
 
 
+def test_a_trainable_file_of_another_kind_of_dtype_is_refused_before_any_write(tmp_path):
+    """An integer tensor, the last, where the parameters are floating point: one corrupt-checkpoint
+    error, and none of the float tensors before it was loaded (the dtypes are checked first)."""
+    from safetensors.torch import save_file
+
+    model = tiny_lm()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    path = tmp_path / "t.safetensors"
+    last = list(before)[-1]
+    saved = {
+        n: torch.zeros(p.shape, dtype=torch.int32 if n == last else p.dtype)
+        for n, p in before.items()
+    }
+    save_file(saved, path)
+    with pytest.raises(ValueError, match="corrupt checkpoint: .* has dtype I32"):
+        ck.load_trainable(model, path)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
 def test_overwrite_removes_only_the_runs_own_files(tmp_path):
     out = run_folder(tmp_path)
     own = [
